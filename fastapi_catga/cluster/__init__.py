@@ -1,0 +1,1 @@
+"""The cluster: membership, the live-node view, routing and failover, written once above transports."""

@@ -1,0 +1,191 @@
+"""The wire envelope: headers plus a JSON body, for requests, replies and events.
+
+Bodies are JSON through pydantic; nothing received is ever unpickled or imported by name. Type
+names are looked up in the receiving node's registry only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from fastapi_catga.core.messages import Message
+from fastapi_catga.exceptions import (
+    CatgaError,
+    HandlerNotFoundError,
+    MessageTooLargeError,
+    MessageValidationError,
+    RemoteHandlerError,
+    error_class_for_code,
+)
+
+__all__ = [
+    "ATTEMPT",
+    "DEADLINE",
+    "MESSAGE_ID",
+    "MESSAGE_TYPE",
+    "NODE",
+    "SOURCE",
+    "STATUS",
+    "Envelope",
+    "decode_message",
+    "decode_reply",
+    "encode_error",
+    "encode_message",
+    "encode_result",
+    "expired",
+]
+
+MESSAGE_ID = "catga-id"
+MESSAGE_TYPE = "catga-type"
+ATTEMPT = "catga-attempt"
+SOURCE = "catga-source"
+DEADLINE = "catga-deadline"  # absolute UNIX time (s) at which the caller stops waiting for this attempt
+STATUS = "catga-status"  # replies: "ok" or "error"
+NODE = "catga-node"  # replies: the node that answered
+
+
+@dataclass(slots=True)
+class Envelope:
+    """What travels: string headers and a body of bytes."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def size(self) -> int:
+        """Bytes on the wire, headers included (an upper bound for every transport)."""
+        return len(self.body) + sum(len(k) + len(v) + 4 for k, v in self.headers.items())
+
+
+def encode_message(
+    message: Message,
+    *,
+    source: str,
+    max_payload: int,
+    attempt: int = 1,
+    deadline: float | None = None,
+) -> Envelope:
+    """Encode a message for the wire.
+
+    Raises:
+        MessageTooLargeError: the encoded message is over ``max_payload`` bytes.
+    """
+    headers = {
+        MESSAGE_ID: message.message_id,
+        MESSAGE_TYPE: message.type_name,
+        SOURCE: source,
+        ATTEMPT: str(attempt),
+    }
+    if deadline is not None:
+        headers[DEADLINE] = f"{deadline:.6f}"
+    envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message))
+    _check_size(envelope, max_payload, f"{message.type_name} {message.message_id}")
+    return envelope
+
+
+def _check_size(envelope: Envelope, max_payload: int, what: str) -> None:
+    size = envelope.size()
+    if size > max_payload:
+        raise MessageTooLargeError(
+            f"{what} is {size} bytes encoded, over the {max_payload}-byte payload limit; "
+            "send a reference to the data instead, or raise CATGA_MAX_PAYLOAD (and the broker's limit)",
+            details={"size": size, "limit": max_payload},
+        )
+
+
+def expired(envelope: Envelope, now: float | None = None) -> bool:
+    """Whether the caller of this request has stopped waiting (its attempt deadline passed)."""
+    deadline = envelope.headers.get(DEADLINE)
+    if deadline is None:
+        return False
+    try:
+        return (time.time() if now is None else now) > float(deadline)
+    except ValueError:
+        return False
+
+
+def decode_message(envelope: Envelope, types: dict[str, type[Message]]) -> Message:
+    """Decode a received message with the registry's types.
+
+    Raises:
+        HandlerNotFoundError: the type name is missing or not handled here.
+        MessageValidationError: the body is not valid JSON for that type.
+    """
+    type_name = envelope.headers.get(MESSAGE_TYPE, "")
+    message_type = types.get(type_name)
+    if message_type is None:
+        raise HandlerNotFoundError(f"no handler for message type {type_name!r} on this node")
+    try:
+        return message_type.model_validate_json(envelope.body)
+    except ValidationError as exc:
+        raise MessageValidationError(
+            f"invalid {type_name}: {exc.error_count()} validation error(s)",
+            details=json.loads(exc.json(include_url=False)),
+        ) from exc
+
+
+def encode_result(value: Any, adapter: TypeAdapter[Any], *, node_id: str, max_payload: int) -> Envelope:
+    """Encode a handler's result as a reply; an oversize result becomes an error reply."""
+    envelope = Envelope({STATUS: "ok", NODE: node_id}, adapter.dump_json(value))
+    try:
+        _check_size(envelope, max_payload, "the result")
+    except MessageTooLargeError as exc:
+        return encode_error(exc, node_id=node_id)
+    return envelope
+
+
+def encode_error(exc: CatgaError, *, node_id: str) -> Envelope:
+    """Encode an error as a reply that `decode_reply` raises again as the same class."""
+    body = {
+        "code": exc.code,
+        "message": exc.message,
+        "error_type": getattr(exc, "error_type", type(exc).__name__),
+        "retryable": exc.retryable,
+        "details": exc.details,
+    }
+    return Envelope({STATUS: "error", NODE: node_id}, json.dumps(body, default=str).encode())
+
+
+def decode_reply(envelope: Envelope, adapter: TypeAdapter[Any]) -> Any:
+    """The result carried by a reply, or raise the error it carries.
+
+    Raises:
+        CatgaError: the error the remote node sent, as its own class.
+        MessageValidationError: the result does not match the request's result type.
+    """
+    node_id = envelope.headers.get(NODE)
+    if envelope.headers.get(STATUS) != "error":
+        try:
+            return adapter.validate_json(envelope.body)
+        except ValidationError as exc:
+            raise MessageValidationError(
+                f"node {node_id} answered with a result that does not match the result type: {exc}",
+                node_id=node_id,
+            ) from exc
+    raise error_from_reply(envelope)
+
+
+def error_from_reply(envelope: Envelope) -> CatgaError:
+    """The `CatgaError` an error reply carries."""
+    node_id = envelope.headers.get(NODE)
+    try:
+        body = json.loads(envelope.body)
+        code, message = str(body["code"]), str(body["message"])
+    except (ValueError, KeyError, TypeError):
+        return RemoteHandlerError(f"node {node_id} sent an unreadable error reply", node_id=node_id)
+    cls = error_class_for_code(code)
+    if issubclass(cls, RemoteHandlerError):
+        return RemoteHandlerError(
+            message,
+            error_type=str(body.get("error_type", "Exception")),
+            node_id=node_id,
+            retryable=bool(body.get("retryable", False)),
+            details=body.get("details"),
+        )
+    error = cls(message, node_id=node_id, details=body.get("details"))
+    error.retryable = bool(body.get("retryable", cls.retryable))
+    return error

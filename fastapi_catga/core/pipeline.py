@@ -1,0 +1,56 @@
+"""Pipeline behaviors: code that wraps every handler call, composed once per handler (an onion)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from fastapi_catga.core.messages import Message
+
+__all__ = ["CallNext", "PipelineBehavior", "build_pipeline"]
+
+#: Runs the rest of the pipeline (the next behaviors, then the handler) and returns its result.
+CallNext = Callable[[], Awaitable[Any]]
+Step = Callable[[Any], Awaitable[Any]]
+
+
+@runtime_checkable
+class PipelineBehavior(Protocol):
+    """Wraps handler calls on the node that runs the handler.
+
+    A behavior calls ``call_next()`` to go on (any number of times, or not at all) and returns
+    what the caller of ``send`` should get. For events the result is ignored.
+
+        class Timing:
+            async def __call__(self, message: Message, call_next: CallNext) -> Any:
+                started = time.perf_counter()
+                try:
+                    return await call_next()
+                finally:
+                    log.info("%s took %.1f ms", message.type_name, (time.perf_counter() - started) * 1e3)
+
+    A behavior may also define ``applies_to(message_type) -> bool`` to skip some message types;
+    it is asked once, when the pipeline is built.
+    """
+
+    async def __call__(self, message: Message, call_next: CallNext) -> Any: ...
+
+
+def build_pipeline(handler: Step, behaviors: Sequence[PipelineBehavior], message_type: type[Message]) -> Step:
+    """Compose ``behaviors`` around ``handler``, the first behavior outermost.
+
+    With no behavior that applies, the handler itself is returned: no cost per message.
+    """
+    step = handler
+    for behavior in reversed(behaviors):
+        applies_to: Callable[[type[Message]], bool] | None = getattr(behavior, "applies_to", None)
+        if applies_to is None or applies_to(message_type):
+            step = _wrap(behavior, step)
+    return step
+
+
+def _wrap(behavior: PipelineBehavior, inner: Step) -> Step:
+    async def step(message: Any) -> Any:
+        return await behavior(message, lambda: inner(message))
+
+    return step

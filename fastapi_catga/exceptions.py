@@ -1,0 +1,168 @@
+"""The one error tree of fastapi-catga.
+
+```
+CatgaError
+├── ConfigurationError (ValueError)        bad settings, bad handler declarations
+│   └── DuplicateHandlerError              a second handler for a command or query
+├── HandlerNotFoundError (LookupError)     no handler for this message type, here or anywhere
+├── MessageValidationError (ValueError)    the message does not match its schema, or is not a message
+├── MessageTooLargeError (ValueError)      the encoded message is over the payload limit; nothing sent
+├── NodeUnavailableError (ConnectionError) no live node can take it, or the named node is unknown or dead
+├── RequestTimeoutError (TimeoutError)     the deadline passed before an answer came
+├── RemoteHandlerError                     the handler raised (on another node, or in this process)
+└── TransportError (ConnectionError)       the broker failed or is unreachable
+    └── NoResponderError                   the broker says nobody listens on that address
+```
+
+Every error carries a stable ``code`` used on the wire and in problem+json answers, so that an
+error raised on one node is raised as the same class on the node that asked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "CatgaError",
+    "ConfigurationError",
+    "DuplicateHandlerError",
+    "HandlerNotFoundError",
+    "MessageTooLargeError",
+    "MessageValidationError",
+    "NoResponderError",
+    "NodeUnavailableError",
+    "RemoteHandlerError",
+    "RequestTimeoutError",
+    "RetryableError",
+    "TransportError",
+    "error_class_for_code",
+]
+
+
+class CatgaError(Exception):
+    """Root of every error fastapi-catga raises on purpose."""
+
+    code: ClassVar[str] = "catga_error"
+    #: Whether another attempt (on another node) may succeed.
+    retryable: bool = False
+
+    def __init__(self, message: str, *, node_id: str | None = None, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.node_id = node_id
+        self.details = details
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigurationError(CatgaError, ValueError):
+    """Settings or handler declarations that cannot work; raised at start-up."""
+
+    code = "configuration_error"
+
+
+class DuplicateHandlerError(ConfigurationError):
+    """A command or query got a second handler; each has exactly one in the cluster."""
+
+    code = "duplicate_handler"
+
+
+class HandlerNotFoundError(CatgaError, LookupError):
+    """No handler for the message type, on this node or on any live node."""
+
+    code = "handler_not_found"
+
+
+class MessageValidationError(CatgaError, ValueError):
+    """The message does not match its schema; ``details`` holds pydantic's error list."""
+
+    code = "invalid_message"
+
+
+class MessageTooLargeError(CatgaError, ValueError):
+    """The encoded message is larger than the payload limit; nothing was sent."""
+
+    code = "message_too_large"
+
+
+class NodeUnavailableError(CatgaError, ConnectionError):
+    """No live node can take the message, or the named node is unknown or dead."""
+
+    code = "node_unavailable"
+
+
+class RequestTimeoutError(CatgaError, TimeoutError):
+    """The deadline passed before any node answered."""
+
+    code = "timeout"
+
+
+class RemoteHandlerError(CatgaError):
+    """The handler raised. ``error_type`` names the exception class, ``node_id`` where it ran.
+
+    The original exception is never shipped between nodes (nothing received is unpickled); when
+    the handler ran in this process it is also the ``__cause__``.
+    """
+
+    code = "handler_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error_type: str = "Exception",
+        node_id: str | None = None,
+        retryable: bool = False,
+        details: Any = None,
+    ) -> None:
+        super().__init__(message, node_id=node_id, details=details)
+        self.error_type = error_type
+        self.retryable = retryable
+
+
+class RetryableError(CatgaError):
+    """Raise (or subclass) this in a handler to say "another attempt may succeed".
+
+    The retry behavior retries it in place; a remote caller retries it on another node.
+    """
+
+    code = "retryable_error"
+    retryable = True
+
+
+class TransportError(CatgaError, ConnectionError):
+    """The broker failed, or is unreachable."""
+
+    code = "transport_error"
+    retryable = True
+
+
+class NoResponderError(TransportError):
+    """The broker says nobody listens on that address (NATS 503, Redis ``PUBLISH`` = 0)."""
+
+    code = "no_responder"
+
+
+_BY_CODE: dict[str, type[CatgaError]] = {
+    cls.code: cls
+    for cls in (
+        CatgaError,
+        ConfigurationError,
+        DuplicateHandlerError,
+        HandlerNotFoundError,
+        MessageValidationError,
+        MessageTooLargeError,
+        NodeUnavailableError,
+        RequestTimeoutError,
+        RemoteHandlerError,
+        RetryableError,
+        TransportError,
+        NoResponderError,
+    )
+}
+
+
+def error_class_for_code(code: str) -> type[CatgaError]:
+    """The error class for a wire code; unknown codes map to `RemoteHandlerError`."""
+    return _BY_CODE.get(code, RemoteHandlerError)

@@ -1,0 +1,1 @@
+"""Transports: one Protocol (base.py), one module per broker."""

@@ -1,0 +1,158 @@
+"""The transport seam: messaging primitives and a membership store, one Protocol each.
+
+Cluster logic (membership, routing, failover) is written once above these; a broker only has to
+move envelopes and keep a small key/value table with expiry. Subjects are logical names built by
+the cluster layer (``node.<id>``, ``type.<name>``, ``event.<name>``); each transport namespaces
+them by cluster name in its own way.
+
+Errors a transport raises are `CatgaError`s: `NoResponderError` when the broker says nobody
+listens, `RequestTimeoutError` when no reply came in time, `MessageTooLargeError` over the
+broker's payload limit, `TransportError` for anything the broker or the connection did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from fastapi_catga.core.envelope import Envelope
+
+__all__ = [
+    "ConnectionListener",
+    "Delivery",
+    "DeliveryCallback",
+    "MemberEvent",
+    "MemberWatch",
+    "MembershipStore",
+    "Subscription",
+    "Transport",
+]
+
+Reply = Callable[[Envelope], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One received envelope; ``reply`` answers the requester, and is None for a publish."""
+
+    envelope: Envelope
+    reply: Reply | None = None
+
+
+#: Called once per delivery, on the event loop. It must not block: the cluster layer starts a task.
+DeliveryCallback = Callable[[Delivery], None]
+#: Called with True when the broker connection is (re)established, False when it is lost.
+ConnectionListener = Callable[[bool], None]
+
+
+class Subscription(Protocol):
+    """A live subscription."""
+
+    async def unsubscribe(self) -> None:
+        """Stop deliveries; deliveries already handed to the callback are not recalled."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class MemberEvent:
+    """A change in the membership store: a node's record was written, or it went away."""
+
+    kind: Literal["put", "delete"]
+    node_id: str
+    value: bytes | None = None
+
+
+class MemberWatch(Protocol):
+    """A stream of `MemberEvent`s; ends (or raises `TransportError`) when the connection breaks."""
+
+    def __aiter__(self) -> AsyncIterator[MemberEvent]: ...
+
+    async def stop(self) -> None:
+        """Stop watching and release what the watch holds on the broker."""
+        ...
+
+
+class MembershipStore(Protocol):
+    """A node-id -> record table whose records expire ``ttl`` seconds after their last write."""
+
+    async def prepare(self, ttl: float) -> None:
+        """Create the bucket/index if missing; idempotent, called again after every reconnect."""
+        ...
+
+    async def put(self, node_id: str, value: bytes, ttl: float) -> None:
+        """Write (register or heartbeat) a node's record, restarting its expiry."""
+        ...
+
+    async def delete(self, node_id: str) -> None:
+        """Remove a node's record and tell the watchers at once."""
+        ...
+
+    async def list(self) -> dict[str, bytes]:
+        """Every unexpired record (an empty store gives an empty dict)."""
+        ...
+
+    async def watch(self) -> MemberWatch:
+        """Start watching: every put and delete from this call on (current values may repeat)."""
+        ...
+
+
+class Transport(Protocol):
+    """Messaging plus a membership store over one broker connection."""
+
+    #: "memory", "nats" or "redis": shown in health answers and logs.
+    name: str
+    #: The largest envelope this transport sends, in bytes.
+    max_payload: int
+    #: Whether ``subscribe(..., queue=...)`` load-balances; without it, only direct subjects route.
+    supports_queue_groups: bool
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up right now."""
+        ...
+
+    @property
+    def members(self) -> MembershipStore:
+        """The membership store, over the same connection."""
+        ...
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Call ``listener(False)`` when the connection is lost and ``listener(True)`` once it is back."""
+        ...
+
+    async def connect(self) -> None:
+        """Connect to the broker.
+
+        Raises:
+            TransportError: the broker is unreachable; the message names the URL.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Drop every subscription and close the connection; safe to call twice."""
+        ...
+
+    async def subscribe(
+        self, subject: str, callback: DeliveryCallback, *, queue: str | None = None
+    ) -> Subscription:
+        """Deliver every envelope sent to ``subject``; with ``queue``, one member of the group each.
+
+        Raises:
+            ConfigurationError: ``queue`` given to a transport without queue groups.
+        """
+        ...
+
+    async def publish(self, subject: str, envelope: Envelope) -> int | None:
+        """Send without waiting for handlers. Returns how many received it where the broker says (Redis)."""
+        ...
+
+    async def request(self, subject: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        """Send to one receiver of ``subject`` and wait up to ``timeout`` seconds for its reply.
+
+        Raises:
+            NoResponderError: nobody listens on ``subject``.
+            RequestTimeoutError: no reply within ``timeout``.
+            TransportError: the connection failed.
+        """
+        ...

@@ -1,0 +1,314 @@
+"""The embedded in-memory transport: the default, and the test harness for whole clusters.
+
+One `InMemoryBroker` stands for a broker; every `InMemoryTransport` attached to it is one node's
+connection. Several nodes in one process sharing a broker form a real cluster, with the same
+membership, routing and failover code that runs over NATS or Redis::
+
+    broker = InMemoryBroker()
+    node_a = InMemoryTransport(broker)
+    node_b = InMemoryTransport(broker)
+
+Faults are one call away: `InMemoryTransport.crash` (a ``kill -9``: subscriptions vanish, the
+membership record stays until it expires), `InMemoryTransport.pause` / `resume` (a SIGSTOP:
+deliveries wait, then run late) and `InMemoryBroker.outage` (the broker goes away and comes back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.exceptions import (
+    MessageTooLargeError,
+    NoResponderError,
+    RequestTimeoutError,
+    TransportError,
+)
+from fastapi_catga.transports.base import (
+    ConnectionListener,
+    Delivery,
+    DeliveryCallback,
+    MemberEvent,
+)
+
+__all__ = ["InMemoryBroker", "InMemoryTransport"]
+
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+
+@dataclass(eq=False)
+class _Sub:
+    transport: InMemoryTransport
+    subject: str
+    callback: DeliveryCallback
+    queue: str | None
+
+    async def unsubscribe(self) -> None:
+        self.transport.broker._remove(self)
+
+
+@dataclass(eq=False)
+class _Watch:
+    broker: InMemoryBroker
+    namespace: str
+    queue: asyncio.Queue[MemberEvent | None] = field(default_factory=asyncio.Queue)
+
+    async def __aiter__(self) -> AsyncIterator[MemberEvent]:
+        while True:
+            event = await self.queue.get()
+            if event is None:
+                return
+            yield event
+
+    async def stop(self) -> None:
+        self.broker._watches.discard(self)
+        self.queue.put_nowait(None)
+
+
+class InMemoryBroker:
+    """A broker in this process: subjects, queue groups and a membership table with expiry.
+
+    Args:
+        clock: monotonic seconds, for record expiry; inject one to test expiry without sleeping.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.up = True
+        self._subs: dict[str, list[_Sub]] = {}
+        self._rotation = itertools.count()
+        self._records: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self._watches: set[_Watch] = set()
+        self._transports: set[InMemoryTransport] = set()
+
+    def outage(self) -> None:
+        """Take the broker down: every connected transport loses its connection; records stay."""
+        self.up = False
+        for transport in list(self._transports):
+            transport._set_connected(False)
+        for watch in list(self._watches):
+            watch.queue.put_nowait(None)
+        self._watches.clear()
+
+    def restore(self) -> None:
+        """Bring the broker back; transports reconnect (their subscriptions survive, as in nats-py)."""
+        self.up = True
+        for transport in list(self._transports):
+            if not transport.crashed and not transport.closed:
+                transport._set_connected(True)
+
+    # -- messaging ------------------------------------------------------------------------------
+
+    def _remove(self, sub: _Sub) -> None:
+        subs = self._subs.get(sub.subject, [])
+        if sub in subs:
+            subs.remove(sub)
+
+    def _receivers(self, subject: str) -> list[_Sub]:
+        receivers: list[_Sub] = []
+        groups: dict[str, list[_Sub]] = {}
+        for sub in self._subs.get(subject, ()):
+            if sub.queue is None:
+                receivers.append(sub)
+            else:
+                groups.setdefault(sub.queue, []).append(sub)
+        for members in groups.values():
+            receivers.append(members[next(self._rotation) % len(members)])
+        return receivers
+
+    # -- membership -----------------------------------------------------------------------------
+
+    def _put(self, namespace: str, node_id: str, value: bytes, ttl: float) -> None:
+        self._records[(namespace, node_id)] = (value, self.clock() + ttl)
+        self._notify(namespace, MemberEvent("put", node_id, value))
+
+    def _delete(self, namespace: str, node_id: str) -> None:
+        if self._records.pop((namespace, node_id), None) is not None:
+            self._notify(namespace, MemberEvent("delete", node_id))
+
+    def _list(self, namespace: str) -> dict[str, bytes]:
+        now = self.clock()
+        return {
+            node: value
+            for (ns, node), (value, expires) in self._records.items()
+            if ns == namespace and expires > now
+        }
+
+    def _notify(self, namespace: str, event: MemberEvent) -> None:
+        for watch in self._watches:
+            if watch.namespace == namespace:
+                watch.queue.put_nowait(event)
+
+
+class _Members:
+    def __init__(self, transport: InMemoryTransport) -> None:
+        self._transport = transport
+
+    async def prepare(self, ttl: float) -> None:
+        self._transport._check()
+
+    async def put(self, node_id: str, value: bytes, ttl: float) -> None:
+        self._transport._check()
+        self._transport.broker._put(self._transport.cluster, node_id, value, ttl)
+
+    async def delete(self, node_id: str) -> None:
+        self._transport._check()
+        self._transport.broker._delete(self._transport.cluster, node_id)
+
+    async def list(self) -> dict[str, bytes]:
+        self._transport._check()
+        return self._transport.broker._list(self._transport.cluster)
+
+    async def watch(self) -> _Watch:
+        self._transport._check()
+        watch = _Watch(self._transport.broker, self._transport.cluster)
+        self._transport.broker._watches.add(watch)
+        return watch
+
+
+class InMemoryTransport:
+    """One node's connection to an `InMemoryBroker` (a private one when none is given).
+
+    Envelopes are handed over as they are, without a socket, but every other rule of a real
+    broker holds: nobody listening is `NoResponderError`, a late reply is `RequestTimeoutError`,
+    an oversize envelope is `MessageTooLargeError`, a lost broker is `TransportError`.
+    """
+
+    name = "memory"
+    supports_queue_groups = True
+
+    def __init__(
+        self,
+        broker: InMemoryBroker | None = None,
+        *,
+        cluster: str = "catga",
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.broker = broker or InMemoryBroker()
+        self.cluster = cluster
+        self.max_payload = max_payload
+        self.crashed = False
+        self.closed = False
+        self._connected = False
+        self._paused: asyncio.Event | None = None
+        self._listeners: list[ConnectionListener] = []
+        self._members = _Members(self)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def members(self) -> _Members:
+        return self._members
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        self._listeners.append(listener)
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self._connected:
+            self._connected = connected
+            for listener in self._listeners:
+                listener(connected)
+
+    def _check(self) -> None:
+        if not self._connected:
+            raise TransportError(f"in-memory broker unreachable (cluster {self.cluster!r})")
+
+    async def connect(self) -> None:
+        if self.closed or self.crashed:
+            raise TransportError("this transport was closed; create a new one")
+        self.broker._transports.add(self)
+        if not self.broker.up:
+            raise TransportError("in-memory broker is down")
+        self._set_connected(True)
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._drop()
+        self._connected = False
+
+    def crash(self) -> None:
+        """Die like ``kill -9``: subscriptions vanish at once, the membership record stays."""
+        self.crashed = True
+        self._drop()
+        self._connected = False
+        for task in self._tasks:
+            task.cancel()
+
+    def pause(self) -> None:
+        """Freeze like SIGSTOP: deliveries to this node wait until `resume`."""
+        if self._paused is None:
+            self._paused = asyncio.Event()
+
+    def resume(self) -> None:
+        """Thaw after `pause`: held deliveries run now, late."""
+        if self._paused is not None:
+            self._paused.set()
+            self._paused = None
+
+    def _drop(self) -> None:
+        self.broker._transports.discard(self)
+        for subs in self.broker._subs.values():
+            subs[:] = [sub for sub in subs if sub.transport is not self]
+
+    async def subscribe(self, subject: str, callback: DeliveryCallback, *, queue: str | None = None) -> _Sub:
+        self._check()
+        sub = _Sub(self, subject, callback, queue)
+        self.broker._subs.setdefault(subject, []).append(sub)
+        return sub
+
+    async def publish(self, subject: str, envelope: Envelope) -> int:
+        self._check_send(envelope)
+        receivers = self.broker._receivers(subject)
+        for sub in receivers:
+            sub.transport._deliver(sub, Delivery(_copy(envelope)))
+        return len(receivers)
+
+    async def request(self, subject: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        self._check_send(envelope)
+        receivers = [sub for sub in self.broker._receivers(subject) if not sub.transport.crashed]
+        if not receivers:
+            raise NoResponderError(f"nobody listens on {subject}")
+        reply: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+
+        async def answer(response: Envelope) -> None:
+            if not reply.done():
+                reply.set_result(_copy(response))
+
+        receivers[0].transport._deliver(receivers[0], Delivery(_copy(envelope), answer))
+        try:
+            async with asyncio.timeout(timeout):
+                return await reply
+        except TimeoutError:
+            raise RequestTimeoutError(f"no reply on {subject} within {timeout:.3f} s") from None
+
+    def _check_send(self, envelope: Envelope) -> None:
+        self._check()
+        if envelope.size() > self.max_payload:
+            raise MessageTooLargeError(f"envelope of {envelope.size()} bytes is over {self.max_payload}")
+
+    def _deliver(self, sub: _Sub, delivery: Delivery) -> None:
+        if self._paused is None:
+            sub.callback(delivery)
+            return
+        task = asyncio.get_running_loop().create_task(self._deliver_later(self._paused, sub, delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver_later(self, resumed: asyncio.Event, sub: _Sub, delivery: Delivery) -> None:
+        await resumed.wait()
+        if not self.crashed and not self.closed:
+            sub.callback(delivery)
+
+
+def _copy(envelope: Envelope) -> Envelope:
+    return Envelope(dict(envelope.headers), envelope.body)

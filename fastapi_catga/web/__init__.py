@@ -1,0 +1,1 @@
+"""The FastAPI layer: lifespan, dependency, router and problem+json errors."""

@@ -1,0 +1,34 @@
+"""Shared fixtures. Server logic lives in tests/servers.py; missing binaries fail loudly, never skip."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import NatsServer, RedisServer, debian_nats_2_9_binary
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    """A started nats-server (newest available, JetStream on) on a free port; stopped after the test."""
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A started redis-server on a free port (no persistence, keyspace events KEA); stopped after the test."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def nats_server_2_9() -> Iterator[NatsServer]:
+    """Debian's nats-server 2.9 (/usr/sbin/nats-server), for compatibility with older servers."""
+    try:
+        binary = debian_nats_2_9_binary()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with NatsServer(binary) as server:
+        yield server
