@@ -1,1 +1,91 @@
+"""fastapi-catga: a typed CQRS mediator for FastAPI whose app instances form one cluster.
+
+from fastapi import Depends, FastAPI
+from fastapi_catga import Mediator, Query, catga_lifespan, catga_router, get_mediator, handler
+
+class Greet(Query[str]):
+    name: str
+
+@handler
+async def greet(query: Greet) -> str:
+    return f"hello {query.name}"
+
+app = FastAPI(lifespan=catga_lifespan)
+app.include_router(catga_router)
+
+@app.get("/greet/{name}")
+async def hello(name: str, mediator: Mediator = Depends(get_mediator)) -> str:
+    return await mediator.send(Greet(name=name))
+"""
+
 __version__ = "0.1.0"
+
+from fastapi_catga.bootstrap import Catga, build
+from fastapi_catga.core.behaviors import IdempotencyBehavior, LoggingBehavior, RetryBehavior, TimeoutBehavior
+from fastapi_catga.core.handlers import HandlerRegistry, handler
+from fastapi_catga.core.mediator import Mediator
+from fastapi_catga.core.messages import Command, Event, Message, Query, Request, new_message_id
+from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.core.pipeline import CallNext, PipelineBehavior
+from fastapi_catga.exceptions import (
+    CatgaError,
+    ConfigurationError,
+    DuplicateHandlerError,
+    HandlerNotFoundError,
+    MessageTooLargeError,
+    MessageValidationError,
+    NodeUnavailableError,
+    NoResponderError,
+    RemoteHandlerError,
+    RequestTimeoutError,
+    RetryableError,
+    TransportError,
+)
+from fastapi_catga.settings import CatgaSettings, load_settings
+from fastapi_catga.transports import InMemoryBroker, InMemoryTransport, Transport
+from fastapi_catga.web.dependencies import MediatorDep, get_mediator
+from fastapi_catga.web.lifespan import catga_lifespan
+from fastapi_catga.web.router import catga_router
+
+__all__ = [
+    "CallNext",
+    "Catga",
+    "CatgaError",
+    "CatgaSettings",
+    "Command",
+    "ConfigurationError",
+    "DuplicateHandlerError",
+    "Event",
+    "HandlerNotFoundError",
+    "HandlerRegistry",
+    "IdempotencyBehavior",
+    "InMemoryBroker",
+    "InMemoryTransport",
+    "LoggingBehavior",
+    "Mediator",
+    "MediatorDep",
+    "Message",
+    "MessageTooLargeError",
+    "MessageValidationError",
+    "NoResponderError",
+    "NodeInfo",
+    "NodeUnavailableError",
+    "PipelineBehavior",
+    "Query",
+    "RemoteHandlerError",
+    "Request",
+    "RequestTimeoutError",
+    "RetryBehavior",
+    "RetryableError",
+    "TimeoutBehavior",
+    "Transport",
+    "TransportError",
+    "__version__",
+    "build",
+    "catga_lifespan",
+    "catga_router",
+    "get_mediator",
+    "handler",
+    "load_settings",
+    "new_message_id",
+]

@@ -1,0 +1,37 @@
+"""The app: ``uvicorn example_app.main:app`` (in-memory transport; ``CATGA_TRANSPORT=nats`` for a cluster)."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI, HTTPException
+
+from example_app import orders
+from example_app.orders import GetOrder, GetStats, Order, OrderPlaced, PlaceOrder
+from fastapi_catga import CatgaError, LoggingBehavior, Mediator, catga_lifespan, catga_router, get_mediator
+
+app = FastAPI(
+    title="Orders",
+    lifespan=catga_lifespan(handlers=[orders], behaviors=[LoggingBehavior(), orders.CountAndTime()]),
+)
+app.include_router(catga_router)
+
+
+@app.post("/orders", status_code=201)
+async def place_order(command: PlaceOrder, mediator: Mediator = Depends(get_mediator)) -> Order:
+    order = await mediator.send(command)
+    await mediator.publish(OrderPlaced(order_id=order.order_id, sku=order.sku, quantity=order.quantity))
+    return order
+
+
+@app.get("/orders/{order_id}")
+async def get_order(order_id: str, mediator: Mediator = Depends(get_mediator)) -> Order:
+    order = await mediator.send(GetOrder(order_id=order_id))
+    if order is None:
+        raise HTTPException(404, f"no order {order_id}")
+    return order
+
+
+@app.get("/stats")
+async def stats(mediator: Mediator = Depends(get_mediator)) -> dict[str, dict[str, int] | str]:
+    """Every node's message counts, gathered with one broadcast."""
+    answers = await mediator.broadcast(GetStats())
+    return {node: str(a) if isinstance(a, CatgaError) else a for node, a in answers.items()}

@@ -1,0 +1,82 @@
+"""The composition root: settings -> transport -> dispatcher -> cluster node -> mediator."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from fastapi_catga import __version__
+from fastapi_catga.cluster.node import ClusterConfig, ClusterNode
+from fastapi_catga.core.dispatch import LocalDispatcher
+from fastapi_catga.core.handlers import HandlerRegistry, HandlerSource
+from fastapi_catga.core.mediator import Mediator
+from fastapi_catga.core.pipeline import PipelineBehavior
+from fastapi_catga.settings import CatgaSettings, load_settings
+from fastapi_catga.transports import Transport, create_transport
+
+__all__ = ["Catga", "build"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Catga:
+    """One running node: start it, use its mediator, stop it."""
+
+    settings: CatgaSettings
+    node: ClusterNode
+    mediator: Mediator
+
+    async def start(self) -> None:
+        """Connect, subscribe the handlers and join the cluster (the view is complete after)."""
+        await self.node.start()
+        logger.info(
+            "catga node %s up on %s (cluster %r): handles %s",
+            self.node.node_id,
+            self.node.transport.name,
+            self.settings.cluster,
+            ", ".join(self.node.view.self_info.handles + self.node.view.self_info.events) or "nothing",
+        )
+
+    async def stop(self) -> None:
+        """Leave the cluster, drain work in flight, close the connection."""
+        await self.node.stop()
+
+
+def build(
+    settings: CatgaSettings | None = None,
+    *,
+    handlers: Iterable[HandlerSource] | None = None,
+    behaviors: Sequence[PipelineBehavior] = (),
+    transport: Transport | None = None,
+) -> Catga:
+    """Wire a node from its parts.
+
+    Args:
+        settings: defaults to `CatgaSettings` read from ``CATGA_*`` variables.
+        handlers: modules (or dotted names, or functions) whose ``@handler``s this node runs;
+            defaults to ``CATGA_HANDLER_MODULES`` when set, else every ``@handler`` imported so far.
+        behaviors: pipeline behaviors, outermost first, wrapped around every handler.
+        transport: a transport instance (an `InMemoryTransport` on a shared broker, in tests);
+            defaults to the one ``CATGA_TRANSPORT`` names.
+    """
+    settings = settings or load_settings()
+    if handlers is None and settings.handler_modules:
+        handlers = settings.handler_modules
+    registry = HandlerRegistry.from_declared() if handlers is None else HandlerRegistry.from_sources(handlers)
+    dispatcher = LocalDispatcher(registry, behaviors, settings.node_id)
+    config = ClusterConfig(
+        node_id=settings.node_id,
+        endpoint=settings.endpoint,
+        metadata=settings.metadata,
+        heartbeat_interval=settings.heartbeat_interval,
+        node_ttl=settings.node_ttl,
+        request_timeout=settings.request_timeout,
+        retry_attempts=settings.retry_attempts,
+        routing=settings.routing,
+        drain_timeout=settings.drain_timeout,
+        version=__version__,
+    )
+    node = ClusterNode(transport or create_transport(settings), dispatcher, config)
+    return Catga(settings, node, Mediator(dispatcher, node))

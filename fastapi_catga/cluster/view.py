@@ -1,0 +1,103 @@
+"""The local view of the cluster: who is alive, judged on this node's monotonic clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi_catga.core.nodes import NodeInfo
+
+__all__ = ["ClusterView", "Member"]
+
+
+@dataclass(slots=True)
+class Member:
+    """A node in the view, with when this node last heard of it (monotonic seconds)."""
+
+    info: NodeInfo
+    observed: float
+    suspect_since: float | None = None
+
+
+class ClusterView:
+    """Live members, this node included.
+
+    Liveness is when each member's record was last *observed* here, on the local monotonic clock,
+    so clock skew between machines does not matter. While the broker is unreachable the view is
+    ``stale``: frozen, no evictions (the outage says nothing about the members).
+
+    Args:
+        self_info: this node, always in the view.
+        ttl: seconds without a heartbeat after which a member is dead.
+        on_change: called after a member joins, leaves or changes what it handles.
+    """
+
+    def __init__(self, self_info: NodeInfo, ttl: float, on_change: Callable[[], None] = lambda: None) -> None:
+        self.self_info = self_info
+        self.ttl = ttl
+        self.stale = False
+        self._on_change = on_change
+        self._members: dict[str, Member] = {}
+
+    @property
+    def node_id(self) -> str:
+        return self.self_info.node_id
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every live node, this one first, then by id."""
+        others = sorted(self._members.values(), key=lambda m: m.info.node_id)
+        return [self.self_info, *(m.info for m in others)]
+
+    def get(self, node_id: str) -> NodeInfo | None:
+        """A live node by id, or None."""
+        if node_id == self.node_id:
+            return self.self_info
+        member = self._members.get(node_id)
+        return member.info if member else None
+
+    def observe(self, info: NodeInfo, now: float) -> None:
+        """A member's record was seen (join or heartbeat); clears any suspicion of it."""
+        if info.node_id == self.node_id:
+            return
+        known = self._members.get(info.node_id)
+        self._members[info.node_id] = Member(info, now)
+        if known is None or (known.info.handles, known.info.events) != (info.handles, info.events):
+            self._on_change()
+
+    def remove(self, node_id: str) -> bool:
+        """Drop a member (it left, or its record expired); True when it was there."""
+        if self._members.pop(node_id, None) is None:
+            return False
+        self._on_change()
+        return True
+
+    def sweep(self, now: float) -> list[str]:
+        """Evict members silent for longer than the TTL; returns their ids. No-op while stale."""
+        if self.stale:
+            return []
+        dead = [node_id for node_id, m in self._members.items() if now - m.observed > self.ttl]
+        for node_id in dead:
+            del self._members[node_id]
+        if dead:
+            self._on_change()
+        return dead
+
+    def refresh_all(self, now: float) -> None:
+        """Treat every member as just seen: after an outage, give each a full TTL to show up."""
+        for member in self._members.values():
+            member.observed = now
+
+    def suspect(self, node_id: str, now: float) -> None:
+        """A request to this member failed; routing skips it until its next heartbeat."""
+        member = self._members.get(node_id)
+        if member is not None and member.suspect_since is None:
+            member.suspect_since = now
+
+    def is_suspect(self, node_id: str) -> bool:
+        member = self._members.get(node_id)
+        return member is not None and member.suspect_since is not None
+
+    def capable(self, type_name: str, *, events: bool = False) -> list[NodeInfo]:
+        """Live nodes with a handler for the type, suspects last."""
+        nodes = [n for n in self.nodes() if type_name in (n.events if events else n.handles)]
+        return sorted(nodes, key=lambda n: self.is_suspect(n.node_id))

@@ -1,0 +1,90 @@
+"""`CatgaSettings`: every knob, from ``CATGA_*`` environment variables (or passed in)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from fastapi_catga.exceptions import ConfigurationError
+
+__all__ = ["CatgaSettings", "load_settings", "new_node_id"]
+
+_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def new_node_id() -> str:
+    """``<host>-<8 hex>``: readable, and unique per process start."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "node"
+    return f"{host}-{secrets.token_hex(4)}"
+
+
+class CatgaSettings(BaseSettings):
+    """fastapi-catga's settings. Each field reads ``CATGA_<NAME>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="CATGA_", extra="ignore", validate_default=True)
+
+    transport: Literal["memory", "nats", "redis"] = Field("memory", description="memory, nats or redis")
+    nats_url: str = Field(
+        "nats://localhost:4222", description="NATS server URL; comma-separated for a cluster"
+    )
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis URL")
+    cluster: str = Field("catga", pattern=_NAME, description="Isolates clusters that share one broker")
+    node_id: str = Field(default_factory=new_node_id, pattern=_NAME, description="Unique per process start")
+    endpoint: str = Field("", description="The URL this node advertises (its HTTP address)")
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="JSON object of extra metadata strings"
+    )
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between heartbeats")
+    node_ttl: float = Field(15.0, gt=0, description="Seconds without a heartbeat after which a node is dead")
+    request_timeout: float = Field(30.0, gt=0, description="Total deadline of one send, seconds")
+    retry_attempts: int = Field(
+        3, ge=1, le=20, description="Attempts in all, each on another node if one exists"
+    )
+    routing: Literal["round_robin", "random", "local_first"] = Field(
+        "round_robin", description="How send picks among capable nodes (messages with a routing key hash)"
+    )
+    max_payload: int = Field(1024 * 1024, ge=1024, description="Largest encoded message, bytes")
+    drain_timeout: float = Field(10.0, ge=0, description="Seconds a stopping node waits for work in flight")
+    handler_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated modules whose @handler functions to register"
+    )
+
+    @field_validator("handler_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _ttl_covers_heartbeats(self) -> Self:
+        if self.node_ttl <= self.heartbeat_interval:
+            raise ValueError(
+                f"node_ttl ({self.node_ttl:g} s) must be longer than heartbeat_interval "
+                f"({self.heartbeat_interval:g} s); three heartbeats per TTL is the usual choice"
+            )
+        return self
+
+
+def load_settings(**overrides: Any) -> CatgaSettings:
+    """Read `CatgaSettings` from the environment, turning bad values into one clear error.
+
+    Raises:
+        ConfigurationError: names each bad ``CATGA_*`` variable and what it should be.
+    """
+    try:
+        return CatgaSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"CATGA_{'_'.join(str(p) for p in error['loc']).upper() or 'SETTINGS'}: {error['msg']}"
+            + (f" (got {error['input']!r})" if not isinstance(error["input"], dict) else "")
+            for error in exc.errors()
+        )
+        raise ConfigurationError(f"invalid fastapi-catga settings: {problems}") from exc
+    except SettingsError as exc:
+        raise ConfigurationError(f"invalid fastapi-catga settings: {exc} (complex values are JSON)") from exc

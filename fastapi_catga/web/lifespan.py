@@ -1,0 +1,96 @@
+"""`catga_lifespan`: starts the node with the app and stops it after, wrapping a user lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, overload
+
+from fastapi import FastAPI
+
+from fastapi_catga.bootstrap import build
+from fastapi_catga.core.handlers import HandlerSource
+from fastapi_catga.core.pipeline import PipelineBehavior
+from fastapi_catga.exceptions import CatgaError
+from fastapi_catga.settings import CatgaSettings
+from fastapi_catga.transports.base import Transport
+from fastapi_catga.web.dependencies import STATE_KEY
+from fastapi_catga.web.errors import problem_response
+
+__all__ = ["catga_lifespan"]
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any] | None]]
+
+
+@overload
+def catga_lifespan(app: FastAPI, /) -> AbstractAsyncContextManager[dict[str, Any]]: ...
+
+
+@overload
+def catga_lifespan(
+    *,
+    settings: CatgaSettings | None = None,
+    lifespan: Lifespan | None = None,
+    handlers: Iterable[HandlerSource] | None = None,
+    behaviors: Sequence[PipelineBehavior] = (),
+    transport: Transport | None = None,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]: ...
+
+
+def catga_lifespan(
+    app: FastAPI | None = None,
+    /,
+    *,
+    settings: CatgaSettings | None = None,
+    lifespan: Lifespan | None = None,
+    handlers: Iterable[HandlerSource] | None = None,
+    behaviors: Sequence[PipelineBehavior] = (),
+    transport: Transport | None = None,
+) -> (
+    AbstractAsyncContextManager[dict[str, Any]]
+    | Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]
+):
+    """Run a fastapi-catga node for the app's lifetime.
+
+    Use it bare, ``FastAPI(lifespan=catga_lifespan)`` (settings from ``CATGA_*``, every imported
+    ``@handler``), or configured, ``FastAPI(lifespan=catga_lifespan(handlers=[orders], ...))``.
+
+    At start-up: connect, subscribe the handlers, join the cluster (the view is complete before the
+    app serves), then enter ``lifespan`` if given. At shutdown, in reverse: leave ``lifespan``,
+    deregister (peers drop the node at once), drain work in flight, close. It also installs the
+    problem+json answer for `CatgaError`s escaping routes.
+
+    Args:
+        settings: defaults to `CatgaSettings` from the environment.
+        lifespan: the app's own lifespan, run inside this one; state it yields is kept.
+        handlers: modules, dotted module names or functions whose ``@handler``s to run.
+        behaviors: pipeline behaviors, outermost first.
+        transport: a ready transport instance (tests: an `InMemoryTransport` on a shared broker).
+    """
+
+    @asynccontextmanager
+    async def run(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        catga = build(settings, handlers=handlers, behaviors=behaviors, transport=transport)
+        _install_error_handler(app)
+        await catga.start()
+        app.state.catga = catga
+        try:
+            if lifespan is None:
+                yield {STATE_KEY: catga}
+            else:
+                async with lifespan(app) as state:
+                    yield {**(state or {}), STATE_KEY: catga}
+        finally:
+            await catga.stop()
+
+    return run if app is None else run(app)
+
+
+def _install_error_handler(app: FastAPI) -> None:
+    if CatgaError in app.exception_handlers:
+        return
+    app.add_exception_handler(CatgaError, problem_response)
+    # Starlette builds its middleware stack (which holds the exception handlers) on the first
+    # ASGI call, which is this lifespan's: rebuild it so the handler is in place for requests.
+    if app.middleware_stack is not None:
+        app.middleware_stack = app.build_middleware_stack()
