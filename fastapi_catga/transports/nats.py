@@ -1,0 +1,445 @@
+"""The NATS transport: core NATS for messages, a JetStream KV bucket for membership.
+
+Logical subjects (``node.<id>``, ``type.<name>``, ``event.<name>``) travel as
+``catga.<cluster>.<subject>``; envelope headers are NATS message headers and the body is the
+payload. Members live in the KV bucket ``catga_<cluster>``, one key per node id, its value the
+JSON record (``nats kv get catga_<cluster> <node id>`` shows it)::
+
+    transport = NatsTransport("nats://n1:4222,nats://n2:4222", cluster="orders")
+    await transport.connect()
+
+The client reconnects forever; subscriptions survive a reconnect, membership watches end at a
+disconnect (the cluster layer starts a new one once the connection is back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+try:
+    import nats.errors
+    import nats.js.errors
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription as NatsSubscription
+    from nats.js import JetStreamContext, api
+    from nats.js.kv import KeyValue
+except ImportError as e:
+    if e.name != "nats" and not (e.name or "").startswith("nats."):
+        raise
+    raise ImportError('NATS transport needs nats-py: pip install "fastapi-catga[nats]"') from e
+
+from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.exceptions import (
+    CatgaError,
+    ConfigurationError,
+    MessageTooLargeError,
+    NoResponderError,
+    RequestTimeoutError,
+    TransportError,
+)
+from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, MemberEvent, Reply
+
+__all__ = ["NatsTransport"]
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a bucket name, and a single subject token
+_KEY = re.compile(r"[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]+)*")  # a KV key: no leading, trailing or double dot
+_HEADER_BLOCK = len(b"NATS/1.0\r\n\r\n")  # what a message with headers adds to Envelope.size()
+_PENDING_MSGS = 1_000_000  # per subscription, before nats-py drops messages as a slow consumer
+_PENDING_BYTES = 512 * 1024 * 1024
+_CONSUMER_IDLE = 10.0  # s: the server deletes a watch's consumer this long after nobody reads it
+# Server-written expiry markers (2.11+) say why in Nats-Marker-Reason; every known reason is a removal.
+_MARKER_REASONS = frozenset({"MaxAge", "Purge", "Remove"})
+
+
+@contextlib.contextmanager
+def _nats_errors(what: str, *, timeout: float | None = None) -> Iterator[None]:
+    """Raise nats-py's errors as ours, at the boundary (like httpx's ``map_httpcore_exceptions``).
+
+    With ``timeout`` (a request) a timeout is `RequestTimeoutError` and "no responders" is
+    `NoResponderError`; anywhere else both mean the broker failed: `TransportError`.
+    """
+    try:
+        yield
+    except CatgaError:
+        raise
+    except nats.errors.NoRespondersError as exc:
+        if timeout is None:
+            raise TransportError(f"{what}: no answer (is JetStream on, `nats-server -js`?)") from exc
+        raise NoResponderError(f"nobody listens on {what}") from exc
+    except TimeoutError as exc:  # nats.errors.TimeoutError is one too
+        if timeout is None:
+            raise TransportError(f"{what}: NATS did not answer in time") from exc
+        raise RequestTimeoutError(f"no reply on {what} within {timeout:.3f} s") from exc
+    except nats.errors.MaxPayloadError as exc:
+        raise MessageTooLargeError(f"{what}: over the server's max_payload") from exc
+    except (nats.errors.Error, OSError) as exc:
+        raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+class _Subscription:
+    def __init__(self, sub: NatsSubscription) -> None:
+        self._sub = sub
+
+    async def unsubscribe(self) -> None:
+        # Closed or draining connections have no deliveries left to stop; twice is fine too.
+        with contextlib.suppress(nats.errors.Error):
+            await self._sub.unsubscribe()
+
+
+class _Watch:
+    """Member events from an ordered JetStream consumer on the bucket, ended by `stop` or a disconnect.
+
+    Not nats-py's ``kv.watch()``: its iterator never ends when the connection closes, and its
+    ``stop()`` raises on a closed connection before it wakes the iterator.
+    """
+
+    def __init__(self, transport: NatsTransport, prefix: str) -> None:
+        self._transport = transport
+        self._prefix = prefix
+        self._queue: asyncio.Queue[MemberEvent | None] = asyncio.Queue()
+        self._sub: JetStreamContext.PushSubscription | None = None
+
+    async def on_msg(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        key = msg.subject[len(self._prefix) :]
+        marker = headers.get("Nats-Marker-Reason")
+        if headers.get("KV-Operation") in ("DEL", "PURGE") or marker in _MARKER_REASONS:
+            self._queue.put_nowait(MemberEvent("delete", key))
+        elif marker is None:  # an unknown future marker is no put either
+            self._queue.put_nowait(MemberEvent("put", key, msg.data))
+
+    async def __aiter__(self) -> AsyncIterator[MemberEvent]:
+        while (event := await self._queue.get()) is not None:
+            yield event
+        self._queue.put_nowait(None)  # ended for good: a second iteration ends at once too
+
+    async def stop(self) -> None:
+        """Stop watching: the iterator ends and the consumer's subscription goes."""
+        self._transport._watches.discard(self)
+        self._queue.put_nowait(None)
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+
+class _Members:
+    """The membership store: KV bucket ``catga_<cluster>``, expiry by per-key TTL (2.11+) or max_age."""
+
+    def __init__(self, transport: NatsTransport) -> None:
+        self._transport = transport
+        self.bucket = f"catga_{transport.cluster}"
+        self._kv: KeyValue | None = None
+        self._per_key_ttl = False
+
+    def _ready(self) -> tuple[JetStreamContext, KeyValue]:
+        js = self._transport._check()[1]
+        if self._kv is None:
+            raise ConfigurationError("call members.prepare(ttl) before using the membership store")
+        return js, self._kv
+
+    async def prepare(self, ttl: float) -> None:
+        js = self._transport._check()[1]
+        with _nats_errors(f"preparing KV bucket {self.bucket}"):
+            level = (await js.account_info()).api.level  # None before nats-server 2.11
+            self._per_key_ttl = level is not None and level >= 1
+            seconds = max(1, math.ceil(ttl))
+            try:
+                self._kv = await js.key_value(self.bucket)
+            except nats.js.errors.BucketNotFoundError:
+                self._kv = await self._create(js, seconds)
+            status = await self._kv.status()
+        if status.ttl != seconds:
+            logger.warning(
+                "KV bucket %s keeps records %s s, not %s s: it was made with another TTL; "
+                "delete it (`nats kv del %s`) to change that",
+                self.bucket, status.ttl, seconds, self.bucket,
+            )  # fmt: skip
+
+    async def _create(self, js: JetStreamContext, seconds: int) -> KeyValue:
+        # The bucket max_age expires records on every server (2.9 ignores per-key TTLs);
+        # limit_marker_ttl makes 2.11+ tell watchers about an expiry.
+        markers: dict[str, Any] = {"limit_marker_ttl": seconds} if self._per_key_ttl else {}
+        try:
+            return await js.create_key_value(bucket=self.bucket, history=1, ttl=seconds, **markers)
+        except nats.js.errors.BadRequestError:  # another node created it first, with another config
+            return await js.key_value(self.bucket)
+
+    async def put(self, node_id: str, value: bytes, ttl: float) -> None:
+        js, key = self._ready()[0], _key(node_id)
+        # kv.put() takes no TTL: publish to the key's subject, with one where the server keeps it.
+        msg_ttl = max(1, math.ceil(ttl)) if self._per_key_ttl else None
+        with _nats_errors(f"KV put {self.bucket}.{key}"):
+            await js.publish(f"$KV.{self.bucket}.{key}", value, msg_ttl=msg_ttl)
+
+    async def delete(self, node_id: str) -> None:
+        kv, key = self._ready()[1], _key(node_id)
+        with _nats_errors(f"KV delete {self.bucket}.{key}"):
+            await kv.delete(key)
+
+    async def list(self) -> dict[str, bytes]:
+        kv = self._ready()[1]
+        records: dict[str, bytes] = {}
+        with _nats_errors(f"KV list {self.bucket}"):
+            # One consumer reads every current value (kv.keys() plus a get per key would be N+1 trips).
+            watcher = await kv.watchall(ignore_deletes=True, inactive_threshold=_CONSUMER_IDLE)
+            try:
+                async with asyncio.timeout(self._transport.connect_timeout):
+                    async for entry in watcher:
+                        if entry is None:  # the end of the current values
+                            break
+                        records[entry.key] = entry.value
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]  # unannotated in nats-py
+        return records
+
+    async def watch(self) -> _Watch:
+        js = self._ready()[0]
+        prefix = f"$KV.{self.bucket}."
+        watch = _Watch(self._transport, prefix)
+        with _nats_errors(f"KV watch {self.bucket}"):
+            watch._sub = await js.subscribe(
+                f"{prefix}>",
+                stream=f"KV_{self.bucket}",
+                cb=watch.on_msg,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                inactive_threshold=_CONSUMER_IDLE,
+            )
+        self._transport._watches.add(watch)
+        return watch
+
+
+def _key(node_id: str) -> str:
+    if not _KEY.fullmatch(node_id):
+        raise ConfigurationError(f"node id {node_id!r} is no NATS KV key ([A-Za-z0-9_=.-], no edge dots)")
+    return node_id
+
+
+class NatsTransport:
+    """One node's connection to NATS (a single server or a cluster).
+
+    Args:
+        servers: ``nats://host:port`` URLs, as a sequence or one comma-separated string.
+        cluster: the cluster name; namespaces subjects (``catga.<cluster>.``) and the KV bucket.
+        max_payload: the largest envelope sent, headers included; lowered to the server's limit.
+        connect_timeout: seconds to wait for the first connection, and for each JetStream call.
+        ping_interval: seconds between pings; two unanswered pings count as a lost connection.
+        reconnect_wait: seconds between reconnect attempts to the same server (attempts never stop).
+        name: the connection's name in the server's monitoring.
+    """
+
+    name = "nats"
+    supports_queue_groups = True
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] = "nats://localhost:4222",
+        *,
+        cluster: str = "catga",
+        max_payload: int = 1024 * 1024,
+        connect_timeout: float = 5.0,
+        ping_interval: float = 5.0,
+        reconnect_wait: float = 0.5,
+        name: str | None = None,
+    ) -> None:
+        if not _NAME.fullmatch(cluster):
+            raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]+ for NATS")
+        urls = servers.split(",") if isinstance(servers, str) else servers
+        self.servers = [url.strip() for url in urls if url.strip()]
+        self.cluster = cluster
+        self.max_payload = max_payload
+        self.connect_timeout = connect_timeout
+        self.ping_interval = ping_interval
+        self.reconnect_wait = reconnect_wait
+        self.connection_name = name
+        #: Messages nats-py dropped because a subscription's pending queue was full.
+        self.slow_consumers = 0
+        self._prefix = f"catga.{cluster}."
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._closed = False
+        self._up = False
+        self._last_error = ""
+        self._listeners: list[ConnectionListener] = []
+        self._members = _Members(self)
+        self._watches: set[_Watch] = set()
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def members(self) -> _Members:
+        return self._members
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        self._listeners.append(listener)
+
+    async def connect(self) -> None:
+        if self._closed or self._nc is not None:
+            raise TransportError("connect() is called once per NatsTransport; create a new one")
+        self._nc = nc = Client()
+        # nats-py annotates these durations as int; they are float seconds.
+        options: dict[str, Any] = {
+            "connect_timeout": self.connect_timeout,
+            "ping_interval": self.ping_interval,
+            "reconnect_time_wait": self.reconnect_wait,
+        }
+        try:
+            # With unlimited reconnects nats-py also retries the first connect forever: bound it.
+            async with asyncio.timeout(self.connect_timeout):
+                await nc.connect(
+                    self.servers,
+                    name=self.connection_name,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    max_outstanding_pings=2,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                    **options,
+                )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            self._closed = True
+            await nc.close()
+            where = ", ".join(self.servers)
+            raise TransportError(f"cannot reach NATS at {where} within {self.connect_timeout} s") from exc
+        self._js = nc.jetstream(timeout=self.connect_timeout)
+        self.max_payload = min(self.max_payload, nc.max_payload)
+        self._set_up(True)
+        logger.info("connected to NATS at %s (cluster %r)", self._url(), self.cluster)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for watch in list(self._watches):
+            await watch.stop()
+        nc, self._up = self._nc, False
+        if nc is None or nc.is_closed:
+            return
+        try:  # drain: hand over what the subscriptions already received, flush what was published
+            async with asyncio.timeout(self.connect_timeout):
+                await nc.drain()
+        except (TimeoutError, nats.errors.Error):
+            pass
+        finally:
+            await nc.close()
+
+    # -- connection events ----------------------------------------------------------------------
+
+    def _url(self) -> str:
+        url = self._nc.connected_url if self._nc is not None else None
+        return url.geturl() if url is not None else ", ".join(self.servers)
+
+    def _set_up(self, up: bool) -> None:
+        if up == self._up or self._closed:
+            return
+        self._up = up
+        for listener in self._listeners:
+            try:
+                listener(up)
+            except Exception:
+                logger.exception("connection listener %r failed", listener)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self.slow_consumers += 1
+        text = f"{type(exc).__name__}: {exc}"
+        # The same error again (every reconnect attempt while the server is down) is only DEBUG.
+        level = logging.DEBUG if text == self._last_error else logging.WARNING
+        self._last_error = text
+        logger.log(level, "NATS error (%s): %s", ", ".join(self.servers), text)
+
+    async def _on_disconnected(self) -> None:
+        if self._closed:
+            return
+        logger.warning("lost the NATS connection (%s); reconnecting", ", ".join(self.servers))
+        for watch in list(self._watches):
+            await watch.stop()
+        self._set_up(False)
+
+    async def _on_reconnected(self) -> None:
+        self._last_error = ""
+        logger.info("reconnected to NATS at %s", self._url())
+        self._set_up(True)
+
+    async def _on_closed(self) -> None:
+        if not self._closed:
+            logger.warning("the NATS connection closed for good (%s)", ", ".join(self.servers))
+
+    # -- messaging ------------------------------------------------------------------------------
+
+    def _check(self) -> tuple[Client, JetStreamContext]:
+        if self._nc is None or self._js is None or not self._nc.is_connected:
+            state = "closed" if self._closed else "not connected" if self._nc is None else "reconnecting"
+            raise TransportError(f"NATS at {', '.join(self.servers)} is unreachable ({state})")
+        return self._nc, self._js
+
+    def _check_size(self, envelope: Envelope) -> None:
+        # The server counts the header block against max_payload and drops the connection of a
+        # client that goes over; nats-py checks only the body.
+        size = envelope.size() + (_HEADER_BLOCK if envelope.headers else 0)
+        if size > self.max_payload:
+            raise MessageTooLargeError(
+                f"envelope of {size} bytes is over the {self.max_payload}-byte NATS payload limit",
+                details={"size": size, "limit": self.max_payload},
+            )
+
+    async def subscribe(
+        self, subject: str, callback: DeliveryCallback, *, queue: str | None = None
+    ) -> _Subscription:
+        nc = self._check()[0]
+
+        async def on_msg(msg: Msg) -> None:
+            reply = self._replier(msg.reply) if msg.reply else None
+            try:  # the callback starts its own task: awaiting a handler here would serialize the subject
+                callback(Delivery(Envelope(msg.headers or {}, msg.data), reply))
+            except Exception:
+                logger.exception("delivery callback for %s failed", msg.subject)
+
+        with _nats_errors(f"subscribe {subject}"):
+            sub = await nc.subscribe(
+                self._prefix + subject,
+                queue=queue or "",
+                cb=on_msg,
+                pending_msgs_limit=_PENDING_MSGS,
+                pending_bytes_limit=_PENDING_BYTES,
+            )
+        return _Subscription(sub)
+
+    def _replier(self, inbox: str) -> Reply:
+        async def reply(envelope: Envelope) -> None:
+            await self._send(inbox, envelope)
+
+        return reply
+
+    async def _send(self, subject: str, envelope: Envelope) -> None:
+        nc = self._check()[0]
+        self._check_size(envelope)
+        with _nats_errors(f"publish {subject}"):
+            await nc.publish(subject, envelope.body, headers=envelope.headers or None)
+
+    async def publish(self, subject: str, envelope: Envelope) -> None:
+        """Send without waiting; NATS does not say how many received it, so this returns None."""
+        await self._send(self._prefix + subject, envelope)
+
+    async def request(self, subject: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        nc = self._check()[0]
+        self._check_size(envelope)
+        with _nats_errors(subject, timeout=timeout):
+            msg = await nc.request(
+                self._prefix + subject, envelope.body, timeout=timeout, headers=envelope.headers or None
+            )
+        return Envelope(msg.headers or {}, msg.data)

@@ -1,0 +1,317 @@
+"""NatsTransport against real nats-server processes: the shared contract on 2.15 and 2.9, then NATS specifics."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.exceptions import (
+    MessageTooLargeError,
+    NoResponderError,
+    RequestTimeoutError,
+    TransportError,
+)
+from fastapi_catga.transports.base import Delivery, MemberEvent, MemberWatch, Transport
+from fastapi_catga.transports.nats import NatsTransport
+from tests.polling import eventually
+from tests.servers import NatsServer, free_port
+from tests.transports.contract import Connect, TransportContract, echo
+
+pytestmark = pytest.mark.nats
+
+Open = Callable[..., Awaitable[NatsTransport]]
+
+
+@pytest.fixture
+async def open_nats(cluster: str) -> AsyncIterator[Open]:
+    """Connects NatsTransports (the test's cluster name unless given) and closes them afterwards."""
+    made: list[NatsTransport] = []
+
+    async def open_nats(servers: str, **options: Any) -> NatsTransport:
+        transport = NatsTransport(servers, **{"cluster": cluster, **options})
+        made.append(transport)
+        await transport.connect()
+        return transport
+
+    yield open_nats
+    for transport in made:
+        await transport.aclose()
+
+
+class TestNatsTransport(TransportContract):
+    @pytest.fixture
+    def server(self, nats_server: NatsServer) -> NatsServer:
+        return nats_server
+
+    @pytest.fixture
+    async def connect(self, server: NatsServer, open_nats: Open) -> AsyncIterator[Connect]:
+        async def connect() -> Transport:
+            return await open_nats(server.url)
+
+        yield connect
+
+
+class TestNatsTransportOnServer29(TestNatsTransport):
+    @pytest.fixture
+    def server(self, nats_server_2_9: NatsServer) -> NatsServer:
+        return nats_server_2_9
+
+
+@pytest.fixture(params=["2.15", "2.9"])
+def any_server(request: pytest.FixtureRequest) -> NatsServer:
+    server: NatsServer = request.getfixturevalue("nats_server" if request.param == "2.15" else "nats_server_2_9")
+    return server
+
+
+class Collector:
+    """Runs ``async for`` over a watch in a task, keeping every event."""
+
+    def __init__(self, watch: MemberWatch) -> None:
+        self.events: list[MemberEvent] = []
+        self.task = asyncio.get_running_loop().create_task(self._collect(watch))
+
+    async def _collect(self, watch: MemberWatch) -> None:
+        async for event in watch:
+            self.events.append(event)
+
+    def saw(self, kind: str, node_id: str) -> bool:
+        return any(e.kind == kind and e.node_id == node_id for e in self.events)
+
+
+# -- connecting -----------------------------------------------------------------------------------
+
+
+async def test_connect_to_a_dead_port_fails_within_connect_timeout() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    transport = NatsTransport(url, connect_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(TransportError, match=url):
+        await transport.connect()
+    assert 0.9 < time.monotonic() - started < 2.0
+    assert not transport.connected
+    await transport.aclose()
+
+
+async def test_comma_separated_servers_form_one_pool(nats_server: NatsServer, open_nats: Open) -> None:
+    dead = f"nats://127.0.0.1:{free_port()}"
+    transport = await open_nats(f"{dead}, {nats_server.url}")
+    assert transport.servers == [dead, nats_server.url]
+    await transport.subscribe("node.a", echo("a"))
+    reply = await transport.request("node.a", Envelope({}, b"hi"), timeout=2)
+    assert reply.body == b"hi"
+
+
+async def test_max_payload_is_the_servers_limit_headers_included(tmp_path: Path, cluster: str) -> None:
+    config = tmp_path / "nats.conf"
+    config.write_text("max_payload: 4096\n")
+    with NatsServer(extra_args=["-c", str(config)]) as server:
+        transport = NatsTransport(server.url, cluster=cluster)
+        await transport.connect()
+        try:
+            assert transport.max_payload == 4096
+            got: list[Delivery] = []
+            await transport.subscribe("node.big", got.append)
+            headers = {"catga-id": "x" * 100}
+            fits = 4096 - Envelope(headers).size() - len(b"NATS/1.0\r\n\r\n")
+            await transport.publish("node.big", Envelope(headers, b"a" * fits))
+            with pytest.raises(MessageTooLargeError):  # the server would drop the connection for it
+                await transport.publish("node.big", Envelope(headers, b"a" * (fits + 1)))
+            await eventually(lambda: len(got) == 1, within=2)
+            assert transport.connected
+        finally:
+            await transport.aclose()
+
+
+async def test_aclose_is_idempotent_and_ends_everything(nats_server: NatsServer, cluster: str) -> None:
+    transport = NatsTransport(nats_server.url, cluster=cluster)
+    states: list[bool] = []
+    transport.add_connection_listener(states.append)
+    await transport.connect()
+    subscription = await transport.subscribe("node.a", echo("a"))
+    await transport.members.prepare(10)
+    collector = Collector(await transport.members.watch())
+    await transport.aclose()
+    await transport.aclose()
+    await subscription.unsubscribe()
+    await eventually(collector.task.done, within=1)
+    assert states == [True]
+    assert not transport.connected
+    with pytest.raises(TransportError):
+        await transport.request("node.a", Envelope(), timeout=1)
+
+
+async def test_prepare_without_jetstream_says_so(cluster: str) -> None:
+    with NatsServer(jetstream=False) as server:
+        transport = NatsTransport(server.url, cluster=cluster)
+        await transport.connect()
+        try:
+            with pytest.raises(TransportError, match="-js"):
+                await transport.members.prepare(10)
+        finally:
+            await transport.aclose()
+
+
+def test_missing_nats_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "nats", None)
+    monkeypatch.delitem(sys.modules, "fastapi_catga.transports.nats")
+    with pytest.raises(ImportError, match=r'pip install "fastapi-catga\[nats\]"'):
+        importlib.import_module("fastapi_catga.transports.nats")
+
+
+# -- messaging ------------------------------------------------------------------------------------
+
+
+async def test_a_hundred_concurrent_requests(nats_server: NatsServer, open_nats: Open) -> None:
+    server, client = await open_nats(nats_server.url), await open_nats(nats_server.url)
+    await server.subscribe("type.Work", echo("a"), queue="workers")
+    replies = await asyncio.gather(
+        *(client.request("type.Work", Envelope({"n": str(n)}, b"{}"), timeout=5) for n in range(100))
+    )
+    assert sorted(int(reply.headers["n"]) for reply in replies) == list(range(100))
+
+
+# -- broker restart -------------------------------------------------------------------------------
+
+
+async def _request_ok(client: NatsTransport) -> bool:
+    reply = await client.request("node.a", Envelope({}, b"ping"), timeout=0.5)
+    return reply.body == b"ping"
+
+
+@pytest.mark.parametrize("store", ["kept", "lost"])
+async def test_kill_and_restart_server(nats_server: NatsServer, open_nats: Open, store: str) -> None:
+    server, client = await open_nats(nats_server.url), await open_nats(nats_server.url)
+    states: list[bool] = []
+    client.add_connection_listener(states.append)
+    await server.subscribe("node.a", echo("a"))
+    await client.members.prepare(10)
+    await client.members.put("node-a", b"{}", 10)
+    collector = Collector(await client.members.watch())
+
+    nats_server.kill()
+    await eventually(lambda: states == [False], within=2)
+    await eventually(collector.task.done, within=1, message="a watch ends when the connection breaks")
+    with pytest.raises(TransportError):
+        await client.request("node.a", Envelope(), timeout=1)
+    if store == "lost":
+        shutil.rmtree(nats_server.data_dir / "jetstream")
+    nats_server.restart()
+
+    ignore = (TransportError, RequestTimeoutError)
+    elapsed = await eventually(lambda: _request_ok(client), within=2, ignore=ignore)
+    logging.getLogger(__name__).info("request works again %.3f s after the restart", elapsed)
+    assert states == [False, True]
+    await client.members.prepare(10)
+    await client.members.put("node-b", b"{}", 10)
+    expected = {"node-a", "node-b"} if store == "kept" else {"node-b"}
+    assert set(await client.members.list()) == expected
+    collector = Collector(await client.members.watch())
+    await client.members.put("node-c", b"{}", 10)
+    await eventually(lambda: collector.saw("put", "node-c"), within=2)
+
+
+# -- membership -----------------------------------------------------------------------------------
+
+
+async def test_watch_sees_expiry_on_2_15(nats_server: NatsServer, open_nats: Open) -> None:
+    transport = await open_nats(nats_server.url)
+    await transport.members.prepare(1)
+    watch = await transport.members.watch()
+    collector = Collector(watch)
+    await transport.members.put("node-x", b"{}", 1)
+    await eventually(lambda: collector.saw("put", "node-x"), within=2)
+    elapsed = await eventually(lambda: collector.saw("delete", "node-x"), within=4)
+    assert 0.5 < elapsed
+    assert "node-x" not in await transport.members.list()
+    await watch.stop()
+    await eventually(collector.task.done, within=1)
+
+
+async def test_list_drops_an_expired_key_on_2_9(nats_server_2_9: NatsServer, open_nats: Open) -> None:
+    transport = await open_nats(nats_server_2_9.url)
+    await transport.members.prepare(1)
+    await transport.members.put("node-x", b"{}", 1)
+    assert "node-x" in await transport.members.list()
+
+    async def gone() -> bool:
+        return "node-x" not in await transport.members.list()
+
+    assert await eventually(gone, within=4) > 0.5
+
+
+async def test_put_restarts_the_expiry(any_server: NatsServer, open_nats: Open) -> None:
+    transport = await open_nats(any_server.url)
+    await transport.members.prepare(1)
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:  # a heartbeat every 0.3 s outlives the 1 s TTL
+        await transport.members.put("node-h", b"{}", 1)
+        assert "node-h" in await transport.members.list()
+        await asyncio.sleep(0.3)
+
+
+async def test_record_is_readable_json_for_raw_nats(nats_server: NatsServer, open_nats: Open) -> None:
+    transport = await open_nats(nats_server.url)
+    await transport.members.prepare(10)
+    await transport.members.put("node-1.a", b'{"node_id": "node-1.a"}', 10)
+    nc = await nats.connect(nats_server.url)
+    try:
+        kv = await nc.jetstream().key_value(transport.members.bucket)
+        entry = await kv.get("node-1.a")
+        assert entry.value is not None
+        assert json.loads(entry.value) == {"node_id": "node-1.a"}
+    finally:
+        await nc.close()
+
+
+async def test_prepare_is_idempotent_and_races_safely(
+    any_server: NatsServer, open_nats: Open, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b, c = [await open_nats(any_server.url) for _ in range(3)]
+    await asyncio.gather(a.members.prepare(5), b.members.prepare(5), a.members.prepare(5))
+    with caplog.at_level(logging.WARNING, "fastapi_catga.transports.nats"):
+        await c.members.prepare(7)  # another TTL: the bucket stays as it is, with a warning
+    assert "made with another TTL" in caplog.text
+    await c.members.put("node-c", b"{}", 7)
+    assert await a.members.list() == {"node-c": b"{}"}
+
+
+async def test_watch_can_stop_and_start_again(nats_server: NatsServer, open_nats: Open) -> None:
+    transport = await open_nats(nats_server.url)
+    await transport.members.prepare(10)
+    await transport.members.put("node-old", b"1", 10)
+    first = Collector(await transport.members.watch())
+    await eventually(lambda: first.saw("put", "node-old"), within=2, message="a watch starts with the values")
+    await transport.members.delete("node-old")
+    await eventually(lambda: first.saw("delete", "node-old"), within=2)
+    await (await transport.members.watch()).stop()
+    second = Collector(await transport.members.watch())
+    await transport.members.put("node-new", b"2", 10)
+    await eventually(lambda: second.saw("put", "node-new") and first.saw("put", "node-new"), within=2)
+    assert not any(e.node_id == "node-old" and e.kind == "put" for e in second.events)
+
+
+async def test_invalid_node_id_is_refused(nats_server: NatsServer, open_nats: Open) -> None:
+    transport = await open_nats(nats_server.url)
+    await transport.members.prepare(10)
+    with pytest.raises(ValueError, match="node:1"):
+        await transport.members.put("node:1", b"{}", 10)
+
+
+async def test_no_responder_after_the_subscriber_closed(nats_server: NatsServer, open_nats: Open) -> None:
+    server, client = await open_nats(nats_server.url), await open_nats(nats_server.url)
+    await server.subscribe("node.a", echo("a"))
+    await server.aclose()
+    with pytest.raises(NoResponderError):
+        await client.request("node.a", Envelope(), timeout=2)
