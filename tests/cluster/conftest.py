@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from fastapi_catga import Catga, CallNext, InMemoryBroker, InMemoryTransport, Message
+from fastapi_catga import CallNext, Catga, InMemoryBroker, InMemoryTransport, Message
 from fastapi_catga.testing import memory_node
 from tests.cluster import workload
 

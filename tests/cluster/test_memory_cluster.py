@@ -30,8 +30,7 @@ def transport_of(node: object) -> InMemoryTransport:
 
 async def test_three_nodes_see_each_other_and_a_late_joiner_sees_all_at_once(start_node: StartNode) -> None:
     a, b, c = await start_node("a"), await start_node("b"), await start_node("c")
-    for node in (a, b, c):
-        await eventually(lambda n=node: ids(n.node.nodes()) == {"a", "b", "c"}, within=1)
+    await eventually(lambda: all(ids(n.node.nodes()) == {"a", "b", "c"} for n in (a, b, c)), within=1)
     late = await start_node("late")
     assert ids(await late.mediator.get_nodes()) == {"a", "b", "c", "late"}  # before any wait
     assert (await late.mediator.get_current_node()).node_id == "late"
@@ -42,7 +41,7 @@ async def test_three_nodes_see_each_other_and_a_late_joiner_sees_all_at_once(sta
 
 
 async def test_send_spreads_over_nodes_and_send_to_node_hits_the_named_one(start_node: StartNode) -> None:
-    a, b, c = await start_node("a"), await start_node("b"), await start_node("c")
+    a, _b, _c = await start_node("a"), await start_node("b"), await start_node("c")
     await eventually(lambda: len(a.node.nodes()) == 3, within=1)
     served = Counter([await a.mediator.send(Work()) for _ in range(30)])
     assert set(served) == {"a", "b", "c"}
@@ -94,7 +93,7 @@ async def test_graceful_stop_leaves_every_view_and_sends_keep_working(start_node
 
 
 async def test_crashed_node_fails_over_at_once_and_is_evicted_after_the_ttl(start_node: StartNode) -> None:
-    a, b, c = await start_node("a"), await start_node("b"), await start_node("c")
+    a, _b, c = await start_node("a"), await start_node("b"), await start_node("c")
     await eventually(lambda: len(a.node.nodes()) == 3, within=1)
     transport_of(c).crash()
     started = time.monotonic()
@@ -150,7 +149,9 @@ async def test_handler_error_is_not_retried_and_retryable_error_is(start_node: S
     assert not isinstance(info.value, RemoteHandlerError) or info.value.retryable
 
 
-async def test_broker_outage_freezes_views_and_recovery_resyncs(broker: InMemoryBroker, start_node: StartNode) -> None:
+async def test_broker_outage_freezes_views_and_recovery_resyncs(
+    broker: InMemoryBroker, start_node: StartNode
+) -> None:
     a, b = await start_node("a"), await start_node("b")
     await eventually(lambda: len(a.node.nodes()) == 2, within=1)
     broker.outage()
