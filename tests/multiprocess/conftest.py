@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.multiprocess.harness import AppNode
-from tests.servers import NatsServer, RedisServer, ServerProcess
+from tests.servers import NatsServer, RedisServer, ServerProcess, debian_nats_2_9_binary
 
 
 @dataclass
@@ -16,16 +16,24 @@ class Broker:
 
     @property
     def env(self) -> dict[str, str]:
-        url_var = "CATGA_NATS_URL" if self.kind == "nats" else "CATGA_REDIS_URL"
-        return {"CATGA_TRANSPORT": self.kind, url_var: self.server.url}
+        if self.kind == "redis":
+            return {"CATGA_TRANSPORT": "redis", "CATGA_REDIS_URL": self.server.url}
+        return {"CATGA_TRANSPORT": "nats", "CATGA_NATS_URL": self.server.url}
 
 
 def _start_broker(kind: str) -> ServerProcess:
-    return (NatsServer() if kind == "nats" else RedisServer()).start()
+    if kind == "redis":
+        return RedisServer().start()
+    # nats-2.9 is Debian's server, which ignores per-key TTL and sends no expiry markers.
+    return NatsServer(debian_nats_2_9_binary() if kind == "nats-2.9" else None).start()
 
 
 @pytest.fixture(
-    params=[pytest.param("nats", marks=pytest.mark.nats), pytest.param("redis", marks=pytest.mark.redis)]
+    params=[
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("nats-2.9", marks=pytest.mark.nats),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ]
 )
 def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
     server = _start_broker(request.param)
