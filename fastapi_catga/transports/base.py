@@ -118,7 +118,11 @@ class Transport(Protocol):
         ...
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
-        """Call ``listener(False)`` when the connection is lost and ``listener(True)`` once it is back."""
+        """Call ``listener(False)`` when the connection is lost and ``listener(True)`` once it is back.
+
+        Subscriptions survive a reconnect (the transport restores them before ``listener(True)``):
+        subscribing again would deliver every message twice. Watches do not: they end on a loss.
+        """
         ...
 
     async def connect(self) -> None:
@@ -140,6 +144,7 @@ class Transport(Protocol):
 
         Raises:
             ConfigurationError: ``queue`` given to a transport without queue groups.
+            TransportError: the broker is unreachable right now.
         """
         ...
 

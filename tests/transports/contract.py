@@ -27,7 +27,7 @@ def echo(transport_name: str) -> Callable[[Delivery], None]:
     def callback(delivery: Delivery) -> None:
         assert delivery.reply is not None
         reply = Envelope({"answered-by": transport_name, **delivery.envelope.headers}, delivery.envelope.body)
-        asyncio.get_running_loop().create_task(delivery.reply(reply))
+        asyncio.ensure_future(delivery.reply(reply))
 
     return callback
 
