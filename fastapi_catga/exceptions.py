@@ -10,6 +10,7 @@ CatgaError
 ├── NodeUnavailableError (ConnectionError) no live node can take it, or the named node is unknown or dead
 ├── RequestTimeoutError (TimeoutError)     the deadline passed before an answer came
 ├── RemoteHandlerError                     the handler raised (on another node, or in this process)
+├── RetryableError                         raised by a handler: another attempt (or node) may succeed
 └── TransportError (ConnectionError)       the broker failed or is unreachable
     └── NoResponderError                   the broker says nobody listens on that address
 ```

@@ -8,6 +8,7 @@ import socket
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from fastapi_catga.exceptions import ConfigurationError
@@ -80,11 +81,21 @@ def load_settings(**overrides: Any) -> CatgaSettings:
     try:
         return CatgaSettings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"CATGA_{'_'.join(str(p) for p in error['loc']).upper() or 'SETTINGS'}: {error['msg']}"
-            + (f" (got {error['input']!r})" if not isinstance(error["input"], dict) else "")
-            for error in exc.errors()
-        )
+        problems = "; ".join(_describe(error) for error in exc.errors())
         raise ConfigurationError(f"invalid fastapi-catga settings: {problems}") from exc
     except SettingsError as exc:
-        raise ConfigurationError(f"invalid fastapi-catga settings: {exc} (complex values are JSON)") from exc
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"CATGA_{field.group(1).upper()}" if field else "a CATGA_* variable"
+        raise ConfigurationError(
+            f"invalid fastapi-catga settings: {name} is not valid JSON "
+            "(complex values such as CATGA_METADATA are JSON objects)"
+        ) from exc
+
+
+def _describe(error: ErrorDetails) -> str:
+    loc = error["loc"]
+    where = f"CATGA_{str(loc[0]).upper()}" if loc else "settings"
+    if len(loc) > 1:  # inside a JSON value: CATGA_METADATA (at zone), not CATGA_METADATA_ZONE
+        where += f" (at {'.'.join(str(part) for part in loc[1:])})"
+    got = "" if isinstance(error["input"], dict) else f" (got {error['input']!r})"
+    return f"{where}: {error['msg']}{got}"

@@ -1,9 +1,9 @@
 """Test helpers for apps built on fastapi-catga: whole clusters in one process, no broker.
 
-    async with memory_cluster(3, handlers=[orders]) as nodes:
-        order = await nodes[0].mediator.send(PlaceOrder(sku="apple", quantity=1))
-        nodes[2].node.transport.crash()          # kill -9 one node
-        await nodes[0].mediator.send(GetOrder(order_id=order.order_id))   # fails over
+async with memory_cluster(3, handlers=[orders]) as nodes:
+    order = await nodes[0].mediator.send(PlaceOrder(sku="apple", quantity=1))
+    nodes[2].node.transport.crash()          # kill -9 one node
+    await nodes[0].mediator.send(GetOrder(order_id=order.order_id))   # fails over
 """
 
 from __future__ import annotations

@@ -157,8 +157,12 @@ class ClusterNode:
             target = self._pick(call.message, tried)
             if remaining <= 0 or target is None:
                 break
+            # Each attempt gets its share of the time left, so one dead or paused node cannot eat the
+            # whole budget; with no other node left to try, a retry would only run a slow handler
+            # again, so the last candidate gets all of it.
+            share = remaining / max(1, min(attempts - attempt + 1, self._untried(call.message, tried)))
             try:
-                return await self._attempt(call, target, attempt, remaining / (attempts - attempt + 1))
+                return await self._attempt(call, target, attempt, share)
             except CatgaError as exc:
                 call.errors.append(exc)
                 if not self._may_retry(exc, target):
@@ -176,6 +180,9 @@ class ClusterNode:
         if self.transport.supports_queue_groups and not tried:
             return ""  # nobody known: let the broker pick from the type's queue group
         return None
+
+    def _untried(self, message: Request[Any], tried: set[str]) -> int:
+        return sum(1 for node in self.view.capable(message.type_name) if node.node_id not in tried)
 
     def _may_retry(self, exc: CatgaError, target: str) -> bool:
         if isinstance(exc, NoResponderError | RequestTimeoutError):

@@ -63,11 +63,11 @@ class TimeoutBehavior:
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any:
         try:
-            async with asyncio.timeout(self._seconds):
+            async with asyncio.timeout(self._seconds) as deadline:
                 return await call_next()
         except TimeoutError as exc:
-            if isinstance(exc, CatgaError):
-                raise
+            if isinstance(exc, CatgaError) or not deadline.expired():
+                raise  # a timeout of the handler's own (or a Catga one), not this behavior's
             raise RequestTimeoutError(
                 f"{message.type_name} handler ran over its {self._seconds:g} s timeout"
             ) from exc
@@ -128,11 +128,18 @@ class IdempotencyBehavior:
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any:
         key = (message.type_name, message.message_id)
-        now = self._clock()
-        self._expire(now)
-        entry = self._seen.get(key)
-        if entry is not None:
-            return await asyncio.shield(entry[1])
+        while True:
+            now = self._clock()
+            self._expire(now)
+            entry = self._seen.get(key)
+            if entry is None:
+                break
+            try:
+                return await asyncio.shield(entry[1])
+            except asyncio.CancelledError:
+                if not entry[1].cancelled():
+                    raise  # this caller was cancelled, not the run it waited for
+                # The run it waited for was cancelled (its caller gave up): run it here instead.
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._seen[key] = (now, future)
         try:

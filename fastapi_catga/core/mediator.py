@@ -66,10 +66,11 @@ class Mediator:
             return result
         try:
             result = await run(message)
-        except CatgaError:
-            raise
         except Exception as exc:
-            raise handler_error(exc, message, self._dispatcher.node_id) from exc
+            error = handler_error(exc, message, self._dispatcher.node_id)
+            if error is exc:
+                raise
+            raise error from exc
         return result
 
     async def send_to_node(self, message: Request[R], node_id: str, *, timeout: float | None = None) -> R:

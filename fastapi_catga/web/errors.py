@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import Request
@@ -61,5 +62,7 @@ async def problem_response(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, RemoteHandlerError):
         body["error_type"] = exc.error_type
     if exc.details is not None:
-        body["errors" if isinstance(exc, MessageValidationError) else "details"] = exc.details
+        # Details may hold what JSON cannot (pydantic's errors() keeps the exception in ctx).
+        details = json.loads(json.dumps(exc.details, default=str))
+        body["errors" if isinstance(exc, MessageValidationError) else "details"] = details
     return JSONResponse(body, status_code=status, media_type="application/problem+json")

@@ -1,0 +1,354 @@
+"""Cross-node ``mediator.send`` vs the raw client and FastStream, on one real broker, side by side.
+
+    python -m benchmarks.bench_cluster [--broker nats|redis|all] [--seconds N] [--loop asyncio|uvloop]
+
+For each broker it starts a fresh server (``tests.servers``), then one responder process per
+contender (``benchmarks._responder``), and measures from this process, over the same server:
+
+- raw:        nats-py ``nc.request`` / hand-rolled redis-py pub/sub request/reply;
+- catga:      ``mediator.send(Echo(...))`` from a node with no handlers (every send crosses the
+              broker) to a node in another process;
+- FastStream: ``broker.request(...)`` to a FastStream subscriber in another process.
+
+Each at 1 in flight (rt/s, p50/p99 latency) and at 100 in flight (rt/s), after a warm-up, in
+3 interleaved rounds; the table shows the median round. Every process started is killed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import os
+import platform
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Literal
+
+from benchmarks import _raw
+from benchmarks._common import (
+    CATGA_CLUSTER,
+    DATA,
+    FS_REPLY,
+    LOOPS,
+    RAW_REPLY,
+    REPLY_TEXT,
+    Echo,
+    LoopName,
+    Responder,
+    Sample,
+    fmt_rate,
+    fmt_ratio,
+    kill_all_responders,
+    median_sample,
+    payload_size,
+    run,
+    run_concurrent,
+    run_sequential,
+)
+from benchmarks._responder import FS_SUBJECT, FsEcho
+from fastapi_catga import CatgaSettings, build, new_message_id
+from tests.servers import NatsServer, RedisServer, ServerProcess
+
+BrokerName = Literal["nats", "redis"]
+Call = Callable[[], Awaitable[object]]
+Setup = Callable[[AsyncExitStack], Awaitable[Call]]
+
+SEQUENTIAL = 1
+GOAL_RAW = 0.8
+
+
+@dataclass
+class Contender:
+    key: str
+    label: str
+    responder_kind: str
+    setup: Setup
+    call: Call | None = None
+    error: str | None = None
+    samples: dict[int, list[Sample]] = field(default_factory=dict)
+
+    def median(self, inflight: int) -> Sample | None:
+        runs = self.samples.get(inflight)
+        return median_sample(runs) if runs else None
+
+
+# -- the callers ---------------------------------------------------------------------------------
+
+
+def catga_setup(broker: BrokerName, url: str) -> Setup:
+    async def setup(stack: AsyncExitStack) -> Call:
+        node_id = f"bench-caller-{os.getpid()}"
+        if broker == "nats":
+            settings = CatgaSettings(transport="nats", nats_url=url, cluster=CATGA_CLUSTER, node_id=node_id)
+        else:
+            settings = CatgaSettings(transport="redis", redis_url=url, cluster=CATGA_CLUSTER, node_id=node_id)
+        catga = build(settings, handlers=[])  # handles nothing: every send crosses the broker
+        await catga.start()
+        stack.push_async_callback(catga.stop)
+        async with asyncio.timeout(10):
+            while not catga.node.view.capable(Echo.type_name):
+                await asyncio.sleep(0.05)
+        mediator = catga.mediator
+
+        async def call() -> str:
+            return await mediator.send(Echo(data=DATA))
+
+        if await call() != REPLY_TEXT:
+            raise RuntimeError("catga answered something else than the handler's result")
+        return call
+
+    return setup
+
+
+def raw_nats_setup(url: str) -> Setup:
+    async def setup(stack: AsyncExitStack) -> Call:
+        requester = _raw.RawNatsRequester(url, b"p" * payload_size())
+        await requester.connect()
+        stack.push_async_callback(requester.aclose)
+        if await requester.request() != RAW_REPLY:
+            raise RuntimeError("the raw responder answered something else")
+        return requester.request
+
+    return setup
+
+
+def raw_redis_setup(url: str, variant: _raw.RedisVariant) -> Setup:
+    async def setup(stack: AsyncExitStack) -> Call:
+        requester = _raw.RawRedisRequester(url, b"p" * payload_size(), variant)
+        await requester.connect()
+        stack.push_async_callback(requester.aclose)
+        if await requester.request() != RAW_REPLY:
+            raise RuntimeError("the raw responder answered something else")
+        return requester.request
+
+    return setup
+
+
+def faststream_setup(broker: BrokerName, url: str) -> Setup:
+    async def setup(stack: AsyncExitStack) -> Call:
+        if broker == "nats":
+            from faststream.nats import NatsBroker
+
+            nats_broker = NatsBroker(url, logger=None)
+            await nats_broker.connect()
+            stack.push_async_callback(nats_broker.stop)
+
+            async def call() -> object:
+                body = FsEcho(message_id=new_message_id(), data=DATA)
+                response = await nats_broker.request(body, FS_SUBJECT, timeout=5)
+                return await response.decode()
+
+        else:
+            from faststream.redis import RedisBroker
+
+            redis_broker = RedisBroker(url, logger=None)
+            await redis_broker.connect()
+            stack.push_async_callback(redis_broker.stop)
+
+            async def call() -> object:
+                body = FsEcho(message_id=new_message_id(), data=DATA)
+                response = await redis_broker.request(body, FS_SUBJECT, timeout=5)
+                return await response.decode()
+
+        if (answer := await call()) != FS_REPLY:
+            raise RuntimeError(f"FastStream answered {answer!r}, not {FS_REPLY!r}")
+        return call
+
+    return setup
+
+
+def contenders(broker: BrokerName, url: str) -> list[Contender]:
+    if broker == "nats":
+        raws = [Contender("raw", "raw nats-py request/reply", "raw", raw_nats_setup(url))]
+    else:
+        raws = [
+            Contender(
+                "raw-awaited", "raw redis-py, awaited PUBLISH", "raw-awaited", raw_redis_setup(url, "awaited")
+            ),
+            Contender("raw", "raw redis-py, auto-pipelined", "raw", raw_redis_setup(url, "pipelined")),
+        ]
+    return [
+        *raws,
+        Contender("catga", "catga mediator.send", "catga", catga_setup(broker, url)),
+        Contender("faststream", "FastStream broker.request", "faststream", faststream_setup(broker, url)),
+    ]
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+async def prepare(
+    contender: Contender, broker: BrokerName, url: str, loop: LoopName, stack: AsyncExitStack
+) -> None:
+    """Start the contender's responder process and connect its caller; on failure note why."""
+    responder = Responder(
+        "--kind", contender.responder_kind, "--broker", broker, "--url", url, "--loop", loop
+    )
+    stack.callback(responder.stop)
+    try:
+        responder.start()
+        await responder.wait_ready()
+        async with asyncio.timeout(30):
+            contender.call = await contender.setup(stack)
+    except Exception as exc:  # report it in the table and go on with the others
+        contender.error = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        if responder.proc is not None and responder.proc.poll() is not None:
+            contender.error += f" | responder log: {responder.log_tail(3)}"
+
+
+async def measure(contender: Contender, inflight: int, seconds: float) -> None:
+    call = contender.call
+    if call is None or contender.error is not None:
+        return
+    try:
+        async with asyncio.timeout(seconds + 30):
+            if inflight == SEQUENTIAL:
+                sample = await run_sequential(call, seconds)
+            else:
+                sample = await run_concurrent(call, seconds, inflight)
+    except Exception as exc:
+        contender.error = f"failed at {inflight} in flight: {type(exc).__name__}: {exc}"[:300]
+        return
+    contender.samples.setdefault(inflight, []).append(sample)
+
+
+async def bench_broker(
+    broker: BrokerName, server: ServerProcess, seconds: float, runs: int, inflight: int, loop: LoopName
+) -> list[Contender]:
+    url = server.url
+    entries = contenders(broker, url)
+    async with AsyncExitStack() as stack:
+        for contender in entries:
+            await prepare(contender, broker, url, loop, stack)
+        modes = (SEQUENTIAL, inflight)
+        warmup = min(1.0, seconds)
+        for contender in entries:  # warm-up: connections, caches, the JIT-less interpreter's dicts
+            for mode in modes:
+                await measure(contender, mode, warmup)
+            contender.samples.clear()
+        for round_no in range(1, runs + 1):
+            started = time.perf_counter()
+            for mode in modes:
+                for contender in entries:
+                    await measure(contender, mode, seconds)
+            print(f"  round {round_no}/{runs} done in {time.perf_counter() - started:.0f} s", flush=True)
+    return entries
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+
+def print_table(
+    broker: BrokerName, server: ServerProcess, entries: list[Contender], args: argparse.Namespace
+) -> None:
+    inflight = args.inflight
+    by_key = {c.key: c for c in entries}
+    server_desc = (
+        f"nats-server {server.version} (-js)" if broker == "nats" else f"redis-server {server.version}"
+    )
+    print()
+    print(
+        f"== {broker.upper()}: {server_desc}, {args.loop} loop, request body {payload_size()} B, reply 16 B, "
+        f"median of {args.runs} runs x {args.seconds:g} s =="
+    )
+    head = f"{'':36} {'1 in flight':>30}   {f'{inflight} in flight':>14}"
+    print(head)
+    print(f"{'':36} {'rt/s':>10} {'p50 us':>9} {'p99 us':>9}   {'rt/s':>14}   runs at {inflight} in flight")
+    for c in entries:
+        seq, con = c.median(SEQUENTIAL), c.median(inflight)
+        runs = " / ".join(fmt_rate(s.rate) for s in c.samples.get(inflight, []))
+        print(
+            f"{c.label:36} {fmt_rate(seq.rate if seq else None):>10} "
+            f"{fmt_rate(seq.p50_us if seq else None):>9} {fmt_rate(seq.p99_us if seq else None):>9}   "
+            f"{fmt_rate(con.rate if con else None):>14}   {runs}"
+        )
+        if c.error:
+            print(f"{'':4}!! {c.label}: {c.error}")
+
+    def rate(key: str, mode: int) -> float | None:
+        contender = by_key.get(key)
+        sample = contender.median(mode) if contender else None
+        return sample.rate if sample else None
+
+    catga = (rate("catga", SEQUENTIAL), rate("catga", inflight))
+    raw_seq_key = "raw" if broker == "nats" else "raw-awaited"
+    raw = (rate(raw_seq_key, SEQUENTIAL), rate("raw", inflight))
+    fs = (rate("faststream", SEQUENTIAL), rate("faststream", inflight))
+    ratio_raw = fmt_ratio(catga[1], raw[1])
+    goal_raw = ""
+    if catga[1] and raw[1]:
+        goal_raw = "met" if catga[1] / raw[1] >= GOAL_RAW else "MISSED"
+    goal_fs = ""
+    if catga[1] and fs[1]:
+        goal_fs = "met" if catga[1] > fs[1] else "MISSED"
+    print(
+        f"{'catga / raw':36} {fmt_ratio(catga[0], raw[0]):>10} {'':9} {'':9}   {ratio_raw:>14}   "
+        f"goal >= {GOAL_RAW} at {inflight} in flight: {goal_raw}"
+    )
+    print(
+        f"{'catga / FastStream':36} {fmt_ratio(catga[0], fs[0]):>10} {'':9} {'':9}   "
+        f"{fmt_ratio(catga[1], fs[1]):>14}   goal > 1: {goal_fs}"
+    )
+    if broker == "redis":
+        print(
+            "  raw baseline for the ratios: 1 in flight = awaited PUBLISH per request (responder: a task "
+            f"per reply);\n  {inflight} in flight = auto-pipelined PUBLISH on both sides "
+            "(one writer task per process batches every PUBLISH queued while a batch is in flight)"
+        )
+    print(flush=True)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def start_server(broker: BrokerName) -> ServerProcess:
+    server: ServerProcess = NatsServer(jetstream=True) if broker == "nats" else RedisServer()
+    return server.start()
+
+
+async def main(args: argparse.Namespace) -> int:
+    brokers: list[BrokerName] = ["nats", "redis"] if args.broker == "all" else [args.broker]
+    print(
+        f"bench_cluster: Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+        f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        flush=True,
+    )
+    for broker in brokers:
+        server = start_server(broker)
+        try:
+            print(f"{broker}: server on {server.url} (pid {server.pid}); measuring...", flush=True)
+            started = time.perf_counter()
+            entries = await bench_broker(broker, server, args.seconds, args.runs, args.inflight, args.loop)
+            print(f"  {broker} took {time.perf_counter() - started:.0f} s")
+            print_table(broker, server, entries, args)
+        finally:
+            kill_all_responders()
+            server.close()
+    return 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--broker", choices=("nats", "redis", "all"), default="all")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of one timed run (default 3)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement; the median is shown")
+    parser.add_argument(
+        "--inflight", type=int, default=100, help="requests in flight for the concurrent column"
+    )
+    parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop, here and in responders")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.runs < 1 or args.inflight < 2:
+        parser.error("--seconds must be > 0, --runs >= 1, --inflight >= 2")
+    return args
+
+
+if __name__ == "__main__":
+    atexit.register(kill_all_responders)
+    parsed = parse_args(sys.argv[1:])
+    sys.exit(run(main(parsed), parsed.loop))

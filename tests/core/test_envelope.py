@@ -1,0 +1,257 @@
+"""The wire envelope: messages, results and errors encoded and decoded."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, TypeAdapter
+
+from fastapi_catga import (
+    CatgaError,
+    Command,
+    Event,
+    HandlerNotFoundError,
+    MessageTooLargeError,
+    MessageValidationError,
+    Query,
+    RemoteHandlerError,
+    exceptions,
+)
+from fastapi_catga.core.envelope import (
+    ATTEMPT,
+    DEADLINE,
+    MESSAGE_ID,
+    MESSAGE_TYPE,
+    NODE,
+    SOURCE,
+    STATUS,
+    Envelope,
+    decode_message,
+    decode_reply,
+    encode_error,
+    encode_message,
+    encode_result,
+    expired,
+)
+from fastapi_catga.testing import memory_cluster
+from tests.polling import eventually
+
+
+class Item(BaseModel):
+    sku: str
+    quantity: int
+
+
+class EReserve(Command[Item]):
+    sku: str
+    quantity: int
+
+
+class ELookup(Query[Item | None]):
+    sku: str
+
+
+class EUploaded(Event):
+    blob: str
+
+
+TYPES: dict[str, Any] = {"EReserve": EReserve, "ELookup": ELookup, "EUploaded": EUploaded}
+
+
+def all_error_classes() -> list[type[CatgaError]]:
+    found: list[type[CatgaError]] = []
+    todo: list[type[CatgaError]] = [CatgaError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__ == exceptions.__name__:
+            found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return sorted(found, key=lambda cls: cls.__name__)
+
+
+# -- messages --------------------------------------------------------------------------------------------
+
+
+def test_message_round_trip_with_headers() -> None:
+    message = EReserve(sku="apple", quantity=3)
+    envelope = encode_message(message, source="node-a", max_payload=4096, attempt=2, deadline=1700000000.5)
+    assert envelope.headers == {
+        MESSAGE_ID: message.message_id,
+        MESSAGE_TYPE: "EReserve",
+        SOURCE: "node-a",
+        ATTEMPT: "2",
+        DEADLINE: "1700000000.500000",
+    }
+    decoded = decode_message(envelope, TYPES)
+    assert type(decoded) is EReserve
+    assert decoded == message
+
+
+def test_event_round_trip_without_deadline() -> None:
+    event = EUploaded(blob="x")
+    envelope = encode_message(event, source="node-a", max_payload=4096)
+    assert DEADLINE not in envelope.headers
+    assert envelope.headers[ATTEMPT] == "1"
+    assert decode_message(envelope, TYPES) == event
+
+
+def test_size_counts_headers_and_body() -> None:
+    envelope = Envelope({"ab": "cde"}, b"12345")
+    assert envelope.size() == 5 + 2 + 3 + 4
+
+
+def test_oversize_message_is_refused_with_its_size() -> None:
+    with pytest.raises(MessageTooLargeError, match="over the 1024-byte payload limit") as info:
+        encode_message(EUploaded(blob="x" * 2000), source="n", max_payload=1024)
+    assert info.value.details["limit"] == 1024
+    assert info.value.details["size"] > 2000
+    assert isinstance(info.value, ValueError)
+
+
+async def test_oversize_message_is_refused_before_anything_runs_or_travels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [name for name in os.environ if name.startswith("CATGA_")]:
+        monkeypatch.delenv(name)  # settings come from the test, not the environment
+    seen: list[str] = []
+
+    async def on_upload(event: EUploaded) -> None:
+        seen.append(event.blob[:1])
+
+    async def reserve(command: EReserve) -> Item:
+        seen.append(command.sku[:1])
+        return Item(sku=command.sku, quantity=command.quantity)
+
+    async with memory_cluster(2, handlers=[on_upload, reserve], max_payload=1024) as (first, second):
+        await eventually(lambda: len(first.node.nodes()) == 2, within=5, message="nodes see each other")
+        with pytest.raises(MessageTooLargeError):
+            await first.mediator.publish(EUploaded(blob="x" * 2000))
+        with pytest.raises(MessageTooLargeError):
+            await first.mediator.send_to_node(EReserve(sku="y" * 2000, quantity=1), second.node.node_id)
+        assert second.node.responder.stats["requests_handled"] == 0
+        assert seen == []
+        await first.mediator.publish(EUploaded(blob="small"))  # the cluster still works
+        assert seen == ["s"]
+
+
+def test_decode_of_an_unknown_type_is_handler_not_found() -> None:
+    envelope = encode_message(EReserve(sku="a", quantity=1), source="n", max_payload=4096)
+    with pytest.raises(HandlerNotFoundError, match="'EReserve'"):
+        decode_message(envelope, {"ELookup": ELookup})
+    with pytest.raises(HandlerNotFoundError, match="''"):
+        decode_message(Envelope({}, b"{}"), TYPES)
+
+
+def test_decode_of_bad_json_is_a_validation_error_with_details() -> None:
+    envelope = Envelope({MESSAGE_TYPE: "EReserve"}, b"{not json")
+    with pytest.raises(MessageValidationError, match="invalid EReserve: 1 validation error") as info:
+        decode_message(envelope, TYPES)
+    assert [error["type"] for error in info.value.details] == ["json_invalid"]
+
+
+def test_decode_of_a_schema_invalid_body_lists_each_field() -> None:
+    envelope = Envelope({MESSAGE_TYPE: "EReserve"}, b'{"message_id": "m", "quantity": "many"}')
+    with pytest.raises(MessageValidationError) as info:
+        decode_message(envelope, TYPES)
+    details = info.value.details
+    assert sorted((tuple(error["loc"]), error["type"]) for error in details) == [
+        (("quantity",), "int_parsing"),
+        (("sku",), "missing"),
+    ]
+    json.dumps(details)  # it travels in error replies and problem+json answers
+
+
+# -- results -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [Item(sku="a", quantity=2), None])
+def test_result_round_trip(value: Item | None) -> None:
+    adapter = ELookup.result_adapter()
+    envelope = encode_result(value, adapter, node_id="n2", max_payload=4096)
+    assert envelope.headers == {STATUS: "ok", NODE: "n2"}
+    assert decode_reply(envelope, adapter) == value
+
+
+def test_result_that_does_not_match_the_result_type_is_a_validation_error() -> None:
+    envelope = Envelope({STATUS: "ok", NODE: "n2"}, b'{"sku": "a"}')
+    with pytest.raises(MessageValidationError, match="node n2 answered with a result") as info:
+        decode_reply(envelope, EReserve.result_adapter())
+    assert info.value.node_id == "n2"
+
+
+def test_oversize_result_becomes_an_error_reply() -> None:
+    adapter: TypeAdapter[Any] = TypeAdapter(str)
+    envelope = encode_result("z" * 5000, adapter, node_id="n2", max_payload=1024)
+    assert envelope.headers[STATUS] == "error"
+    with pytest.raises(MessageTooLargeError, match="the result is") as info:
+        decode_reply(envelope, adapter)
+    assert info.value.node_id == "n2"
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+
+
+def test_every_error_class_has_its_own_code() -> None:
+    classes = all_error_classes()
+    assert len(classes) >= 12
+    assert len({cls.code for cls in classes}) == len(classes)
+    for cls in classes:
+        assert exceptions.error_class_for_code(cls.code) is cls
+
+
+@pytest.mark.parametrize("cls", all_error_classes(), ids=lambda cls: cls.__name__)
+def test_error_reply_round_trips_as_the_same_class(cls: type[CatgaError]) -> None:
+    error = cls("it broke", details={"hint": [1, 2]})
+    with pytest.raises(cls) as info:
+        decode_reply(encode_error(error, node_id="n3"), TypeAdapter(int))
+    assert type(info.value) is cls
+    assert info.value.message == "it broke"
+    assert info.value.node_id == "n3"
+    assert info.value.details == {"hint": [1, 2]}
+    assert info.value.retryable == cls.retryable
+
+
+def test_remote_handler_error_keeps_its_type_and_retryable_flag() -> None:
+    error = RemoteHandlerError("ValueError: no", error_type="ValueError", retryable=True)
+    with pytest.raises(RemoteHandlerError) as info:
+        decode_reply(encode_error(error, node_id="n4"), TypeAdapter(int))
+    assert (info.value.error_type, info.value.retryable, info.value.node_id) == ("ValueError", True, "n4")
+
+
+def test_error_reply_with_an_unknown_code_is_a_remote_handler_error() -> None:
+    body = {"code": "out_of_stock", "message": "none left", "error_type": "OutOfStock", "retryable": False}
+    envelope = Envelope({STATUS: "error", NODE: "n5"}, json.dumps(body).encode())
+    with pytest.raises(RemoteHandlerError, match="none left") as info:
+        decode_reply(envelope, TypeAdapter(int))
+    assert type(info.value) is RemoteHandlerError
+    assert info.value.error_type == "OutOfStock"
+
+
+def test_unreadable_error_reply_is_a_remote_handler_error() -> None:
+    with pytest.raises(RemoteHandlerError, match="node n6 sent an unreadable error reply"):
+        decode_reply(Envelope({STATUS: "error", NODE: "n6"}, b"\x00garbage"), TypeAdapter(int))
+
+
+# -- deadlines ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "now", "is_expired"),
+    [
+        ({}, 2e9, False),
+        ({DEADLINE: "100.5"}, 100.0, False),
+        ({DEADLINE: "100.5"}, 100.5, False),
+        ({DEADLINE: "100.5"}, 100.6, True),
+        ({DEADLINE: "soon"}, 2e9, False),
+    ],
+)
+def test_expired(headers: dict[str, str], now: float, is_expired: bool) -> None:
+    assert expired(Envelope(headers, b"{}"), now) is is_expired
+
+
+def test_expired_uses_wall_clock_time_by_default() -> None:
+    assert expired(Envelope({DEADLINE: "1.0"}))
+    assert not expired(Envelope({DEADLINE: "99999999999.0"}))

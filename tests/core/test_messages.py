@@ -1,0 +1,167 @@
+"""Message base classes: wire names, ids, immutability and the result type each request carries."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from fastapi_catga import Command, Event, IdempotencyBehavior, Message, Query, new_message_id
+from fastapi_catga.core.envelope import MESSAGE_ID, decode_message, encode_message
+
+
+class Order(BaseModel):
+    order_id: str
+    quantity: int
+
+
+class PlaceOrder(Command[Order]):
+    sku: str
+
+
+class GetOrder(Query[Order | None]):
+    order_id: str
+
+
+class GetOrderV2(GetOrder):
+    """A subclass of a concrete query keeps its parent's result type."""
+
+
+class CountByType(Query[dict[str, int]]):
+    pass
+
+
+class Forget(Command[None]):
+    pass
+
+
+class Renamed(Command[str]):
+    type_name: ClassVar[str] = "orders.renamed"
+
+
+class RenamedChild(Renamed):
+    """Does not set type_name: the wire name is never inherited."""
+
+
+class OrderPlaced(Event):
+    order_id: str
+
+
+class Keyed(Command[None]):
+    customer: str
+
+    def routing_key(self) -> str:
+        return self.customer
+
+
+def test_type_name_defaults_to_the_class_name() -> None:
+    assert PlaceOrder.type_name == "PlaceOrder"
+    assert PlaceOrder(sku="a").type_name == "PlaceOrder"
+    assert OrderPlaced.type_name == "OrderPlaced"
+    assert GetOrderV2.type_name == "GetOrderV2"
+
+
+def test_type_name_set_with_a_classvar_and_not_inherited() -> None:
+    assert Renamed.type_name == "orders.renamed"
+    assert Renamed().type_name == "orders.renamed"
+    assert RenamedChild.type_name == "RenamedChild"
+
+
+def test_type_name_is_not_a_field() -> None:
+    assert "type_name" not in PlaceOrder.model_fields
+    assert set(PlaceOrder(sku="a").model_dump()) == {"message_id", "sku"}
+
+
+def test_message_id_is_generated_and_unique() -> None:
+    first, second = PlaceOrder(sku="a"), PlaceOrder(sku="a")
+    assert re.fullmatch(r"[0-9a-f]{32}", first.message_id)
+    assert first.message_id != second.message_id
+    assert new_message_id() != new_message_id()
+
+
+def test_message_id_is_kept_when_given_and_survives_the_wire() -> None:
+    message = PlaceOrder(sku="a", message_id="client-key-1")
+    assert message.message_id == "client-key-1"
+    envelope = encode_message(message, source="n1", max_payload=4096)
+    assert envelope.headers[MESSAGE_ID] == "client-key-1"
+    assert decode_message(envelope, {"PlaceOrder": PlaceOrder}) == message
+    assert message.model_copy().message_id == "client-key-1"
+
+
+def test_empty_message_id_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="message_id"):
+        PlaceOrder(sku="a", message_id="")
+
+
+async def test_message_id_is_the_idempotency_key() -> None:
+    runs: list[str] = []
+
+    async def handle(message: PlaceOrder) -> Order:
+        runs.append(message.sku)
+        return Order(order_id=message.message_id, quantity=len(runs))
+
+    behavior = IdempotencyBehavior()
+    first = PlaceOrder(sku="first", message_id="same")
+    retry = PlaceOrder(sku="retry", message_id="same")
+    other = PlaceOrder(sku="other")
+
+    assert await behavior(first, lambda: handle(first)) == Order(order_id="same", quantity=1)
+    assert await behavior(retry, lambda: handle(retry)) == Order(order_id="same", quantity=1)
+    await behavior(other, lambda: handle(other))
+    assert runs == ["first", "other"]
+
+
+def test_messages_are_frozen_and_hashable() -> None:
+    message = PlaceOrder(sku="a", message_id="m1")
+    with pytest.raises(ValidationError, match="frozen"):
+        message.sku = "b"  # type: ignore[misc]
+    assert message.sku == "a"
+    assert hash(message) == hash(PlaceOrder(sku="a", message_id="m1"))
+
+
+def test_result_adapter_validates_a_model_result() -> None:
+    adapter = PlaceOrder.result_adapter()
+    assert adapter.validate_python({"order_id": "o1", "quantity": "2"}) == Order(order_id="o1", quantity=2)
+    with pytest.raises(ValidationError):
+        adapter.validate_python({"order_id": "o1"})
+    assert PlaceOrder.result_adapter() is adapter
+
+
+@pytest.mark.parametrize("query_type", [GetOrder, GetOrderV2])
+def test_result_adapter_validates_an_optional_result(query_type: type[GetOrder]) -> None:
+    adapter = query_type.result_adapter()
+    assert adapter.validate_json(b"null") is None
+    order = Order(order_id="o1", quantity=1)
+    assert adapter.validate_json(adapter.dump_json(order)) == order
+    with pytest.raises(ValidationError):
+        adapter.validate_python("not an order")
+
+
+def test_result_adapter_validates_a_dict_result() -> None:
+    adapter = CountByType.result_adapter()
+    assert adapter.validate_python({"a": "1"}) == {"a": 1}
+    with pytest.raises(ValidationError):
+        adapter.validate_python({"a": "many"})
+
+
+def test_result_adapter_validates_a_none_result() -> None:
+    adapter = Forget.result_adapter()
+    assert adapter.validate_json(b"null") is None
+    with pytest.raises(ValidationError):
+        adapter.validate_python(1)
+
+
+def test_events_carry_no_result() -> None:
+    assert not hasattr(OrderPlaced, "result_adapter")
+    assert issubclass(OrderPlaced, Message)
+
+
+@pytest.mark.parametrize("message", [PlaceOrder(sku="a"), OrderPlaced(order_id="o1"), Forget()])
+def test_routing_key_defaults_to_none(message: Message) -> None:
+    assert message.routing_key() is None
+
+
+def test_routing_key_can_be_overridden() -> None:
+    assert Keyed(customer="c-7").routing_key() == "c-7"

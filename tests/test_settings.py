@@ -1,0 +1,171 @@
+"""`CatgaSettings`: CONTRACT.md's defaults, ``CATGA_*`` parsing and errors that name the variable."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from fastapi_catga import CatgaSettings, ConfigurationError, catga_lifespan, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [name for name in os.environ if name.startswith("CATGA_")]:
+        monkeypatch.delenv(name)
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = CatgaSettings()
+    assert settings.transport == "memory"
+    assert settings.nats_url == "nats://localhost:4222"
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.cluster == "catga"
+    assert NAME.match(settings.node_id)
+    assert settings.endpoint == ""
+    assert settings.metadata == {}
+    assert settings.heartbeat_interval == 5
+    assert settings.node_ttl == 15
+    assert settings.request_timeout == 30
+    assert settings.retry_attempts == 3
+    assert settings.handler_modules == []
+
+
+def test_environment_variables_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "CATGA_TRANSPORT": "nats",
+        "CATGA_NATS_URL": "nats://a:4222,nats://b:4222",
+        "CATGA_REDIS_URL": "redis://cache:6380/2",
+        "CATGA_CLUSTER": "orders-prod",
+        "CATGA_NODE_ID": "api-1",
+        "CATGA_ENDPOINT": "http://10.0.0.7:8000",
+        "CATGA_METADATA": '{"zone": "eu-1", "role": "api"}',
+        "CATGA_HEARTBEAT_INTERVAL": "0.25",
+        "CATGA_NODE_TTL": "1.5",
+        "CATGA_REQUEST_TIMEOUT": "2.5",
+        "CATGA_RETRY_ATTEMPTS": "5",
+        "CATGA_HANDLER_MODULES": " app.orders , app.billing,, ",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.transport == "nats"
+    assert settings.nats_url == "nats://a:4222,nats://b:4222"
+    assert settings.redis_url == "redis://cache:6380/2"
+    assert settings.cluster == "orders-prod"
+    assert settings.node_id == "api-1"
+    assert settings.endpoint == "http://10.0.0.7:8000"
+    assert settings.metadata == {"zone": "eu-1", "role": "api"}
+    assert settings.heartbeat_interval == 0.25
+    assert settings.node_ttl == 1.5
+    assert settings.request_timeout == 2.5
+    assert settings.retry_attempts == 5
+    assert settings.handler_modules == ["app.orders", "app.billing"]
+
+
+def test_arguments_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATGA_CLUSTER", "from-env")
+    assert load_settings(cluster="given").cluster == "given"
+    assert CatgaSettings(handler_modules=["a", "b"]).handler_modules == ["a", "b"]
+
+
+def test_unknown_transport_names_the_variable_and_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATGA_TRANSPORT", "kafka")
+    with pytest.raises(ConfigurationError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "CATGA_TRANSPORT" in message
+    assert "'memory', 'nats' or 'redis'" in message
+    assert "kafka" in message
+    assert isinstance(info.value.__cause__, ValidationError)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CATGA_CLUSTER", "has spaces"),
+        ("CATGA_HEARTBEAT_INTERVAL", "0"),
+        ("CATGA_RETRY_ATTEMPTS", "0"),
+        ("CATGA_REQUEST_TIMEOUT", "soon"),
+        ("CATGA_NODE_ID", "a/b"),
+    ],
+)
+def test_bad_value_names_its_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=f"{name}: "):
+        load_settings()
+
+
+def test_bad_json_metadata_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATGA_METADATA", "{zone: eu-1")
+    with pytest.raises(ConfigurationError, match="(?i)metadata") as info:
+        load_settings()
+    assert "JSON" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["{zone: eu-1", '{"zone": 1}'])
+def test_bad_metadata_names_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("CATGA_METADATA", value)
+    with pytest.raises(ConfigurationError) as info:
+        load_settings()
+    assert re.search(r"\bCATGA_METADATA\b", str(info.value))
+    assert "CATGA_METADATA_ZONE" not in str(info.value)
+
+
+def test_metadata_must_be_a_json_object_of_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATGA_METADATA", '["eu-1"]')
+    with pytest.raises(ConfigurationError, match="CATGA_METADATA: Input should be a valid dictionary"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("heartbeat", "ttl"), [("5", "5"), ("5", "4.9"), ("0.5", "0.1")])
+def test_node_ttl_must_exceed_the_heartbeat(
+    monkeypatch: pytest.MonkeyPatch, heartbeat: str, ttl: str
+) -> None:
+    monkeypatch.setenv("CATGA_HEARTBEAT_INTERVAL", heartbeat)
+    monkeypatch.setenv("CATGA_NODE_TTL", ttl)
+    with pytest.raises(ConfigurationError, match="node_ttl .* must be longer than heartbeat_interval"):
+        load_settings()
+    with pytest.raises(ValidationError, match="node_ttl"):
+        CatgaSettings()
+
+
+def test_node_ids_are_unique_per_call() -> None:
+    ids = {CatgaSettings().node_id for _ in range(50)}
+    assert len(ids) == 50
+    assert all(NAME.match(node_id) for node_id in ids)
+
+
+@pytest.mark.parametrize("hostname", ["api.example.com", "my host!", "", "h" * 100])
+def test_node_ids_are_valid_for_any_hostname(monkeypatch: pytest.MonkeyPatch, hostname: str) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: hostname)
+    node_id = CatgaSettings().node_id
+    assert NAME.match(node_id), node_id
+
+
+@pytest.mark.timeout(20)
+def test_app_with_a_bad_transport_fails_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CATGA_TRANSPORT", "kafka")
+    app = FastAPI(lifespan=catga_lifespan)
+    with pytest.raises(ConfigurationError, match="CATGA_TRANSPORT"), TestClient(app):
+        pass
+
+
+def test_settings_are_not_read_at_import() -> None:
+    env = {**os.environ, "CATGA_TRANSPORT": "kafka", "CATGA_METADATA": "{broken"}
+    code = "import fastapi_catga, fastapi_catga.web.lifespan, example_app.main"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
