@@ -2,14 +2,14 @@
 
 Logical subjects (``node.<id>``, ``type.<name>``, ``event.<name>``) travel as
 ``catga.<cluster>.<subject>``; envelope headers are NATS message headers and the body is the
-payload. Members live in the KV bucket ``catga_<cluster>``, one key per node id, its value the
-JSON record (``nats kv get catga_<cluster> <node id>`` shows it)::
+payload. Members live in the KV bucket ``catga_<cluster>``, one key per node id whose value is the
+node's JSON record (``nats kv get catga_<cluster> <node id>`` shows it)::
 
     transport = NatsTransport("nats://n1:4222,nats://n2:4222", cluster="orders")
     await transport.connect()
 
-The client reconnects forever; subscriptions survive a reconnect, membership watches end at a
-disconnect (the cluster layer starts a new one once the connection is back).
+The client reconnects forever. Subscriptions survive a reconnect; membership watches end at a
+disconnect, and the cluster layer starts new ones once the connection is back.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 try:
@@ -55,48 +55,90 @@ _KEY = re.compile(r"[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]+)*")  # a KV key: no leadin
 _HEADER_BLOCK = len(b"NATS/1.0\r\n\r\n")  # what a message with headers adds to Envelope.size()
 _PENDING_MSGS = 1_000_000  # per subscription, before nats-py drops messages as a slow consumer
 _PENDING_BYTES = 512 * 1024 * 1024
-_CONSUMER_IDLE = 10.0  # s: the server deletes a watch's consumer this long after nobody reads it
-# Server-written expiry markers (2.11+) say why in Nats-Marker-Reason; every known reason is a removal.
-_MARKER_REASONS = frozenset({"MaxAge", "Purge", "Remove"})
+_FLUSH_TIMEOUT = 2  # s, for the PING round trips that confirm a (un)subscribe
+_CONSUMER_IDLE = 5.0  # s: the server deletes a KV consumer this long after its subscriber went
+# Expiry markers written by the server (2.11+) carry a reason instead of KV-Operation.
+_REMOVED_REASONS = frozenset({"MaxAge", "Purge", "Remove"})
+_NO_JETSTREAM = "JetStream did not answer (is the server started with -js? was the bucket prepared since?)"
+_NO_JETSTREAM_ERRORS = (
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,  # the bucket's stream is gone: a server lost its store
+)
 
 
-@contextlib.contextmanager
-def _nats_errors(what: str, *, timeout: float | None = None) -> Iterator[None]:
-    """Raise nats-py's errors as ours, at the boundary (like httpx's ``map_httpcore_exceptions``).
+class _NatsErrors:
+    """Raises nats-py's errors as ours at the boundary, like httpx's ``map_httpcore_exceptions``.
 
     With ``timeout`` (a request) a timeout is `RequestTimeoutError` and "no responders" is
-    `NoResponderError`; anywhere else both mean the broker failed: `TransportError`.
+    `NoResponderError`; anywhere else both mean the broker failed: `TransportError`. A class, not a
+    ``@contextmanager``: it wraps every request and reply, and costs a fifth as much.
     """
-    try:
-        yield
-    except CatgaError:
-        raise
-    except nats.errors.NoRespondersError as exc:
-        if timeout is None:
-            raise TransportError(f"{what}: no answer (is JetStream on, `nats-server -js`?)") from exc
-        raise NoResponderError(f"nobody listens on {what}") from exc
-    except TimeoutError as exc:  # nats.errors.TimeoutError is one too
-        if timeout is None:
-            raise TransportError(f"{what}: NATS did not answer in time") from exc
-        raise RequestTimeoutError(f"no reply on {what} within {timeout:.3f} s") from exc
-    except nats.errors.MaxPayloadError as exc:
-        raise MessageTooLargeError(f"{what}: over the server's max_payload") from exc
-    except (nats.errors.Error, OSError) as exc:
-        raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    __slots__ = ("timeout", "what")
+
+    def __init__(self, what: str, timeout: float | None = None) -> None:
+        self.what = what
+        self.timeout = timeout
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, CatgaError):
+            return
+        what, timeout = self.what, self.timeout
+        if isinstance(exc, nats.errors.NoRespondersError) and timeout is not None:
+            raise NoResponderError(f"nobody listens on {what}") from exc
+        if isinstance(exc, _NO_JETSTREAM_ERRORS):
+            raise TransportError(f"{what}: {_NO_JETSTREAM}") from exc
+        if isinstance(exc, TimeoutError):  # nats.errors.TimeoutError is one too
+            if timeout is None:
+                raise TransportError(f"{what}: NATS did not answer in time") from exc
+            raise RequestTimeoutError(f"no reply on {what} within {timeout:.3f} s") from exc
+        if isinstance(exc, nats.errors.MaxPayloadError):
+            raise MessageTooLargeError(f"{what}: over the server's max_payload") from exc
+        if isinstance(exc, nats.errors.Error | OSError):
+            raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _sync(nc: Client) -> None:
+    """Return once the server has processed everything this connection sent so far.
+
+    nats-py's ``flush()`` writes its PING straight to the socket, ahead of commands still queued
+    for its flusher task, so the first PONG can come back before a SUB just sent is in place.
+    The flusher writes while we wait for it, so the second PING follows the SUB.
+    """
+    await nc.flush(timeout=_FLUSH_TIMEOUT)
+    await nc.flush(timeout=_FLUSH_TIMEOUT)
 
 
 class _Subscription:
-    def __init__(self, sub: NatsSubscription) -> None:
+    def __init__(self, sub: NatsSubscription, nc: Client) -> None:
         self._sub = sub
+        self._nc = nc
 
     async def unsubscribe(self) -> None:
-        # Closed or draining connections have no deliveries left to stop; twice is fine too.
+        # A closed or draining connection delivers nothing more; a second call is fine too.
         with contextlib.suppress(nats.errors.Error):
             await self._sub.unsubscribe()
+            # Until the server has the UNSUB it routes requests here, where they are dropped:
+            # they would time out instead of failing at once with "no responders".
+            await _sync(self._nc)
+
+
+def _member_event(msg: Msg, prefix: str) -> MemberEvent | None:
+    """The change a message on the bucket's stream stands for (None: a marker of unknown meaning)."""
+    headers = msg.headers or {}
+    key = msg.subject[len(prefix) :]
+    reason = headers.get("Nats-Marker-Reason")
+    if headers.get("KV-Operation") in ("DEL", "PURGE") or reason in _REMOVED_REASONS:
+        return MemberEvent("delete", key)
+    return MemberEvent("put", key, msg.data) if reason is None else None
 
 
 class _Watch:
-    """Member events from an ordered JetStream consumer on the bucket, ended by `stop` or a disconnect.
+    """Member events from an ordered JetStream consumer on the bucket; ends at `stop` or a disconnect.
 
     Not nats-py's ``kv.watch()``: its iterator never ends when the connection closes, and its
     ``stop()`` raises on a closed connection before it wakes the iterator.
@@ -109,21 +151,16 @@ class _Watch:
         self._sub: JetStreamContext.PushSubscription | None = None
 
     async def on_msg(self, msg: Msg) -> None:
-        headers = msg.headers or {}
-        key = msg.subject[len(self._prefix) :]
-        marker = headers.get("Nats-Marker-Reason")
-        if headers.get("KV-Operation") in ("DEL", "PURGE") or marker in _MARKER_REASONS:
-            self._queue.put_nowait(MemberEvent("delete", key))
-        elif marker is None:  # an unknown future marker is no put either
-            self._queue.put_nowait(MemberEvent("put", key, msg.data))
+        if (event := _member_event(msg, self._prefix)) is not None:
+            self._queue.put_nowait(event)
 
     async def __aiter__(self) -> AsyncIterator[MemberEvent]:
         while (event := await self._queue.get()) is not None:
             yield event
-        self._queue.put_nowait(None)  # ended for good: a second iteration ends at once too
+        self._queue.put_nowait(None)  # ended for good: iterating again ends at once too
 
     async def stop(self) -> None:
-        """Stop watching: the iterator ends and the consumer's subscription goes."""
+        """Stop watching: the iterator ends, the consumer's subscription goes."""
         self._transport._watches.discard(self)
         self._queue.put_nowait(None)
         sub, self._sub = self._sub, None
@@ -133,7 +170,7 @@ class _Watch:
 
 
 class _Members:
-    """The membership store: KV bucket ``catga_<cluster>``, expiry by per-key TTL (2.11+) or max_age."""
+    """The membership store: KV bucket ``catga_<cluster>``; expiry by per-key TTL (2.11+) or max_age."""
 
     def __init__(self, transport: NatsTransport) -> None:
         self._transport = transport
@@ -148,67 +185,84 @@ class _Members:
         return js, self._kv
 
     async def prepare(self, ttl: float) -> None:
-        js = self._transport._check()[1]
-        with _nats_errors(f"preparing KV bucket {self.bucket}"):
+        js, seconds = self._transport._check()[1], max(1, math.ceil(ttl))
+        with _NatsErrors(f"preparing KV bucket {self.bucket}"):
             level = (await js.account_info()).api.level  # None before nats-server 2.11
             self._per_key_ttl = level is not None and level >= 1
-            seconds = max(1, math.ceil(ttl))
             try:
                 self._kv = await js.key_value(self.bucket)
             except nats.js.errors.BucketNotFoundError:
                 self._kv = await self._create(js, seconds)
-            status = await self._kv.status()
-        if status.ttl != seconds:
+            kept = (await self._kv.status()).ttl
+        if kept != seconds:
             logger.warning(
-                "KV bucket %s keeps records %s s, not %s s: it was made with another TTL; "
-                "delete it (`nats kv del %s`) to change that",
-                self.bucket, status.ttl, seconds, self.bucket,
+                "KV bucket %s keeps records %s s, not %s s: it was made with another TTL "
+                "(`nats kv del %s` lets the next start make it anew)",
+                self.bucket, kept, seconds, self.bucket,
             )  # fmt: skip
 
     async def _create(self, js: JetStreamContext, seconds: int) -> KeyValue:
-        # The bucket max_age expires records on every server (2.9 ignores per-key TTLs);
-        # limit_marker_ttl makes 2.11+ tell watchers about an expiry.
+        # max_age expires records on every server (2.9 ignores per-key TTLs); limit_marker_ttl
+        # makes 2.11+ write an expiry marker that watchers see.
         markers: dict[str, Any] = {"limit_marker_ttl": seconds} if self._per_key_ttl else {}
         try:
             return await js.create_key_value(bucket=self.bucket, history=1, ttl=seconds, **markers)
-        except nats.js.errors.BadRequestError:  # another node created it first, with another config
+        except nats.js.errors.BadRequestError:  # another node made it first, with another config
             return await js.key_value(self.bucket)
 
     async def put(self, node_id: str, value: bytes, ttl: float) -> None:
         js, key = self._ready()[0], _key(node_id)
-        # kv.put() takes no TTL: publish to the key's subject, with one where the server keeps it.
+        # kv.put() takes no TTL: publish to the key's subject, with a TTL where the server keeps it.
         msg_ttl = max(1, math.ceil(ttl)) if self._per_key_ttl else None
-        with _nats_errors(f"KV put {self.bucket}.{key}"):
+        with _NatsErrors(f"KV put {self.bucket}.{key}"):
             await js.publish(f"$KV.{self.bucket}.{key}", value, msg_ttl=msg_ttl)
 
     async def delete(self, node_id: str) -> None:
         kv, key = self._ready()[1], _key(node_id)
-        with _nats_errors(f"KV delete {self.bucket}.{key}"):
+        with _NatsErrors(f"KV delete {self.bucket}.{key}"):
             await kv.delete(key)
 
     async def list(self) -> dict[str, bytes]:
-        kv = self._ready()[1]
-        records: dict[str, bytes] = {}
-        with _nats_errors(f"KV list {self.bucket}"):
-            # One consumer reads every current value (kv.keys() plus a get per key would be N+1 trips).
-            watcher = await kv.watchall(ignore_deletes=True, inactive_threshold=_CONSUMER_IDLE)
+        # Not kv.keys() or kv.watchall(): they end the snapshot when consumer_info() reports nothing
+        # pending, which it also does once everything is sent but not yet read, so they miss keys.
+        # A consumer's create response counts what it will send, atomically.
+        nc, js = self._transport._check()
+        self._ready()
+        prefix, records, done = f"$KV.{self.bucket}.", {}, asyncio.Event()
+
+        async def on_msg(msg: Msg) -> None:
+            if (event := _member_event(msg, prefix)) is not None and event.value is not None:
+                records[event.node_id] = event.value
+            elif event is not None:
+                records.pop(event.node_id, None)
+            if msg.metadata.num_pending == 0:
+                done.set()
+
+        with _NatsErrors(f"KV list {self.bucket}"):
+            sub = await nc.subscribe(nc.new_inbox(), cb=on_msg)
             try:
-                async with asyncio.timeout(self._transport.connect_timeout):
-                    async for entry in watcher:
-                        if entry is None:  # the end of the current values
-                            break
-                        records[entry.key] = entry.value
+                info = await js.add_consumer(
+                    f"KV_{self.bucket}",
+                    deliver_subject=sub.subject,
+                    deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                    ack_policy=api.AckPolicy.NONE,
+                    filter_subject=f"{prefix}>",
+                    mem_storage=True,
+                    inactive_threshold=_CONSUMER_IDLE,
+                )
+                if info.num_pending:
+                    async with asyncio.timeout(self._transport.connect_timeout):
+                        await done.wait()
             finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]  # unannotated in nats-py
+                await sub.unsubscribe()
         return records
 
     async def watch(self) -> _Watch:
         js = self._ready()[0]
-        prefix = f"$KV.{self.bucket}."
-        watch = _Watch(self._transport, prefix)
-        with _nats_errors(f"KV watch {self.bucket}"):
+        watch = _Watch(self._transport, prefix=f"$KV.{self.bucket}.")
+        with _NatsErrors(f"KV watch {self.bucket}"):
             watch._sub = await js.subscribe(
-                f"{prefix}>",
+                f"$KV.{self.bucket}.>",
                 stream=f"KV_{self.bucket}",
                 cb=watch.on_msg,
                 ordered_consumer=True,
@@ -226,7 +280,7 @@ def _key(node_id: str) -> str:
 
 
 class NatsTransport:
-    """One node's connection to NATS (a single server or a cluster).
+    """One node's connection to NATS: a single server, or a cluster of them.
 
     Args:
         servers: ``nats://host:port`` URLs, as a sequence or one comma-separated string.
@@ -234,7 +288,7 @@ class NatsTransport:
         max_payload: the largest envelope sent, headers included; lowered to the server's limit.
         connect_timeout: seconds to wait for the first connection, and for each JetStream call.
         ping_interval: seconds between pings; two unanswered pings count as a lost connection.
-        reconnect_wait: seconds between reconnect attempts to the same server (attempts never stop).
+        reconnect_wait: seconds between reconnect attempts to one server (they never stop).
         name: the connection's name in the server's monitoring.
     """
 
@@ -259,16 +313,20 @@ class NatsTransport:
         self.cluster = cluster
         self.max_payload = max_payload
         self.connect_timeout = connect_timeout
-        self.ping_interval = ping_interval
-        self.reconnect_wait = reconnect_wait
-        self.connection_name = name
         #: Messages nats-py dropped because a subscription's pending queue was full.
         self.slow_consumers = 0
+        # nats-py annotates the durations as int; they are float seconds.
+        self._options: dict[str, Any] = {
+            "name": name,
+            "connect_timeout": connect_timeout,
+            "ping_interval": ping_interval,
+            "reconnect_time_wait": reconnect_wait,
+        }
+        self._where = ", ".join(self.servers)
         self._prefix = f"catga.{cluster}."
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._closed = False
-        self._up = False
+        self._closed = self._up = False
         self._last_error = ""
         self._listeners: list[ConnectionListener] = []
         self._members = _Members(self)
@@ -276,31 +334,32 @@ class NatsTransport:
 
     @property
     def connected(self) -> bool:
+        """Whether the connection is up right now (False while nats-py reconnects)."""
         return self._nc is not None and self._nc.is_connected
 
     @property
     def members(self) -> _Members:
+        """The membership store in the KV bucket ``catga_<cluster>``."""
         return self._members
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Call ``listener(False)`` at a disconnect and ``listener(True)`` once reconnected."""
         self._listeners.append(listener)
 
     async def connect(self) -> None:
+        """Connect, retrying until ``connect_timeout``; from then on reconnect forever.
+
+        Raises:
+            TransportError: no server answered within ``connect_timeout``; the message names them.
+        """
         if self._closed or self._nc is not None:
-            raise TransportError("connect() is called once per NatsTransport; create a new one")
+            raise TransportError("connect() works once per NatsTransport; make a new one")
         self._nc = nc = Client()
-        # nats-py annotates these durations as int; they are float seconds.
-        options: dict[str, Any] = {
-            "connect_timeout": self.connect_timeout,
-            "ping_interval": self.ping_interval,
-            "reconnect_time_wait": self.reconnect_wait,
-        }
         try:
-            # With unlimited reconnects nats-py also retries the first connect forever: bound it.
+            # With unlimited reconnects nats-py retries the first connect forever too: bound it.
             async with asyncio.timeout(self.connect_timeout):
                 await nc.connect(
                     self.servers,
-                    name=self.connection_name,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     max_outstanding_pings=2,
@@ -308,40 +367,37 @@ class NatsTransport:
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     closed_cb=self._on_closed,
-                    **options,
+                    **self._options,
                 )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             self._closed = True
             await nc.close()
-            where = ", ".join(self.servers)
-            raise TransportError(f"cannot reach NATS at {where} within {self.connect_timeout} s") from exc
+            raise TransportError(
+                f"cannot reach NATS at {self._where} within {self.connect_timeout} s"
+            ) from exc
         self._js = nc.jetstream(timeout=self.connect_timeout)
         self.max_payload = min(self.max_payload, nc.max_payload)
         self._set_up(True)
-        logger.info("connected to NATS at %s (cluster %r)", self._url(), self.cluster)
+        logger.info("connected to NATS at %s (cluster %r)", self._where, self.cluster)
 
     async def aclose(self) -> None:
+        """Stop the watches, drain the subscriptions and close; safe to call twice."""
         if self._closed:
             return
-        self._closed = True
+        self._closed, self._up = True, False
         for watch in list(self._watches):
             await watch.stop()
-        nc, self._up = self._nc, False
-        if nc is None or nc.is_closed:
+        if self._nc is None or self._nc.is_closed:
             return
-        try:  # drain: hand over what the subscriptions already received, flush what was published
+        try:  # drain: run what the subscriptions already received, flush what was published
             async with asyncio.timeout(self.connect_timeout):
-                await nc.drain()
+                await self._nc.drain()
         except (TimeoutError, nats.errors.Error):
             pass
         finally:
-            await nc.close()
+            await self._nc.close()
 
-    # -- connection events ----------------------------------------------------------------------
-
-    def _url(self) -> str:
-        url = self._nc.connected_url if self._nc is not None else None
-        return url.geturl() if url is not None else ", ".join(self.servers)
+    # -- connection events (nats-py wants async callbacks) ---------------------------------------
 
     def _set_up(self, up: bool) -> None:
         if up == self._up or self._closed:
@@ -357,34 +413,34 @@ class NatsTransport:
         if isinstance(exc, nats.errors.SlowConsumerError):
             self.slow_consumers += 1
         text = f"{type(exc).__name__}: {exc}"
-        # The same error again (every reconnect attempt while the server is down) is only DEBUG.
+        # The same error again (each reconnect attempt while the server is down) is only DEBUG.
         level = logging.DEBUG if text == self._last_error else logging.WARNING
         self._last_error = text
-        logger.log(level, "NATS error (%s): %s", ", ".join(self.servers), text)
+        logger.log(level, "NATS error (%s): %s", self._where, text)
 
     async def _on_disconnected(self) -> None:
         if self._closed:
             return
-        logger.warning("lost the NATS connection (%s); reconnecting", ", ".join(self.servers))
+        logger.warning("lost the NATS connection (%s); reconnecting", self._where)
         for watch in list(self._watches):
             await watch.stop()
         self._set_up(False)
 
     async def _on_reconnected(self) -> None:
         self._last_error = ""
-        logger.info("reconnected to NATS at %s", self._url())
+        logger.info("reconnected to NATS (%s)", self._where)
         self._set_up(True)
 
     async def _on_closed(self) -> None:
         if not self._closed:
-            logger.warning("the NATS connection closed for good (%s)", ", ".join(self.servers))
+            logger.warning("the NATS connection closed for good (%s)", self._where)
 
     # -- messaging ------------------------------------------------------------------------------
 
     def _check(self) -> tuple[Client, JetStreamContext]:
         if self._nc is None or self._js is None or not self._nc.is_connected:
             state = "closed" if self._closed else "not connected" if self._nc is None else "reconnecting"
-            raise TransportError(f"NATS at {', '.join(self.servers)} is unreachable ({state})")
+            raise TransportError(f"NATS at {self._where} is unreachable ({state})")
         return self._nc, self._js
 
     def _check_size(self, envelope: Envelope) -> None:
@@ -400,16 +456,17 @@ class NatsTransport:
     async def subscribe(
         self, subject: str, callback: DeliveryCallback, *, queue: str | None = None
     ) -> _Subscription:
+        """Call ``callback`` for every envelope on ``subject``; with ``queue``, one group member each."""
         nc = self._check()[0]
 
         async def on_msg(msg: Msg) -> None:
             reply = self._replier(msg.reply) if msg.reply else None
-            try:  # the callback starts its own task: awaiting a handler here would serialize the subject
+            try:  # the callback starts a task: awaiting a handler here would serialize the subject
                 callback(Delivery(Envelope(msg.headers or {}, msg.data), reply))
             except Exception:
                 logger.exception("delivery callback for %s failed", msg.subject)
 
-        with _nats_errors(f"subscribe {subject}"):
+        with _NatsErrors(f"subscribe {subject}"):
             sub = await nc.subscribe(
                 self._prefix + subject,
                 queue=queue or "",
@@ -417,7 +474,8 @@ class NatsTransport:
                 pending_msgs_limit=_PENDING_MSGS,
                 pending_bytes_limit=_PENDING_BYTES,
             )
-        return _Subscription(sub)
+            await _sync(nc)  # now a request from any connection to this server finds the subscriber
+        return _Subscription(sub, nc)
 
     def _replier(self, inbox: str) -> Reply:
         async def reply(envelope: Envelope) -> None:
@@ -428,17 +486,25 @@ class NatsTransport:
     async def _send(self, subject: str, envelope: Envelope) -> None:
         nc = self._check()[0]
         self._check_size(envelope)
-        with _nats_errors(f"publish {subject}"):
+        with _NatsErrors(subject):
             await nc.publish(subject, envelope.body, headers=envelope.headers or None)
 
     async def publish(self, subject: str, envelope: Envelope) -> None:
-        """Send without waiting; NATS does not say how many received it, so this returns None."""
+        """Send to every subscriber of ``subject``; NATS does not say how many, so this returns None."""
         await self._send(self._prefix + subject, envelope)
 
     async def request(self, subject: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        """Send to one subscriber of ``subject`` and return its reply.
+
+        Raises:
+            NoResponderError: nobody listens on ``subject`` (NATS says so in well under a millisecond).
+            RequestTimeoutError: no reply within ``timeout`` seconds.
+            MessageTooLargeError: the envelope is over ``max_payload``; nothing was sent.
+            TransportError: the connection is down or failed.
+        """
         nc = self._check()[0]
         self._check_size(envelope)
-        with _nats_errors(subject, timeout=timeout):
+        with _NatsErrors(subject, timeout):
             msg = await nc.request(
                 self._prefix + subject, envelope.body, timeout=timeout, headers=envelope.headers or None
             )

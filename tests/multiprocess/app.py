@@ -48,8 +48,8 @@ async def send_work(mediator: MediatorDep, delay: float = 0.0) -> dict[str, str]
 
 
 @app.post("/work/{node_id}")
-async def send_work_to(node_id: str, mediator: MediatorDep) -> dict[str, str]:
-    return {"node": await mediator.send_to_node(Work(), node_id)}
+async def send_work_to(node_id: str, mediator: MediatorDep, delay: float = 0.0) -> dict[str, str]:
+    return {"node": await mediator.send_to_node(Work(delay=delay), node_id)}
 
 
 @app.post("/broadcast")

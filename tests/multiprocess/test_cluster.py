@@ -7,6 +7,7 @@ polling deadline, and the elapsed times are asserted against the targets in DESI
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections import Counter
 from typing import Any
@@ -54,13 +55,24 @@ def test_views_routing_broadcast_and_publish(start_nodes: StartNodes) -> None:
     wait_until(lambda: all(event_id in n.get("/_test/executions")["events"] for n in everyone), within=1.0)
 
 
-def test_graceful_stop_leaves_every_view_within_a_second(start_nodes: StartNodes) -> None:
+async def test_graceful_stop_drains_work_and_leaves_every_view_within_a_second(
+    start_nodes: StartNodes,
+) -> None:
     nodes = start_nodes("a", "b", "c")
+    a, _, c = nodes
     wait_until(lambda: views_complete(nodes, {"a", "b", "c"}), within=1.0)
-    started = time.monotonic()
-    nodes[2].terminate()
-    elapsed = wait_until(lambda: views_complete(nodes[:2], {"a", "b"}), within=1.0, message="graceful leave")
-    print(f"graceful leave seen by every peer in {time.monotonic() - started:.3f} s (poll {elapsed:.3f} s)")
+    async with httpx.AsyncClient(base_url=a.url, timeout=15) as client:
+        in_flight = asyncio.create_task(client.post("/work/c", params={"delay": 1.0}))
+        await asyncio.sleep(0.3)  # the work is running on c when c is told to stop
+        started = time.monotonic()
+        c.signal(signal.SIGTERM)
+        elapsed = wait_until(lambda: views_complete(nodes[:2], {"a", "b"}), within=1.0, message="leave")
+        print(
+            f"graceful leave seen by every peer in {time.monotonic() - started:.3f} s (poll {elapsed:.3f} s)"
+        )
+        answer = await in_flight
+    assert answer.status_code == 200, answer.text  # c finished the work it had before it left
+    assert answer.json() == {"node": "c"}
 
 
 async def drive_load(
