@@ -192,7 +192,15 @@ class Membership:
             try:
                 await self._register()
             except TransportError as exc:
-                logger.warning("heartbeat of node %s failed: %s", self.node_id, exc)
+                # Connected, yet the store refuses writes (a NATS cluster electing a new leader for
+                # the bucket, a Redis replica in read-only mode...). Peers' heartbeats are likely
+                # failing too: judge nobody until the store works again, then resync.
+                if not self.view.stale:
+                    logger.warning(
+                        "heartbeat of node %s failed (%s): view frozen until it works", self.node_id, exc
+                    )
+                self.view.stale = True
+                self._schedule_resync()
 
     async def _sweep_loop(self) -> None:
         last = self._clock()

@@ -286,8 +286,9 @@ class ClusterNode:
 
     def health(self) -> dict[str, Any]:
         """Transport and membership state, for ``/catga/health``."""
+        healthy = self.transport.connected and not self.view.stale
         return {
-            "status": "ok" if self.transport.connected else "unavailable",
+            "status": "ok" if healthy else "unavailable",
             "transport": self.transport.name,
             "connected": self.transport.connected,
             "node_id": self.node_id,

@@ -57,8 +57,14 @@ class Envelope:
     body: bytes = b""
 
     def size(self) -> int:
-        """Bytes on the wire, headers included (an upper bound for every transport)."""
-        return len(self.body) + sum(len(k) + len(v) + 4 for k, v in self.headers.items())
+        """Bytes on the wire, headers included: an upper bound for every transport.
+
+        NATS counts its header block (a 12-byte preamble, then ``key: value\\r\\n`` lines) against
+        ``max_payload`` together with the body.
+        """
+        if not self.headers:
+            return len(self.body)
+        return len(self.body) + 12 + sum(len(k) + len(v) + 4 for k, v in self.headers.items())
 
 
 def encode_message(

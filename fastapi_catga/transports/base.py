@@ -93,7 +93,11 @@ class MembershipStore(Protocol):
         ...
 
     async def watch(self) -> MemberWatch:
-        """Start watching: every put and delete from this call on (current values may repeat)."""
+        """Start watching: every put and delete from this call on.
+
+        A watch may begin by repeating current records, and deletes of records already gone;
+        both are harmless to a membership that applies events idempotently.
+        """
         ...
 
 

@@ -52,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")  # a bucket name, and a single subject token
 _KEY = re.compile(r"[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]+)*")  # a KV key: no leading, trailing or double dot
-_HEADER_BLOCK = len(b"NATS/1.0\r\n\r\n")  # what a message with headers adds to Envelope.size()
 _PENDING_MSGS = 1_000_000  # per subscription, before nats-py drops messages as a slow consumer
 _PENDING_BYTES = 512 * 1024 * 1024
 _FLUSH_TIMEOUT = 2  # s, for the PING round trips that confirm a (un)subscribe
@@ -114,11 +113,13 @@ async def _sync(nc: Client) -> None:
 
 
 class _Subscription:
-    def __init__(self, sub: NatsSubscription, nc: Client) -> None:
+    def __init__(self, sub: NatsSubscription, nc: Client, transport: NatsTransport) -> None:
         self._sub = sub
         self._nc = nc
+        self._transport = transport
 
     async def unsubscribe(self) -> None:
+        self._transport._subscriptions.discard(self)
         # A closed or draining connection delivers nothing more; a second call is fine too.
         with contextlib.suppress(nats.errors.Error):
             await self._sub.unsubscribe()
@@ -187,24 +188,25 @@ class _Members:
     async def prepare(self, ttl: float) -> None:
         js, seconds = self._transport._check()[1], max(1, math.ceil(ttl))
         with _NatsErrors(f"preparing KV bucket {self.bucket}"):
-            level = (await js.account_info()).api.level  # None before nats-server 2.11
-            self._per_key_ttl = level is not None and level >= 1
             try:
                 self._kv = await js.key_value(self.bucket)
             except nats.js.errors.BucketNotFoundError:
                 self._kv = await self._create(js, seconds)
-            kept = (await self._kv.status()).ttl
-        if kept != seconds:
+            config = (await self._kv.status()).stream_info.config
+        # Per-key TTLs need a stream that allows them: not on 2.9, nor on a bucket 2.9 made.
+        self._per_key_ttl = bool(config.allow_msg_ttl)
+        if config.max_age != seconds:
             logger.warning(
                 "KV bucket %s keeps records %s s, not %s s: it was made with another TTL "
                 "(`nats kv del %s` lets the next start make it anew)",
-                self.bucket, kept, seconds, self.bucket,
+                self.bucket, config.max_age, seconds, self.bucket,
             )  # fmt: skip
 
     async def _create(self, js: JetStreamContext, seconds: int) -> KeyValue:
         # max_age expires records on every server (2.9 ignores per-key TTLs); limit_marker_ttl
-        # makes 2.11+ write an expiry marker that watchers see.
-        markers: dict[str, Any] = {"limit_marker_ttl": seconds} if self._per_key_ttl else {}
+        # makes 2.11+ (JetStream API level 1+, None before) write expiry markers that watchers see.
+        level = (await js.account_info()).api.level
+        markers: dict[str, Any] = {"limit_marker_ttl": seconds} if level is not None and level >= 1 else {}
         try:
             return await js.create_key_value(bucket=self.bucket, history=1, ttl=seconds, **markers)
         except nats.js.errors.BadRequestError:  # another node made it first, with another config
@@ -228,11 +230,13 @@ class _Members:
         # A consumer's create response counts what it will send, atomically.
         nc, js = self._transport._check()
         self._ready()
-        prefix, records, done = f"$KV.{self.bucket}.", {}, asyncio.Event()
+        prefix, done = f"$KV.{self.bucket}.", asyncio.Event()
+        records: dict[str, bytes] = {}
 
         async def on_msg(msg: Msg) -> None:
-            if (event := _member_event(msg, prefix)) is not None and event.value is not None:
-                records[event.node_id] = event.value
+            event = _member_event(msg, prefix)
+            if event is not None and event.kind == "put":
+                records[event.node_id] = msg.data
             elif event is not None:
                 records.pop(event.node_id, None)
             if msg.metadata.num_pending == 0:
@@ -289,7 +293,7 @@ class NatsTransport:
         connect_timeout: seconds to wait for the first connection, and for each JetStream call.
         ping_interval: seconds between pings; two unanswered pings count as a lost connection.
         reconnect_wait: seconds between reconnect attempts to one server (they never stop).
-        name: the connection's name in the server's monitoring.
+        connection_name: the connection's name in the server's monitoring.
     """
 
     name = "nats"
@@ -304,12 +308,14 @@ class NatsTransport:
         connect_timeout: float = 5.0,
         ping_interval: float = 5.0,
         reconnect_wait: float = 0.5,
-        name: str | None = None,
+        connection_name: str | None = None,
     ) -> None:
         if not _NAME.fullmatch(cluster):
             raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]+ for NATS")
         urls = servers.split(",") if isinstance(servers, str) else servers
         self.servers = [url.strip() for url in urls if url.strip()]
+        if not self.servers:
+            raise ConfigurationError("no NATS server URL given (CATGA_NATS_URL, e.g. nats://localhost:4222)")
         self.cluster = cluster
         self.max_payload = max_payload
         self.connect_timeout = connect_timeout
@@ -317,7 +323,7 @@ class NatsTransport:
         self.slow_consumers = 0
         # nats-py annotates the durations as int; they are float seconds.
         self._options: dict[str, Any] = {
-            "name": name,
+            "name": connection_name,
             "connect_timeout": connect_timeout,
             "ping_interval": ping_interval,
             "reconnect_time_wait": reconnect_wait,
@@ -331,6 +337,7 @@ class NatsTransport:
         self._listeners: list[ConnectionListener] = []
         self._members = _Members(self)
         self._watches: set[_Watch] = set()
+        self._subscriptions: set[_Subscription] = set()
 
     @property
     def connected(self) -> bool:
@@ -381,21 +388,25 @@ class NatsTransport:
         logger.info("connected to NATS at %s (cluster %r)", self._where, self.cluster)
 
     async def aclose(self) -> None:
-        """Stop the watches, drain the subscriptions and close; safe to call twice."""
+        """Stop the watches, drop the subscriptions and close the connection; safe to call twice."""
         if self._closed:
             return
         self._closed, self._up = True, False
         for watch in list(self._watches):
             await watch.stop()
-        if self._nc is None or self._nc.is_closed:
+        if self._nc is None:
             return
-        try:  # drain: run what the subscriptions already received, flush what was published
-            async with asyncio.timeout(self.connect_timeout):
-                await self._nc.drain()
-        except (TimeoutError, nats.errors.Error):
-            pass
-        finally:
-            await self._nc.close()
+        if self._subscriptions and self._nc.is_connected:
+            # Unsubscribe and wait for the server to confirm, so that peers' requests fail at once
+            # with "no responders" rather than time out until it notices the closed socket.
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                async with asyncio.timeout(self.connect_timeout):
+                    for subscription in list(self._subscriptions):
+                        await subscription._sub.unsubscribe()
+                    await _sync(self._nc)
+        # Not nc.drain(): against a paused server it waits out its timeout plus a 10 s flush, then
+        # logs a never-retrieved error. close() still writes what was published.
+        await self._nc.close()
 
     # -- connection events (nats-py wants async callbacks) ---------------------------------------
 
@@ -446,7 +457,7 @@ class NatsTransport:
     def _check_size(self, envelope: Envelope) -> None:
         # The server counts the header block against max_payload and drops the connection of a
         # client that goes over; nats-py checks only the body.
-        size = envelope.size() + (_HEADER_BLOCK if envelope.headers else 0)
+        size = envelope.size()
         if size > self.max_payload:
             raise MessageTooLargeError(
                 f"envelope of {size} bytes is over the {self.max_payload}-byte NATS payload limit",
@@ -475,7 +486,9 @@ class NatsTransport:
                 pending_bytes_limit=_PENDING_BYTES,
             )
             await _sync(nc)  # now a request from any connection to this server finds the subscriber
-        return _Subscription(sub, nc)
+        subscription = _Subscription(sub, nc, self)
+        self._subscriptions.add(subscription)
+        return subscription
 
     def _replier(self, inbox: str) -> Reply:
         async def reply(envelope: Envelope) -> None:

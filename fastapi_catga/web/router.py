@@ -30,8 +30,8 @@ async def current_node(catga: CatgaDep) -> NodeInfo:
 @catga_router.get(
     "/health",
     summary="Transport and membership state",
-    responses={503: {"description": "The broker is unreachable"}},
+    responses={503: {"description": "The broker, or the membership store on it, is unreachable"}},
 )
 async def health(catga: CatgaDep) -> JSONResponse:
     state: dict[str, Any] = catga.node.health()
-    return JSONResponse(state, status_code=200 if state["connected"] else 503)
+    return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)

@@ -100,7 +100,7 @@ def test_event_round_trip_without_deadline() -> None:
 
 def test_size_counts_headers_and_body() -> None:
     envelope = Envelope({"ab": "cde"}, b"12345")
-    assert envelope.size() == 5 + 2 + 3 + 4
+    assert envelope.size() == 5 + 12 + 2 + 3 + 4  # body, NATS header preamble, "ab: cde\r\n"
 
 
 def test_oversize_message_is_refused_with_its_size() -> None:
