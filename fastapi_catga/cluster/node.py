@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -86,6 +87,8 @@ class ClusterNode:
         #: Request types only this node can run now: the mediator calls their pipeline directly.
         self.local_routes: dict[type[Message], Pipeline] = {}
         self._update_local_routes()
+        self._connected = asyncio.Event()
+        transport.add_connection_listener(self._on_connection)
 
     @property
     def node_id(self) -> str:
@@ -94,6 +97,7 @@ class ClusterNode:
     async def start(self) -> None:
         """Connect, subscribe, join. Raises `TransportError` when the broker is unreachable."""
         await self.transport.connect()
+        self._on_connection(self.transport.connected)
         try:
             await self.responder.start()
             await self.membership.start()
@@ -144,7 +148,7 @@ class ClusterNode:
         if call.message.type_name not in node.handles:
             raise HandlerNotFoundError(f"node {node_id} has no handler for {call.message.type_name}")
         try:
-            return await self._attempt(call, node.node_id, 1, call.deadline - self._clock())
+            return await self._patient_attempt(call, node_id, 1, math.inf)
         except NoResponderError as exc:
             self.view.suspect(node_id, self._clock())
             raise NodeUnavailableError(f"node {node_id} is not listening (stopped or crashed)") from exc
@@ -162,7 +166,7 @@ class ClusterNode:
             # again, so the last candidate gets all of it.
             share = remaining / max(1, min(attempts - attempt + 1, self._untried(call.message, tried)))
             try:
-                return await self._attempt(call, target, attempt, share)
+                return await self._patient_attempt(call, target, attempt, share)
             except CatgaError as exc:
                 call.errors.append(exc)
                 if not self._may_retry(exc, target):
@@ -170,6 +174,34 @@ class ClusterNode:
                 tried.add(target)
                 await self._backoff(exc, call.deadline)
         raise self._final_error(call)
+
+    def _left(self, call: _Call) -> float:
+        return call.deadline - self._clock()
+
+    async def _patient_attempt(self, call: _Call, target: str, attempt: int, share: float) -> Any:
+        """Run an attempt; when the broker connection is down, wait for it (up to the deadline) and
+        run it again. No node is to blame for that, so it costs no attempt and marks no suspect."""
+        while True:
+            try:
+                return await self._attempt(call, target, attempt, min(share, call.deadline - self._clock()))
+            except TransportError as exc:
+                if isinstance(exc, NoResponderError) or not await self._broker_back(call.deadline):
+                    raise
+
+    async def _broker_back(self, deadline: float) -> bool:
+        await asyncio.sleep(0.05)  # at least a pause: a broker refusing while "connected" must not spin us
+        try:
+            async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                await self._connected.wait()
+        except TimeoutError:
+            return False
+        return self._clock() < deadline - 0.01
+
+    def _on_connection(self, connected: bool) -> None:
+        if connected:
+            self._connected.set()
+        else:
+            self._connected.clear()
 
     def _pick(self, message: Request[Any], tried: set[str]) -> str | None:
         candidates = self.view.capable(message.type_name)
@@ -188,7 +220,7 @@ class ClusterNode:
         if isinstance(exc, NoResponderError | RequestTimeoutError):
             self.view.suspect(target, self._clock())
             return True
-        return isinstance(exc, HandlerNotFoundError | TransportError) or exc.retryable
+        return isinstance(exc, HandlerNotFoundError) or exc.retryable
 
     async def _backoff(self, exc: CatgaError, deadline: float) -> None:
         if isinstance(exc, NoResponderError | HandlerNotFoundError):
@@ -203,6 +235,8 @@ class ClusterNode:
             return HandlerNotFoundError(f"no live node handles {call.message.type_name}")
         if isinstance(last, NoResponderError) and not last.node_id and len(call.errors) == 1:
             return HandlerNotFoundError(f"no node in the cluster handles {call.message.type_name}")
+        if isinstance(last, TransportError) and not isinstance(last, NoResponderError):
+            return last  # the broker stayed unreachable until the deadline
         if isinstance(last, RequestTimeoutError) or self._clock() >= call.deadline:
             error: CatgaError = RequestTimeoutError(
                 f"{what}: no answer within {call.budget:g} s ({len(call.errors)} attempt(s))"

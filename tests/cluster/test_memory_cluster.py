@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 
@@ -15,6 +16,7 @@ from fastapi_catga import (
     NodeUnavailableError,
     RemoteHandlerError,
     RequestTimeoutError,
+    TransportError,
 )
 from tests.cluster import workload
 from tests.cluster.conftest import StartNode, ids
@@ -167,3 +169,29 @@ async def test_broker_outage_freezes_views_and_recovery_resyncs(
     await eventually(lambda: not a.node.view.stale and not b.node.view.stale, within=1)
     assert ids(a.node.nodes()) == {"a", "b"}
     assert await a.mediator.send_to_node(Work(), "b") == "b"
+
+
+async def test_a_send_during_a_broker_blip_waits_for_the_broker_and_succeeds(
+    broker: InMemoryBroker, start_node: StartNode
+) -> None:
+    a, _ = await start_node("a", handlers=[]), await start_node("b")
+    await eventually(lambda: len(a.node.nodes()) == 2, within=1)
+    broker.outage()
+    sending = asyncio.create_task(a.mediator.send(Work(), timeout=2.0))
+    await eventually(lambda: a.node.view.stale, within=1)
+    assert not sending.done()
+    broker.restore()
+    assert await sending == "b"
+    assert not a.node.view.is_suspect("b")  # the outage was nobody's fault
+
+
+async def test_a_send_during_a_long_outage_fails_by_its_deadline(
+    broker: InMemoryBroker, start_node: StartNode
+) -> None:
+    a, _ = await start_node("a", handlers=[]), await start_node("b")
+    await eventually(lambda: len(a.node.nodes()) == 2, within=1)
+    broker.outage()
+    started = time.monotonic()
+    with pytest.raises(TransportError):
+        await a.mediator.send(Work(), timeout=0.5)
+    assert 0.4 < time.monotonic() - started < 1.0
