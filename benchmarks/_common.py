@@ -199,10 +199,9 @@ class Responder:
                         break
         except TimeoutError:
             pass
+        tail = self.log_tail()  # before stop(), which deletes the log
         self.stop()
-        raise RuntimeError(
-            f"responder `{self.label}` did not get ready (exit code {proc.poll()}):\n{self.log_tail()}"
-        )
+        raise RuntimeError(f"responder `{self.label}` did not get ready (exit code {proc.poll()}):\n{tail}")
 
     def log_tail(self, lines: int = 15) -> str:
         try:

@@ -377,3 +377,60 @@ def _kill_leftovers() -> None:
             server.kill()
         shutil.rmtree(server.data_dir, ignore_errors=True)
         _instances.discard(server)
+
+
+def nats_cluster(size: int = 3, binary: str | None = None) -> list[NatsServer]:
+    """Start ``size`` JetStream servers routed into one NATS cluster; returns when JetStream works.
+
+    Close each server when done (``server.close()``).
+    """
+    route_ports = [free_port() for _ in range(size)]
+    routes = ",".join(f"nats://127.0.0.1:{port}" for port in route_ports)
+    servers = [
+        NatsServer(
+            binary,
+            extra_args=[
+                *("-n", f"s{i}", "--cluster_name", "catga-test"),
+                *("--cluster", f"nats://127.0.0.1:{route_ports[i]}", "--routes", routes),
+            ],
+        )
+        for i in range(size)
+    ]
+    try:
+        for server in servers:
+            server.start()
+        _wait_for_jetstream_cluster(servers[0].url, size)
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
+    return servers
+
+
+def _wait_for_jetstream_cluster(url: str, size: int, within: float = 30.0) -> None:
+    """Block until a replicated stream can be made: the cluster has elected its meta leader."""
+    import asyncio
+
+    import nats
+    import nats.js.api
+
+    async def probe() -> None:
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+                try:
+                    js = nc.jetstream(timeout=2)
+                    await js.add_stream(
+                        nats.js.api.StreamConfig(name="probe", subjects=["probe"], num_replicas=size)
+                    )
+                    await js.delete_stream("probe")
+                    return
+                finally:
+                    await nc.close()
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.25)
+
+    asyncio.run(probe())

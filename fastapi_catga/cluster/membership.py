@@ -61,19 +61,36 @@ class Membership:
         self._resync_task: asyncio.Task[None] | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        # When this node's last written heartbeat must have come back through the watch, if any.
+        self._echo_due: float | None = None
+        self._echo_grace = max(2.0, heartbeat_interval)
+        self._after_outage = False  # the next resync follows a broker or store outage
         transport.add_connection_listener(self._on_connection)
 
     @property
     def node_id(self) -> str:
         return self.view.node_id
 
-    async def start(self) -> None:
+    async def start(self, join_timeout: float = 10.0) -> None:
         """Join: the view is complete when this returns.
 
+        A store that is reachable but not ready (a NATS cluster still electing the new bucket's
+        leader) is retried for up to ``join_timeout`` seconds.
+
         Raises:
-            TransportError: the membership store is unreachable.
+            TransportError: the membership store did not work within ``join_timeout``.
         """
-        await self._sync()
+        deadline, delay = self._clock() + join_timeout, 0.05
+        while True:
+            try:
+                await self._sync()
+                break
+            except TransportError as exc:
+                if self._clock() + delay > deadline:
+                    raise
+                logger.info("membership store not ready (%s); retrying in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
         self._loops = [
             asyncio.create_task(self._heartbeat_loop(), name="catga-heartbeat"),
             asyncio.create_task(self._sweep_loop(), name="catga-sweep"),
@@ -101,7 +118,7 @@ class Membership:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _sync(self) -> None:
+    async def _sync(self, *, after_outage: bool = False) -> None:
         await self._stop_watch()
         await self._store.prepare(self.view.ttl)
         watch = await self._store.watch()
@@ -109,15 +126,19 @@ class Membership:
         await self._register()
         records = await self._store.list()
         now = self._clock()
-        self.view.refresh_all(now)
+        if after_outage:  # nobody could heartbeat through the outage: give everyone a full TTL
+            self.view.refresh_all(now)
         for node_id, value in records.items():
-            self._apply(MemberEvent("put", node_id, value), now)
+            if node_id != self.node_id:
+                self._apply(MemberEvent("put", node_id, value), now)
         self.view.stale = False
         self._watch_task = asyncio.create_task(self._follow(watch), name="catga-membership-watch")
 
     async def _register(self) -> None:
         self.view.self_info.last_seen = utc_now()
         await self._store.put(self.node_id, self.view.self_info.model_dump_json().encode(), self.view.ttl)
+        if self._echo_due is None:
+            self._echo_due = self._clock() + self._echo_grace
 
     async def _stop_watch(self) -> None:
         if self._watch_task is not None and self._watch_task is not asyncio.current_task():
@@ -136,7 +157,9 @@ class Membership:
 
     def _apply(self, event: MemberEvent, now: float) -> None:
         if event.node_id == self.node_id:
-            if event.kind == "delete" and not self._stopping:
+            if event.kind == "put":
+                self._echo_due = None  # the watch works: it brought back our own heartbeat
+            elif not self._stopping:
                 logger.warning(
                     "node %s: own record vanished (expired while paused?); registering again", self.node_id
                 )
@@ -164,9 +187,19 @@ class Membership:
                     "node %s lost the broker: view frozen, no evictions until it is back", self.node_id
                 )
             self.view.stale = True
+            self._after_outage = True
             return
         logger.info("node %s reconnected: re-registering and resyncing", self.node_id)
         self._schedule_resync()
+
+    def _distrust_view(self, reason: str, *, outage: bool = False) -> None:
+        """The silence of peers proves nothing now: freeze the view until a resync succeeds."""
+        self._after_outage |= outage
+        if self._transport.connected and not self.view.stale:
+            logger.warning("node %s: %s; view frozen until a resync", self.node_id, reason)
+            self.view.stale = True
+            self._echo_due = None
+            self._schedule_resync()
 
     def _schedule_resync(self) -> None:
         if self._resync_task is None or self._resync_task.done():
@@ -176,7 +209,8 @@ class Membership:
         delay = 0.05
         while not self._stopping:
             try:
-                await self._sync()
+                await self._sync(after_outage=self._after_outage)
+                self._after_outage = False
                 logger.info("node %s resynced: %d member(s)", self.node_id, len(self.view.nodes()))
                 return
             except TransportError as exc:
@@ -195,12 +229,7 @@ class Membership:
                 # Connected, yet the store refuses writes (a NATS cluster electing a new leader for
                 # the bucket, a Redis replica in read-only mode...). Peers' heartbeats are likely
                 # failing too: judge nobody until the store works again, then resync.
-                if not self.view.stale:
-                    logger.warning(
-                        "heartbeat of node %s failed (%s): view frozen until it works", self.node_id, exc
-                    )
-                self.view.stale = True
-                self._schedule_resync()
+                self._distrust_view(f"heartbeat failed ({exc})", outage=True)
 
     async def _sweep_loop(self) -> None:
         last = self._clock()
@@ -210,11 +239,11 @@ class Membership:
             gap, last = now - last, now
             # A gap far beyond the interval means this process was frozen (SIGSTOP, a long GC,
             # a blocked loop): the silence is ours, not the peers'. Resync instead of evicting.
-            if gap > max(1.0, 4 * self.sweep_interval) and self._transport.connected:
-                logger.warning(
-                    "node %s was frozen for %.1f s; resyncing before judging peers", self.node_id, gap
-                )
-                self._schedule_resync()
-                continue
+            if gap > max(1.0, 4 * self.sweep_interval):
+                self._distrust_view(f"this process was frozen for {gap:.1f} s")
+            elif self._echo_due is not None and now > self._echo_due:
+                # Our own heartbeat was written but never came back through the watch: the watch
+                # is dead (a NATS stream or consumer changing servers, say).
+                self._distrust_view("the membership watch went quiet")
             for node_id in self.view.sweep(now):
                 logger.warning("node %s evicted: no heartbeat for %.1f s", node_id, self.view.ttl)

@@ -56,10 +56,18 @@ class ClusterView:
         return member.info if member else None
 
     def observe(self, info: NodeInfo, now: float) -> None:
-        """A member's record was seen (join or heartbeat); clears any suspicion of it."""
+        """A member's record was seen (join or heartbeat); a new heartbeat clears any suspicion.
+
+        A record seen again without a newer ``last_seen`` (a watch replaying current values, a
+        resync listing the store) is no new sign of life: the member keeps its observation time.
+        ``last_seen`` is compared only with the same member's earlier records, written by the
+        same clock, so skew between machines plays no part.
+        """
         if info.node_id == self.node_id:
             return
         known = self._members.get(info.node_id)
+        if known is not None and info.last_seen <= known.info.last_seen:
+            return
         self._members[info.node_id] = Member(info, now)
         if known is None or (known.info.handles, known.info.events) != (info.handles, info.events):
             self._on_change()

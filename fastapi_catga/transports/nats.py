@@ -207,10 +207,19 @@ class _Members:
         # makes 2.11+ (JetStream API level 1+, None before) write expiry markers that watchers see.
         level = (await js.account_info()).api.level
         markers: dict[str, Any] = {"limit_marker_ttl": seconds} if level is not None and level >= 1 else {}
-        try:
-            return await js.create_key_value(bucket=self.bucket, history=1, ttl=seconds, **markers)
-        except nats.js.errors.BadRequestError:  # another node made it first, with another config
-            return await js.key_value(self.bucket)
+        # On a NATS cluster, keep three copies so membership outlives the loss of one server.
+        replicas = [3, 1] if len(self._transport._check()[0].servers) >= 3 else [1]
+        for count in replicas:
+            try:
+                return await js.create_key_value(
+                    bucket=self.bucket, history=1, ttl=seconds, replicas=count, **markers
+                )
+            except nats.js.errors.APIError as exc:
+                try:  # another node may have made it first, with another config
+                    return await js.key_value(self.bucket)
+                except nats.js.errors.BucketNotFoundError:
+                    logger.info("KV bucket %s with %d replica(s) refused (%s)", self.bucket, count, exc)
+        raise TransportError(f"cannot create KV bucket {self.bucket}; is JetStream enabled (-js)?")
 
     async def put(self, node_id: str, value: bytes, ttl: float) -> None:
         js, key = self._ready()[0], _key(node_id)
