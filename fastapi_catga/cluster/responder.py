@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Coroutine
@@ -17,10 +18,9 @@ from fastapi_catga.core.envelope import (
     decode_message,
     encode_error,
     encode_result,
-    expired,
 )
 from fastapi_catga.core.messages import Event, Request
-from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError, RequestTimeoutError
+from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError
 from fastapi_catga.transports.base import Delivery, Subscription, Transport
 
 __all__ = ["Responder", "event_subject", "node_subject", "type_subject"]
@@ -28,6 +28,7 @@ __all__ = ["Responder", "event_subject", "node_subject", "type_subject"]
 logger = logging.getLogger(__name__)
 
 QUEUE_GROUP = "catga"
+REAP_INTERVAL = 0.05  # s: how late, at most, a handler is cancelled after its caller's deadline
 
 
 def node_subject(node_id: str) -> str:
@@ -58,7 +59,8 @@ class Responder:
         self._dispatcher = dispatcher
         self._max_payload = max_payload
         self._subscriptions: list[Subscription] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], float] = {}  # work in flight -> loop time its caller gives up
+        self._reaper: asyncio.Task[None] | None = None
         self.stats: Counter[str] = Counter()
 
     @property
@@ -67,6 +69,7 @@ class Responder:
 
     async def start(self) -> None:
         """Subscribe the node's direct subject, its request types' queue groups and its events."""
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_late_work(), name="catga-reaper")
         subscribe = self._transport.subscribe
         self._subscriptions.append(await subscribe(node_subject(self.node_id), self._on_request))
         if self._transport.supports_queue_groups:
@@ -84,6 +87,8 @@ class Responder:
             except CatgaError as exc:
                 logger.debug("unsubscribe failed: %s", exc)
         self._subscriptions.clear()
+        if self._reaper is not None:
+            self._reaper.cancel()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=drain_timeout)
             for task in pending:
@@ -93,13 +98,37 @@ class Responder:
                     "cancelled %d handler run(s) still going after %.1f s", len(pending), drain_timeout
                 )
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], deadline: float = math.inf) -> None:
         task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = deadline
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        del self._tasks[task]
 
     def _on_request(self, delivery: Delivery) -> None:
-        self._spawn(self._answer(delivery))
+        remaining = _remaining(delivery.envelope)
+        if remaining is None:
+            self._spawn(self._answer(delivery))
+        elif remaining > 0:
+            self._spawn(self._answer(delivery), asyncio.get_running_loop().time() + remaining)
+        else:
+            self.stats["expired_dropped"] += 1
+            logger.info(
+                "dropped %s: its caller's deadline passed before it ran", _describe(delivery.envelope)
+            )
+
+    async def _reap_late_work(self) -> None:
+        """Cancel handlers still running after their caller gave up: they would only duplicate the
+        work of the retry that caller has made elsewhere. One sweep a tick, not a timer a request."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            now = loop.time()
+            late = [task for task, deadline in self._tasks.items() if deadline < now and not task.done()]
+            for task in late:
+                self.stats["deadline_cancelled"] += 1
+                task.cancel()
 
     def _on_event(self, delivery: Delivery) -> None:
         if delivery.envelope.headers.get(SOURCE) != self.node_id:  # local handlers ran at publish
@@ -107,10 +136,6 @@ class Responder:
 
     async def _answer(self, delivery: Delivery) -> None:
         envelope = delivery.envelope
-        if expired(envelope):
-            self.stats["expired_dropped"] += 1
-            logger.info("dropped %s: its caller's deadline passed before it ran", _describe(envelope))
-            return
         reply = await self._run_request(envelope)
         if delivery.reply is not None:
             try:
@@ -123,8 +148,7 @@ class Responder:
             message = decode_message(envelope, self._dispatcher.types)
             if not isinstance(message, Request):
                 raise HandlerNotFoundError(f"{message.type_name} is an event; publish it instead")
-            async with asyncio.timeout(_remaining(envelope)):
-                result = await self._dispatcher.handle_request(message)
+            result = await self._dispatcher.handle_request(message)
             self.stats["requests_handled"] += 1
             return encode_result(
                 result, type(message).result_adapter(), node_id=self.node_id, max_payload=self._max_payload
@@ -132,10 +156,6 @@ class Responder:
         except CatgaError as exc:
             self._count_failure(exc, envelope)
             return encode_error(exc, node_id=self.node_id)
-        except TimeoutError:
-            self.stats["deadline_cancelled"] += 1
-            late = RequestTimeoutError(f"{_describe(envelope)} ran past its deadline and was cancelled")
-            return encode_error(late, node_id=self.node_id)
         except Exception as exc:  # the result did not serialize
             logger.exception("could not encode the result of %s", _describe(envelope))
             error = RemoteHandlerError(f"result could not be encoded: {exc}", error_type=type(exc).__name__)
@@ -168,8 +188,8 @@ def _remaining(envelope: Envelope) -> float | None:
     if deadline is None:
         return None
     try:
-        return max(0.0, float(deadline) - time.time())
-    except ValueError:
+        return float(deadline) - time.time()
+    except (TypeError, ValueError):
         return None
 
 

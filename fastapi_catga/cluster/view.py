@@ -38,6 +38,13 @@ class ClusterView:
         self.stale = False
         self._on_change = on_change
         self._members: dict[str, Member] = {}
+        # Read on every send, changed a few times per heartbeat interval: computed on demand.
+        self._nodes: list[NodeInfo] | None = None
+        self._capable: dict[tuple[str, bool], list[NodeInfo]] = {}
+
+    def _touch(self) -> None:
+        self._nodes = None
+        self._capable.clear()
 
     @property
     def node_id(self) -> str:
@@ -45,8 +52,10 @@ class ClusterView:
 
     def nodes(self) -> list[NodeInfo]:
         """Every live node, this one first, then by id."""
-        others = sorted(self._members.values(), key=lambda m: m.info.node_id)
-        return [self.self_info, *(m.info for m in others)]
+        if self._nodes is None:
+            others = sorted(self._members.values(), key=lambda m: m.info.node_id)
+            self._nodes = [self.self_info, *(m.info for m in others)]
+        return list(self._nodes)
 
     def get(self, node_id: str) -> NodeInfo | None:
         """A live node by id, or None."""
@@ -69,6 +78,7 @@ class ClusterView:
         if known is not None and info.last_seen <= known.info.last_seen:
             return
         self._members[info.node_id] = Member(info, now)
+        self._touch()
         if known is None or (known.info.handles, known.info.events) != (info.handles, info.events):
             self._on_change()
 
@@ -76,6 +86,7 @@ class ClusterView:
         """Drop a member (it left, or its record expired); True when it was there."""
         if self._members.pop(node_id, None) is None:
             return False
+        self._touch()
         self._on_change()
         return True
 
@@ -87,6 +98,7 @@ class ClusterView:
         for node_id in dead:
             del self._members[node_id]
         if dead:
+            self._touch()
             self._on_change()
         return dead
 
@@ -100,12 +112,17 @@ class ClusterView:
         member = self._members.get(node_id)
         if member is not None and member.suspect_since is None:
             member.suspect_since = now
+            self._touch()
 
     def is_suspect(self, node_id: str) -> bool:
         member = self._members.get(node_id)
         return member is not None and member.suspect_since is not None
 
     def capable(self, type_name: str, *, events: bool = False) -> list[NodeInfo]:
-        """Live nodes with a handler for the type, suspects last."""
-        nodes = [n for n in self.nodes() if type_name in (n.events if events else n.handles)]
-        return sorted(nodes, key=lambda n: self.is_suspect(n.node_id))
+        """Live nodes with a handler for the type, suspects last (do not modify the list)."""
+        key = (type_name, events)
+        nodes = self._capable.get(key)
+        if nodes is None:
+            nodes = [n for n in self.nodes() if type_name in (n.events if events else n.handles)]
+            self._capable[key] = nodes = sorted(nodes, key=lambda n: self.is_suspect(n.node_id))
+        return nodes

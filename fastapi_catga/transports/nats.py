@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -35,11 +36,12 @@ except ImportError as e:
         raise
     raise ImportError('NATS transport needs nats-py: pip install "fastapi-catga[nats]"') from e
 
-from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.core.envelope import Envelope, encode_error, pack, unpack
 from fastapi_catga.exceptions import (
     CatgaError,
     ConfigurationError,
     MessageTooLargeError,
+    MessageValidationError,
     NoResponderError,
     RequestTimeoutError,
     TransportError,
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")  # a bucket name, and a single subject token
 _KEY = re.compile(r"[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]+)*")  # a KV key: no leading, trailing or double dot
+_NO_RESPONDERS = "503"  # the status the server sends to a request's inbox when nobody listens
 _PENDING_MSGS = 1_000_000  # per subscription, before nats-py drops messages as a slow consumer
 _PENDING_BYTES = 512 * 1024 * 1024
 _FLUSH_TIMEOUT = 2  # s, for the PING round trips that confirm a (un)subscribe
@@ -126,6 +129,11 @@ class _Subscription:
             # Until the server has the UNSUB it routes requests here, where they are dropped:
             # they would time out instead of failing at once with "no responders".
             await _sync(self._nc)
+
+
+def _expire(reply: asyncio.Future[Msg]) -> None:
+    if not reply.done():
+        reply.set_exception(nats.errors.TimeoutError())
 
 
 def _member_event(msg: Msg, prefix: str) -> MemberEvent | None:
@@ -347,6 +355,9 @@ class NatsTransport:
         self._members = _Members(self)
         self._watches: set[_Watch] = set()
         self._subscriptions: set[_Subscription] = set()
+        self._inbox = ""  # "_INBOX.<unique>.": replies to this connection's requests
+        self._tokens = itertools.count()
+        self._pending: dict[str, asyncio.Future[Msg]] = {}
 
     @property
     def connected(self) -> bool:
@@ -393,6 +404,13 @@ class NatsTransport:
             ) from exc
         self._js = nc.jetstream(timeout=self.connect_timeout)
         self.max_payload = min(self.max_payload, nc.max_payload)
+        self._inbox = nc.new_inbox() + "."
+        await nc.subscribe(
+            self._inbox + "*",
+            cb=self._on_reply,
+            pending_msgs_limit=_PENDING_MSGS,
+            pending_bytes_limit=_PENDING_BYTES,
+        )
         self._set_up(True)
         logger.info("connected to NATS at %s (cluster %r)", self._where, self.cluster)
 
@@ -442,6 +460,11 @@ class NatsTransport:
         if self._closed:
             return
         logger.warning("lost the NATS connection (%s); reconnecting", self._where)
+        # Replies to requests in flight would go to an inbox nobody holds now: fail them at once.
+        lost = TransportError(f"lost the NATS connection ({self._where}) while waiting for a reply")
+        for reply in self._pending.values():
+            if not reply.done():
+                reply.set_exception(lost)
         for watch in list(self._watches):
             await watch.stop()
         self._set_up(False)
@@ -463,15 +486,14 @@ class NatsTransport:
             raise TransportError(f"NATS at {self._where} is unreachable ({state})")
         return self._nc, self._js
 
-    def _check_size(self, envelope: Envelope) -> None:
-        # The server counts the header block against max_payload and drops the connection of a
-        # client that goes over; nats-py checks only the body.
-        size = envelope.size()
-        if size > self.max_payload:
+    def _frame(self, envelope: Envelope) -> bytes:
+        data = pack(envelope)
+        if len(data) > self.max_payload:  # nats-py would raise too, but after building the command
             raise MessageTooLargeError(
-                f"envelope of {size} bytes is over the {self.max_payload}-byte NATS payload limit",
-                details={"size": size, "limit": self.max_payload},
+                f"envelope of {len(data)} bytes is over the {self.max_payload}-byte NATS payload limit",
+                details={"size": len(data), "limit": self.max_payload},
             )
+        return data
 
     async def subscribe(
         self, subject: str, callback: DeliveryCallback, *, queue: str | None = None
@@ -481,8 +503,15 @@ class NatsTransport:
 
         async def on_msg(msg: Msg) -> None:
             reply = self._replier(msg.reply) if msg.reply else None
+            try:
+                envelope = unpack(msg.data)
+            except MessageValidationError as exc:
+                logger.warning("dropped a message on %s: %s", msg.subject, exc)
+                if reply is not None:  # tell the sender at once rather than let it time out
+                    await reply(encode_error(exc, node_id=""))
+                return
             try:  # the callback starts a task: awaiting a handler here would serialize the subject
-                callback(Delivery(Envelope(msg.headers or {}, msg.data), reply))
+                callback(Delivery(envelope, reply))
             except Exception:
                 logger.exception("delivery callback for %s failed", msg.subject)
 
@@ -505,11 +534,11 @@ class NatsTransport:
 
         return reply
 
-    async def _send(self, subject: str, envelope: Envelope) -> None:
+    async def _send(self, subject: str, envelope: Envelope, reply: str = "") -> None:
         nc = self._check()[0]
-        self._check_size(envelope)
+        data = self._frame(envelope)
         with _NatsErrors(subject):
-            await nc.publish(subject, envelope.body, headers=envelope.headers or None)
+            await nc.publish(subject, data, reply=reply)
 
     async def publish(self, subject: str, envelope: Envelope) -> None:
         """Send to every subscriber of ``subject``; NATS does not say how many, so this returns None."""
@@ -525,9 +554,28 @@ class NatsTransport:
             TransportError: the connection is down or failed.
         """
         nc = self._check()[0]
-        self._check_size(envelope)
-        with _NatsErrors(subject, timeout):
-            msg = await nc.request(
-                self._prefix + subject, envelope.body, timeout=timeout, headers=envelope.headers or None
-            )
-        return Envelope(msg.headers or {}, msg.data)
+        data = self._frame(envelope)
+        # Not nc.request(): it starts a task per request (asyncio.wait_for) and costs about as much
+        # again as the round trip. One inbox subscription, a dict of futures and a timer instead.
+        token = str(next(self._tokens))
+        reply: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._pending[token] = reply
+        timer = asyncio.get_running_loop().call_later(timeout, _expire, reply)
+        try:
+            with _NatsErrors(subject, timeout):
+                await nc.publish(self._prefix + subject, data, reply=self._inbox + token)
+                msg = await reply
+        finally:
+            timer.cancel()
+            del self._pending[token]
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+            raise NoResponderError(f"nobody listens on {subject}")
+        try:
+            return unpack(msg.data)
+        except MessageValidationError as exc:
+            raise TransportError(f"unreadable reply on {subject}: {exc}") from exc
+
+    async def _on_reply(self, msg: Msg) -> None:
+        reply = self._pending.get(msg.subject[len(self._inbox) :])
+        if reply is not None and not reply.done():
+            reply.set_result(msg)

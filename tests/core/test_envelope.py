@@ -35,6 +35,8 @@ from fastapi_catga.core.envelope import (
     encode_message,
     encode_result,
     expired,
+    pack,
+    unpack,
 )
 from fastapi_catga.testing import memory_cluster
 from tests.polling import eventually
@@ -98,9 +100,21 @@ def test_event_round_trip_without_deadline() -> None:
     assert decode_message(envelope, TYPES) == event
 
 
-def test_size_counts_headers_and_body() -> None:
-    envelope = Envelope({"ab": "cde"}, b"12345")
-    assert envelope.size() == 5 + 12 + 2 + 3 + 4  # body, NATS header preamble, "ab: cde\r\n"
+def test_size_bounds_the_packed_frame() -> None:
+    for envelope in (
+        Envelope({"ab": "cde"}, b"12345"),
+        Envelope({}, b""),
+        Envelope({"a": "b", "c": "d"}, b"x"),
+    ):
+        packed = pack(envelope)
+        assert len(packed) <= envelope.size() <= len(packed) + 1
+        assert unpack(packed) == envelope
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage", b"[1]\n{}", b"\xff\xfe\n"])
+def test_unpack_refuses_what_is_no_frame(data: bytes) -> None:
+    with pytest.raises(MessageValidationError, match="not a catga frame"):
+        unpack(data)
 
 
 def test_oversize_message_is_refused_with_its_size() -> None:
@@ -141,7 +155,7 @@ def test_decode_of_an_unknown_type_is_handler_not_found() -> None:
     envelope = encode_message(EReserve(sku="a", quantity=1), source="n", max_payload=4096)
     with pytest.raises(HandlerNotFoundError, match="'EReserve'"):
         decode_message(envelope, {"ELookup": ELookup})
-    with pytest.raises(HandlerNotFoundError, match="''"):
+    with pytest.raises(MessageValidationError, match="no catga-type header"):
         decode_message(Envelope({}, b"{}"), TYPES)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import nats
 import pytest
 
-from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.core.envelope import Envelope, pack
 from fastapi_catga.exceptions import (
     ConfigurationError,
     MessageTooLargeError,
@@ -133,7 +133,7 @@ async def test_max_payload_is_the_servers_limit_headers_included(tmp_path: Path,
             got: list[Delivery] = []
             await transport.subscribe("node.big", got.append)
             headers = {"catga-id": "x" * 100}
-            fits = 4096 - Envelope(headers).size()  # size() counts the NATS header block
+            fits = 4096 - len(pack(Envelope(headers)))  # the frame: header line, newline, body
             await transport.publish("node.big", Envelope(headers, b"a" * fits))
             with pytest.raises(MessageTooLargeError):  # the server would drop the connection for it
                 await transport.publish("node.big", Envelope(headers, b"a" * (fits + 1)))
