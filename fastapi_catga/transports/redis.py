@@ -28,13 +28,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-from pydantic_core import to_json
-
-from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.core.envelope import Envelope, pack, unpack
 from fastapi_catga.exceptions import (
     ConfigurationError,
     MessageTooLargeError,
+    MessageValidationError,
     NoResponderError,
     RequestTimeoutError,
     TransportError,
@@ -92,32 +90,24 @@ return found
 """
 
 
-class _Head(BaseModel):
-    """The JSON line in front of every body on the wire."""
-
-    headers: dict[str, str]
-    reply_to: str | None = None  # requests: the requester's reply channel
-    corr: str | None = None  # requests and replies: which pending request of the requester this is
+# Request frames carry where to answer and which request of the requester's it is.
+_REPLY_TO = "catga-reply-to"
+_CORR = "catga-corr"
 
 
-def _frame(envelope: Envelope, reply_to: str | None = None, corr: str | None = None) -> bytes:
-    head: dict[str, object] = {"headers": envelope.headers}
+def _with_route(envelope: Envelope, reply_to: str | None = None, corr: str | None = None) -> Envelope:
+    headers = dict(envelope.headers)
     if reply_to is not None:
-        head["reply_to"] = reply_to
+        headers[_REPLY_TO] = reply_to
     if corr is not None:
-        head["corr"] = corr
-    return to_json(head) + b"\n" + envelope.body
+        headers[_CORR] = corr
+    return Envelope(headers, envelope.body)
 
 
-def _unframe(data: bytes) -> tuple[_Head, bytes]:
-    """Split a message into head and body; ValueError on anything else."""
-    head, newline, body = data.partition(b"\n")
-    if not newline:
-        raise ValueError("no header line")
-    try:
-        return _Head.model_validate_json(head), body
-    except ValidationError as exc:
-        raise ValueError(f"bad header line: {exc.errors()[0]['msg']}") from None
+def _route(envelope: Envelope) -> tuple[str | None, str | None]:
+    """Take the reply channel and the correlation id out of a received frame's headers."""
+    reply_to, corr = envelope.headers.pop(_REPLY_TO, None), envelope.headers.pop(_CORR, None)
+    return (reply_to if isinstance(reply_to, str) else None), (corr if isinstance(corr, str) else None)
 
 
 def _fail(future: asyncio.Future[Any], exc: Exception) -> None:
@@ -172,7 +162,7 @@ class _Members:
             await self._transport._redis.ping()
 
     async def put(self, node_id: str, value: bytes, ttl: float) -> None:
-        notice = _frame(Envelope({"kind": "put", "node": node_id}, value))
+        notice = pack(Envelope({"kind": "put", "node": node_id}, value))
         ttl_ms = max(1, round(ttl * 1000))
         async with self._transport._command("member put"):
             await self._put(
@@ -181,7 +171,7 @@ class _Members:
             )
 
     async def delete(self, node_id: str) -> None:
-        notice = _frame(Envelope({"kind": "delete", "node": node_id}))
+        notice = pack(Envelope({"kind": "delete", "node": node_id}))
         async with self._transport._command("member delete"):
             await self._delete(
                 keys=[self._prefix + node_id, self._index], args=[node_id, self._transport._events, notice]
@@ -257,7 +247,7 @@ class RedisTransport:
         self._prefix = prefix
         self._inbox = f"{prefix}reply.{uuid.uuid4().hex}"
         self._events = f"{prefix}members:events"
-        self._internal: dict[bytes, Callable[[_Head, bytes], None]] = {
+        self._internal: dict[bytes, Callable[[Envelope], None]] = {
             self._inbox.encode(): self._on_reply,
             self._events.encode(): self._on_member_notice,
         }
@@ -487,31 +477,33 @@ class RedisTransport:
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         try:
-            head, body = _unframe(data)
-        except ValueError as exc:
+            envelope = unpack(data)
+        except MessageValidationError as exc:
             log.warning("dropped an unreadable message on %s: %s", channel.decode(errors="replace"), exc)
             return
         internal = self._internal.get(channel)
         if internal is not None:
-            internal(head, body)
+            internal(envelope)
             return
-        reply = None if head.reply_to is None else functools.partial(self._reply, head.reply_to, head.corr)
+        reply_to, corr = _route(envelope)
+        reply = None if reply_to is None else functools.partial(self._reply, reply_to, corr)
         for callback in self._handlers.get(channel, ()):
             try:
-                callback(Delivery(Envelope(head.headers, body), reply))
+                callback(Delivery(envelope, reply))
             except Exception:
                 log.exception("delivery callback for %s failed", channel.decode(errors="replace"))
 
-    def _on_reply(self, head: _Head, body: bytes) -> None:
-        future = self._pending.get(head.corr or "")
+    def _on_reply(self, envelope: Envelope) -> None:
+        future = self._pending.get(_route(envelope)[1] or "")
         if future is not None and not future.done():
-            future.set_result(Envelope(head.headers, body))
+            future.set_result(envelope)
 
-    def _on_member_notice(self, head: _Head, body: bytes) -> None:
-        kind, node_id = head.headers.get("kind"), head.headers.get("node")
-        if not node_id or kind not in ("put", "delete"):
-            log.warning("dropped an unreadable membership notice: %s", head.headers)
+    def _on_member_notice(self, envelope: Envelope) -> None:
+        kind, node_id = envelope.headers.get("kind"), envelope.headers.get("node")
+        if not isinstance(node_id, str) or not node_id or kind not in ("put", "delete"):
+            log.warning("dropped an unreadable membership notice: %s", envelope.headers)
             return
+        body = envelope.body
         event = MemberEvent("put", node_id, body) if kind == "put" else MemberEvent("delete", node_id)
         for watch in self._watches:
             watch.queue.put_nowait(event)
@@ -525,8 +517,7 @@ class RedisTransport:
             MessageTooLargeError: over ``max_payload``; nothing was sent.
             TransportError: not connected, or the ``PUBLISH`` failed.
         """
-        self._check_size(envelope)
-        return await self._publish(self._prefix + subject, _frame(envelope))
+        return await self._publish(self._prefix + subject, self._pack(envelope))
 
     async def request(self, subject: str, envelope: Envelope, *, timeout: float) -> Envelope:
         """Publish to ``subject`` with this transport's reply channel and wait up to ``timeout`` s.
@@ -537,31 +528,35 @@ class RedisTransport:
             RequestTimeoutError: no reply within ``timeout``.
             TransportError: not connected, or the connection failed meanwhile.
         """
-        self._check_size(envelope)
         corr = str(next(self._ids))
-        reply: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        data = self._pack(_with_route(envelope, self._inbox, corr))
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Envelope] = loop.create_future()
         self._pending[corr] = reply
+        # A timer rather than asyncio.timeout(): a third of the cost, on every request.
+        timer = loop.call_later(
+            timeout, _fail, reply, RequestTimeoutError(f"no reply on {subject} within {timeout:.3f} s")
+        )
         try:
-            async with asyncio.timeout(timeout):
-                if await self._publish(self._prefix + subject, _frame(envelope, self._inbox, corr)) == 0:
-                    raise NoResponderError(f"nobody listens on {subject} (PUBLISH reached 0)")
-                return await reply
-        except TimeoutError:
-            raise RequestTimeoutError(f"no reply on {subject} within {timeout:.3f} s") from None
+            if await self._publish(self._prefix + subject, data) == 0:
+                raise NoResponderError(f"nobody listens on {subject} (PUBLISH reached 0)")
+            return await reply
         finally:
+            timer.cancel()
             del self._pending[corr]
 
     async def _reply(self, reply_to: str, corr: str | None, envelope: Envelope) -> None:
-        self._check_size(envelope)
-        if await self._publish(reply_to, _frame(envelope, corr=corr)) == 0:
+        if await self._publish(reply_to, self._pack(_with_route(envelope, corr=corr))) == 0:
             log.debug("the requester on %s is gone; reply dropped", reply_to)
 
-    def _check_size(self, envelope: Envelope) -> None:
-        if (size := envelope.size()) > self.max_payload:
+    def _pack(self, envelope: Envelope) -> bytes:
+        data = pack(envelope)
+        if len(data) > self.max_payload:
             raise MessageTooLargeError(
-                f"envelope of {size} bytes is over the {self.max_payload}-byte limit; nothing was sent",
-                details={"size": size, "limit": self.max_payload},
+                f"envelope of {len(data)} bytes is over the {self.max_payload}-byte limit; nothing was sent",
+                details={"size": len(data), "limit": self.max_payload},
             )
+        return data
 
     async def _publish(self, channel: str, data: bytes) -> int:
         self._check()

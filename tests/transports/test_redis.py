@@ -119,7 +119,7 @@ async def test_many_requests_in_flight_all_get_their_own_reply(make: Make) -> No
 async def test_a_payload_near_the_default_limit_round_trips(make: Make) -> None:
     server, client = await make(), await make()
     await server.subscribe("node.s", echo("s"))
-    body = b"x" * (client.max_payload - 100)
+    body = b"x" * (client.max_payload - 200)  # the frame adds the headers, reply channel and id
     reply = await client.request("node.s", Envelope({"catga-id": "big"}, body), timeout=5)
     assert reply.body == body
 
@@ -210,7 +210,7 @@ async def test_garbage_on_any_channel_is_dropped(make: Make, raw: aioredis.Redis
     collecting = asyncio.create_task(collect(watch, events))
     inboxes = await raw.pubsub_channels(f"catga:{cluster}:reply.*")  # each transport's reply channel
     assert len(inboxes) == 2
-    garbage = [b"\xff\x00\xfe", b"no newline", b"[1]\nbody", b'{"headers": 5}\n', b'{"headers": {"a": 1}}\n']
+    garbage = [b"\xff\x00\xfe", b"no newline", b"[1]\nbody", b"5\n", b'"text"\nbody']
     for channel in [f"catga:{cluster}:node.g", f"catga:{cluster}:members:events", *inboxes]:
         for data in garbage:
             await raw.publish(channel, data)
