@@ -16,7 +16,14 @@ from fastapi_catga.cluster.responder import Responder, event_subject, node_subje
 from fastapi_catga.cluster.routing import RoutingName, choose_node, strategy_named
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
-from fastapi_catga.core.envelope import ATTEMPT, DEADLINE, Envelope, decode_reply, encode_message
+from fastapi_catga.core.envelope import (
+    ATTEMPT,
+    DEADLINE,
+    Envelope,
+    deadline_header,
+    decode_reply,
+    encode_message,
+)
 from fastapi_catga.core.messages import Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.exceptions import (
@@ -260,7 +267,11 @@ class ClusterNode:
                     raise
                 raise RequestTimeoutError(f"{call.message.type_name} ran over {timeout:.3f} s here") from None
         envelope = call.envelope(self.node_id, self.transport.max_payload)
-        headers = {**envelope.headers, ATTEMPT: str(attempt), DEADLINE: f"{time.time() + timeout:.6f}"}
+        headers = {
+            **envelope.headers,
+            ATTEMPT: str(attempt),
+            DEADLINE: deadline_header(time.time() + timeout),
+        }
         subject = node_subject(target) if target else type_subject(call.message.type_name)
         try:
             reply = await self.transport.request(subject, Envelope(headers, envelope.body), timeout=timeout)

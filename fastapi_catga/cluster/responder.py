@@ -12,9 +12,9 @@ from typing import Any
 
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
-    DEADLINE,
     SOURCE,
     Envelope,
+    deadline_of,
     decode_message,
     encode_error,
     encode_result,
@@ -184,13 +184,8 @@ class Responder:
 
 
 def _remaining(envelope: Envelope) -> float | None:
-    deadline = envelope.headers.get(DEADLINE)
-    if deadline is None:
-        return None
-    try:
-        return float(deadline) - time.time()
-    except (TypeError, ValueError):
-        return None
+    deadline = deadline_of(envelope)
+    return None if deadline is None else deadline - time.time()
 
 
 def _describe(envelope: Envelope) -> str:

@@ -34,6 +34,8 @@ __all__ = [
     "STATUS",
     "Envelope",
     "decode_message",
+    "deadline_header",
+    "deadline_of",
     "decode_reply",
     "encode_error",
     "encode_message",
@@ -47,7 +49,7 @@ MESSAGE_ID = "catga-id"
 MESSAGE_TYPE = "catga-type"
 ATTEMPT = "catga-attempt"
 SOURCE = "catga-source"
-DEADLINE = "catga-deadline"  # absolute UNIX time (s) at which the caller stops waiting for this attempt
+DEADLINE = "catga-deadline"  # absolute UNIX time in ms at which the caller stops waiting for this attempt
 STATUS = "catga-status"  # replies: "ok" or "error"
 NODE = "catga-node"  # replies: the node that answered
 _HEADROOM = 512  # bytes: more than catga's own headers; bodies closer to the limit are measured exactly
@@ -112,7 +114,7 @@ def encode_message(
         ATTEMPT: str(attempt),
     }
     if deadline is not None:
-        headers[DEADLINE] = f"{deadline:.6f}"
+        headers[DEADLINE] = deadline_header(deadline)
     envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message))
     if len(envelope.body) + _HEADROOM > max_payload:  # counting header bytes costs; only near the limit
         _check_size(envelope, max_payload, f"{message.type_name} {message.message_id}")
@@ -131,13 +133,22 @@ def _check_size(envelope: Envelope, max_payload: int, what: str) -> None:
 
 def expired(envelope: Envelope, now: float | None = None) -> bool:
     """Whether the caller of this request has stopped waiting (its attempt deadline passed)."""
-    deadline = envelope.headers.get(DEADLINE)
-    if deadline is None:
-        return False
+    deadline = deadline_of(envelope)
+    return deadline is not None and (time.time() if now is None else now) > deadline
+
+
+def deadline_header(deadline: float) -> str:
+    """The ``catga-deadline`` value for a UNIX time in seconds: whole milliseconds."""
+    return str(int(deadline * 1000))
+
+
+def deadline_of(envelope: Envelope) -> float | None:
+    """The UNIX time (s) at which the caller stops waiting, or None when there is none (or no number)."""
+    value = envelope.headers.get(DEADLINE)
     try:
-        return (time.time() if now is None else now) > float(deadline)
+        return int(value) / 1000 if value is not None else None
     except (TypeError, ValueError):
-        return False
+        return None
 
 
 def decode_message(envelope: Envelope, types: dict[str, type[Message]]) -> Message:
