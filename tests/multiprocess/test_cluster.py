@@ -21,6 +21,7 @@ from tests.polling import wait_until
 
 pytestmark = pytest.mark.multiprocess
 TTL = 3.0
+ATTEMPT_TIMEOUT = 1.0  # CATGA_REQUEST_TIMEOUT 3 s over CATGA_RETRY_ATTEMPTS 3
 
 
 def views_complete(nodes: list[AppNode], expected: set[str]) -> bool:
@@ -83,8 +84,12 @@ async def drive_load(
 
         async def worker() -> None:
             while not stop.is_set():
+                started = time.monotonic()
                 response = await client.post("/work", params={"delay": 0.01})
-                results.append((response.status_code, response.json()))
+                body = response.json()
+                if isinstance(body, dict):
+                    body["latency"] = time.monotonic() - started
+                results.append((response.status_code, body))
 
         await asyncio.gather(*(worker() for _ in range(workers)))
 
@@ -103,8 +108,14 @@ async def test_kill_9_of_a_serving_node_fails_no_request(start_nodes: StartNodes
     await load
     failures = [r for r in results if r[0] != 200]
     served = Counter(r[1]["node"] for r in results if r[0] == 200)
-    print(f"{len(results)} requests, {len(failures)} failed, served by {dict(served)}")
+    slowest = max(r[1]["latency"] for r in results)
+    print(
+        f"{len(results)} requests, {len(failures)} failed, slowest {slowest:.3f} s, served by {dict(served)}"
+    )
     assert not failures, failures[:5]
+    # A request caught in flight by the kill waits out its attempt (deadline 3 s / 3 attempts), then
+    # succeeds elsewhere: DESIGN's target is attempt timeout + 0.5 s.
+    assert slowest <= ATTEMPT_TIMEOUT + 0.5
     assert served["c"] > 0
     wait_until(lambda: views_complete(nodes[:2], {"a", "b"}), within=TTL + 2 - (time.monotonic() - killed_at))
     print(f"kill -9 evicted from every view {time.monotonic() - killed_at:.3f} s after the kill")
@@ -125,8 +136,10 @@ async def test_paused_node_fails_no_request_and_runs_nothing_stale(start_nodes: 
     stop.set()
     await load
     failures = [r for r in results if r[0] != 200]
-    print(f"{len(results)} requests, {len(failures)} failed")
+    slowest = max(r[1]["latency"] for r in results)
+    print(f"{len(results)} requests, {len(failures)} failed, slowest {slowest:.3f} s")
     assert not failures, failures[:5]
+    assert slowest <= ATTEMPT_TIMEOUT + 0.5
     runs: dict[str, list[tuple[str, float]]] = {}
     for node in nodes:
         for message_id, starts in node.get("/_test/executions")["executions"].items():
