@@ -131,7 +131,8 @@ class Membership:
         for node_id, value in records.items():
             if node_id != self.node_id:
                 self._apply(MemberEvent("put", node_id, value), now)
-        self.view.stale = False
+        # Still stale if the connection dropped meanwhile: the reconnect brings another resync.
+        self.view.stale = not self._transport.connected
         self._watch_task = asyncio.create_task(self._follow(watch), name="catga-membership-watch")
 
     async def _register(self) -> None:

@@ -109,6 +109,7 @@ class ClusterNode:
             await self.responder.start()
             await self.membership.start()
         except BaseException:
+            await self.responder.stop(drain_timeout=0)
             await self.transport.aclose()
             raise
 
