@@ -183,9 +183,6 @@ class ClusterNode:
                 await self._backoff(exc, call.deadline)
         raise self._final_error(call)
 
-    def _left(self, call: _Call) -> float:
-        return call.deadline - self._clock()
-
     async def _patient_attempt(self, call: _Call, target: str, attempt: int, share: float) -> Any:
         """Run an attempt; when the broker connection is down, wait for it (up to the deadline) and
         run it again. No node is to blame for that, so it costs no attempt and marks no suspect."""
