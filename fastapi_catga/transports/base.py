@@ -12,14 +12,16 @@ broker's payload limit, `TransportError` for anything the broker or the connecti
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from fastapi_catga.core.envelope import Envelope
 
 __all__ = [
     "ConnectionListener",
+    "ConnectionState",
     "Delivery",
     "DeliveryCallback",
     "MemberEvent",
@@ -28,6 +30,8 @@ __all__ = [
     "Subscription",
     "Transport",
 ]
+
+logger = logging.getLogger(__name__)
 
 Reply = Callable[[Envelope], Awaitable[None]]
 
@@ -44,6 +48,30 @@ class Delivery:
 DeliveryCallback = Callable[[Delivery], None]
 #: Called with True when the broker connection is (re)established, False when it is lost.
 ConnectionListener = Callable[[bool], None]
+
+
+@dataclass(eq=False)
+class ConnectionState:
+    """Whether a transport's connection is up, and who to tell when that changes.
+
+    Each change is told once, in order; a listener that raises is logged and the others still hear.
+    """
+
+    up: bool = False
+    _listeners: list[ConnectionListener] = field(default_factory=list)
+
+    def add(self, listener: ConnectionListener) -> None:
+        self._listeners.append(listener)
+
+    def tell(self, up: bool) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        for listener in list(self._listeners):
+            try:
+                listener(up)
+            except Exception:
+                logger.exception("connection listener %r failed", listener)
 
 
 class Subscription(Protocol):

@@ -31,6 +31,7 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports.base import (
     ConnectionListener,
+    ConnectionState,
     Delivery,
     DeliveryCallback,
     MemberEvent,
@@ -194,31 +195,27 @@ class InMemoryTransport:
         self.max_payload = max_payload
         self.crashed = False
         self.closed = False
-        self._connected = False
+        self._state = ConnectionState()
         self._paused: asyncio.Event | None = None
-        self._listeners: list[ConnectionListener] = []
         self._members = _Members(self)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        return self._state.up
 
     @property
     def members(self) -> _Members:
         return self._members
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
-        self._listeners.append(listener)
+        self._state.add(listener)
 
     def _set_connected(self, connected: bool) -> None:
-        if connected != self._connected:
-            self._connected = connected
-            for listener in self._listeners:
-                listener(connected)
+        self._state.tell(connected)
 
     def _check(self) -> None:
-        if not self._connected:
+        if not self._state.up:
             raise TransportError(f"in-memory broker unreachable (cluster {self.cluster!r})")
 
     async def connect(self) -> None:
@@ -234,13 +231,13 @@ class InMemoryTransport:
             return
         self.closed = True
         self._drop()
-        self._connected = False
+        self._state.up = False
 
     def crash(self) -> None:
         """Die like ``kill -9``: subscriptions vanish at once, the membership record stays."""
         self.crashed = True
         self._drop()
-        self._connected = False
+        self._state.up = False
         for task in self._tasks:
             task.cancel()
 

@@ -46,7 +46,14 @@ from fastapi_catga.exceptions import (
     RequestTimeoutError,
     TransportError,
 )
-from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, MemberEvent, Reply
+from fastapi_catga.transports.base import (
+    ConnectionListener,
+    ConnectionState,
+    Delivery,
+    DeliveryCallback,
+    MemberEvent,
+    Reply,
+)
 
 __all__ = ["NatsTransport"]
 
@@ -349,9 +356,9 @@ class NatsTransport:
         self._prefix = f"catga.{cluster}."
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._closed = self._up = False
+        self._closed = False
+        self._state = ConnectionState()
         self._last_error = ""
-        self._listeners: list[ConnectionListener] = []
         self._members = _Members(self)
         self._watches: set[_Watch] = set()
         self._subscriptions: set[_Subscription] = set()
@@ -371,7 +378,7 @@ class NatsTransport:
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         """Call ``listener(False)`` at a disconnect and ``listener(True)`` once reconnected."""
-        self._listeners.append(listener)
+        self._state.add(listener)
 
     async def connect(self) -> None:
         """Connect, retrying until ``connect_timeout``; from then on reconnect forever.
@@ -418,7 +425,7 @@ class NatsTransport:
         """Stop the watches, drop the subscriptions and close the connection; safe to call twice."""
         if self._closed:
             return
-        self._closed, self._up = True, False
+        self._closed, self._state.up = True, False
         for watch in list(self._watches):
             await watch.stop()
         if self._nc is None:
@@ -438,14 +445,8 @@ class NatsTransport:
     # -- connection events (nats-py wants async callbacks) ---------------------------------------
 
     def _set_up(self, up: bool) -> None:
-        if up == self._up or self._closed:
-            return
-        self._up = up
-        for listener in self._listeners:
-            try:
-                listener(up)
-            except Exception:
-                logger.exception("connection listener %r failed", listener)
+        if not self._closed:
+            self._state.tell(up)
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):

@@ -37,7 +37,13 @@ from fastapi_catga.exceptions import (
     RequestTimeoutError,
     TransportError,
 )
-from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, MemberEvent
+from fastapi_catga.transports.base import (
+    ConnectionListener,
+    ConnectionState,
+    Delivery,
+    DeliveryCallback,
+    MemberEvent,
+)
 
 try:
     from redis.asyncio import BlockingConnectionPool, Redis
@@ -259,9 +265,8 @@ class RedisTransport:
         self._sending: list[tuple[str, bytes, asyncio.Future[int]]] = []  # the batch in flight
         self._wake = asyncio.Event()
         self._watches: set[_Watch] = set()
-        self._listeners: list[ConnectionListener] = []
+        self._state = ConnectionState()
         self._tasks: list[asyncio.Task[None]] = []
-        self._connected = False
         self._closed = False
         self._members = _Members(self)
 
@@ -280,7 +285,7 @@ class RedisTransport:
     @property
     def connected(self) -> bool:
         """Whether the subscriber connection is up and every subscription is in place."""
-        return self._connected
+        return self._state.up
 
     @property
     def members(self) -> _Members:
@@ -289,20 +294,13 @@ class RedisTransport:
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         """Call ``listener(False)`` when the connection is lost and ``listener(True)`` once it is back."""
-        self._listeners.append(listener)
+        self._state.add(listener)
 
     def _set_connected(self, connected: bool) -> None:
-        if connected == self._connected:
-            return
-        self._connected = connected
-        for listener in self._listeners:
-            try:
-                listener(connected)
-            except Exception:
-                log.exception("connection listener %r failed", listener)
+        self._state.tell(connected)
 
     def _check(self) -> None:
-        if not self._connected:
+        if not self._state.up:
             state = "closed" if self._closed else "not connected, or reconnecting"
             raise TransportError(f"Redis transport for {self._where} is {state}")
 
@@ -343,7 +341,7 @@ class RedisTransport:
         if self._closed:
             return
         self._closed = True
-        self._connected = False
+        self._state.up = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
