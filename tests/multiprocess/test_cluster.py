@@ -94,6 +94,18 @@ async def drive_load(
         await asyncio.gather(*(worker() for _ in range(workers)))
 
 
+def check_load(results: list[tuple[int, Any]]) -> tuple[Counter[str], float]:
+    """Assert that every request of a load run succeeded; return who served them and the slowest one."""
+    failures = [r for r in results if r[0] != 200]
+    served = Counter(r[1]["node"] for r in results if r[0] == 200)
+    slowest = max(r[1]["latency"] for r in results)
+    print(
+        f"{len(results)} requests, {len(failures)} failed, slowest {slowest:.3f} s, served by {dict(served)}"
+    )
+    assert not failures, failures[:5]
+    return served, slowest
+
+
 async def test_kill_9_of_a_serving_node_fails_no_request(start_nodes: StartNodes) -> None:
     nodes = start_nodes("a", "b", "c")
     a, _, c = nodes
@@ -106,13 +118,7 @@ async def test_kill_9_of_a_serving_node_fails_no_request(start_nodes: StartNodes
     await asyncio.sleep(2.0)  # keep the load going through the failover
     stop.set()
     await load
-    failures = [r for r in results if r[0] != 200]
-    served = Counter(r[1]["node"] for r in results if r[0] == 200)
-    slowest = max(r[1]["latency"] for r in results)
-    print(
-        f"{len(results)} requests, {len(failures)} failed, slowest {slowest:.3f} s, served by {dict(served)}"
-    )
-    assert not failures, failures[:5]
+    served, slowest = check_load(results)
     # A request caught in flight by the kill waits out its attempt (deadline 3 s / 3 attempts), then
     # succeeds elsewhere: DESIGN's target is attempt timeout + 0.5 s.
     assert slowest <= ATTEMPT_TIMEOUT + 0.5
@@ -135,10 +141,7 @@ async def test_paused_node_fails_no_request_and_runs_nothing_stale(start_nodes: 
     await asyncio.sleep(1.5)
     stop.set()
     await load
-    failures = [r for r in results if r[0] != 200]
-    slowest = max(r[1]["latency"] for r in results)
-    print(f"{len(results)} requests, {len(failures)} failed, slowest {slowest:.3f} s")
-    assert not failures, failures[:5]
+    _, slowest = check_load(results)
     assert slowest <= ATTEMPT_TIMEOUT + 0.5
     runs: dict[str, list[tuple[str, float]]] = {}
     for node in nodes:

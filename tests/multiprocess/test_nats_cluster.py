@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.multiprocess.harness import AppNode
-from tests.multiprocess.test_cluster import drive_load, views_complete
+from tests.multiprocess.test_cluster import check_load, drive_load, views_complete
 from tests.polling import wait_until
 from tests.servers import NatsServer, nats_cluster
 
@@ -56,10 +56,8 @@ async def test_losing_one_nats_server_fails_no_request_and_evicts_nobody(
         await asyncio.sleep(0.2)
     stop.set()
     await load
-    failures = [r for r in results if r[0] != 200]
-    print(f"{len(results)} requests across the server loss, {len(failures)} failed")
-    assert not failures, failures[:5]
-    assert {r[1]["node"] for r in results} == {"a", "b", "c"}
+    served, _ = check_load(results)
+    assert set(served) == {"a", "b", "c"}
     try:
         wait_until(lambda: all(n.client.get("/catga/health").status_code == 200 for n in nodes), within=10.0)
     except AssertionError:
