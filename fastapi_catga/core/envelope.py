@@ -7,7 +7,6 @@ names are looked up in the receiving node's registry only.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +39,6 @@ __all__ = [
     "encode_error",
     "encode_message",
     "encode_result",
-    "expired",
     "pack",
     "unpack",
 ]
@@ -129,12 +127,6 @@ def _check_size(envelope: Envelope, max_payload: int, what: str) -> None:
             "send a reference to the data instead, or raise CATGA_MAX_PAYLOAD (and the broker's limit)",
             details={"size": size, "limit": max_payload},
         )
-
-
-def expired(envelope: Envelope, now: float | None = None) -> bool:
-    """Whether the caller of this request has stopped waiting (its attempt deadline passed)."""
-    deadline = deadline_of(envelope)
-    return deadline is not None and (time.time() if now is None else now) > deadline
 
 
 def deadline_header(deadline: float) -> str:

@@ -29,12 +29,13 @@ from fastapi_catga.core.envelope import (
     SOURCE,
     STATUS,
     Envelope,
+    deadline_header,
+    deadline_of,
     decode_message,
     decode_reply,
     encode_error,
     encode_message,
     encode_result,
-    expired,
     pack,
     unpack,
 )
@@ -253,19 +254,19 @@ def test_unreadable_error_reply_is_a_remote_handler_error() -> None:
 
 
 @pytest.mark.parametrize(
-    ("headers", "now", "is_expired"),
+    ("headers", "deadline"),
     [
-        ({}, 2e9, False),
-        ({DEADLINE: "100500"}, 100.0, False),
-        ({DEADLINE: "100500"}, 100.5, False),
-        ({DEADLINE: "100500"}, 100.6, True),
-        ({DEADLINE: "soon"}, 2e9, False),
+        ({}, None),
+        ({DEADLINE: "100500"}, 100.5),
+        ({DEADLINE: "soon"}, None),
+        ({DEADLINE: "100.5"}, None),  # seconds with a fraction are not the wire format
     ],
 )
-def test_expired(headers: dict[str, str], now: float, is_expired: bool) -> None:
-    assert expired(Envelope(headers, b"{}"), now) is is_expired
+def test_deadline_of_reads_whole_milliseconds(headers: dict[str, str], deadline: float | None) -> None:
+    assert deadline_of(Envelope(headers, b"{}")) == deadline
 
 
-def test_expired_uses_wall_clock_time_by_default() -> None:
-    assert expired(Envelope({DEADLINE: "1000"}))
-    assert not expired(Envelope({DEADLINE: "99999999999000"}))
+def test_deadline_header_round_trips_to_the_millisecond() -> None:
+    header = deadline_header(1_700_000_000.1234)
+    assert header == "1700000000123"
+    assert deadline_of(Envelope({DEADLINE: header})) == 1_700_000_000.123
