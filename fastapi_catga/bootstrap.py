@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from fastapi_catga import __version__
@@ -50,6 +51,8 @@ def build(
     handlers: Iterable[HandlerSource] | None = None,
     behaviors: Sequence[PipelineBehavior] = (),
     transport: Transport | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
 ) -> Catga:
     """Wire a node from its parts.
 
@@ -60,6 +63,8 @@ def build(
         behaviors: pipeline behaviors, outermost first, wrapped around every handler.
         transport: a transport instance (an `InMemoryTransport` on a shared broker, in tests);
             defaults to the one ``CATGA_TRANSPORT`` names.
+        clock: monotonic seconds for membership and deadlines (a virtual clock, in simulations).
+        wall_clock: UNIX seconds for the deadlines that travel between nodes.
     """
     settings = settings or load_settings()
     if handlers is None and settings.handler_modules:
@@ -78,5 +83,7 @@ def build(
         drain_timeout=settings.drain_timeout,
         version=__version__,
     )
-    node = ClusterNode(transport or create_transport(settings), dispatcher, config)
+    node = ClusterNode(
+        transport or create_transport(settings), dispatcher, config, clock=clock, wall_clock=wall_clock
+    )
     return Catga(settings, node, Mediator(dispatcher, node))

@@ -72,6 +72,7 @@ class ClusterNode:
         config: ClusterConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.transport = transport
         self.dispatcher = dispatcher
@@ -88,9 +89,12 @@ class ClusterNode:
         self.membership = Membership(
             transport, self.view, heartbeat_interval=config.heartbeat_interval, clock=clock
         )
-        self.responder = Responder(transport, dispatcher, max_payload=transport.max_payload)
+        self.responder = Responder(
+            transport, dispatcher, max_payload=transport.max_payload, wall_clock=wall_clock
+        )
         self._strategy = strategy_named(config.routing)
         self._clock = clock
+        self._wall_clock = wall_clock
         #: Request types only this node can run now: the mediator calls their pipeline directly.
         self.local_routes: dict[type[Message], Pipeline] = {}
         self._update_local_routes()
@@ -268,7 +272,7 @@ class ClusterNode:
         headers = {
             **envelope.headers,
             ATTEMPT: str(attempt),
-            DEADLINE: deadline_header(time.time() + timeout),
+            DEADLINE: deadline_header(self._wall_clock() + timeout),
         }
         subject = node_subject(target) if target else type_subject(call.message.type_name)
         try:

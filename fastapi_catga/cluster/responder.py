@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi_catga.core.dispatch import LocalDispatcher
@@ -54,8 +54,16 @@ class Responder:
     caller has already moved on (a node resuming from a pause must not run stale work).
     """
 
-    def __init__(self, transport: Transport, dispatcher: LocalDispatcher, *, max_payload: int) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        dispatcher: LocalDispatcher,
+        *,
+        max_payload: int,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._transport = transport
+        self._wall_clock = wall_clock
         self._dispatcher = dispatcher
         self._max_payload = max_payload
         self._subscriptions: list[Subscription] = []
@@ -107,7 +115,7 @@ class Responder:
         del self._tasks[task]
 
     def _on_request(self, delivery: Delivery) -> None:
-        remaining = _remaining(delivery.envelope)
+        remaining = self._remaining(delivery.envelope)
         if remaining is None:
             self._spawn(self._answer(delivery))
         elif remaining > 0:
@@ -117,6 +125,10 @@ class Responder:
             logger.info(
                 "dropped %s: its caller's deadline passed before it ran", _describe(delivery.envelope)
             )
+
+    def _remaining(self, envelope: Envelope) -> float | None:
+        deadline = deadline_of(envelope)
+        return None if deadline is None else deadline - self._wall_clock()
 
     async def _reap_late_work(self) -> None:
         """Cancel handlers still running after their caller gave up: they would only duplicate the
@@ -181,11 +193,6 @@ class Responder:
             return
         self.stats["events_handled"] += 1
         self.stats["event_handler_errors"] += await self._dispatcher.handle_event(event)
-
-
-def _remaining(envelope: Envelope) -> float | None:
-    deadline = deadline_of(envelope)
-    return None if deadline is None else deadline - time.time()
 
 
 def _describe(envelope: Envelope) -> str:
