@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from fastapi_catga import __version__
-from fastapi_catga.cluster.node import ClusterConfig, ClusterNode
+from fastapi_catga.cluster.node import ClusterNode
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.handlers import HandlerRegistry, HandlerSource
 from fastapi_catga.core.mediator import Mediator
@@ -70,20 +70,13 @@ def build(
     if handlers is None and settings.handler_modules:
         handlers = settings.handler_modules
     registry = HandlerRegistry.from_declared() if handlers is None else HandlerRegistry.from_sources(handlers)
-    dispatcher = LocalDispatcher(registry, behaviors, settings.node_id)
-    config = ClusterConfig(
-        node_id=settings.node_id,
-        endpoint=settings.endpoint,
-        metadata=settings.metadata,
-        heartbeat_interval=settings.heartbeat_interval,
-        node_ttl=settings.node_ttl,
-        request_timeout=settings.request_timeout,
-        retry_attempts=settings.retry_attempts,
-        routing=settings.routing,
-        drain_timeout=settings.drain_timeout,
-        version=__version__,
-    )
+    dispatcher = LocalDispatcher(registry, behaviors, settings.node_id, expose_errors=settings.expose_errors)
     node = ClusterNode(
-        transport or create_transport(settings), dispatcher, config, clock=clock, wall_clock=wall_clock
+        transport or create_transport(settings),
+        dispatcher,
+        settings,
+        version=__version__,
+        clock=clock,
+        wall_clock=wall_clock,
     )
     return Catga(settings, node, Mediator(dispatcher, node))

@@ -15,8 +15,11 @@ CatgaError
     └── NoResponderError                   the broker says nobody listens on that address
 ```
 
-Every error carries a stable ``code`` used on the wire and in problem+json answers, so that an
-error raised on one node is raised as the same class on the node that asked.
+Every error carries a stable ``code`` used in problem+json answers. An error a handler raised on
+one node is raised on the node that asked as the same class, subclasses of your own included,
+when that class is defined in the asking process (the same app runs on every node); otherwise as
+its nearest base class that is. Classes are looked up among those already defined in the process,
+never imported by a name that came over the wire.
 """
 
 from __future__ import annotations
@@ -36,16 +39,33 @@ __all__ = [
     "RequestTimeoutError",
     "RetryableError",
     "TransportError",
+    "error_class_for",
     "error_class_for_code",
+    "error_lineage",
+    "rebuild_error",
 ]
 
 
+# Every CatgaError class defined in this process, by "module.qualname": the only classes an
+# error arriving from another node can become.
+_DEFINED: dict[str, type[CatgaError]] = {}
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class CatgaError(Exception):
-    """Root of every error fastapi-catga raises on purpose."""
+    """Root of every error fastapi-catga raises on purpose; subclass it for your handlers' errors."""
 
     code: ClassVar[str] = "catga_error"
-    #: Whether another attempt (on another node) may succeed.
+    #: Whether another attempt may succeed. The retry behavior retries such errors in place;
+    #: across nodes only a `RetryableError` a handler raised is tried again.
     retryable: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _DEFINED[_qualified(cls)] = cls
 
     def __init__(self, message: str, *, node_id: str | None = None, details: Any = None) -> None:
         super().__init__(message)
@@ -167,3 +187,32 @@ _BY_CODE: dict[str, type[CatgaError]] = {
 def error_class_for_code(code: str) -> type[CatgaError]:
     """The error class for a wire code; unknown codes map to `RemoteHandlerError`."""
     return _BY_CODE.get(code, RemoteHandlerError)
+
+
+_DEFINED[_qualified(CatgaError)] = CatgaError
+
+
+def error_lineage(exc: CatgaError) -> list[str]:
+    """The qualified names of the error's class and its `CatgaError` bases, nearest first."""
+    return [_qualified(cls) for cls in type(exc).__mro__ if issubclass(cls, CatgaError)]
+
+
+def error_class_for(lineage: object, code: str) -> type[CatgaError]:
+    """The first class of ``lineage`` defined in this process, else the class of ``code``."""
+    if isinstance(lineage, list):
+        for name in lineage:
+            cls = _DEFINED.get(name) if isinstance(name, str) else None
+            if cls is not None:
+                return cls
+    return error_class_for_code(code)
+
+
+def rebuild_error(
+    cls: type[CatgaError], message: str, *, node_id: str | None, details: Any, retryable: bool
+) -> CatgaError:
+    """An instance of ``cls`` carrying what crossed the wire, without calling its own ``__init__``
+    (a subclass of yours may take other arguments); attributes it would set there are absent."""
+    error = cls.__new__(cls)
+    CatgaError.__init__(error, message, node_id=node_id, details=details)
+    error.retryable = retryable
+    return error

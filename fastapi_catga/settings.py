@@ -51,6 +51,10 @@ class CatgaSettings(BaseSettings):
     )
     max_payload: int = Field(1024 * 1024, ge=1024, description="Largest encoded message, bytes")
     drain_timeout: float = Field(10.0, ge=0, description="Seconds a stopping node waits for work in flight")
+    expose_errors: bool = Field(
+        False,
+        description="Put a failing handler's exception text in the error callers get (development only)",
+    )
     handler_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated modules whose @handler functions to register"
     )

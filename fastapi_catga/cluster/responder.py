@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -12,6 +11,8 @@ from typing import Any
 
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
+    MESSAGE_ID,
+    MESSAGE_TYPE,
     SOURCE,
     Envelope,
     deadline_of,
@@ -19,6 +20,7 @@ from fastapi_catga.core.envelope import (
     encode_error,
     encode_result,
 )
+from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Request
 from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError
 from fastapi_catga.transports.base import Delivery, Subscription, Transport
@@ -28,7 +30,6 @@ __all__ = ["Responder", "event_subject", "node_subject", "type_subject"]
 logger = logging.getLogger(__name__)
 
 QUEUE_GROUP = "catga"
-REAP_INTERVAL = 0.05  # s: how late, at most, a handler is cancelled after its caller's deadline
 
 
 def node_subject(node_id: str) -> str:
@@ -51,7 +52,10 @@ class Responder:
 
     Each delivery runs in its own task (a slow handler never holds up others), bounded by the
     caller's deadline: a request whose deadline passed before it ran is dropped unrun, since the
-    caller has already moved on (a node resuming from a pause must not run stale work).
+    caller has already moved on (a node resuming from a pause must not run stale work), and a
+    handler still running at the deadline is cancelled. Malformed input is answered with a typed
+    error where there is a reply address, counted in ``stats``, and logged at most once per
+    interval per kind.
     """
 
     def __init__(
@@ -67,8 +71,8 @@ class Responder:
         self._dispatcher = dispatcher
         self._max_payload = max_payload
         self._subscriptions: list[Subscription] = []
-        self._tasks: dict[asyncio.Task[None], float] = {}  # work in flight -> loop time its caller gives up
-        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._log_limit = LogLimiter()
         self.stats: Counter[str] = Counter()
 
     @property
@@ -77,7 +81,6 @@ class Responder:
 
     async def start(self) -> None:
         """Subscribe the node's direct subject, its request types' queue groups and its events."""
-        self._reaper = asyncio.get_running_loop().create_task(self._reap_late_work(), name="catga-reaper")
         subscribe = self._transport.subscribe
         self._subscriptions.append(await subscribe(node_subject(self.node_id), self._on_request))
         if self._transport.supports_queue_groups:
@@ -88,113 +91,122 @@ class Responder:
             self._subscriptions.append(await subscribe(event_subject(message_type.type_name), self._on_event))
 
     async def stop(self, drain_timeout: float) -> None:
-        """Unsubscribe, then wait up to ``drain_timeout`` for work in flight; cancel what is left."""
+        """Unsubscribe, then wait up to ``drain_timeout`` for work in flight; cancel what is left
+        and wait for it to end."""
         for subscription in self._subscriptions:
             try:
                 await subscription.unsubscribe()
             except CatgaError as exc:
                 logger.debug("unsubscribe failed: %s", exc)
         self._subscriptions.clear()
-        if self._reaper is not None:
-            self._reaper.cancel()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=drain_timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                logger.warning(
-                    "cancelled %d handler run(s) still going after %.1f s", len(pending), drain_timeout
-                )
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=drain_timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.warning(
+                "cancelled %d handler run(s) still going after %.1f s", len(pending), drain_timeout
+            )
+            await asyncio.wait(pending)
 
-    def _spawn(self, work: Coroutine[Any, Any, None], deadline: float = math.inf) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
-        self._tasks[task] = deadline
-        task.add_done_callback(self._forget)
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        del self._tasks[task]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _on_request(self, delivery: Delivery) -> None:
-        remaining = self._remaining(delivery.envelope)
-        if remaining is None:
-            self._spawn(self._answer(delivery))
-        elif remaining > 0:
-            self._spawn(self._answer(delivery), asyncio.get_running_loop().time() + remaining)
+        try:
+            deadline = deadline_of(delivery.envelope)
+        except CatgaError as exc:
+            self._refuse(exc, delivery)
+            return
+        remaining = None if deadline is None else deadline - self._wall_clock()
+        if remaining is None or remaining > 0:
+            self._spawn(self._answer(delivery, remaining))
         else:
             self.stats["expired_dropped"] += 1
-            logger.info(
-                "dropped %s: its caller's deadline passed before it ran", _describe(delivery.envelope)
-            )
-
-    def _remaining(self, envelope: Envelope) -> float | None:
-        deadline = deadline_of(envelope)
-        return None if deadline is None else deadline - self._wall_clock()
-
-    async def _reap_late_work(self) -> None:
-        """Cancel handlers still running after their caller gave up: they would only duplicate the
-        work of the retry that caller has made elsewhere. One sweep a tick, not a timer a request."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(REAP_INTERVAL)
-            now = loop.time()
-            late = [task for task, deadline in self._tasks.items() if deadline < now and not task.done()]
-            for task in late:
-                self.stats["deadline_cancelled"] += 1
-                task.cancel()
+            self._log("expired", "dropped %s: its caller's deadline passed before it ran", delivery.envelope)
 
     def _on_event(self, delivery: Delivery) -> None:
         if delivery.envelope.headers.get(SOURCE) != self.node_id:  # local handlers ran at publish
             self._spawn(self._run_event(delivery.envelope))
 
-    async def _answer(self, delivery: Delivery) -> None:
-        envelope = delivery.envelope
-        reply = await self._run_request(envelope)
+    def _refuse(self, exc: CatgaError, delivery: Delivery) -> None:
+        """Malformed input this node will not run: count it, answer it, log it (not too often)."""
+        self.stats["bad_requests"] += 1
+        self._log(type(exc).__name__, "refused %s: %s", delivery.envelope, exc)
         if delivery.reply is not None:
-            try:
-                await delivery.reply(reply)
-            except CatgaError as exc:
-                logger.warning("could not answer %s: %s", _describe(envelope), exc)
+            self._spawn(self._send_reply(delivery, encode_error(exc, node_id=self.node_id, by_node=True)))
 
-    async def _run_request(self, envelope: Envelope) -> Envelope:
+    async def _answer(self, delivery: Delivery, remaining: float | None) -> None:
+        reply = await self._run_request(delivery.envelope, remaining)
+        if reply is not None and delivery.reply is not None:
+            await self._send_reply(delivery, reply)
+
+    async def _send_reply(self, delivery: Delivery, reply: Envelope) -> None:
+        assert delivery.reply is not None
+        try:
+            await delivery.reply(reply)
+        except CatgaError as exc:
+            self._log("reply", "could not answer %s: %s", delivery.envelope, exc)
+
+    async def _run_request(self, envelope: Envelope, remaining: float | None) -> Envelope | None:
         try:
             message = decode_message(envelope, self._dispatcher.types)
             if not isinstance(message, Request):
                 raise HandlerNotFoundError(f"{message.type_name} is an event; publish it instead")
-            result = await self._dispatcher.handle_request(message)
-            self.stats["requests_handled"] += 1
-            return encode_result(
-                result, type(message).result_adapter(), node_id=self.node_id, max_payload=self._max_payload
-            )
         except CatgaError as exc:
-            self._count_failure(exc, envelope)
-            return encode_error(exc, node_id=self.node_id)
-        except Exception as exc:  # the result did not serialize
-            logger.exception("could not encode the result of %s", _describe(envelope))
-            error = RemoteHandlerError(f"result could not be encoded: {exc}", error_type=type(exc).__name__)
-            return encode_error(error, node_id=self.node_id)
-
-    def _count_failure(self, exc: CatgaError, envelope: Envelope) -> None:
-        if isinstance(exc, RemoteHandlerError):
-            self.stats["handler_errors"] += 1
-        else:
             self.stats["bad_requests"] += 1
-            logger.info("refused %s: %s", _describe(envelope), exc)
+            self._log(type(exc).__name__, "refused %s: %s", envelope, exc)
+            return encode_error(exc, node_id=self.node_id, by_node=True)
+        try:
+            result = await self._dispatcher.handle_request(message, remaining)
+        except TimeoutError as exc:
+            if not isinstance(exc, CatgaError):  # the caller's deadline: it has moved on, answer nobody
+                self.stats["deadline_cancelled"] += 1
+                return None
+            self.stats["handler_errors"] += 1
+            return encode_error(exc, node_id=self.node_id)
+        except CatgaError as exc:
+            self.stats["handler_errors"] += 1
+            return encode_error(exc, node_id=self.node_id)
+        self.stats["requests_handled"] += 1
+        adapter = type(message).result_adapter()
+        try:
+            return encode_result(result, adapter, node_id=self.node_id, max_payload=self._max_payload)
+        except Exception as exc:  # validated, yet not JSON (an `Any` result holding some object)
+            self._log("encode", "could not encode the result of %s: %s", envelope, exc)
+            error = RemoteHandlerError(
+                f"the result of {message.type_name} on node {self.node_id} is not JSON",
+                error_type=type(exc).__name__,
+                node_id=self.node_id,
+            )
+            return encode_error(error, node_id=self.node_id)
 
     async def _run_event(self, envelope: Envelope) -> None:
         try:
             event = decode_message(envelope, self._dispatcher.types)
         except CatgaError as exc:
             self.stats["bad_events"] += 1
-            logger.warning("dropped %s: %s", _describe(envelope), exc)
+            self._log(type(exc).__name__, "dropped %s: %s", envelope, exc)
             return
         if not isinstance(event, Event):
             self.stats["bad_events"] += 1
-            logger.warning("dropped %s: not an event", _describe(envelope))
+            self._log("not_event", "dropped %s: not an event", envelope)
             return
         self.stats["events_handled"] += 1
         self.stats["event_handler_errors"] += await self._dispatcher.handle_event(event)
 
+    def _log(self, kind: str, text: str, envelope: Envelope, *args: Any) -> None:
+        held = self._log_limit.allow(kind)
+        if held is not None:
+            suffix = f" ({held} more like it since the last report)" if held else ""
+            logger.warning(text + "%s", _describe(envelope), *args, suffix)
+
 
 def _describe(envelope: Envelope) -> str:
     headers = envelope.headers
-    return f"{headers.get('catga-type', '?')} {headers.get('catga-id', '?')} from {headers.get(SOURCE, '?')}"
+    parts = (headers.get(MESSAGE_TYPE, "?"), headers.get(MESSAGE_ID, "?"), headers.get(SOURCE, "?"))
+    type_name, message_id, source = (str(part)[:80] for part in parts)
+    return f"{type_name} {message_id} from {source}"

@@ -1,4 +1,9 @@
-"""Local dispatch: the composed pipelines of one node's handlers, and how their failures surface."""
+"""Local dispatch: the composed pipelines of one node's handlers, and how their outcomes surface.
+
+Every path that runs a command or query on this node (an in-process `send`, a `send` routed to
+this node, a request from another node) runs it through `LocalDispatcher.run_request`, so each
+gets the same deadline, the same result validation and the same errors.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +11,46 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
+from fastapi_catga.core.bounded import run_bounded
+from fastapi_catga.core.envelope import validation_details
 from fastapi_catga.core.handlers import HandlerRegistry
+from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Message, Request
 from fastapi_catga.core.pipeline import PipelineBehavior, build_pipeline
 from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError
 
-__all__ = ["LocalDispatcher", "handler_error"]
+__all__ = ["LocalDispatcher", "Pipeline"]
 
 logger = logging.getLogger(__name__)
 
 Pipeline = Callable[[Any], Awaitable[Any]]
 
 
-def handler_error(exc: Exception, message: Message, node_id: str) -> CatgaError:
-    """What the caller gets when a handler raised ``exc``: `CatgaError`s as they are, others wrapped."""
-    if isinstance(exc, CatgaError):
-        if exc.node_id is None:
-            exc.node_id = node_id
-        return exc
-    return RemoteHandlerError(
-        f"{message.type_name} handler raised {type(exc).__name__}: {exc}",
-        error_type=type(exc).__name__,
-        node_id=node_id,
-        retryable=bool(getattr(exc, "retryable", False)),
-    )
-
-
 class LocalDispatcher:
-    """Runs this node's handlers through their pipelines, composed once at construction."""
+    """Runs this node's handlers through their pipelines, composed once at construction.
+
+    Args:
+        registry: the handlers this node runs.
+        behaviors: pipeline behaviors, outermost first.
+        node_id: this node, named in errors.
+        expose_errors: put a failing handler's exception text in the error the caller gets
+            (development only: the text may hold data the caller should not see). Either way it
+            is logged here, with its traceback.
+    """
 
     def __init__(
-        self, registry: HandlerRegistry, behaviors: Sequence[PipelineBehavior], node_id: str
+        self,
+        registry: HandlerRegistry,
+        behaviors: Sequence[PipelineBehavior],
+        node_id: str,
+        *,
+        expose_errors: bool = False,
     ) -> None:
         self.registry = registry
         self.node_id = node_id
+        self.expose_errors = expose_errors
         self.requests: dict[type[Message], Pipeline] = {
             message_type: build_pipeline(spec.func, behaviors, message_type)
             for message_type, spec in registry.requests.items()
@@ -51,25 +62,72 @@ class LocalDispatcher:
         self.types: dict[str, type[Message]] = {
             message_type.type_name: message_type for message_type in [*self.requests, *self._events]
         }
+        self._log_limit = LogLimiter()
 
     def handles(self, message_type: type[Message]) -> bool:
         """Whether a handler for this type runs here."""
         return message_type in self.requests or message_type in self._events
 
-    async def handle_request(self, message: Request[Any]) -> Any:
-        """Run the command's or query's handler here.
+    async def handle_request(self, message: Request[Any], timeout: float | None = None) -> Any:
+        """Run the command's or query's handler here, within ``timeout`` seconds if given.
 
         Raises:
             HandlerNotFoundError: no handler for it on this node.
-            CatgaError: what the handler raised, other exceptions as `RemoteHandlerError`.
+            CatgaError: what the handler raised, other exceptions as `RemoteHandlerError`, a result
+                that does not match the result type as `RemoteHandlerError` too.
+            TimeoutError: the builtin one, never a handler's: ``timeout`` passed and the run was cancelled.
         """
         pipeline = self.requests.get(type(message))
         if pipeline is None:
             raise HandlerNotFoundError(f"no handler for {message.type_name} on node {self.node_id}")
+        return await self.run_request(pipeline, message, timeout)
+
+    async def run_request(self, pipeline: Pipeline, message: Request[Any], timeout: float | None) -> Any:
+        """`handle_request` for a pipeline already looked up (the in-process fast path)."""
+        return await run_bounded(self._guarded(pipeline, message), timeout)
+
+    async def _guarded(self, pipeline: Pipeline, message: Request[Any]) -> Any:
         try:
-            return await pipeline(message)
+            result = await pipeline(message)
         except Exception as exc:
-            raise handler_error(exc, message, self.node_id) from exc
+            raise self.handler_error(exc, message) from exc
+        try:
+            return type(message).result_adapter().validate_python(result)
+        except ValidationError as exc:
+            raise RemoteHandlerError(
+                f"{message.type_name} handler on node {self.node_id} returned a result that does not "
+                f"match its result type (message {message.message_id})",
+                error_type="ResultValidationError",
+                node_id=self.node_id,
+                details=validation_details(exc),
+            ) from exc
+
+    def handler_error(self, exc: Exception, message: Message) -> CatgaError:
+        """What the caller gets when a handler raised ``exc``: `CatgaError`s as they are (they are
+        meant for the caller), anything else as a `RemoteHandlerError` naming its type; the text
+        stays in this node's log unless ``expose_errors``."""
+        if isinstance(exc, CatgaError):
+            if exc.node_id is None:
+                exc.node_id = self.node_id
+            return exc
+        error_type = type(exc).__name__
+        held = self._log_limit.allow((message.type_name, error_type))
+        if held is not None:
+            more = f" ({held} more since the last report)" if held else ""
+            logger.error(
+                "%s handler raised %s on %s (message %s)%s",
+                message.type_name, error_type, self.node_id, message.message_id, more, exc_info=exc,
+            )  # fmt: skip
+        text = f"{message.type_name} handler raised {error_type} on node {self.node_id}"
+        text += f" (message {message.message_id})"
+        if self.expose_errors:
+            text += f": {exc}"
+        return RemoteHandlerError(
+            text,
+            error_type=error_type,
+            node_id=self.node_id,
+            retryable=bool(getattr(exc, "retryable", False)),
+        )
 
     async def handle_event(self, event: Event) -> int:
         """Run every handler of the event here, one after another; returns how many failed.
@@ -80,7 +138,12 @@ class LocalDispatcher:
         for name, pipeline in self._events.get(type(event), ()):
             try:
                 await pipeline(event)
-            except Exception:
+            except Exception as exc:
                 failed += 1
-                logger.exception("event handler %s failed on %s %s", name, event.type_name, event.message_id)
+                held = self._log_limit.allow((name, type(exc).__name__))
+                if held is not None:
+                    logger.error(
+                        "event handler %s failed on %s %s%s", name, event.type_name, event.message_id,
+                        f" ({held} more since the last report)" if held else "", exc_info=exc,
+                    )  # fmt: skip
         return failed

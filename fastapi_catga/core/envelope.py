@@ -20,7 +20,9 @@ from fastapi_catga.exceptions import (
     MessageTooLargeError,
     MessageValidationError,
     RemoteHandlerError,
-    error_class_for_code,
+    error_class_for,
+    error_lineage,
+    rebuild_error,
 )
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "MESSAGE_ID",
     "MESSAGE_TYPE",
     "NODE",
+    "ORIGIN",
     "SOURCE",
     "STATUS",
     "Envelope",
@@ -39,7 +42,10 @@ __all__ = [
     "encode_error",
     "encode_message",
     "encode_result",
+    "error_from_reply",
+    "made_by_node",
     "pack",
+    "validation_details",
     "unpack",
 ]
 
@@ -50,6 +56,10 @@ SOURCE = "catga-source"
 DEADLINE = "catga-deadline"  # absolute UNIX time in ms at which the caller stops waiting for this attempt
 STATUS = "catga-status"  # replies: "ok" or "error"
 NODE = "catga-node"  # replies: the node that answered
+# Error replies the responding node made itself, not its handler (it has no handler for the type, the
+# message did not decode): "node". The caller may try another node for those, never for a handler's.
+ORIGIN = "catga-origin"
+_MAX_DEADLINE_DIGITS = 15  # ms since 1970: 13 digits until the year 2286
 _HEADROOM = 512  # bytes: more than catga's own headers; bodies closer to the limit are measured exactly
 
 
@@ -135,12 +145,17 @@ def deadline_header(deadline: float) -> str:
 
 
 def deadline_of(envelope: Envelope) -> float | None:
-    """The UNIX time (s) at which the caller stops waiting, or None when there is none (or no number)."""
+    """The UNIX time (s) at which the caller stops waiting, or None when the frame sets none.
+
+    Raises:
+        MessageValidationError: the header is there but is no whole number of milliseconds.
+    """
     value = envelope.headers.get(DEADLINE)
-    try:
-        return int(value) / 1000 if value is not None else None
-    except (TypeError, ValueError):
+    if value is None:
         return None
+    if type(value) is not str or not value.isdigit() or len(value) > _MAX_DEADLINE_DIGITS:
+        raise MessageValidationError(f"{DEADLINE} must be whole milliseconds since 1970")
+    return int(value) / 1000
 
 
 def decode_message(envelope: Envelope, types: dict[str, type[Message]]) -> Message:
@@ -151,18 +166,25 @@ def decode_message(envelope: Envelope, types: dict[str, type[Message]]) -> Messa
         MessageValidationError: the body is not valid JSON for that type.
     """
     type_name = envelope.headers.get(MESSAGE_TYPE)
-    if type_name is None:
-        raise MessageValidationError(f"not a catga message: no {MESSAGE_TYPE} header")
+    if type(type_name) is not str:
+        raise MessageValidationError(f"not a catga message: no {MESSAGE_TYPE} header with a type name")
     message_type = types.get(type_name)
     if message_type is None:
-        raise HandlerNotFoundError(f"no handler for message type {type_name!r} on this node")
+        raise HandlerNotFoundError(f"no handler for message type {type_name[:100]!r} on this node")
     try:
         return message_type.model_validate_json(envelope.body)
     except ValidationError as exc:
         raise MessageValidationError(
-            f"invalid {type_name}: {exc.error_count()} validation error(s)",
-            details=json.loads(exc.json(include_url=False)),
+            f"invalid {type_name}: {exc.error_count()} validation error(s)", details=validation_details(exc)
         ) from exc
+
+
+def validation_details(exc: ValidationError) -> list[Any]:
+    """Pydantic's errors as plain JSON, without the input: it may be anything (bytes that are no
+    UTF-8 included), and a hostile sender's bytes are not echoed back."""
+    errors = exc.errors(include_url=False, include_input=False)
+    parsed: list[Any] = json.loads(json.dumps(errors, default=str))
+    return parsed
 
 
 def encode_result(value: Any, adapter: TypeAdapter[Any], *, node_id: str, max_payload: int) -> Envelope:
@@ -176,16 +198,24 @@ def encode_result(value: Any, adapter: TypeAdapter[Any], *, node_id: str, max_pa
     return envelope
 
 
-def encode_error(exc: CatgaError, *, node_id: str) -> Envelope:
-    """Encode an error as a reply that `decode_reply` raises again as the same class."""
+def encode_error(exc: CatgaError, *, node_id: str, by_node: bool = False) -> Envelope:
+    """Encode an error as a reply that `decode_reply` raises again as the same class.
+
+    ``by_node``: the answering node made this error itself (no handler here, undecodable message),
+    so the handler never ran; the caller may try another node.
+    """
     body = {
         "code": exc.code,
         "message": exc.message,
         "error_type": getattr(exc, "error_type", type(exc).__name__),
         "retryable": exc.retryable,
         "details": exc.details,
+        "lineage": error_lineage(exc),
     }
-    return Envelope({STATUS: "error", NODE: node_id}, json.dumps(body, default=str).encode())
+    headers = {STATUS: "error", NODE: node_id}
+    if by_node:
+        headers[ORIGIN] = "node"
+    return Envelope(headers, json.dumps(body, default=str).encode())
 
 
 def decode_reply(envelope: Envelope, adapter: TypeAdapter[Any]) -> Any:
@@ -208,22 +238,22 @@ def decode_reply(envelope: Envelope, adapter: TypeAdapter[Any]) -> Any:
 
 
 def error_from_reply(envelope: Envelope) -> CatgaError:
-    """The `CatgaError` an error reply carries."""
-    node_id = envelope.headers.get(NODE)
+    """The `CatgaError` an error reply carries, as the nearest class this process defines."""
+    node = envelope.headers.get(NODE)
+    node_id = node if type(node) is str else None
     try:
         body = json.loads(envelope.body)
         code, message = str(body["code"]), str(body["message"])
+        retryable = bool(body.get("retryable", False))
     except (ValueError, KeyError, TypeError):
         return RemoteHandlerError(f"node {node_id} sent an unreadable error reply", node_id=node_id)
-    cls = error_class_for_code(code)
-    if issubclass(cls, RemoteHandlerError):
-        return RemoteHandlerError(
-            message,
-            error_type=str(body.get("error_type", "Exception")),
-            node_id=node_id,
-            retryable=bool(body.get("retryable", False)),
-            details=body.get("details"),
-        )
-    error = cls(message, node_id=node_id, details=body.get("details"))
-    error.retryable = bool(body.get("retryable", cls.retryable))
+    cls = error_class_for(body.get("lineage"), code)
+    error = rebuild_error(cls, message, node_id=node_id, details=body.get("details"), retryable=retryable)
+    if isinstance(error, RemoteHandlerError):
+        error.error_type = str(body.get("error_type", "Exception"))
     return error
+
+
+def made_by_node(envelope: Envelope) -> bool:
+    """Whether an error reply is the answering node's own (its handler never ran)."""
+    return envelope.headers.get(ORIGIN) == "node"

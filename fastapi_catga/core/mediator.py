@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from fastapi_catga.core.dispatch import LocalDispatcher, handler_error
+from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.messages import Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
-from fastapi_catga.exceptions import CatgaError
+from fastapi_catga.exceptions import CatgaError, RequestTimeoutError
 
 __all__ = ["ClusterPort", "Mediator"]
 
@@ -19,6 +19,9 @@ class ClusterPort(Protocol):
     """What the mediator needs from the cluster layer (implemented by `ClusterNode`)."""
 
     local_routes: dict[type[Message], Callable[[Any], Awaitable[Any]]]
+
+    @property
+    def request_timeout(self) -> float: ...
 
     async def send(
         self, message: Request[Any], *, node_id: str | None = None, timeout: float | None = None
@@ -49,28 +52,34 @@ class Mediator:
 
         A failed attempt (nobody listening, node gone, attempt timeout) is retried on another node,
         up to ``CATGA_RETRY_ATTEMPTS`` attempts within ``timeout`` (default ``CATGA_REQUEST_TIMEOUT``).
+        An error the handler raised is returned once, not retried, unless it is a `RetryableError`.
         When only this node can run the message, it runs in the caller's task at the cost of a
-        plain call, bounded only when ``timeout`` is given.
+        plain call, under the same deadline, result validation and error rules.
 
         Raises:
             HandlerNotFoundError: no live node handles this type.
             NodeUnavailableError: capable nodes exist but none could take it.
             RequestTimeoutError: no answer before the deadline.
-            RemoteHandlerError: the handler raised (``error_type`` names the exception).
+            RemoteHandlerError: the handler raised (``error_type`` names the exception; its text
+                stays in the handling node's log), or returned a result of the wrong type.
             MessageTooLargeError: over the payload limit; nothing was sent.
             CatgaError: any `CatgaError` the handler raised, as its own class.
         """
         run = self._local.get(message.__class__)
-        if run is None or timeout is not None:
+        if run is None:
             result: R = await self._cluster.send(message, timeout=timeout)
             return result
+        budget = self._cluster.request_timeout if timeout is None else timeout
+        if not budget > 0:
+            raise ValueError(f"timeout must be positive, got {budget}")
         try:
-            result = await run(message)
-        except Exception as exc:
-            error = handler_error(exc, message, self._dispatcher.node_id)
-            if error is exc:
-                raise
-            raise error from exc
+            result = await self._dispatcher.run_request(run, message, budget)
+        except TimeoutError as exc:
+            if isinstance(exc, CatgaError):
+                raise  # the handler's own
+            raise RequestTimeoutError(
+                f"{message.type_name} {message.message_id}: no answer within {budget:g} s"
+            ) from None
         return result
 
     async def send_to_node(self, message: Request[R], node_id: str, *, timeout: float | None = None) -> R:

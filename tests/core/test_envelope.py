@@ -253,17 +253,26 @@ def test_unreadable_error_reply_is_a_remote_handler_error() -> None:
 # -- deadlines ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("headers", "deadline"),
-    [
-        ({}, None),
-        ({DEADLINE: "100500"}, 100.5),
-        ({DEADLINE: "soon"}, None),
-        ({DEADLINE: "100.5"}, None),  # seconds with a fraction are not the wire format
-    ],
-)
+@pytest.mark.parametrize(("headers", "deadline"), [({}, None), ({DEADLINE: "100500"}, 100.5)])
 def test_deadline_of_reads_whole_milliseconds(headers: dict[str, str], deadline: float | None) -> None:
     assert deadline_of(Envelope(headers, b"{}")) == deadline
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "soon",
+        "100.5",  # seconds with a fraction are not the wire format
+        "-5",
+        "9" * 400,  # int() takes it, the float division overflows
+        ["100"],
+        {"ms": 100},
+        100500,  # a JSON number, not the string the wire carries
+    ],
+)
+def test_a_deadline_that_is_no_whole_milliseconds_is_invalid(value: object) -> None:
+    with pytest.raises(MessageValidationError, match="whole milliseconds"):
+        deadline_of(Envelope({DEADLINE: value}, b"{}"))  # type: ignore[dict-item]
 
 
 def test_deadline_header_round_trips_to_the_millisecond() -> None:

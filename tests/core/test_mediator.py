@@ -133,8 +133,11 @@ async def test_send_returns_the_result(catga: Catga, timeout: float | None) -> N
 
 @pytest.mark.parametrize("timeout", [None, 5.0])
 async def test_handler_exception_becomes_remote_handler_error(catga: Catga, timeout: float | None) -> None:
-    with pytest.raises(RemoteHandlerError, match="MExplode handler raised ValueError: kaboom") as info:
-        await catga.mediator.send(MExplode(), timeout=timeout)
+    message = MExplode()
+    with pytest.raises(RemoteHandlerError, match="MExplode handler raised ValueError on node") as info:
+        await catga.mediator.send(message, timeout=timeout)
+    assert message.message_id in str(info.value)
+    assert "kaboom" not in str(info.value), "the handler's text stays in this node's log"
     assert info.value.error_type == "ValueError"
     assert info.value.node_id == NODE_ID
     assert isinstance(info.value.__cause__, ValueError)

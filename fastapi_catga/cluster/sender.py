@@ -1,0 +1,335 @@
+"""The sending side of a node: pick a node, attempt, retry, fail over; broadcast and publish.
+
+The error rule, on every path: an error that describes *this attempt's transport* (nobody
+listening, the attempt's deadline, a lost connection, a node without the handler) may be retried
+on another node. An error the *handler* raised is the caller's answer, returned once, unless it is
+a `RetryableError` (or wraps an exception that says ``retryable = True``). The two kinds are told
+apart by where they arise, never by their class: a handler may itself raise `TransportError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+from fastapi_catga.cluster.responder import event_subject, node_subject, type_subject
+from fastapi_catga.cluster.routing import RoutingStrategy, choose_node
+from fastapi_catga.cluster.view import ClusterView
+from fastapi_catga.core.dispatch import LocalDispatcher
+from fastapi_catga.core.envelope import (
+    ATTEMPT,
+    DEADLINE,
+    STATUS,
+    Envelope,
+    deadline_header,
+    decode_reply,
+    encode_message,
+    error_from_reply,
+    made_by_node,
+)
+from fastapi_catga.core.messages import Event, Request
+from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.exceptions import (
+    CatgaError,
+    HandlerNotFoundError,
+    MessageTooLargeError,
+    MessageValidationError,
+    NodeUnavailableError,
+    NoResponderError,
+    RemoteHandlerError,
+    RequestTimeoutError,
+    RetryableError,
+    TransportError,
+)
+from fastapi_catga.transports.base import Transport
+
+__all__ = ["AttemptFailed", "Sender", "retried_elsewhere"]
+
+
+class AttemptFailed(Exception):
+    """This attempt's transport failed, not the handler: ``error`` is what it amounts to."""
+
+    def __init__(self, error: CatgaError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def retried_elsewhere(error: CatgaError) -> bool:
+    """Whether a handler's error asks for another attempt (on another node where there is one)."""
+    return isinstance(error, RetryableError) or (isinstance(error, RemoteHandlerError) and error.retryable)
+
+
+class Sender:
+    """Runs commands and queries on capable nodes, this one included, and fans events out.
+
+    Args:
+        transport: the broker connection.
+        dispatcher: this node's handlers; a message routed here runs through it.
+        view: the live members.
+        strategy: how a node is picked among the capable ones (a routing key always hashes).
+        request_timeout: the default total deadline of a send, seconds.
+        retry_attempts: attempts in all, each on another node where one exists.
+        connected: set while the broker connection is up (a send waits for it, within its deadline).
+        clock: monotonic seconds; wall_clock: UNIX seconds, for deadlines that travel.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        dispatcher: LocalDispatcher,
+        view: ClusterView,
+        *,
+        strategy: RoutingStrategy,
+        request_timeout: float,
+        retry_attempts: int,
+        connected: asyncio.Event,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.transport = transport
+        self.dispatcher = dispatcher
+        self.view = view
+        self.request_timeout = request_timeout
+        self.closed = False
+        self._strategy = strategy
+        self._attempts = retry_attempts
+        self._connected = connected
+        self._clock = clock
+        self._wall_clock = wall_clock
+
+    @property
+    def node_id(self) -> str:
+        return self.view.node_id
+
+    def budget(self, timeout: float | None) -> float:
+        """The deadline of one call, seconds from now; a stopped node takes no more calls.
+
+        Raises:
+            NodeUnavailableError: this node was stopped.
+            ValueError: ``timeout`` is not positive.
+        """
+        if self.closed:
+            raise NodeUnavailableError(f"node {self.node_id} is stopped; it sends nothing more")
+        budget = self.request_timeout if timeout is None else timeout
+        if not budget > 0:
+            raise ValueError(f"timeout must be positive, got {budget}")
+        return budget
+
+    async def send(
+        self, message: Request[Any], *, node_id: str | None = None, timeout: float | None = None
+    ) -> Any:
+        """Run a command or query on one capable node, retrying on another within the deadline."""
+        if not isinstance(message, Request):
+            raise MessageValidationError(
+                f"send() takes a Command or Query, not {type(message).__name__}; publish() events"
+            )
+        budget = self.budget(timeout)
+        call = _Call(message, self._clock() + budget, budget)
+        if node_id is not None:
+            return await self._send_to(call, node_id)
+        return await self._send_any(call)
+
+    async def _send_to(self, call: _Call, node_id: str) -> Any:
+        node = self.view.get(node_id)
+        if node is None:
+            known = ", ".join(n.node_id for n in self.view.nodes())
+            raise NodeUnavailableError(f"node {node_id!r} is unknown or dead; live nodes: {known}")
+        if call.message.type_name not in node.handles:
+            raise HandlerNotFoundError(f"node {node_id} has no handler for {call.message.type_name}")
+        try:
+            return await self._patient_attempt(call, node_id, 1, math.inf)
+        except AttemptFailed as failed:
+            if isinstance(failed.error, NoResponderError):
+                self.view.suspect(node_id, self._clock())
+                raise NodeUnavailableError(
+                    f"node {node_id} is not listening (stopped or crashed)", node_id=node_id
+                ) from failed.error
+            raise failed.error from None
+
+    async def _send_any(self, call: _Call) -> Any:
+        candidates = self.view.capable(call.message.type_name)
+        if any(node.node_id != self.node_id for node in candidates):
+            # The same size rule wherever the router lands: encode now, once, for every attempt.
+            call.envelope(self.node_id, self.transport.max_payload)
+        tried: set[str] = set()
+        for attempt in range(1, self._attempts + 1):
+            remaining = call.deadline - self._clock()
+            target = self._pick(call.message, tried)
+            if remaining <= 0 or target is None:
+                break
+            # Each attempt gets its share of the time left, so one dead or paused node cannot eat the
+            # whole budget; with no other node left to try, a retry would only run a slow handler
+            # again, so the last candidate gets all of it.
+            share = remaining / max(1, min(self._attempts - attempt + 1, self._untried(call.message, tried)))
+            try:
+                return await self._patient_attempt(call, target, attempt, share)
+            except AttemptFailed as failed:
+                call.errors.append(failed.error)
+                if isinstance(failed.error, NoResponderError | RequestTimeoutError):
+                    self.view.suspect(target, self._clock())
+            except CatgaError as exc:  # the handler's own answer
+                call.errors.append(exc)
+                if not retried_elsewhere(exc):
+                    raise
+            tried.add(target)
+            await self._backoff(call.errors[-1], call.deadline)
+        raise self._final_error(call)
+
+    async def _patient_attempt(self, call: _Call, target: str, attempt: int, share: float) -> Any:
+        """Run an attempt; when the broker connection is down, wait for it (up to the deadline) and
+        run it again. No node is to blame for that, so it costs no attempt and marks no suspect."""
+        while True:
+            try:
+                return await self._attempt(call, target, attempt, min(share, call.deadline - self._clock()))
+            except AttemptFailed as failed:
+                lost = type(failed.error) is TransportError
+                if not lost or not await self._broker_back(call.deadline):
+                    raise
+
+    async def _broker_back(self, deadline: float) -> bool:
+        await asyncio.sleep(0.05)  # at least a pause: a broker refusing while "connected" must not spin us
+        try:
+            async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                await self._connected.wait()
+        except TimeoutError:
+            return False
+        return self._clock() < deadline - 0.01
+
+    def _pick(self, message: Request[Any], tried: set[str]) -> str | None:
+        candidates = self.view.capable(message.type_name)
+        fresh = [n for n in candidates if n.node_id not in tried and not self.view.is_suspect(n.node_id)]
+        pool = fresh or [n for n in candidates if n.node_id not in tried] or candidates
+        if pool:
+            return choose_node(self._strategy, pool, message, self.node_id).node_id
+        if self.transport.supports_queue_groups and not tried:
+            return ""  # nobody known: let the broker pick from the type's queue group
+        return None
+
+    def _untried(self, message: Request[Any], tried: set[str]) -> int:
+        return sum(1 for node in self.view.capable(message.type_name) if node.node_id not in tried)
+
+    async def _backoff(self, error: CatgaError, deadline: float) -> None:
+        if isinstance(error, NoResponderError | HandlerNotFoundError):
+            return  # the broker (or the node) answered at once: switch now
+        delay = min(random.uniform(0.05, 0.2), max(0.0, deadline - self._clock()))
+        await asyncio.sleep(delay)
+
+    def _final_error(self, call: _Call) -> CatgaError:
+        what = f"{call.message.type_name} {call.message.message_id}"
+        last = call.errors[-1] if call.errors else None
+        if last is None:
+            if self._clock() >= call.deadline:
+                return RequestTimeoutError(f"{what}: no answer within {call.budget:g} s")
+            return HandlerNotFoundError(f"no live node handles {call.message.type_name}")
+        if isinstance(last, NoResponderError) and not last.node_id and len(call.errors) == 1:
+            return HandlerNotFoundError(f"no node in the cluster handles {call.message.type_name}")
+        if type(last) is TransportError:
+            return last  # the broker stayed unreachable until the deadline
+        if isinstance(last, RequestTimeoutError) or self._clock() >= call.deadline:
+            error: CatgaError = RequestTimeoutError(
+                f"{what}: no answer within {call.budget:g} s ({len(call.errors)} attempt(s))"
+            )
+        elif isinstance(last, NoResponderError | HandlerNotFoundError):
+            error = NodeUnavailableError(
+                f"{what}: no live node could take it ({len(call.errors)} attempt(s))"
+            )
+        else:
+            return last  # a handler's retryable error, after the last attempt
+        error.__cause__ = last
+        return error
+
+    async def _attempt(self, call: _Call, target: str, attempt: int, timeout: float) -> Any:
+        if target == self.node_id:
+            return await self._attempt_here(call, timeout)
+        envelope = call.envelope(self.node_id, self.transport.max_payload)
+        headers = {
+            **envelope.headers,
+            ATTEMPT: str(attempt),
+            DEADLINE: deadline_header(self._wall_clock() + timeout),
+        }
+        subject = node_subject(target) if target else type_subject(call.message.type_name)
+        try:
+            reply = await self.transport.request(subject, Envelope(headers, envelope.body), timeout=timeout)
+        except MessageTooLargeError:
+            raise  # the same on every node: no other attempt can do better
+        except CatgaError as exc:
+            exc.node_id = target or None
+            raise AttemptFailed(exc) from None
+        if reply.headers.get(STATUS) == "error" and made_by_node(reply):
+            error = error_from_reply(reply)
+            if isinstance(error, HandlerNotFoundError):  # that node's record was out of date
+                raise AttemptFailed(error)
+            raise error
+        return decode_reply(reply, type(call.message).result_adapter())
+
+    async def _attempt_here(self, call: _Call, timeout: float) -> Any:
+        try:
+            return await self.dispatcher.handle_request(call.message, timeout)
+        except TimeoutError as exc:
+            if isinstance(exc, CatgaError):
+                raise  # a handler's own RequestTimeoutError
+            error = RequestTimeoutError(f"{call.message.type_name} ran over {timeout:.3f} s here")
+            raise AttemptFailed(error) from None
+
+    async def broadcast(self, message: Request[Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """Send to every live node at once; one entry per node, a result or a `CatgaError`."""
+        if not isinstance(message, Request):
+            raise MessageValidationError(
+                f"broadcast() takes a Command or Query, not {type(message).__name__}"
+            )
+        budget = self.budget(timeout)
+        call = _Call(message, self._clock() + budget, budget)
+        nodes = self.view.nodes()
+
+        async def one(node: NodeInfo) -> Any:
+            try:
+                return await self._send_to(call, node.node_id)
+            except CatgaError as exc:
+                return exc
+
+        results = await asyncio.gather(*(one(node) for node in nodes))
+        return {node.node_id: result for node, result in zip(nodes, results, strict=True)}
+
+    async def publish(self, event: Event) -> None:
+        """Run the event's handlers here, and hand it to the broker for every other node.
+
+        Raises:
+            TransportError: the broker could not take it (the local handlers still ran).
+        """
+        if not isinstance(event, Event):
+            raise MessageValidationError(
+                f"publish() takes an Event, not {type(event).__name__}; send() requests"
+            )
+        self.budget(None)
+        failure: TransportError | None = None
+        if any(event.type_name in node.events for node in self.view.nodes()[1:]) or self.view.stale:
+            envelope = encode_message(event, source=self.node_id, max_payload=self.transport.max_payload)
+            try:
+                await self.transport.publish(event_subject(event.type_name), envelope)
+            except TransportError as exc:
+                failure = exc
+        if self.dispatcher.handles(type(event)):
+            await self.dispatcher.handle_event(event)
+        if failure is not None:
+            raise failure
+
+
+class _Call:
+    """One ``send``: the message, its deadline, what went wrong so far, its envelope once encoded."""
+
+    __slots__ = ("_envelope", "budget", "deadline", "errors", "message")
+
+    def __init__(self, message: Request[Any], deadline: float, budget: float) -> None:
+        self.message = message
+        self.deadline = deadline
+        self.budget = budget
+        self.errors: list[CatgaError] = []
+        self._envelope: Envelope | None = None
+
+    def envelope(self, source: str, max_payload: int) -> Envelope:
+        if self._envelope is None:
+            self._envelope = encode_message(self.message, source=source, max_payload=max_payload)
+        return self._envelope

@@ -1,0 +1,62 @@
+"""`run_bounded`: run a coroutine in the caller's task, with a deadline only once it suspends.
+
+A handler that returns without suspending (most in-process ones) costs a plain call: no task and
+no timer. One that suspends is resumed in the same task inside ``asyncio.timeout``, so it is
+cancelled at the deadline like any awaited call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Generator
+from typing import Any, Generic, TypeVar
+
+__all__ = ["run_bounded"]
+
+T = TypeVar("T")
+
+
+async def run_bounded(coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+    """Await ``coro``, cancelling it after ``timeout`` seconds if it is still suspended then.
+
+    Raises:
+        TimeoutError: the builtin one, from ``asyncio.timeout``: the bound was hit.
+        Exception: whatever ``coro`` raised.
+    """
+    try:
+        suspended_on = coro.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    if timeout is None:
+        return await _Resume(coro, suspended_on)
+    async with asyncio.timeout(timeout):
+        return await _Resume(coro, suspended_on)
+
+
+class _Resume(Generic[T]):
+    """Awaits the rest of a coroutine that has already taken its first step outside any task."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, T], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        coro, signal = self._coro, self._first
+        while True:
+            thrown: BaseException | None = None
+            sent: Any = None
+            try:
+                sent = yield signal  # hand the awaited future to the task, as `await` would
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # a cancellation, thrown in by the task
+                thrown = exc
+            try:
+                signal = coro.send(sent) if thrown is None else coro.throw(thrown)
+            except StopIteration as done:
+                result: T = done.value
+                return result

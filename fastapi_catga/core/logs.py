@@ -1,0 +1,36 @@
+"""`LogLimiter`: at most one log line per kind and interval, so a flood of bad input cannot flood logs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+
+__all__ = ["LogLimiter"]
+
+
+class LogLimiter:
+    """Says whether a log line of some kind may be written now, and how many were held back before.
+
+    Args:
+        interval: seconds between two lines of one kind.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, interval: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[Hashable, float] = {}
+        self._held: dict[Hashable, int] = {}
+
+    def allow(self, kind: Hashable) -> int | None:
+        """None when a line of this kind was written less than ``interval`` ago (it is counted as
+        held back); otherwise how many were held back since the last one written."""
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._interval:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return None
+        if len(self._last) > 1000:  # kinds are bounded in practice; never let a bug grow this
+            self._last.clear()
+        self._last[kind] = now
+        return self._held.pop(kind, 0)
