@@ -1,14 +1,20 @@
-"""Membership: register, list-then-watch, heartbeat, local sweep, resync after reconnect.
+"""Membership: claim the id, register, list-then-watch, heartbeat, local sweep, resync after trouble.
 
 The protocol, over any `MembershipStore`:
 
-- start: watch first, then register, then list, so no change between the list and the watch is
-  missed and a late joiner sees everyone before it reports ready;
+- start: make sure no live process holds this node id, then watch, register and list, so no
+  change between the list and the watch is missed and a late joiner sees everyone before it
+  reports ready;
 - every ``heartbeat_interval`` rewrite this node's record (restarting its TTL in the store);
 - every ``sweep_interval`` evict members not observed for ``ttl`` seconds on the local monotonic
-  clock: brokers' expiry events (NATS 2.11+ markers, Redis keyspace events) only speed it up;
-- connection lost: freeze the view (``stale``), evict nobody;
-- connection back: recreate the bucket, re-register, new watch, full resync;
+  clock: brokers' expiry events (NATS 2.11+ markers) only speed it up;
+- a member is evicted only when this node's *own* heartbeat came back through the store after that
+  member went quiet: a store that is down, frozen or silent (whose watch has stopped) stops
+  everyone's heartbeats alike, so it proves nothing about the members. When the own heartbeat has
+  not come back for a whole TTL the view freezes (``stale``: 503 on ``/catga/health``) until a
+  resync succeeds, and nobody is evicted for the outage;
+- connection lost: freeze the view, evict nobody; back: recreate the bucket, re-register, new
+  watch, full resync, every member given a full TTL to show up;
 - stop: delete this node's record first, so peers drop it at once.
 """
 
@@ -18,11 +24,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 
 from pydantic import ValidationError
 
+from fastapi_catga.cluster.identity import claim_node_id
 from fastapi_catga.cluster.view import ClusterView
+from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.nodes import NodeInfo, utc_now
 from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports.base import MemberEvent, MemberWatch, Transport
@@ -55,16 +64,19 @@ class Membership:
         self.view = view
         self.heartbeat_interval = heartbeat_interval
         self.sweep_interval = min(1.0, max(0.05, view.ttl / 10))
+        #: Unexpected failures of the membership loops, by loop: each was logged and retried.
+        self.failures: Counter[str] = Counter()
         self._clock = clock
         self._watch: MemberWatch | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
-        # When this node's last written heartbeat must have come back through the watch, if any.
-        self._echo_due: float | None = None
-        self._echo_grace = max(2.0, heartbeat_interval)
+        # When this node's own record last came back through the watch (or a sync succeeded): the
+        # latest proof that the store carries heartbeats.
+        self._proven_at = clock()
         self._after_outage = False  # the next resync follows a broker or store outage
+        self._log_limit = LogLimiter()
         transport.add_connection_listener(self._on_connection)
 
     @property
@@ -75,35 +87,47 @@ class Membership:
         """Join: the view is complete when this returns.
 
         A store that is reachable but not ready (a NATS cluster still electing the new bucket's
-        leader) is retried for up to ``join_timeout`` seconds.
+        leader) is retried for up to ``join_timeout`` seconds. A node id still held by an earlier
+        process is waited out, for up to a TTL.
 
         Raises:
             TransportError: the membership store did not work within ``join_timeout``.
+            ConfigurationError: a live process holds this node's id.
         """
+        await self._until_ready(lambda: self._store.prepare(self.view.ttl), join_timeout)
+        await claim_node_id(
+            self._store,
+            self.view.self_info,
+            ttl=self.view.ttl,
+            poll=min(0.5, self.heartbeat_interval / 2),
+            clock=self._clock,
+        )
+        await self._until_ready(self._sync, join_timeout)
+        self._loops = [
+            asyncio.create_task(self._forever("heartbeat", self._heartbeat), name="catga-heartbeat"),
+            asyncio.create_task(self._forever("sweep", self._sweep), name="catga-sweep"),
+        ]
+        logger.info("node %s joined cluster with %d member(s)", self.node_id, len(self.view.nodes()))
+
+    async def _until_ready(self, call: Callable[[], Awaitable[None]], join_timeout: float) -> None:
         deadline, delay = self._clock() + join_timeout, 0.05
         while True:
             try:
-                await self._sync()
-                break
+                await call()
+                return
             except TransportError as exc:
                 if self._clock() + delay > deadline:
                     raise
                 logger.info("membership store not ready (%s); retrying in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
-        self._loops = [
-            asyncio.create_task(self._heartbeat_loop(), name="catga-heartbeat"),
-            asyncio.create_task(self._sweep_loop(), name="catga-sweep"),
-        ]
-        logger.info("node %s joined cluster with %d member(s)", self.node_id, len(self.view.nodes()))
 
     async def stop(self, timeout: float = 2.0) -> None:
-        """Leave: delete this node's record (peers drop it at once), stop every loop."""
+        """Leave: delete this node's record (peers drop it at once), stop every loop and wait for it."""
         self._stopping = True
-        tasks = [*self._loops, self._watch_task, self._resync_task]
+        tasks = [task for task in (*self._loops, self._watch_task, self._resync_task) if task is not None]
         for task in tasks:
-            if task is not None:
-                task.cancel()
+            task.cancel()
         await self._stop_watch()
         if self._transport.connected:
             try:
@@ -114,9 +138,8 @@ class Membership:
                     "node %s could not deregister (%s); peers evict it after the TTL", self.node_id, exc
                 )
         for task in tasks:
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def _sync(self, *, after_outage: bool = False) -> None:
         await self._stop_watch()
@@ -131,6 +154,7 @@ class Membership:
         for node_id, value in records.items():
             if node_id != self.node_id:
                 self._apply(MemberEvent("put", node_id, value), now)
+        self._proven_at = now  # the store answered every call just now
         # Still stale if the connection dropped meanwhile: the reconnect brings another resync.
         self.view.stale = not self._transport.connected
         self._watch_task = asyncio.create_task(self._follow(watch), name="catga-membership-watch")
@@ -138,8 +162,6 @@ class Membership:
     async def _register(self) -> None:
         self.view.self_info.last_seen = utc_now()
         await self._store.put(self.node_id, self.view.self_info.model_dump_json().encode(), self.view.ttl)
-        if self._echo_due is None:
-            self._echo_due = self._clock() + self._echo_grace
 
     async def _stop_watch(self) -> None:
         if self._watch_task is not None and self._watch_task is not asyncio.current_task():
@@ -155,16 +177,14 @@ class Membership:
                 self._apply(event, self._clock())
         except TransportError as exc:
             logger.info("membership watch ended: %s", exc)
+        except Exception:
+            self.failures["watch"] += 1
+            logger.exception("membership watch failed; resyncing")
+            self._distrust_view("the membership watch failed")
 
     def _apply(self, event: MemberEvent, now: float) -> None:
         if event.node_id == self.node_id:
-            if event.kind == "put":
-                self._echo_due = None  # the watch works: it brought back our own heartbeat
-            elif not self._stopping:
-                logger.warning(
-                    "node %s: own record vanished (expired while paused?); registering again", self.node_id
-                )
-                self._schedule_resync()
+            self._apply_own(event, now)
             return
         if event.kind == "delete":
             if self.view.remove(event.node_id):
@@ -173,11 +193,40 @@ class Membership:
         try:
             info = NodeInfo.model_validate_json(event.value or b"")
         except ValidationError:
-            logger.warning("ignoring unreadable membership record for %r", event.node_id)
+            self._warn("unreadable", "ignoring an unreadable membership record under %r", event.node_id)
+            return
+        if info.node_id != event.node_id:
+            self._warn(
+                "mismatch", "ignoring a record under %r that names node %r", event.node_id, info.node_id
+            )
             return
         if self.view.get(info.node_id) is None:
             logger.info("node %s joined (handles %s)", info.node_id, ", ".join(info.handles) or "nothing")
         self.view.observe(info, now)
+
+    def _apply_own(self, event: MemberEvent, now: float) -> None:
+        if event.kind == "delete":
+            if not self._stopping:
+                logger.warning(
+                    "node %s: own record vanished (expired while paused?); registering again", self.node_id
+                )
+                self._schedule_resync()
+            return
+        try:
+            incarnation = NodeInfo.model_validate_json(event.value or b"").incarnation
+        except ValidationError:
+            incarnation = None
+        if incarnation == self.view.self_info.incarnation:
+            self._proven_at = now  # our heartbeat made it through the store and back
+        else:
+            self._warn(
+                "twin", "another process writes records as node %s: node ids must be unique", self.node_id
+            )
+
+    def _warn(self, kind: str, text: str, *args: object) -> None:
+        held = self._log_limit.allow(kind)
+        if held is not None:
+            logger.warning(text + "%s", *args, f" ({held} more since the last report)" if held else "")
 
     def _on_connection(self, connected: bool) -> None:
         if self._stopping:
@@ -193,16 +242,17 @@ class Membership:
         logger.info("node %s reconnected: re-registering and resyncing", self.node_id)
         self._schedule_resync()
 
-    def _distrust_view(self, reason: str, *, outage: bool = False) -> None:
+    def _distrust_view(self, reason: str) -> None:
         """The silence of peers proves nothing now: freeze the view until a resync succeeds."""
-        self._after_outage |= outage
+        self._after_outage = True
         if self._transport.connected and not self.view.stale:
             logger.warning("node %s: %s; view frozen until a resync", self.node_id, reason)
             self.view.stale = True
-            self._echo_due = None
             self._schedule_resync()
 
     def _schedule_resync(self) -> None:
+        if self._stopping:
+            return
         if self._resync_task is None or self._resync_task.done():
             self._resync_task = asyncio.get_running_loop().create_task(self._resync(), name="catga-resync")
 
@@ -210,41 +260,63 @@ class Membership:
         delay = 0.05
         while not self._stopping:
             try:
-                await self._sync(after_outage=self._after_outage)
+                async with asyncio.timeout(self._store_timeout):
+                    await self._sync(after_outage=self._after_outage)
                 self._after_outage = False
                 logger.info("node %s resynced: %d member(s)", self.node_id, len(self.view.nodes()))
                 return
-            except TransportError as exc:
-                logger.debug("resync failed (%s); retrying in %.2f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+            except (TransportError, TimeoutError) as exc:
+                logger.debug(
+                    "resync failed (%s); retrying in %.2f s", exc or "the store did not answer", delay
+                )
+            except Exception:
+                self.failures["resync"] += 1
+                logger.exception("resync failed unexpectedly; retrying in %.2f s", delay)
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
 
-    async def _heartbeat_loop(self) -> None:
+    @property
+    def _store_timeout(self) -> float:
+        """How long one store call may take before it counts as failed: a frozen broker must not
+        hold a loop forever."""
+        return max(1.0, self.view.ttl)
+
+    async def _forever(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` for as long as the node lives; an unexpected error is logged, counted and
+        retried after a pause that grows, so a bug cannot silently end heartbeats or evictions."""
+        delay = self.heartbeat_interval
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
-            if not self._transport.connected:
-                continue
             try:
-                await self._register()
-            except TransportError as exc:
-                # Connected, yet the store refuses writes (a NATS cluster electing a new leader for
-                # the bucket, a Redis replica in read-only mode...). Peers' heartbeats are likely
-                # failing too: judge nobody until the store works again, then resync.
-                self._distrust_view(f"heartbeat failed ({exc})", outage=True)
+                await step()
+                delay = self.heartbeat_interval
+            except Exception:
+                self.failures[name] += 1
+                logger.exception("membership %s loop failed; going on in %.2f s", name, delay)
+                await asyncio.sleep(delay)
+                delay = min(30.0, delay * 2)
 
-    async def _sweep_loop(self) -> None:
-        last = self._clock()
-        while True:
-            await asyncio.sleep(self.sweep_interval)
-            now = self._clock()
-            gap, last = now - last, now
-            # A gap far beyond the interval means this process was frozen (SIGSTOP, a long GC,
-            # a blocked loop): the silence is ours, not the peers'. Resync instead of evicting.
-            if gap > max(1.0, 4 * self.sweep_interval):
-                self._distrust_view(f"this process was frozen for {gap:.1f} s")
-            elif self._echo_due is not None and now > self._echo_due:
-                # Our own heartbeat was written but never came back through the watch: the watch
-                # is dead (a NATS stream or consumer changing servers, say).
-                self._distrust_view("the membership watch went quiet")
-            for node_id in self.view.sweep(now):
-                logger.warning("node %s evicted: no heartbeat for %.1f s", node_id, self.view.ttl)
+    async def _heartbeat(self) -> None:
+        await asyncio.sleep(self.heartbeat_interval)
+        if not self._transport.connected:
+            return
+        try:
+            async with asyncio.timeout(self._store_timeout):
+                await self._register()
+        except (TransportError, TimeoutError) as exc:
+            # Connected, yet the store refuses or stalls (a NATS cluster electing a new leader for
+            # the bucket, a Redis replica in read-only mode, a frozen server...). Peers' heartbeats
+            # are likely failing too: judge nobody until the store works again, then resync.
+            self._distrust_view(f"heartbeat failed ({exc or 'the store did not answer'})")
+
+    async def _sweep(self) -> None:
+        before = self._clock()
+        await asyncio.sleep(self.sweep_interval)
+        now = self._clock()
+        # A gap far beyond the interval means this process was frozen (SIGSTOP, a long GC, a blocked
+        # loop) for longer than a heartbeat: the silence is ours, not the peers'. Resync instead.
+        if now - before > max(self.heartbeat_interval, 4 * self.sweep_interval):
+            self._distrust_view(f"this process was frozen for {now - before:.1f} s")
+        elif now - self._proven_at > self.view.ttl:
+            self._distrust_view("its own heartbeat has not come back through the store for a TTL")
+        for node_id in self.view.sweep(now, proven_at=self._proven_at, margin=self.heartbeat_interval):
+            logger.warning("node %s evicted: no heartbeat for %.1f s", node_id, self.view.ttl)

@@ -90,11 +90,20 @@ class ClusterView:
         self._on_change()
         return True
 
-    def sweep(self, now: float) -> list[str]:
-        """Evict members silent for longer than the TTL; returns their ids. No-op while stale."""
+    def sweep(self, now: float, *, proven_at: float | None = None, margin: float = 0.0) -> list[str]:
+        """Evict members silent for longer than the TTL; returns their ids. No-op while stale.
+
+        With ``proven_at`` (when this node last saw its own heartbeat come back through the store),
+        a member is evicted only if the store was proven to work more than ``margin`` seconds after
+        that member was last heard: silence that began with the store's own is no sign of death.
+        """
         if self.stale:
             return []
-        dead = [node_id for node_id, m in self._members.items() if now - m.observed > self.ttl]
+        dead = [
+            node_id
+            for node_id, m in self._members.items()
+            if now - m.observed > self.ttl and (proven_at is None or proven_at > m.observed + margin)
+        ]
         for node_id in dead:
             del self._members[node_id]
         if dead:

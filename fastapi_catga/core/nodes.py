@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field
@@ -25,3 +26,7 @@ class NodeInfo(BaseModel):
     handles: list[str] = Field(default_factory=list, description="Command and query types it handles")
     events: list[str] = Field(default_factory=list, description="Event types it has handlers for")
     version: str = Field("", description="fastapi-catga version the node runs")
+    incarnation: str = Field(
+        default_factory=lambda: os.urandom(8).hex(),
+        description="Random per process start: tells a restarted process from a live one with the same id",
+    )

@@ -1,0 +1,62 @@
+"""Node identity: one live process per node id.
+
+A fixed ``CATGA_NODE_ID`` (a StatefulSet's pod name) is allowed, and a restarted process takes its
+id back; two live processes with one id are not: they would share one record, both run every
+request sent to that id, and each drop the other's events as its own. Each start gets a fresh
+``incarnation``; a process that finds its id in the store under another one waits to see whether
+that record is still refreshed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from pydantic import ValidationError
+
+from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.exceptions import ConfigurationError
+from fastapi_catga.transports.base import MembershipStore
+
+__all__ = ["claim_node_id"]
+
+logger = logging.getLogger(__name__)
+
+
+async def claim_node_id(
+    store: MembershipStore, me: NodeInfo, *, ttl: float, poll: float, clock: Callable[[], float]
+) -> None:
+    """Return once ``me.node_id`` is free to take: no record of it, or one nobody refreshed for ``ttl``.
+
+    Raises:
+        ConfigurationError: another incarnation refreshed the record meanwhile: it is alive.
+    """
+    held = (await store.list()).get(me.node_id)
+    if held is None or _incarnation(held) == me.incarnation:
+        return
+    logger.warning(
+        "node id %s is in the membership store from an earlier process; waiting up to %.1f s to see "
+        "whether it is still alive",
+        me.node_id,
+        ttl,
+    )
+    since = clock()
+    while clock() - since <= ttl:
+        await asyncio.sleep(poll)
+        current = (await store.list()).get(me.node_id)
+        if current is None:
+            break  # it expired: that process is gone
+        if current != held:
+            raise ConfigurationError(
+                f"node id {me.node_id!r} belongs to a live node (its record is still refreshed); "
+                "give this process another CATGA_NODE_ID, or stop the other one first"
+            )
+    logger.info("node id %s was free (its old record is gone or went stale): taking it", me.node_id)
+
+
+def _incarnation(record: bytes) -> str | None:
+    try:
+        return NodeInfo.model_validate_json(record).incarnation
+    except ValidationError:
+        return None
