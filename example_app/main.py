@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI, HTTPException
 
 from example_app import orders
-from example_app.orders import GetOrder, GetStats, Order, OrderPlaced, PlaceOrder
+from example_app.orders import GetOrder, GetStats, Order, OrderId, OrderPlaced, PlaceOrder
 from fastapi_catga import CatgaError, LoggingBehavior, Mediator, catga_lifespan, catga_router, get_mediator
 
 app = FastAPI(
@@ -23,7 +23,7 @@ async def place_order(command: PlaceOrder, mediator: Mediator = Depends(get_medi
 
 
 @app.get("/orders/{order_id}")
-async def get_order(order_id: str, mediator: Mediator = Depends(get_mediator)) -> Order:
+async def get_order(order_id: OrderId, mediator: Mediator = Depends(get_mediator)) -> Order:
     order = await mediator.send(GetOrder(order_id=order_id))
     if order is None:
         raise HTTPException(404, f"no order {order_id}")

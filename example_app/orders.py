@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -21,10 +21,14 @@ class Order(BaseModel):
     status: str = "placed"
 
 
+#: What a client may use as an order id: it routes the order, and it must read back.
+OrderId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
 class PlaceOrder(Command[Order]):
     """Place an order. Its id routes it: the same order always lands on the same node."""
 
-    order_id: str = Field(default_factory=new_message_id)
+    order_id: OrderId = Field(default_factory=new_message_id)
     sku: str = Field(min_length=1, max_length=64)
     quantity: int = Field(gt=0, le=1000)
 
@@ -33,7 +37,7 @@ class PlaceOrder(Command[Order]):
 
 
 class GetOrder(Query[Order | None]):
-    order_id: str
+    order_id: OrderId
 
     def routing_key(self) -> str:
         return self.order_id

@@ -71,6 +71,7 @@ class Membership:
         self._watch_task: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
         self._loops: list[asyncio.Task[None]] = []
+        self._joined = False  # connection events matter only once start() has joined
         self._stopping = False
         # When this node's own record last came back through the watch (or a sync succeeded): the
         # latest proof that the store carries heartbeats.
@@ -103,6 +104,7 @@ class Membership:
             clock=self._clock,
         )
         await self._until_ready(self._sync, join_timeout)
+        self._joined = True
         self._loops = [
             asyncio.create_task(self._forever("heartbeat", self._heartbeat), name="catga-heartbeat"),
             asyncio.create_task(self._forever("sweep", self._sweep), name="catga-sweep"),
@@ -229,7 +231,7 @@ class Membership:
             logger.warning(text + "%s", *args, f" ({held} more since the last report)" if held else "")
 
     def _on_connection(self, connected: bool) -> None:
-        if self._stopping:
+        if self._stopping or not self._joined:
             return
         if not connected:
             if not self.view.stale:

@@ -136,7 +136,11 @@ async def test_a_user_error_class_crosses_the_wire_as_itself(start_node: StartNo
     for target in ("a", "b", "c"):
         with pytest.raises(OutOfStock) as info:
             await a.mediator.send_to_node(Fail(kind="out-of-stock"), target)
-        assert (info.value.message, info.value.details, info.value.node_id) == ("no apple left", {"sku": "apple"}, target)
+        assert (info.value.message, info.value.details, info.value.node_id) == (
+            "no apple left",
+            {"sku": "apple"},
+            target,
+        )
 
 
 def test_a_user_error_class_this_process_lacks_arrives_as_its_nearest_known_base() -> None:
@@ -159,14 +163,18 @@ async def test_the_handlers_text_stays_on_its_node_unless_exposed(start_node: St
 
 
 @pytest.mark.parametrize("routing", ["round_robin", "random", "local_first"])
-async def test_a_routing_key_runs_on_one_node_whichever_node_asks(start_node: StartNode, routing: str) -> None:
+async def test_a_routing_key_runs_on_one_node_whichever_node_asks(
+    start_node: StartNode, routing: str
+) -> None:
     nodes = await cluster(start_node, routing=routing)
     for key in [f"order-{i}" for i in range(8)]:
         ran_on = {await node.mediator.send(Keyed(key=key)) for node in nodes for _ in range(3)}
         assert len(ran_on) == 1, f"{key} ran on {ran_on} under {routing}"
 
 
-async def test_a_message_over_the_limit_is_refused_whichever_node_the_router_picks(start_node: StartNode) -> None:
+async def test_a_message_over_the_limit_is_refused_whichever_node_the_router_picks(
+    start_node: StartNode,
+) -> None:
     a, _, _ = await cluster(start_node, max_payload=64 * 1024)
     for _ in range(6):  # round robin: the local node is picked too
         with pytest.raises(MessageTooLargeError):

@@ -373,3 +373,15 @@ def test_health_is_503_while_the_broker_is_down() -> None:
         assert down.json()["status"] == "unavailable"
         client.portal.call(broker.restore)
         assert client.get("/catga/health").status_code == 200
+
+
+@pytest.mark.parametrize("order_id", ["", "a/b", "x" * 65, "a b"])
+def test_the_example_refuses_an_order_id_that_could_not_be_read_back(order_id: str) -> None:
+    from example_app.main import app as example
+
+    with TestClient(example) as client:
+        response = client.post("/orders", json={"order_id": order_id, "sku": "apple", "quantity": 1})
+        assert response.status_code == 422
+        assert client.get("/orders/a%20b").status_code == 422
+        placed = client.post("/orders", json={"order_id": "o-1", "sku": "apple", "quantity": 1})
+        assert client.get(f"/orders/{placed.json()['order_id']}").json()["order_id"] == "o-1"

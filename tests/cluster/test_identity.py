@@ -1,0 +1,108 @@
+"""One live process per node id, on a virtual clock: a twin is refused, a restart after a crash rejoins."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from fastapi_catga import Catga, CatgaSettings, ConfigurationError, InMemoryBroker, InMemoryTransport, build
+from fastapi_catga.cluster.view import ClusterView
+from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.transports.base import MemberEvent
+from tests.cluster import workload
+from tests.virtual_time import EPOCH, run_virtual
+
+TIMING: dict[str, Any] = {"heartbeat_interval": 1.0, "node_ttl": 3.0}
+
+
+def node(broker: InMemoryBroker, node_id: str) -> Catga:
+    loop = asyncio.get_running_loop()
+    return build(
+        CatgaSettings(node_id=node_id, **TIMING),
+        handlers=[workload],
+        transport=InMemoryTransport(broker),
+        clock=loop.time,
+        wall_clock=lambda: EPOCH + loop.time(),
+    )
+
+
+def test_a_second_process_with_a_live_nodes_id_is_refused_at_start() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        first = node(broker, "pod-0")
+        await first.start()
+        started = loop.time()
+        with pytest.raises(ConfigurationError, match="'pod-0' belongs to a live node"):
+            await node(broker, "pod-0").start()
+        assert loop.time() - started <= TIMING["heartbeat_interval"] + 0.5, "refused within a heartbeat"
+        assert [n.node_id for n in first.node.nodes()] == ["pod-0"]
+        assert await first.mediator.send(workload.Work()) == "?"  # the first one goes on serving
+        await first.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_restart_after_a_crash_waits_out_the_old_record_and_joins_within_ttl_plus_2() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        peer, old = node(broker, "peer"), node(broker, "pod-0")
+        await peer.start()
+        await old.start()
+        old.node.transport.crash()  # type: ignore[attr-defined]
+        crashed = loop.time()
+        new = node(broker, "pod-0")
+        await new.start()
+        waited = loop.time() - crashed
+        assert TIMING["heartbeat_interval"] < waited <= TIMING["node_ttl"] + 2
+        assert {n.node_id for n in new.node.nodes()} == {"pod-0", "peer"}
+        await asyncio.sleep(TIMING["node_ttl"] + 1)
+        view = {n.node_id: n for n in peer.node.nodes()}
+        assert view["pod-0"].incarnation == new.node.view.self_info.incarnation
+        for catga in (new, peer):
+            await catga.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_graceful_restart_joins_at_once() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        old = node(broker, "pod-0")
+        await old.start()
+        await old.stop()
+        stopped = loop.time()
+        new = node(broker, "pod-0")
+        await new.start()
+        assert loop.time() - stopped < 0.1
+        await new.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_record_whose_key_names_another_node_is_ignored() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        me = node(broker, "me")
+        await me.start()
+        forged = NodeInfo(node_id="victim").model_dump_json().encode()
+        me.node.membership._apply(MemberEvent("put", "intruder", forged), loop.time())
+        assert [n.node_id for n in me.node.nodes()] == ["me"]
+        await me.stop()
+
+    run_virtual(scenario())
+
+
+def test_the_view_evicts_only_after_the_store_proved_it_carries_heartbeats() -> None:
+    view = ClusterView(NodeInfo(node_id="me"), ttl=3.0)
+    view.observe(NodeInfo(node_id="peer"), now=10.0)
+    # The store went silent with the peer: our own last echo is no later than the peer's last heartbeat.
+    assert view.sweep(20.0, proven_at=10.5, margin=1.0) == []
+    assert view.get("peer") is not None
+    # Our heartbeats kept coming back after the peer fell silent: the peer is dead.
+    assert view.sweep(20.0, proven_at=12.0, margin=1.0) == ["peer"]
