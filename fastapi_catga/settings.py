@@ -11,11 +11,13 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
 
 __all__ = ["CatgaSettings", "load_settings", "new_node_id"]
 
 _NAME = r"^[A-Za-z0-9_-]{1,64}$"
+_URLS = frozenset({"nats_url", "redis_url"})  # may hold a password: never shown as they are
 
 
 def new_node_id() -> str:
@@ -66,6 +68,10 @@ class CatgaSettings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name in _URLS and isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _ttl_covers_heartbeats(self) -> Self:
         if self.node_ttl <= self.heartbeat_interval:
@@ -101,5 +107,8 @@ def _describe(error: ErrorDetails) -> str:
     where = f"CATGA_{str(loc[0]).upper()}" if loc else "settings"
     if len(loc) > 1:  # inside a JSON value: CATGA_METADATA (at zone), not CATGA_METADATA_ZONE
         where += f" (at {'.'.join(str(part) for part in loc[1:])})"
-    got = "" if isinstance(error["input"], dict) else f" (got {error['input']!r})"
+    value = error["input"]
+    if loc and loc[0] in _URLS and isinstance(value, str):
+        value = redact_url(value)
+    got = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"{where}: {error['msg']}{got}"

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from fastapi_catga import CatgaSettings, ConfigurationError, catga_lifespan, load_settings
+from fastapi_catga.core.logs import redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -169,3 +170,25 @@ def test_settings_are_not_read_at_import() -> None:
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_settings_never_show_a_broker_password() -> None:
+    settings = CatgaSettings(
+        nats_url="nats://app:s3cret@n1:4222,nats://app:s3cret@n2:4222", redis_url="redis://:s3cret@r/0"
+    )
+    for shown in (repr(settings), str(settings)):
+        assert "s3cret" not in shown
+        assert "nats://app:***@n1:4222,nats://app:***@n2:4222" in shown
+    assert settings.nats_url.startswith("nats://app:s3cret@")  # the value itself is intact
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://tok3n@h:4222", "nats://***@h:4222"),
+        ("redis://default:pw@h/0?password=pw&db=1", "redis://default:***@h/0?password=***&db=1"),
+        ("nats://h:4222", "nats://h:4222"),
+    ],
+)
+def test_redact_url_hides_passwords_and_tokens(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

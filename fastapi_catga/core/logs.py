@@ -1,11 +1,30 @@
-"""`LogLimiter`: at most one log line per kind and interval, so a flood of bad input cannot flood logs."""
+"""What may be logged: at most one line per kind and interval (`LogLimiter`), and URLs without their
+secrets (`redact_url`)."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Hashable
 
-__all__ = ["LogLimiter"]
+__all__ = ["LogLimiter", "redact_url"]
+
+_USERINFO = re.compile(r"(?<=//)([^@/\s,]*)@")
+_SECRET_PARAM = re.compile(r"(?i)\b(password|pass|token|auth)=[^&\s,]*")
+
+
+def redact_url(url: str) -> str:
+    """The URL (or comma-separated URLs) with every password or token replaced by ``***``.
+
+    ``nats://user:pw@h`` -> ``nats://user:***@h``; ``nats://token@h`` -> ``nats://***@h``;
+    ``redis://h/0?password=pw`` -> ``redis://h/0?password=***``.
+    """
+
+    def mask(match: re.Match[str]) -> str:
+        user, colon, _ = match.group(1).partition(":")
+        return f"{user}:***@" if colon else "***@"
+
+    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=***", _USERINFO.sub(mask, url))
 
 
 class LogLimiter:
