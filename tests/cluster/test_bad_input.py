@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -11,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from fastapi_catga import Catga, CatgaSettings, build
-from fastapi_catga.core.envelope import MESSAGE_TYPE, STATUS, Envelope, pack, unpack
+from fastapi_catga.core.envelope import DEADLINE, MESSAGE_TYPE, STATUS, Envelope, pack, unpack
 from tests.cluster import workload
 from tests.cluster.workload import Work
 from tests.polling import eventually
@@ -45,6 +47,9 @@ def frame(headers: dict[str, str], body: bytes) -> bytes:
         (frame({MESSAGE_TYPE: "Happened"}, b"{}"), "handler_not_found"),  # an event sent as a request
         (frame({MESSAGE_TYPE: "Work"}, b"{not json"), "invalid_message"),
         (frame({MESSAGE_TYPE: "Work"}, b'{"delay": "soon"}'), "invalid_message"),
+        (frame({MESSAGE_TYPE: ["Work"]}, b"{}"), "invalid_message"),  # type: ignore[dict-item]
+        (frame({MESSAGE_TYPE: "Work", DEADLINE: "9" * 400}, b"{}"), "invalid_message"),
+        (frame({MESSAGE_TYPE: "Work"}, b"\xff\xfe not utf-8"), "invalid_message"),
     ],
 )
 async def test_bad_requests_get_a_typed_error_at_once(
@@ -62,6 +67,25 @@ async def test_bad_requests_get_a_typed_error_at_once(
     finally:
         await nc.close()
     assert await node.mediator.send_to_node(Work(), "target") == "?"  # still serving
+
+
+async def test_a_flood_of_bad_requests_is_counted_and_logged_once_per_kind(
+    nats_server: NatsServer, node: Catga, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fastapi_catga")
+    nc = await nats.connect(nats_server.url)
+    try:
+        bad = [frame({MESSAGE_TYPE: "Work"}, b"\xff"), frame({MESSAGE_TYPE: "Nope"}, b"{}")] * 100
+        replies = await asyncio.gather(
+            *(nc.request("catga.bad.node.target", data, timeout=5) for data in bad)
+        )
+    finally:
+        await nc.close()
+    assert all(unpack(reply.data).headers[STATUS] == "error" for reply in replies)
+    assert node.node.responder.stats["bad_requests"] == 200
+    lines = [r for r in caplog.records if r.name.startswith("fastapi_catga") and "refused" in r.getMessage()]
+    assert len(lines) == 2, [r.getMessage() for r in lines]  # one per kind in the interval
+    assert not any(r.exc_info for r in caplog.records), "no traceback for bad input"
 
 
 async def test_bad_events_are_dropped_and_the_node_keeps_serving(
