@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.multiprocess.harness import AppNode
+from tests.multiprocess.harness import APP, AppNode
 from tests.servers import NatsServer, RedisServer, ServerProcess, debian_nats_2_9_binary
 
 
@@ -51,8 +51,8 @@ def start_nodes(broker: Broker) -> Iterator[StartNodes]:
     """Start app processes in parallel and wait until each serves; all are stopped after the test."""
     made: list[AppNode] = []
 
-    def start(*names: str, env: dict[str, str] | None = None) -> list[AppNode]:
-        nodes = [AppNode(name, {**broker.env, **(env or {})}) for name in names]
+    def start(*names: str, env: dict[str, str] | None = None, app: str = APP) -> list[AppNode]:
+        nodes = [AppNode(name, {**broker.env, **(env or {})}, app=app) for name in names]
         for node in nodes:
             node.start(wait=False)
         made.extend(nodes)

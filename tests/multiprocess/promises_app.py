@@ -1,0 +1,100 @@
+"""The app of the multi-process promise tests: handlers that fail in every way a user's can."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+from fastapi import FastAPI
+
+from fastapi_catga import (
+    CatgaError,
+    Command,
+    MediatorDep,
+    RequestTimeoutError,
+    TransportError,
+    catga_lifespan,
+    catga_router,
+    handler,
+)
+
+NODE = os.environ.get("CATGA_NODE_ID", "?")
+runs: Counter[str] = Counter()  # message id -> runs on this node
+
+
+class OutOfStock(CatgaError):
+    def __init__(self, sku: str) -> None:
+        super().__init__(f"no {sku} left", details={"sku": sku})
+
+
+class Fail(Command[str]):
+    kind: str
+
+
+class Keyed(Command[str]):
+    key: str
+
+    def routing_key(self) -> str:
+        return self.key
+
+
+class Big(Command[str]):
+    blob: str
+
+
+@handler
+async def fail(command: Fail) -> str:
+    runs[command.message_id] += 1
+    if command.kind == "transport":
+        raise TransportError("the downstream broker blipped")
+    if command.kind == "timeout":
+        raise RequestTimeoutError("the downstream call timed out")
+    raise OutOfStock("apple")
+
+
+@handler
+async def keyed(command: Keyed) -> str:
+    return NODE
+
+
+@handler
+async def big(command: Big) -> str:
+    return NODE
+
+
+app = FastAPI(lifespan=catga_lifespan(handlers=[fail, keyed, big]))
+app.include_router(catga_router)
+
+
+@app.post("/fail/{kind}")
+async def send_fail(kind: str, mediator: MediatorDep) -> dict[str, object]:
+    command, started = Fail(kind=kind), time.monotonic()
+    try:
+        await mediator.send(command)
+    except OutOfStock as exc:  # the user's own class, wherever the handler ran
+        return {"caught": "OutOfStock", "node": exc.node_id, "details": exc.details, "id": command.message_id}
+    except CatgaError as exc:
+        kind_caught = type(exc).__name__
+        return {
+            "caught": kind_caught,
+            "node": exc.node_id,
+            "id": command.message_id,
+            "elapsed": time.monotonic() - started,
+        }
+    return {"caught": None}
+
+
+@app.post("/keyed/{key}")
+async def send_keyed(key: str, mediator: MediatorDep, timeout: float | None = None) -> str:
+    return await mediator.send(Keyed(key=key), timeout=timeout)
+
+
+@app.post("/big")
+async def send_big(mediator: MediatorDep, size: int) -> str:
+    return await mediator.send(Big(blob="x" * size))
+
+
+@app.get("/_test/runs")
+async def get_runs() -> dict[str, int]:
+    return dict(runs)
