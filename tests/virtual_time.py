@@ -22,7 +22,7 @@ import selectors
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["EPOCH", "VirtualTimeLoop", "run_virtual"]
+__all__ = ["EPOCH", "VirtualTimeLoop", "run_virtual", "stall"]
 
 T = TypeVar("T")
 
@@ -55,6 +55,14 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self._virtual.now
+
+
+def stall(seconds: float) -> None:
+    """Block the running virtual loop for ``seconds``, as a CPU-bound call or a long GC would: the
+    clock moves on while no callback runs."""
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, VirtualTimeLoop), "stall() needs a VirtualTimeLoop"
+    loop._virtual.now += seconds
 
 
 def run_virtual(main: Coroutine[Any, Any, T]) -> T:

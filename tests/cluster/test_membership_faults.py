@@ -1,0 +1,73 @@
+"""Membership under faults that come from the process itself, on a virtual clock: stalls, and bugs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from fastapi_catga import Catga, CatgaSettings, InMemoryBroker, InMemoryTransport, build
+from tests.cluster import workload
+from tests.virtual_time import EPOCH, run_virtual, stall
+
+TIMING: dict[str, Any] = {"heartbeat_interval": 1.0, "node_ttl": 3.0}
+
+
+def node(broker: InMemoryBroker, node_id: str) -> Catga:
+    loop = asyncio.get_running_loop()
+    return build(
+        CatgaSettings(node_id=node_id, **TIMING),
+        handlers=[workload],
+        transport=InMemoryTransport(broker),
+        clock=loop.time,
+        wall_clock=lambda: EPOCH + loop.time(),
+    )
+
+
+@pytest.mark.parametrize(("seconds", "distrusted"), [(0.9, False), (5.0, True)])
+def test_a_stall_shorter_than_a_heartbeat_leaves_the_view_alone(
+    caplog: pytest.LogCaptureFixture, seconds: float, distrusted: bool
+) -> None:
+    async def scenario() -> None:
+        broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+        a, b = node(broker, "a"), node(broker, "b")
+        await a.start()
+        await b.start()
+        await asyncio.sleep(2.3)
+        stall(seconds)  # the whole process (both nodes) stands still
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            assert {n.node_id for n in a.node.nodes()} == {"a", "b"}, "nobody evicted for our own stall"
+        assert a.node.health()["status"] == "ok"
+        for catga in (a, b):
+            await catga.stop()
+
+    run_virtual(scenario())
+    assert ("was frozen for" in caplog.text) is distrusted
+
+
+def test_a_membership_loop_survives_an_unexpected_error(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+        a, b = node(broker, "a"), node(broker, "b")
+        await a.start()
+        await b.start()
+        store = b.node.transport.members
+        real_put, failures = store.put, iter([RuntimeError("a bug")])
+
+        async def put(node_id: str, value: bytes, ttl: float) -> None:
+            error = next(failures, None)
+            if error is not None:
+                raise error
+            await real_put(node_id, value, ttl)
+
+        store.put = put  # type: ignore[method-assign]
+        await asyncio.sleep(10)  # the failed heartbeat is retried; b lives on in a's view
+        assert b.node.membership.failures["heartbeat"] == 1
+        assert {n.node_id for n in a.node.nodes()} == {"a", "b"}
+        for catga in (a, b):
+            await catga.stop()
+
+    run_virtual(scenario())
+    assert "membership heartbeat loop failed" in caplog.text
