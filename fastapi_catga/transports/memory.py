@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope
 from fastapi_catga.exceptions import (
     MessageTooLargeError,
     NoResponderError,
@@ -38,8 +38,6 @@ from fastapi_catga.transports.base import (
 )
 
 __all__ = ["InMemoryBroker", "InMemoryTransport"]
-
-DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
 
 @dataclass(eq=False)

@@ -36,7 +36,7 @@ except ImportError as e:
         raise
     raise ImportError('NATS transport needs nats-py: pip install "fastapi-catga[nats]"') from e
 
-from fastapi_catga.core.envelope import Envelope, encode_error, pack, unpack
+from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, encode_error, pack, unpack
 from fastapi_catga.exceptions import (
     CatgaError,
     ConfigurationError,
@@ -328,7 +328,7 @@ class NatsTransport:
         servers: str | Sequence[str] = "nats://localhost:4222",
         *,
         cluster: str = "catga",
-        max_payload: int = 1024 * 1024,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
         connect_timeout: float = 5.0,
         ping_interval: float = 5.0,
         reconnect_wait: float = 0.5,

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi_catga.core.envelope import Envelope, pack, unpack
+from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, pack, unpack
 from fastapi_catga.exceptions import (
     ConfigurationError,
     MessageTooLargeError,
@@ -220,7 +220,7 @@ class RedisTransport:
         url: str = "redis://localhost:6379/0",
         *,
         cluster: str = "catga",
-        max_payload: int = 1024 * 1024,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
         connect_timeout: float = 5.0,
         health_check_interval: float = 5.0,
         max_connections: int = 50,
