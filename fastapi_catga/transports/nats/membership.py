@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -22,10 +22,8 @@ from nats.js.kv import KeyValue
 from fastapi_catga.exceptions import ConfigurationError, TransportError
 from fastapi_catga.transports._shared import WatchQueue
 from fastapi_catga.transports.base import MemberEvent
+from fastapi_catga.transports.nats.connection import NatsConnection
 from fastapi_catga.transports.nats.errors import NatsErrors
-
-if TYPE_CHECKING:
-    from fastapi_catga.transports.nats.transport import NatsTransport
 
 __all__ = ["NatsMembers"]
 
@@ -83,22 +81,22 @@ class _Watch(WatchQueue):
 class NatsMembers:
     """The membership store: KV bucket ``catga_<cluster>``; expiry by per-key TTL (2.11+) or max_age."""
 
-    def __init__(self, transport: NatsTransport) -> None:
-        self._transport = transport
-        self.bucket = f"catga_{transport.cluster}"
+    def __init__(self, connection: NatsConnection, cluster: str) -> None:
+        self._connection = connection
+        self.bucket = f"catga_{cluster}"
         self._prefix = f"$KV.{self.bucket}."  # the subject of key k is $KV.<bucket>.k
         self._kv: KeyValue | None = None
         self._per_key_ttl = False
         self._watches: set[_Watch] = set()
 
     def _ready(self) -> tuple[JetStreamContext, KeyValue]:
-        js = self._transport.connection()[1]
+        js = self._connection.live()[1]
         if self._kv is None:
             raise ConfigurationError("call members.prepare(ttl) before using the membership store")
         return js, self._kv
 
     async def prepare(self, ttl: float) -> None:
-        js, seconds = self._transport.connection()[1], max(1, math.ceil(ttl))
+        js, seconds = self._connection.live()[1], max(1, math.ceil(ttl))
         with NatsErrors(f"preparing KV bucket {self.bucket}"):
             try:
                 self._kv = await js.key_value(self.bucket)
@@ -120,7 +118,7 @@ class NatsMembers:
         level = (await js.account_info()).api.level
         markers: dict[str, Any] = {"limit_marker_ttl": seconds} if level is not None and level >= 1 else {}
         # On a NATS cluster, keep three copies so membership outlives the loss of one server.
-        replicas = [3, 1] if len(self._transport.connection()[0].servers) >= 3 else [1]
+        replicas = [3, 1] if len(self._connection.live()[0].servers) >= 3 else [1]
         for count in replicas:
             try:
                 return await js.create_key_value(
@@ -149,7 +147,7 @@ class NatsMembers:
         # Not kv.keys() or kv.watchall(): they end the snapshot when consumer_info() reports nothing
         # pending, which it also does once everything is sent but not yet read, so they miss keys.
         # A consumer's create response counts what it will send, atomically.
-        nc, js = self._transport.connection()
+        nc, js = self._connection.live()
         self._ready()
         prefix, done = self._prefix, asyncio.Event()
         records: dict[str, bytes] = {}
@@ -176,7 +174,7 @@ class NatsMembers:
                     inactive_threshold=_CONSUMER_IDLE,
                 )
                 if info.num_pending:
-                    async with asyncio.timeout(self._transport.connect_timeout):
+                    async with asyncio.timeout(self._connection.connect_timeout):
                         await done.wait()
             finally:
                 await sub.unsubscribe()

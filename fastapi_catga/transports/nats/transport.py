@@ -1,4 +1,4 @@
-"""`NatsTransport`: one connection to NATS, and messaging over core NATS.
+"""`NatsTransport`: messaging over core NATS, on one `NatsConnection` per node.
 
 Logical subjects (``node.<id>``, ``type.<name>``, ``event.<name>``) travel as
 ``catga.<cluster>.<subject>``. A message's payload is the envelope as `core.envelope.pack` frames
@@ -16,13 +16,11 @@ import contextlib
 import logging
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
-from nats.js import JetStreamContext
 
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, encode_error, unpack
 from fastapi_catga.exceptions import (
@@ -32,13 +30,8 @@ from fastapi_catga.exceptions import (
     TransportError,
 )
 from fastapi_catga.transports._shared import PendingReplies, deliver, frame
-from fastapi_catga.transports.base import (
-    ConnectionListener,
-    ConnectionState,
-    Delivery,
-    DeliveryCallback,
-    Reply,
-)
+from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, Reply
+from fastapi_catga.transports.nats.connection import NatsConnection
 from fastapi_catga.transports.nats.errors import NatsErrors
 from fastapi_catga.transports.nats.membership import NatsMembers
 
@@ -109,37 +102,33 @@ class NatsTransport:
     ) -> None:
         if not _NAME.fullmatch(cluster):
             raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]+ for NATS")
-        urls = servers.split(",") if isinstance(servers, str) else servers
-        self.servers = [url.strip() for url in urls if url.strip()]
-        if not self.servers:
-            raise ConfigurationError("no NATS server URL given (CATGA_NATS_URL, e.g. nats://localhost:4222)")
+        self._connection = NatsConnection(
+            servers,
+            connect_timeout=connect_timeout,
+            ping_interval=ping_interval,
+            reconnect_wait=reconnect_wait,
+            connection_name=connection_name,
+            on_lost=self._on_lost,
+        )
+        self.servers = self._connection.servers
         self.cluster = cluster
         self.max_payload = max_payload
         self.connect_timeout = connect_timeout
-        #: Messages nats-py dropped because a subscription's pending queue was full.
-        self.slow_consumers = 0
-        # nats-py annotates the durations as int; they are float seconds.
-        self._options: dict[str, Any] = {
-            "name": connection_name,
-            "connect_timeout": connect_timeout,
-            "ping_interval": ping_interval,
-            "reconnect_time_wait": reconnect_wait,
-        }
-        self._where = ", ".join(self.servers)
         self._prefix = f"catga.{cluster}."
-        self._nc: Client | None = None
-        self._js: JetStreamContext | None = None
-        self._state = ConnectionState()
-        self._last_error = ""
-        self._members = NatsMembers(self)
+        self._members = NatsMembers(self._connection, cluster)
         self._subscriptions: set[_Subscription] = set()
         self._inbox = ""  # "_INBOX.<unique>.": replies to this connection's requests
         self._pending: PendingReplies[Msg] = PendingReplies()
 
     @property
+    def slow_consumers(self) -> int:
+        """Messages nats-py dropped because a subscription's pending queue was full."""
+        return self._connection.slow_consumers
+
+    @property
     def connected(self) -> bool:
         """Whether the connection is up right now (False while nats-py reconnects)."""
-        return self._nc is not None and self._nc.is_connected
+        return self._connection.up
 
     @property
     def members(self) -> NatsMembers:
@@ -148,20 +137,7 @@ class NatsTransport:
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         """Call ``listener(False)`` at a disconnect and ``listener(True)`` once reconnected."""
-        self._state.add(listener)
-
-    def connection(self) -> tuple[Client, JetStreamContext]:
-        """The live connection and its JetStream context.
-
-        Raises:
-            TransportError: closed, not connected yet, or reconnecting.
-        """
-        if self._nc is None or self._js is None or not self._nc.is_connected:
-            state = (
-                "closed" if self._state.closed else "not connected" if self._nc is None else "reconnecting"
-            )
-            raise TransportError(f"NATS at {self._where} is unreachable ({state})")
-        return self._nc, self._js
+        self._connection.state.add(listener)
 
     async def connect(self) -> None:
         """Connect, retrying until ``connect_timeout``; from then on reconnect forever.
@@ -169,30 +145,7 @@ class NatsTransport:
         Raises:
             TransportError: no server answered within ``connect_timeout``; the message names them.
         """
-        if self._state.closed or self._nc is not None:
-            raise TransportError("connect() works once per NatsTransport; make a new one")
-        self._nc = nc = Client()
-        try:
-            # With unlimited reconnects nats-py retries the first connect forever too: bound it.
-            async with asyncio.timeout(self.connect_timeout):
-                await nc.connect(
-                    self.servers,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    max_outstanding_pings=2,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    closed_cb=self._on_closed,
-                    **self._options,
-                )
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            self._state.close()
-            await nc.close()
-            raise TransportError(
-                f"cannot reach NATS at {self._where} within {self.connect_timeout} s"
-            ) from exc
-        self._js = nc.jetstream(timeout=self.connect_timeout)
+        nc = await self._connection.open()
         self.max_payload = min(self.max_payload, nc.max_payload)
         self._inbox = nc.new_inbox() + "."
         await nc.subscribe(
@@ -201,59 +154,37 @@ class NatsTransport:
             pending_msgs_limit=_PENDING_MSGS,
             pending_bytes_limit=_PENDING_BYTES,
         )
-        self._state.tell(True)
-        logger.info("connected to NATS at %s (cluster %r)", self._where, self.cluster)
+        self._connection.state.tell(True)
+        logger.info("connected to NATS at %s (cluster %r)", self._connection.where, self.cluster)
 
     async def aclose(self) -> None:
         """Stop the watches, drop the subscriptions and close the connection; safe to call twice."""
-        if self._state.closed:
+        if self._connection.state.closed:
             return
-        self._state.close()
+        self._connection.state.close()
         await self._members.stop_watches()
-        if self._nc is None:
+        nc = self._connection.nc
+        if nc is None:
             return
-        if self._subscriptions and self._nc.is_connected:
+        if self._subscriptions and nc.is_connected:
             # Unsubscribe and wait for the server to confirm, so that peers' requests fail at once
             # with "no responders" rather than time out until it notices the closed socket.
             with contextlib.suppress(TimeoutError, nats.errors.Error):
                 async with asyncio.timeout(self.connect_timeout):
                     for subscription in list(self._subscriptions):
                         await subscription.sub.unsubscribe()
-                    await _sync(self._nc)
+                    await _sync(nc)
         # Not nc.drain(): against a paused server it waits out its timeout plus a 10 s flush, then
         # logs a never-retrieved error. close() still writes what was published.
-        await self._nc.close()
+        await nc.close()
 
-    # -- connection events (nats-py wants async callbacks) ---------------------------------------
-
-    async def _on_error(self, exc: Exception) -> None:
-        if isinstance(exc, nats.errors.SlowConsumerError):
-            self.slow_consumers += 1
-        text = f"{type(exc).__name__}: {exc}"
-        # The same error again (each reconnect attempt while the server is down) is only DEBUG.
-        level = logging.DEBUG if text == self._last_error else logging.WARNING
-        self._last_error = text
-        logger.log(level, "NATS error (%s): %s", self._where, text)
-
-    async def _on_disconnected(self) -> None:
-        if self._state.closed:
-            return
-        logger.warning("lost the NATS connection (%s); reconnecting", self._where)
+    async def _on_lost(self) -> None:
         # Replies to requests in flight would go to an inbox nobody holds now: fail them at once.
+        where = self._connection.where
         self._pending.fail_all(
-            TransportError(f"lost the NATS connection ({self._where}) while waiting for a reply")
+            TransportError(f"lost the NATS connection ({where}) while waiting for a reply")
         )
         await self._members.stop_watches()
-        self._state.tell(False)
-
-    async def _on_reconnected(self) -> None:
-        self._last_error = ""
-        logger.info("reconnected to NATS (%s)", self._where)
-        self._state.tell(True)
-
-    async def _on_closed(self) -> None:
-        if not self._state.closed:
-            logger.warning("the NATS connection closed for good (%s)", self._where)
 
     # -- messaging ------------------------------------------------------------------------------
 
@@ -261,7 +192,7 @@ class NatsTransport:
         self, subject: str, callback: DeliveryCallback, *, queue: str | None = None
     ) -> _Subscription:
         """Call ``callback`` for every envelope on ``subject``; with ``queue``, one group member each."""
-        nc = self.connection()[0]
+        nc = self._connection.live()[0]
 
         async def on_msg(msg: Msg) -> None:
             reply = self._replier(msg.reply) if msg.reply else None
@@ -294,7 +225,7 @@ class NatsTransport:
         return reply
 
     async def _send(self, subject: str, envelope: Envelope, reply: str = "") -> None:
-        nc = self.connection()[0]
+        nc = self._connection.live()[0]
         data = frame(envelope, self.max_payload, "NATS")
         with NatsErrors(subject):
             await nc.publish(subject, data, reply=reply)
@@ -312,7 +243,7 @@ class NatsTransport:
             MessageTooLargeError: the envelope is over ``max_payload``; nothing was sent.
             TransportError: the connection is down or failed.
         """
-        nc = self.connection()[0]
+        nc = self._connection.live()[0]
         data = frame(envelope, self.max_payload, "NATS")
         # Not nc.request(): it starts a task per request (asyncio.wait_for) and costs about as much
         # again as the round trip. One inbox subscription, a table of futures and a timer instead.
