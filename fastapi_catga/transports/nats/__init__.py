@@ -3,7 +3,8 @@
     transport = NatsTransport("nats://n1:4222,nats://n2:4222", cluster="orders")
     await transport.connect()
 
-- `transport`: the connection, and messaging over core NATS (request/reply, publish, queue groups).
+- `transport`: messaging over core NATS (request/reply, publish, queue groups).
+- `connection`: the nats-py client: connects, reconnects forever, tells listeners when it is up.
 - `membership`: the membership store, a JetStream KV bucket ``catga_<cluster>``.
 - `errors`: how nats-py's errors become ours, in one table.
 """

@@ -3,9 +3,10 @@
     transport = RedisTransport("redis://localhost:6379/0", cluster="orders")
     await transport.connect()
 
-- `transport`: the transport, and messaging over pub/sub (request/reply over a reply channel).
+- `transport`: messaging over pub/sub (request/reply over a reply channel per transport).
 - `reader`: the subscriber connection and the task that reads it, reconnecting when it breaks.
 - `writer`: every PUBLISH, auto-pipelined over one connection.
+- `connections`: the pool for membership commands and the two private pub/sub connections.
 - `membership`: the membership store, a TTL key per node indexed by a sorted set.
 - `scripts`: the Lua scripts that membership runs on the server.
 - `errors`: how redis-py's errors become ours, in one table.

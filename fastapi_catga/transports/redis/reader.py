@@ -98,6 +98,7 @@ class ChannelReader:
         self._confirming.clear()
 
     async def aclose(self) -> None:
+        """Close the connection (once `run` has ended)."""
         await self._connection.disconnect()
 
     async def run(self) -> None:
