@@ -8,7 +8,7 @@ publishes ``<id>|<16 bytes>``; the requester resolves the waiting future by id. 
 
 - ``awaited``: every ``PUBLISH`` is its own awaited command (a pooled connection per call);
 - ``pipelined``: one writer task sends every ``PUBLISH`` queued since its last round trip in one
-  pipeline (the auto-pipeline from env.md section 3), on both sides.
+  pipeline (an auto-pipeline, as catga's ``redis/writer.py`` does), on both sides.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ REDIS_CHANNELS: dict[RedisVariant, str] = {
 
 
 def redis_client(url: str, max_connections: int = 200) -> Redis:
-    """A client whose pool waits for a free connection instead of raising (env.md section 4)."""
+    """A client whose pool waits for a free connection instead of raising."""
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=10)
     return Redis(connection_pool=pool)
 

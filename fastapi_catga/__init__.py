@@ -18,8 +18,7 @@ async def hello(name: str, mediator: Mediator = Depends(get_mediator)) -> str:
     return await mediator.send(Greet(name=name))
 """
 
-__version__ = "0.1.0"
-
+from fastapi_catga._version import __version__
 from fastapi_catga.bootstrap import Catga, build
 from fastapi_catga.core.behaviors import IdempotencyBehavior, LoggingBehavior, RetryBehavior, TimeoutBehavior
 from fastapi_catga.core.handlers import HandlerRegistry, handler

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from fastapi_catga import __version__
+from fastapi_catga._version import __version__
 from fastapi_catga.cluster.node import ClusterNode
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.handlers import HandlerRegistry, HandlerSource

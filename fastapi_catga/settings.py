@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
+from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
 
@@ -51,7 +52,7 @@ class CatgaSettings(BaseSettings):
     routing: Literal["round_robin", "random", "local_first"] = Field(
         "round_robin", description="How send picks among capable nodes (messages with a routing key hash)"
     )
-    max_payload: int = Field(1024 * 1024, ge=1024, description="Largest encoded message, bytes")
+    max_payload: int = Field(DEFAULT_MAX_PAYLOAD, ge=1024, description="Largest encoded message, bytes")
     drain_timeout: float = Field(10.0, ge=0, description="Seconds a stopping node waits for work in flight")
     expose_errors: bool = Field(
         False,

@@ -18,7 +18,7 @@ def nats_server() -> Iterator[NatsServer]:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    """A started redis-server on a free port (no persistence, keyspace events KEA); stopped after the test."""
+    """A started redis-server on a free port (no persistence); stopped after the test."""
     with RedisServer() as server:
         yield server
 

@@ -346,8 +346,6 @@ class RedisServer(ServerProcess):
             "no",
             "--dir",
             str(self.data_dir),
-            "--notify-keyspace-events",
-            "KEA",
             *self.extra_args,
         ]
 

@@ -28,6 +28,7 @@ from fastapi_catga.exceptions import (
 __all__ = [
     "ATTEMPT",
     "DEADLINE",
+    "DEFAULT_MAX_PAYLOAD",
     "MESSAGE_ID",
     "MESSAGE_TYPE",
     "NODE",
@@ -49,6 +50,8 @@ __all__ = [
     "unpack",
 ]
 
+#: The largest envelope sent, in bytes, unless settings say otherwise (NATS's own default limit).
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
 MESSAGE_ID = "catga-id"
 MESSAGE_TYPE = "catga-type"
 ATTEMPT = "catga-attempt"

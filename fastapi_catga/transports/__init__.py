@@ -1,8 +1,14 @@
-"""Transports: one Protocol (`base`), one module per broker, loaded only when chosen."""
+"""Transports: one Protocol, one implementation per broker, each loaded only when chosen.
+
+- `base`: the `Transport` and `MembershipStore` Protocols that the cluster layer uses.
+- `memory`: the default, inside this process; also the harness for whole clusters in tests.
+- `nats`, `redis`: the brokers, one package each (``pip install "fastapi-catga[nats]"``, ``[redis]``).
+- `_shared`: what every transport does the same way.
+"""
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastapi_catga.transports.base import Transport
@@ -13,21 +19,31 @@ if TYPE_CHECKING:
 
 __all__ = ["TRANSPORTS", "InMemoryBroker", "InMemoryTransport", "Transport", "create_transport"]
 
-#: ``CATGA_TRANSPORT`` value -> "module:Class"; a backend's module is imported only when chosen.
-TRANSPORTS = {
-    "memory": "fastapi_catga.transports.memory:InMemoryTransport",
-    "nats": "fastapi_catga.transports.nats:NatsTransport",
-    "redis": "fastapi_catga.transports.redis:RedisTransport",
+
+def _memory(settings: CatgaSettings) -> Transport:
+    return InMemoryTransport(cluster=settings.cluster, max_payload=settings.max_payload)
+
+
+def _nats(settings: CatgaSettings) -> Transport:
+    from fastapi_catga.transports.nats import NatsTransport  # here, so nats-py loads only when chosen
+
+    return NatsTransport(settings.nats_url, cluster=settings.cluster, max_payload=settings.max_payload)
+
+
+def _redis(settings: CatgaSettings) -> Transport:
+    from fastapi_catga.transports.redis import RedisTransport  # here, so redis-py loads only when chosen
+
+    return RedisTransport(settings.redis_url, cluster=settings.cluster, max_payload=settings.max_payload)
+
+
+#: ``CATGA_TRANSPORT`` value -> the factory of that transport, configured from the settings.
+TRANSPORTS: dict[str, Callable[[CatgaSettings], Transport]] = {
+    "memory": _memory,
+    "nats": _nats,
+    "redis": _redis,
 }
 
 
 def create_transport(settings: CatgaSettings) -> Transport:
     """The transport ``settings.transport`` names, configured from the settings."""
-    module_name, _, class_name = TRANSPORTS[settings.transport].partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    common = {"cluster": settings.cluster, "max_payload": settings.max_payload}
-    if settings.transport == "nats":
-        return cls(settings.nats_url, **common)  # type: ignore[no-any-return]
-    if settings.transport == "redis":
-        return cls(settings.redis_url, **common)  # type: ignore[no-any-return]
-    return cls(**common)  # type: ignore[no-any-return]
+    return TRANSPORTS[settings.transport](settings)

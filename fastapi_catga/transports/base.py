@@ -55,16 +55,22 @@ class ConnectionState:
     """Whether a transport's connection is up, and who to tell when that changes.
 
     Each change is told once, in order; a listener that raises is logged and the others still hear.
+    Once the transport is closed, nothing more is told: the broker client's late callbacks are moot.
     """
 
     up: bool = False
+    closed: bool = False
     _listeners: list[ConnectionListener] = field(default_factory=list)
 
     def add(self, listener: ConnectionListener) -> None:
         self._listeners.append(listener)
 
+    def close(self) -> None:
+        """Down for good, without telling anyone: whoever closed the transport knows."""
+        self.up, self.closed = False, True
+
     def tell(self, up: bool) -> None:
-        if up == self.up:
+        if up == self.up or self.closed:
             return
         self.up = up
         for listener in list(self._listeners):

@@ -18,17 +18,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope
 from fastapi_catga.exceptions import (
     MessageTooLargeError,
     NoResponderError,
     RequestTimeoutError,
     TransportError,
 )
+from fastapi_catga.transports._shared import WatchQueue
 from fastapi_catga.transports.base import (
     ConnectionListener,
     ConnectionState,
@@ -38,8 +39,6 @@ from fastapi_catga.transports.base import (
 )
 
 __all__ = ["InMemoryBroker", "InMemoryTransport"]
-
-DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -53,22 +52,15 @@ class _Sub:
         self.transport.broker._remove(self)
 
 
-@dataclass(eq=False)
-class _Watch:
-    broker: InMemoryBroker
-    namespace: str
-    queue: asyncio.Queue[MemberEvent | None] = field(default_factory=asyncio.Queue)
-
-    async def __aiter__(self) -> AsyncIterator[MemberEvent]:
-        while True:
-            event = await self.queue.get()
-            if event is None:
-                return
-            yield event
+class _Watch(WatchQueue):
+    def __init__(self, broker: InMemoryBroker, namespace: str) -> None:
+        super().__init__()
+        self.broker = broker
+        self.namespace = namespace
 
     async def stop(self) -> None:
         self.broker._watches.discard(self)
-        self.queue.put_nowait(None)
+        self.end()
 
 
 class InMemoryBroker:
@@ -93,7 +85,7 @@ class InMemoryBroker:
         for transport in list(self._transports):
             transport._set_connected(False)
         for watch in list(self._watches):
-            watch.queue.put_nowait(None)
+            watch.end()
         self._watches.clear()
 
     def restore(self) -> None:
@@ -143,7 +135,7 @@ class InMemoryBroker:
     def _notify(self, namespace: str, event: MemberEvent) -> None:
         for watch in self._watches:
             if watch.namespace == namespace:
-                watch.queue.put_nowait(event)
+                watch.put(event)
 
 
 class _Members:

@@ -183,7 +183,8 @@ def test_bad_settings_fail_at_construction(servers: str, cluster: str, complaint
 
 def test_missing_nats_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "nats", None)
-    monkeypatch.delitem(sys.modules, "fastapi_catga.transports.nats")
+    for name in [name for name in sys.modules if name.startswith("fastapi_catga.transports.nats")]:
+        monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ImportError, match=r'pip install "fastapi-catga\[nats\]"'):
         importlib.import_module("fastapi_catga.transports.nats")
 

@@ -1,0 +1,138 @@
+"""`NatsConnection`: one node's nats-py client, which reconnects forever and says when it is up.
+
+The first connect is bounded by ``connect_timeout``; from then on nats-py reconnects without end.
+Each loss and each return is told to the listeners of the `ConnectionState`, once and in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from fastapi_catga.exceptions import ConfigurationError, TransportError
+from fastapi_catga.transports.base import ConnectionState
+
+__all__ = ["NatsConnection"]
+
+logger = logging.getLogger(__name__)
+
+
+class NatsConnection:
+    """The nats-py client of a `NatsTransport`, and its state.
+
+    Args:
+        servers: ``nats://host:port`` URLs, as a sequence or one comma-separated string.
+        connect_timeout: seconds to wait for the first connection, and for each JetStream call.
+        ping_interval: seconds between pings; two unanswered pings count as a lost connection.
+        reconnect_wait: seconds between reconnect attempts to one server (they never stop).
+        connection_name: the connection's name in the server's monitoring.
+        on_lost: awaited at a disconnect, before the listeners hear of it.
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str],
+        *,
+        connect_timeout: float,
+        ping_interval: float,
+        reconnect_wait: float,
+        connection_name: str | None,
+        on_lost: Callable[[], Awaitable[None]],
+    ) -> None:
+        urls = servers.split(",") if isinstance(servers, str) else servers
+        self.servers = [url.strip() for url in urls if url.strip()]
+        if not self.servers:
+            raise ConfigurationError("no NATS server URL given (CATGA_NATS_URL, e.g. nats://localhost:4222)")
+        self.where = ", ".join(self.servers)
+        self.connect_timeout = connect_timeout
+        self.state = ConnectionState()
+        #: Messages nats-py dropped because a subscription's pending queue was full.
+        self.slow_consumers = 0
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        # nats-py annotates the durations as int; they are float seconds.
+        self._options: dict[str, Any] = {
+            "name": connection_name,
+            "connect_timeout": connect_timeout,
+            "ping_interval": ping_interval,
+            "reconnect_time_wait": reconnect_wait,
+        }
+        self._on_lost = on_lost
+        self._last_error = ""
+
+    @property
+    def up(self) -> bool:
+        """Whether the connection is up right now (False while nats-py reconnects)."""
+        return self.nc is not None and self.nc.is_connected
+
+    def live(self) -> tuple[Client, JetStreamContext]:
+        """The client and its JetStream context, or `TransportError` when closed or not connected."""
+        if self.nc is None or self.js is None or not self.nc.is_connected:
+            state = "closed" if self.state.closed else "not connected" if self.nc is None else "reconnecting"
+            raise TransportError(f"NATS at {self.where} is unreachable ({state})")
+        return self.nc, self.js
+
+    async def open(self) -> Client:
+        """Connect, retrying until ``connect_timeout``; from then on reconnect forever.
+
+        Raises:
+            TransportError: no server answered within ``connect_timeout``; the message names them.
+        """
+        if self.state.closed or self.nc is not None:
+            raise TransportError("connect() works once per NatsTransport; make a new one")
+        self.nc = nc = Client()
+        try:
+            # With unlimited reconnects nats-py retries the first connect forever too: bound it.
+            async with asyncio.timeout(self.connect_timeout):
+                await nc.connect(
+                    self.servers,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    max_outstanding_pings=2,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                    **self._options,
+                )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            self.state.close()
+            await nc.close()
+            raise TransportError(
+                f"cannot reach NATS at {self.where} within {self.connect_timeout} s"
+            ) from exc
+        self.js = nc.jetstream(timeout=self.connect_timeout)
+        return nc
+
+    # -- nats-py's callbacks (it wants them async) ---------------------------------------------------
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self.slow_consumers += 1
+        text = f"{type(exc).__name__}: {exc}"
+        # The same error again (each reconnect attempt while the server is down) is only DEBUG.
+        level = logging.DEBUG if text == self._last_error else logging.WARNING
+        self._last_error = text
+        logger.log(level, "NATS error (%s): %s", self.where, text)
+
+    async def _on_disconnected(self) -> None:
+        if self.state.closed:
+            return
+        logger.warning("lost the NATS connection (%s); reconnecting", self.where)
+        await self._on_lost()
+        self.state.tell(False)
+
+    async def _on_reconnected(self) -> None:
+        self._last_error = ""
+        logger.info("reconnected to NATS (%s)", self.where)
+        self.state.tell(True)
+
+    async def _on_closed(self) -> None:
+        if not self.state.closed:
+            logger.warning("the NATS connection closed for good (%s)", self.where)

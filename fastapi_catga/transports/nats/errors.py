@@ -1,0 +1,71 @@
+"""nats-py's errors as ours: one table, applied where the transport calls nats-py."""
+
+from __future__ import annotations
+
+import nats.errors
+import nats.js.errors
+
+from fastapi_catga.exceptions import (
+    CatgaError,
+    MessageTooLargeError,
+    NoResponderError,
+    RequestTimeoutError,
+    TransportError,
+)
+
+__all__ = ["ERRORS", "NatsErrors"]
+
+_NO_JETSTREAM = (
+    "{what}: JetStream did not answer (is the server started with -js? was the bucket prepared since?)"
+)
+_STREAM_GONE = (
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,  # the bucket's stream is gone: a server lost its store
+)
+_NOBODY = "nobody listens on {what}"
+_NO_REPLY = "no reply on {what} within {timeout:.3f} s"
+_NO_ANSWER = "{what}: NATS did not answer in time"
+_TOO_LARGE = "{what}: over the server's max_payload"
+_FAILED = "{what}: {kind}: {exc}"
+
+Ours = tuple[type[CatgaError], str]
+
+#: nats-py error(s) -> (ours inside a request, ours anywhere else); the first row that matches wins.
+#: Inside a request (a reply awaited within a timeout) "no responders" and a timeout mean what they
+#: say; anywhere else they mean NATS or JetStream failed to answer. A message may name {what} (the
+#: subject or operation), {timeout}, {kind} (nats-py's class name) and {exc} (its message).
+ERRORS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], Ours, Ours], ...] = (
+    (nats.errors.NoRespondersError, (NoResponderError, _NOBODY), (TransportError, _NO_JETSTREAM)),
+    (_STREAM_GONE, (TransportError, _NO_JETSTREAM), (TransportError, _NO_JETSTREAM)),
+    # TimeoutError: asyncio's, and nats.errors.TimeoutError, which is one too
+    (TimeoutError, (RequestTimeoutError, _NO_REPLY), (TransportError, _NO_ANSWER)),
+    (nats.errors.MaxPayloadError, (MessageTooLargeError, _TOO_LARGE), (MessageTooLargeError, _TOO_LARGE)),
+    ((nats.errors.Error, OSError), (TransportError, _FAILED), (TransportError, _FAILED)),
+)  # fmt: skip
+
+
+class NatsErrors:
+    """Raises nats-py's errors as ours (`ERRORS`), like httpx's ``map_httpcore_exceptions``.
+
+    With ``timeout`` the block is a request: the table's middle column. Our own errors, and errors
+    the table does not name, pass unchanged. A class, not a ``@contextmanager``: it wraps every
+    request and reply, and costs a fifth as much.
+    """
+
+    __slots__ = ("timeout", "what")
+
+    def __init__(self, what: str, timeout: float | None = None) -> None:
+        self.what = what
+        self.timeout = timeout
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, CatgaError):
+            return
+        for errors, in_request, elsewhere in ERRORS:
+            if isinstance(exc, errors):
+                ours, message = elsewhere if self.timeout is None else in_request
+                text = message.format(what=self.what, timeout=self.timeout, kind=type(exc).__name__, exc=exc)
+                raise ours(text) from exc

@@ -1,0 +1,265 @@
+"""`NatsTransport`: messaging over core NATS, on one `NatsConnection` per node.
+
+Logical subjects (``node.<id>``, ``type.<name>``, ``event.<name>``) travel as
+``catga.<cluster>.<subject>``. A message's payload is the envelope as `core.envelope.pack` frames
+it: its headers as one JSON line, a newline, the body (not NATS headers: they cost nats-py several
+microseconds each way). Requests get their replies on one inbox subscription per connection.
+
+The client reconnects forever. Subscriptions survive a reconnect; membership watches end at a
+disconnect, and the cluster layer starts new ones once the connection is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Sequence
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+
+from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, encode_error, unpack
+from fastapi_catga.exceptions import (
+    ConfigurationError,
+    MessageValidationError,
+    NoResponderError,
+    TransportError,
+)
+from fastapi_catga.transports._shared import PendingReplies, deliver, frame
+from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, Reply
+from fastapi_catga.transports.nats.connection import NatsConnection
+from fastapi_catga.transports.nats.errors import NatsErrors
+from fastapi_catga.transports.nats.membership import NatsMembers
+
+__all__ = ["NatsTransport"]
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a bucket name, and a single subject token
+_NO_RESPONDERS = "503"  # the status the server sends to a request's inbox when nobody listens
+_PENDING_MSGS = 1_000_000  # per subscription, before nats-py drops messages as a slow consumer
+_PENDING_BYTES = 512 * 1024 * 1024
+_FLUSH_TIMEOUT = 2  # s, for the PING round trips that confirm a (un)subscribe
+
+
+async def _sync(nc: Client) -> None:
+    """Return once the server has processed everything this connection sent so far.
+
+    nats-py's ``flush()`` writes its PING straight to the socket, ahead of commands still queued
+    for its flusher task, so the first PONG can come back before a SUB just sent is in place.
+    The flusher writes while we wait for it, so the second PING follows the SUB.
+    """
+    await nc.flush(timeout=_FLUSH_TIMEOUT)
+    await nc.flush(timeout=_FLUSH_TIMEOUT)
+
+
+class _Subscription:
+    def __init__(self, sub: NatsSubscription, nc: Client, subscriptions: set[_Subscription]) -> None:
+        self.sub = sub
+        self._nc = nc
+        self._subscriptions = subscriptions
+
+    async def unsubscribe(self) -> None:
+        self._subscriptions.discard(self)
+        # A closed or draining connection delivers nothing more; a second call is fine too.
+        with contextlib.suppress(nats.errors.Error):
+            await self.sub.unsubscribe()
+            # Until the server has the UNSUB it routes requests here, where they are dropped:
+            # they would time out instead of failing at once with "no responders".
+            await _sync(self._nc)
+
+
+class NatsTransport:
+    """One node's connection to NATS: a single server, or a cluster of them.
+
+    Args:
+        servers: ``nats://host:port`` URLs, as a sequence or one comma-separated string.
+        cluster: the cluster name; namespaces subjects (``catga.<cluster>.``) and the KV bucket.
+        max_payload: the largest envelope sent, headers included; lowered to the server's limit.
+        connect_timeout: seconds to wait for the first connection, and for each JetStream call.
+        ping_interval: seconds between pings; two unanswered pings count as a lost connection.
+        reconnect_wait: seconds between reconnect attempts to one server (they never stop).
+        connection_name: the connection's name in the server's monitoring.
+    """
+
+    name = "nats"
+    supports_queue_groups = True
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] = "nats://localhost:4222",
+        *,
+        cluster: str = "catga",
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        connect_timeout: float = 5.0,
+        ping_interval: float = 5.0,
+        reconnect_wait: float = 0.5,
+        connection_name: str | None = None,
+    ) -> None:
+        if not _NAME.fullmatch(cluster):
+            raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]+ for NATS")
+        self._connection = NatsConnection(
+            servers,
+            connect_timeout=connect_timeout,
+            ping_interval=ping_interval,
+            reconnect_wait=reconnect_wait,
+            connection_name=connection_name,
+            on_lost=self._on_lost,
+        )
+        self.servers = self._connection.servers
+        self.cluster = cluster
+        self.max_payload = max_payload
+        self.connect_timeout = connect_timeout
+        self._prefix = f"catga.{cluster}."
+        self._members = NatsMembers(self._connection, cluster)
+        self._subscriptions: set[_Subscription] = set()
+        self._inbox = ""  # "_INBOX.<unique>.": replies to this connection's requests
+        self._pending: PendingReplies[Msg] = PendingReplies()
+
+    @property
+    def slow_consumers(self) -> int:
+        """Messages nats-py dropped because a subscription's pending queue was full."""
+        return self._connection.slow_consumers
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up right now (False while nats-py reconnects)."""
+        return self._connection.up
+
+    @property
+    def members(self) -> NatsMembers:
+        """The membership store in the KV bucket ``catga_<cluster>``."""
+        return self._members
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Call ``listener(False)`` at a disconnect and ``listener(True)`` once reconnected."""
+        self._connection.state.add(listener)
+
+    async def connect(self) -> None:
+        """Connect, retrying until ``connect_timeout``; from then on reconnect forever.
+
+        Raises:
+            TransportError: no server answered within ``connect_timeout``; the message names them.
+        """
+        nc = await self._connection.open()
+        self.max_payload = min(self.max_payload, nc.max_payload)
+        self._inbox = nc.new_inbox() + "."
+        await nc.subscribe(
+            self._inbox + "*",
+            cb=self._on_reply,
+            pending_msgs_limit=_PENDING_MSGS,
+            pending_bytes_limit=_PENDING_BYTES,
+        )
+        self._connection.state.tell(True)
+        logger.info("connected to NATS at %s (cluster %r)", self._connection.where, self.cluster)
+
+    async def aclose(self) -> None:
+        """Stop the watches, drop the subscriptions and close the connection; safe to call twice."""
+        if self._connection.state.closed:
+            return
+        self._connection.state.close()
+        await self._members.stop_watches()
+        nc = self._connection.nc
+        if nc is None:
+            return
+        if self._subscriptions and nc.is_connected:
+            # Unsubscribe and wait for the server to confirm, so that peers' requests fail at once
+            # with "no responders" rather than time out until it notices the closed socket.
+            with contextlib.suppress(TimeoutError, nats.errors.Error):
+                async with asyncio.timeout(self.connect_timeout):
+                    for subscription in list(self._subscriptions):
+                        await subscription.sub.unsubscribe()
+                    await _sync(nc)
+        # Not nc.drain(): against a paused server it waits out its timeout plus a 10 s flush, then
+        # logs a never-retrieved error. close() still writes what was published.
+        await nc.close()
+
+    async def _on_lost(self) -> None:
+        # Replies to requests in flight would go to an inbox nobody holds now: fail them at once.
+        where = self._connection.where
+        self._pending.fail_all(
+            TransportError(f"lost the NATS connection ({where}) while waiting for a reply")
+        )
+        await self._members.stop_watches()
+
+    # -- messaging ------------------------------------------------------------------------------
+
+    async def subscribe(
+        self, subject: str, callback: DeliveryCallback, *, queue: str | None = None
+    ) -> _Subscription:
+        """Call ``callback`` for every envelope on ``subject``; with ``queue``, one group member each."""
+        nc = self._connection.live()[0]
+
+        async def on_msg(msg: Msg) -> None:
+            reply = self._replier(msg.reply) if msg.reply else None
+            try:
+                envelope = unpack(msg.data)
+            except MessageValidationError as exc:
+                logger.warning("dropped a message on %s: %s", msg.subject, exc)
+                if reply is not None:  # tell the sender at once rather than let it time out
+                    await reply(encode_error(exc, node_id=""))
+                return
+            deliver(callback, Delivery(envelope, reply), msg.subject, logger)
+
+        with NatsErrors(f"subscribe {subject}"):
+            sub = await nc.subscribe(
+                self._prefix + subject,
+                queue=queue or "",
+                cb=on_msg,
+                pending_msgs_limit=_PENDING_MSGS,
+                pending_bytes_limit=_PENDING_BYTES,
+            )
+            await _sync(nc)  # now a request from any connection to this server finds the subscriber
+        subscription = _Subscription(sub, nc, self._subscriptions)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def _replier(self, inbox: str) -> Reply:
+        async def reply(envelope: Envelope) -> None:
+            await self._send(inbox, envelope)
+
+        return reply
+
+    async def _send(self, subject: str, envelope: Envelope, reply: str = "") -> None:
+        nc = self._connection.live()[0]
+        data = frame(envelope, self.max_payload, "NATS")
+        with NatsErrors(subject):
+            await nc.publish(subject, data, reply=reply)
+
+    async def publish(self, subject: str, envelope: Envelope) -> None:
+        """Send to every subscriber of ``subject``; NATS does not say how many, so this returns None."""
+        await self._send(self._prefix + subject, envelope)
+
+    async def request(self, subject: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        """Send to one subscriber of ``subject`` and return its reply.
+
+        Raises:
+            NoResponderError: nobody listens on ``subject`` (NATS says so in well under a millisecond).
+            RequestTimeoutError: no reply within ``timeout`` seconds.
+            MessageTooLargeError: the envelope is over ``max_payload``; nothing was sent.
+            TransportError: the connection is down or failed.
+        """
+        nc = self._connection.live()[0]
+        data = frame(envelope, self.max_payload, "NATS")
+        # Not nc.request(): it starts a task per request (asyncio.wait_for) and costs about as much
+        # again as the round trip. One inbox subscription, a table of futures and a timer instead.
+        token, reply = self._pending.add(subject, timeout)
+        try:
+            with NatsErrors(subject, timeout):
+                await nc.publish(self._prefix + subject, data, reply=self._inbox + token)
+                msg = await reply
+        finally:
+            self._pending.discard(token)
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+            raise NoResponderError(f"nobody listens on {subject}")
+        try:
+            return unpack(msg.data)
+        except MessageValidationError as exc:
+            raise TransportError(f"unreadable reply on {subject}: {exc}") from exc
+
+    async def _on_reply(self, msg: Msg) -> None:
+        self._pending.resolve(msg.subject[len(self._inbox) :], msg)

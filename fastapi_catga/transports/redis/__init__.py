@@ -1,0 +1,20 @@
+"""The Redis transport (``pip install "fastapi-catga[redis]"``)::
+
+    transport = RedisTransport("redis://localhost:6379/0", cluster="orders")
+    await transport.connect()
+
+- `transport`: messaging over pub/sub (request/reply over a reply channel per transport).
+- `reader`: the subscriber connection and the task that reads it, reconnecting when it breaks.
+- `writer`: every PUBLISH, auto-pipelined over one connection.
+- `connections`: the pool for membership commands and the two private pub/sub connections.
+- `membership`: the membership store, a TTL key per node indexed by a sorted set.
+- `scripts`: the Lua scripts that membership runs on the server.
+- `errors`: how redis-py's errors become ours, in one table.
+"""
+
+from fastapi_catga.transports._shared import import_guard
+
+with import_guard("redis", client="redis-py", broker="Redis"):
+    from fastapi_catga.transports.redis.transport import RedisTransport
+
+__all__ = ["RedisTransport"]

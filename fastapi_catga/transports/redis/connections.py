@@ -1,0 +1,64 @@
+"""The transport's connections to Redis: a pool for membership commands, two private ones for pub/sub."""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+
+from fastapi_catga.exceptions import ConfigurationError
+
+__all__ = ["command_pool", "private_connection", "redact", "reopen"]
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def command_pool(
+    url: str, *, max_connections: int, timeout: float, health_check_interval: float
+) -> BlockingConnectionPool:
+    """The pool for membership commands: callers wait for a free connection, up to ``timeout``.
+
+    Raises:
+        ConfigurationError: ``url`` is no Redis URL.
+    """
+    try:
+        return BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            health_check_interval=health_check_interval,
+            # Membership commands are safe to repeat: a few quick retries ride out a server restart.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            retry_on_error=[OSError],
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid Redis URL {redact(url)}: {exc}") from exc
+
+
+def private_connection(pool: BlockingConnectionPool) -> AbstractConnection:
+    """A connection to the pool's server, outside the pool, for one task to own."""
+    # RESP2 makes pub/sub messages plain arrays. No retries, socket timeout or health checks: the
+    # owning task bounds every read, PINGs and reconnects by itself.
+    kwargs = {**pool.connection_kwargs, "protocol": 2, "socket_timeout": None, "health_check_interval": 0}
+    kwargs.update(retry=Retry(NoBackoff(), 0), retry_on_error=[])
+    return pool.connection_class(**kwargs)
+
+
+class _Connect(Protocol):
+    async def connect(self) -> None: ...
+
+
+async def reopen(connection: AbstractConnection) -> None:
+    """Close ``connection`` (if it is open) and connect it again."""
+    await connection.disconnect()
+    unannotated: _Connect = connection  # redis-py leaves AbstractConnection.connect() without types
+    await unannotated.connect()

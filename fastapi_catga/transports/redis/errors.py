@@ -1,0 +1,42 @@
+"""redis-py's errors as ours: one table, applied where the transport calls redis-py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from redis.exceptions import RedisError
+
+from fastapi_catga.exceptions import CatgaError, TransportError
+
+__all__ = ["BROKER_ERRORS", "ERRORS", "reason", "redis_errors"]
+
+#: What redis-py (and the socket under it) raises -> ours; the first entry that matches wins. Each
+#: means Redis or the connection to it failed; the message names the command and the cause.
+#: asyncio's TimeoutError (the bound on every command) is an OSError, and so is our own
+#: TransportError, which passes unchanged.
+ERRORS: dict[type[Exception], type[CatgaError]] = {
+    RedisError: TransportError,  # redis.exceptions.*: ConnectionError, TimeoutError, ResponseError...
+    OSError: TransportError,  # the socket, and the command timeout
+}
+#: Every error that means Redis or the connection failed, rather than a bug of ours.
+BROKER_ERRORS = tuple(ERRORS)
+
+
+def reason(exc: BaseException) -> str:
+    """An error's message, or its class name when it has none (asyncio's TimeoutError)."""
+    return str(exc) or type(exc).__name__
+
+
+@contextlib.asynccontextmanager
+async def redis_errors(what: str, where: str, timeout: float) -> AsyncIterator[None]:
+    """Bound the block by the command ``timeout`` and raise redis-py's errors as ours (`ERRORS`)."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except BROKER_ERRORS as exc:
+        if isinstance(exc, CatgaError):
+            raise
+        ours = next(ours for theirs, ours in ERRORS.items() if isinstance(exc, theirs))
+        raise ours(f"Redis at {where}: {what} failed: {reason(exc)}") from exc

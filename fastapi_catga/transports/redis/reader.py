@@ -1,0 +1,152 @@
+"""`ChannelReader`: the subscriber connection, read by one task.
+
+It holds every subscription and PINGs when idle, to notice a frozen server. When the connection
+breaks it calls ``on_lost``, reconnects, subscribes every channel again and calls ``on_back``.
+(UN)SUBSCRIBE commands are written by the tasks that ask for them and confirmed by the reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from fastapi_catga.exceptions import TransportError
+from fastapi_catga.transports._shared import fail
+from fastapi_catga.transports.redis.connections import reopen
+from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason
+
+__all__ = ["RECONNECT_DELAYS", "ChannelReader"]
+
+logger = logging.getLogger(__name__)
+
+#: Pauses between reconnect attempts; the last one repeats, so a returning server is seen within ~0.5 s.
+RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5)
+
+
+class ChannelReader:
+    """Reads the subscriber connection from the task running `run`; see the module docstring.
+
+    Args:
+        connection: a connection of its own, in RESP2 (pub/sub messages are plain arrays).
+        pool: the pool of the transport's other commands, reset after each reconnect.
+        where: the server, for messages (no password).
+        timeout: the bound on (re)connecting and subscribing.
+        idle: seconds without a message before a PING, and then before the connection counts as lost.
+        channels: every channel to subscribe, asked at each (re)connect.
+        on_message: called with the channel and data of each message, on the reader's task.
+        on_lost: called when the connection broke, before reconnecting.
+        on_back: called once reconnected with every channel subscribed.
+    """
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        pool: BlockingConnectionPool,
+        *,
+        where: str,
+        timeout: float,
+        idle: float,
+        channels: Callable[[], Iterable[bytes]],
+        on_message: Callable[[bytes, bytes], None],
+        on_lost: Callable[[], None],
+        on_back: Callable[[], None],
+    ) -> None:
+        self._connection = connection
+        self._pool = pool
+        self._where = where
+        self._timeout = timeout
+        self._idle = idle
+        self._channels = channels
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._on_back = on_back
+        self._confirming: dict[tuple[bytes, bytes], asyncio.Future[None]] = {}  # (b"subscribe", channel)
+
+    async def open(self) -> None:
+        """(Re)open the connection and subscribe every channel; read inline until Redis confirmed them."""
+        connection = self._connection
+        await reopen(connection)
+        channels = list(self._channels())
+        await connection.send_command("SUBSCRIBE", *channels, check_health=False)
+        unconfirmed = len(channels)
+        while unconfirmed:
+            response = await connection.read_response()
+            unconfirmed -= response[0] == b"subscribe"
+            self._handle(response)
+
+    async def confirmed(self, command: Literal["SUBSCRIBE", "UNSUBSCRIBE"], channel: bytes) -> None:
+        """Send (UN)SUBSCRIBE for one channel; return once the reader saw Redis confirm it."""
+        if not self._connection.is_connected:  # never let send_command reconnect behind the reader's back
+            raise TransportError(f"the subscriber connection to {self._where} is down")
+        done = self._confirming[(command.lower().encode(), channel)] = (
+            asyncio.get_running_loop().create_future()
+        )
+        await self._connection.send_command(command, channel, check_health=False)
+        await done
+
+    def fail_confirmations(self, error: TransportError) -> None:
+        """Fail every (UN)SUBSCRIBE still waiting for its confirmation."""
+        for done in self._confirming.values():
+            fail(done, error)
+        self._confirming.clear()
+
+    async def aclose(self) -> None:
+        """Close the connection (once `run` has ended)."""
+        await self._connection.disconnect()
+
+    async def run(self) -> None:
+        """Read until cancelled; a broken connection is reported, then reconnected."""
+        while True:
+            try:
+                await self._receive()
+            except Exception as exc:  # the reader outlives anything: each ending counts as a lost connection
+                unexpected = not isinstance(exc, BROKER_ERRORS)
+                logger.warning(
+                    "lost the Redis connection to %s (%s)", self._where, reason(exc), exc_info=unexpected
+                )
+            self._on_lost()
+            await self._reconnect()
+            self._on_back()
+
+    async def _receive(self) -> None:
+        """Hand over messages until the connection breaks; PING when idle to notice a frozen server."""
+        pinged = False
+        while True:
+            response = await self._connection.read_response(timeout=self._idle)
+            if response is not None:
+                pinged = False
+                self._handle(response)
+            elif pinged:
+                raise RedisConnectionError(f"no answer to PING within {self._idle} s")
+            else:
+                await self._connection.send_command("PING", check_health=False)
+                pinged = True
+
+    async def _reconnect(self) -> None:
+        for attempt in itertools.count():
+            await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self.open()
+                    # The pooled sockets most likely died with the server: make the next command reconnect.
+                    await self._pool.disconnect(inuse_connections=False)
+            except BROKER_ERRORS as exc:
+                logger.debug("reconnecting to Redis at %s failed: %s", self._where, reason(exc))
+            else:
+                logger.info("reconnected to Redis at %s after %d attempt(s)", self._where, attempt + 1)
+                return
+
+    def _handle(self, response: Any) -> None:
+        match response:
+            case [b"message", channel, data]:
+                self._on_message(channel, data)
+            case [b"subscribe" | b"unsubscribe" as kind, channel, _]:
+                if (done := self._confirming.pop((kind, channel), None)) and not done.done():
+                    done.set_result(None)

