@@ -172,5 +172,5 @@ class ClusterNode:
             "node_id": self.node_id,
             "members": len(self.view.nodes()),
             "view_stale": self.view.stale,
-            "stats": dict(self.responder.stats),
+            "stats": {**self.responder.stats, "bad_frames": self.transport.bad_frames},
         }

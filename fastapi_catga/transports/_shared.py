@@ -7,6 +7,7 @@
 - `PendingReplies`: requests waiting for their reply, each with a timer; a lost connection fails
   them all at once.
 - `WatchQueue`: the member events of one watch, until the watch stops or the connection drops.
+- `BadFrames`: unreadable frames received, counted and logged at most once per interval.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, Generic, TypeVar
 
 from fastapi_catga.core.envelope import Envelope, pack
+from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.exceptions import MessageTooLargeError, RequestTimeoutError
 from fastapi_catga.transports.base import Delivery, DeliveryCallback, MemberEvent
 
-__all__ = ["PendingReplies", "WatchQueue", "deliver", "fail", "frame", "import_guard"]
+__all__ = ["BadFrames", "PendingReplies", "WatchQueue", "deliver", "fail", "frame", "import_guard"]
 
 T = TypeVar("T")
 
@@ -140,3 +142,24 @@ class WatchQueue:
         while (event := await self._events.get()) is not None:
             yield event
         self._events.put_nowait(None)  # ended for good: iterating again ends at once too
+
+
+class BadFrames:
+    """Frames that are no catga frame (garbage, an attack, a foreign client on our subjects).
+
+    Each is counted; a log line is written at most once per interval, with how many were held back,
+    so a flood of them cannot flood the log.
+    """
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.count = 0
+        self._log = log
+        self._limit = LogLimiter()
+
+    def seen(self, subject: str | bytes, error: Exception) -> None:
+        self.count += 1
+        held = self._limit.allow("frame")
+        if held is not None:
+            where = subject.decode(errors="replace") if isinstance(subject, bytes) else subject
+            more = f" ({held} more since the last report)" if held else ""
+            self._log.warning("dropped an unreadable message on %s: %s%s", where, error, more)

@@ -146,6 +146,11 @@ class Transport(Protocol):
     supports_queue_groups: bool
 
     @property
+    def bad_frames(self) -> int:
+        """Messages received that were no catga frame at all (counted, logged at most once per interval)."""
+        ...
+
+    @property
     def connected(self) -> bool:
         """Whether the broker connection is up right now."""
         ...

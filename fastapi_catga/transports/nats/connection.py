@@ -15,6 +15,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError, TransportError
 from fastapi_catga.transports.base import ConnectionState
 
@@ -49,7 +50,7 @@ class NatsConnection:
         self.servers = [url.strip() for url in urls if url.strip()]
         if not self.servers:
             raise ConfigurationError("no NATS server URL given (CATGA_NATS_URL, e.g. nats://localhost:4222)")
-        self.where = ", ".join(self.servers)
+        self.where = redact_url(", ".join(self.servers))  # for messages and logs: no password
         self.connect_timeout = connect_timeout
         self.state = ConnectionState()
         #: Messages nats-py dropped because a subscription's pending queue was full.

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -151,8 +152,10 @@ class NatsMembers:
         self._ready()
         prefix, done = self._prefix, asyncio.Event()
         records: dict[str, bytes] = {}
+        received = [0]
 
         async def on_msg(msg: Msg) -> None:
+            received[0] += 1
             event = _member_event(msg, prefix)
             if event is not None and event.kind == "put":
                 records[event.node_id] = msg.data
@@ -174,11 +177,28 @@ class NatsMembers:
                     inactive_threshold=_CONSUMER_IDLE,
                 )
                 if info.num_pending:
-                    async with asyncio.timeout(self._connection.connect_timeout):
-                        await done.wait()
+                    await self._all_sent(js, info, done, lambda: received[0])
             finally:
                 await sub.unsubscribe()
         return records
+
+    async def _all_sent(
+        self, js: JetStreamContext, info: api.ConsumerInfo, done: asyncio.Event, received: Callable[[], int]
+    ) -> None:
+        """Wait for the last record the consumer counted at its creation. A record that expired
+        meanwhile (bucket max_age) is never sent: the consumer then has nothing pending and has sent
+        no more than was received."""
+        deadline = asyncio.get_running_loop().time() + self._connection.connect_timeout
+        while not done.is_set():
+            try:
+                async with asyncio.timeout(0.25):
+                    await done.wait()
+            except TimeoutError:
+                now = await js.consumer_info(info.stream_name, info.name)
+                if now.num_pending == 0 and (now.delivered.consumer_seq or 0) <= received():
+                    return
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
 
     async def watch(self) -> _Watch:
         js = self._ready()[0]

@@ -29,7 +29,7 @@ from fastapi_catga.exceptions import (
     NoResponderError,
     TransportError,
 )
-from fastapi_catga.transports._shared import PendingReplies, deliver, frame
+from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver, frame
 from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, Reply
 from fastapi_catga.transports.nats.connection import NatsConnection
 from fastapi_catga.transports.nats.errors import NatsErrors
@@ -119,11 +119,17 @@ class NatsTransport:
         self._subscriptions: set[_Subscription] = set()
         self._inbox = ""  # "_INBOX.<unique>.": replies to this connection's requests
         self._pending: PendingReplies[Msg] = PendingReplies()
+        self._bad_frames = BadFrames(logger)
 
     @property
     def slow_consumers(self) -> int:
         """Messages nats-py dropped because a subscription's pending queue was full."""
         return self._connection.slow_consumers
+
+    @property
+    def bad_frames(self) -> int:
+        """Messages received that were no catga frame (dropped, answered with an error where possible)."""
+        return self._bad_frames.count
 
     @property
     def connected(self) -> bool:
@@ -199,9 +205,9 @@ class NatsTransport:
             try:
                 envelope = unpack(msg.data)
             except MessageValidationError as exc:
-                logger.warning("dropped a message on %s: %s", msg.subject, exc)
+                self._bad_frames.seen(msg.subject, exc)
                 if reply is not None:  # tell the sender at once rather than let it time out
-                    await reply(encode_error(exc, node_id=""))
+                    await reply(encode_error(exc, node_id="", by_node=True))
                 return
             deliver(callback, Delivery(envelope, reply), msg.subject, logger)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Protocol
 
 from redis.asyncio import BlockingConnectionPool
@@ -10,14 +9,10 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
 
-__all__ = ["command_pool", "private_connection", "redact", "reopen"]
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
+__all__ = ["command_pool", "private_connection", "reopen"]
 
 
 def command_pool(
@@ -41,7 +36,7 @@ def command_pool(
             retry_on_error=[OSError],
         )
     except ValueError as exc:
-        raise ConfigurationError(f"invalid Redis URL {redact(url)}: {exc}") from exc
+        raise ConfigurationError(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
 
 
 def private_connection(pool: BlockingConnectionPool) -> AbstractConnection:

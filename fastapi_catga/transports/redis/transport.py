@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -24,42 +25,27 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, unpack
+from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import (
     ConfigurationError,
     MessageValidationError,
     NoResponderError,
     TransportError,
 )
-from fastapi_catga.transports._shared import PendingReplies, deliver, frame
+from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver, frame
 from fastapi_catga.transports.base import ConnectionListener, ConnectionState, Delivery, DeliveryCallback
-from fastapi_catga.transports.redis.connections import command_pool, private_connection, redact
+from fastapi_catga.transports.redis.connections import command_pool, private_connection
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason, redis_errors
 from fastapi_catga.transports.redis.membership import RedisMembers
 from fastapi_catga.transports.redis.reader import ChannelReader
+from fastapi_catga.transports.redis.routes import end_with, take_route, with_route
 from fastapi_catga.transports.redis.writer import PublishWriter
 
 __all__ = ["RedisTransport"]
 
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
 logger = logging.getLogger(__name__)
-
-# Request frames carry where to answer and which request of the requester's it is.
-_REPLY_TO = "catga-reply-to"
-_CORR = "catga-corr"
-
-
-def _with_route(envelope: Envelope, reply_to: str | None = None, corr: str | None = None) -> Envelope:
-    headers = dict(envelope.headers)
-    if reply_to is not None:
-        headers[_REPLY_TO] = reply_to
-    if corr is not None:
-        headers[_CORR] = corr
-    return Envelope(headers, envelope.body)
-
-
-def _route(envelope: Envelope) -> tuple[str | None, str | None]:
-    """Take the reply channel and the correlation id out of a received frame's headers."""
-    reply_to, corr = envelope.headers.pop(_REPLY_TO, None), envelope.headers.pop(_CORR, None)
-    return (reply_to if isinstance(reply_to, str) else None), (corr if isinstance(corr, str) else None)
 
 
 @dataclass(eq=False)
@@ -105,7 +91,9 @@ class RedisTransport:
         self.url = url
         self.cluster = cluster
         self.max_payload = max_payload
-        self._where = where = redact(url)
+        if not _NAME.fullmatch(cluster):
+            raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]{{1,64}}")
+        self._where = where = redact_url(url)
         self._timeout = connect_timeout
         self._pool = command_pool(
             url,
@@ -123,6 +111,7 @@ class RedisTransport:
         }
         self._handlers: dict[bytes, list[DeliveryCallback]] = {}
         self._pending: PendingReplies[Envelope] = PendingReplies()
+        self._bad_frames = BadFrames(logger)
         self._reader = ChannelReader(
             private_connection(self._pool),
             self._pool,
@@ -141,6 +130,11 @@ class RedisTransport:
     def members(self) -> RedisMembers:
         """The membership store, namespaced by cluster."""
         return self._members
+
+    @property
+    def bad_frames(self) -> int:
+        """Messages received that were no catga frame (dropped: their reply address is inside)."""
+        return self._bad_frames.count
 
     @property
     def connected(self) -> bool:
@@ -246,20 +240,20 @@ class RedisTransport:
     def _on_message(self, channel: bytes, data: bytes) -> None:
         try:
             envelope = unpack(data)
-        except MessageValidationError as exc:
-            logger.warning("dropped an unreadable message on %s: %s", channel.decode(errors="replace"), exc)
+        except MessageValidationError as exc:  # no reply address to answer: it is in the frame
+            self._bad_frames.seen(channel, exc)
             return
         internal = self._internal.get(channel)
         if internal is not None:
             internal(envelope)
             return
-        reply_to, corr = _route(envelope)
+        reply_to, corr = take_route(envelope)
         reply = None if reply_to is None else functools.partial(self._reply, reply_to, corr)
         for callback in self._handlers.get(channel, ()):
             deliver(callback, Delivery(envelope, reply), channel, logger)
 
     def _on_reply(self, envelope: Envelope) -> None:
-        self._pending.resolve(_route(envelope)[1] or "", envelope)
+        self._pending.resolve(take_route(envelope)[1] or "", envelope)
 
     # -- publishing -----------------------------------------------------------------------------------
 
@@ -283,15 +277,22 @@ class RedisTransport:
         """
         token, reply = self._pending.add(subject, timeout)
         try:
-            data = frame(_with_route(envelope, self._inbox, token), self.max_payload, "Redis")
-            if await self._publish(self._prefix + subject, data) == 0:
+            data = frame(with_route(envelope, self._inbox, token), self.max_payload, "Redis")
+            self._check()
+            sent = self._writer.enqueue(self._prefix + subject, data)
+            # The request's deadline bounds the PUBLISH too: a frozen server must not hold the
+            # caller for the writer's whole command timeout.
+            reply.add_done_callback(functools.partial(end_with, sent))
+            if await sent == 0:
                 raise NoResponderError(f"nobody listens on {subject} (PUBLISH reached 0)")
             return await reply
         finally:
             self._pending.discard(token)
+            if reply.done() and not reply.cancelled():
+                reply.exception()  # retrieved: it may have ended the PUBLISH wait instead
 
     async def _reply(self, reply_to: str, corr: str | None, envelope: Envelope) -> None:
-        data = frame(_with_route(envelope, corr=corr), self.max_payload, "Redis")
+        data = frame(with_route(envelope, corr=corr), self.max_payload, "Redis")
         if await self._publish(reply_to, data) == 0:
             logger.debug("the requester on %s is gone; reply dropped", reply_to)
 

@@ -48,10 +48,15 @@ class PublishWriter:
         Raises:
             TransportError: its batch failed (it was not sent again), or the writer was closed.
         """
+        return await self.enqueue(channel, data)  # bounded: the writer gives up on a batch after the timeout
+
+    def enqueue(self, channel: str, data: bytes) -> asyncio.Future[int]:
+        """Queue a PUBLISH; the future gets its receiver count. A caller with a deadline of its own
+        may fail the future first: the writer then drops the count."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._outbox.append((channel, data, future))
         self._wake.set()
-        return await future  # bounded: the writer gives up on every batch after the timeout
+        return future
 
     async def run(self) -> None:
         """Send batch after batch, until cancelled."""
