@@ -1,0 +1,173 @@
+"""`CatgaError` -> RFC 9457 ``application/problem+json``: statuses, bodies and logging."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import BaseModel, ValidationError, field_validator
+
+from fastapi_catga import (
+    CatgaError,
+    Command,
+    ConfigurationError,
+    DuplicateHandlerError,
+    HandlerNotFoundError,
+    MediatorDep,
+    MessageTooLargeError,
+    MessageValidationError,
+    NodeUnavailableError,
+    NoResponderError,
+    Query,
+    RemoteHandlerError,
+    RequestTimeoutError,
+    RetryableError,
+    TransportError,
+)
+from fastapi_catga.web.errors import status_for
+from tests.web.apps import catga_app
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class WBoom(Command[None]):
+    pass
+
+
+class WMissing(Query[int]):
+    pass
+
+
+async def boom(command: WBoom) -> None:
+    raise ValueError("the handler broke")
+
+
+ERRORS: dict[str, tuple[Callable[[], CatgaError], int]] = {
+    "not-found": (lambda: HandlerNotFoundError("no handler for X"), 404),
+    "invalid": (lambda: MessageValidationError("bad", details=[{"loc": ["sku"], "msg": "too short"}]), 422),
+    "too-large": (lambda: MessageTooLargeError("too big", details={"size": 2048, "limit": 1024}), 413),
+    "no-node": (lambda: NodeUnavailableError("nobody"), 503),
+    "transport": (lambda: TransportError("broker gone"), 503),
+    "no-responder": (lambda: NoResponderError("nobody listens"), 503),
+    "timeout": (lambda: RequestTimeoutError("too slow", node_id="n9"), 504),
+    "remote": (lambda: RemoteHandlerError("it raised", error_type="KeyError", node_id="n9"), 502),
+    "config": (lambda: ConfigurationError("misconfigured"), 500),
+    "retryable": (lambda: RetryableError("try again"), 500),
+}
+
+
+def errors_app() -> FastAPI:
+    """`catga_app` with `boom` registered, and routes that raise or send what fails."""
+    app = catga_app(handlers=[boom, "tests.core.handlers_sample"])
+
+    @app.get("/raise/{name}")
+    async def raise_error(name: str) -> None:
+        raise ERRORS[name][0]()
+
+    @app.get("/boom")
+    async def send_boom(mediator: MediatorDep) -> None:
+        await mediator.send(WBoom())
+
+    @app.get("/missing")
+    async def send_missing(mediator: MediatorDep) -> int:
+        return await mediator.send(WMissing())
+
+    return app
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_catga_error_becomes_problem_json(name: str) -> None:
+    make, status = ERRORS[name]
+    expected = make()
+    with TestClient(errors_app()) as client:
+        response = client.get(f"/raise/{name}")
+    assert response.status_code == status
+    assert response.headers["content-type"] == PROBLEM_JSON
+    body = response.json()
+    assert body["type"] == f"urn:catga:error:{expected.code}"
+    assert body["status"] == status
+    assert body["detail"] == expected.message
+    assert body["instance"] == f"/raise/{name}"
+    assert body["title"]
+    if expected.node_id:
+        assert body["node_id"] == expected.node_id
+    if isinstance(expected, MessageValidationError):
+        assert body["errors"] == expected.details
+    elif expected.details is not None:
+        assert body["details"] == expected.details
+    if isinstance(expected, RemoteHandlerError):
+        assert body["error_type"] == expected.error_type
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (NoResponderError("x"), (503, "Broker unavailable")),  # a TransportError
+        (DuplicateHandlerError("x"), (500, "Misconfigured")),  # a ConfigurationError
+        (RequestTimeoutError("x"), (504, "Timed out")),
+        (RetryableError("x"), (500, "Catga error")),  # no family of its own
+        (CatgaError("x"), (500, "Catga error")),
+    ],
+)
+def test_status_for_goes_by_the_nearest_error_family(error: CatgaError, expected: tuple[int, str]) -> None:
+    assert status_for(error) == expected
+
+
+def test_server_errors_are_logged_and_client_errors_are_not(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fastapi_catga.web.errors")
+    with TestClient(errors_app()) as client:
+        assert client.get("/raise/not-found").status_code == 404
+        assert client.get("/raise/transport").status_code == 503
+    messages = [r.getMessage() for r in caplog.records if r.name == "fastapi_catga.web.errors"]
+    assert messages == ["GET /raise/transport -> 503: broker gone"]
+
+
+def test_problem_json_with_pydantic_error_details() -> None:
+    class Positive(BaseModel):
+        x: int
+
+        @field_validator("x")
+        @classmethod
+        def positive(cls, value: int) -> int:
+            if value < 0:
+                raise ValueError("must be positive")
+            return value
+
+    with pytest.raises(ValidationError) as info:
+        Positive(x=-1)
+    app = errors_app()
+
+    @app.get("/pydantic-details")
+    async def pydantic_details() -> None:
+        raise MessageValidationError("invalid", details=info.value.errors())
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/pydantic-details")
+    assert response.status_code == 422
+    assert response.headers["content-type"] == PROBLEM_JSON
+    [error] = response.json()["errors"]
+    assert error["loc"] == ["x"]
+    assert "must be positive" in error["ctx"]["error"]
+
+
+def test_failing_handler_is_a_502_problem_naming_the_exception() -> None:
+    with TestClient(errors_app()) as client:
+        response = client.get("/boom")
+    assert response.status_code == 502
+    assert response.headers["content-type"] == PROBLEM_JSON
+    body = response.json()
+    assert body["error_type"] == "ValueError"
+    assert body["node_id"] == "web-node"
+    assert body["detail"].startswith("WBoom handler raised ValueError on node web-node (message ")
+    assert "the handler broke" not in body["detail"], "the text stays in the node's log"
+
+
+def test_unhandled_query_is_a_404_problem() -> None:
+    with TestClient(errors_app()) as client:
+        response = client.get("/missing")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == PROBLEM_JSON
+    assert response.json()["type"] == "urn:catga:error:handler_not_found"
