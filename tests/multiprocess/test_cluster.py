@@ -17,7 +17,7 @@ import pytest
 
 from tests.multiprocess.conftest import Broker, StartNodes
 from tests.multiprocess.harness import AppNode
-from tests.polling import wait_until
+from tests.polling import eventually, wait_until
 
 pytestmark = pytest.mark.multiprocess
 TTL = 3.0
@@ -62,9 +62,16 @@ async def test_graceful_stop_drains_work_and_leaves_every_view_within_a_second(
     nodes = start_nodes("a", "b", "c")
     a, _, c = nodes
     wait_until(lambda: views_complete(nodes, {"a", "b", "c"}), within=1.0)
+    runs_on_c = len(c.get("/_test/executions")["executions"])
     async with httpx.AsyncClient(base_url=a.url, timeout=15) as client:
         in_flight = asyncio.create_task(client.post("/work/c", params={"delay": 1.0}))
-        await asyncio.sleep(0.3)  # the work is running on c when c is told to stop
+        # c is told to stop only once its handler has started the work (and before it ends).
+        await eventually(
+            lambda: len(c.get("/_test/executions")["executions"]) > runs_on_c,
+            within=1.0,
+            message="the work started on c",
+        )
+        assert not in_flight.done()
         started = time.monotonic()
         c.signal(signal.SIGTERM)
         elapsed = wait_until(lambda: views_complete(nodes[:2], {"a", "b"}), within=1.0, message="leave")
