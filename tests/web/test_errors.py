@@ -103,17 +103,19 @@ def test_catga_error_becomes_problem_json(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "expected"),
+    ("error_type", "status", "title"),
     [
-        (NoResponderError("x"), (503, "Broker unavailable")),  # a TransportError
-        (DuplicateHandlerError("x"), (500, "Misconfigured")),  # a ConfigurationError
-        (RequestTimeoutError("x"), (504, "Timed out")),
-        (RetryableError("x"), (500, "Catga error")),  # no family of its own
-        (CatgaError("x"), (500, "Catga error")),
+        (NoResponderError, 503, "Broker unavailable"),  # a TransportError
+        (DuplicateHandlerError, 500, "Misconfigured"),  # a ConfigurationError
+        (RequestTimeoutError, 504, "Timed out"),
+        (RetryableError, 500, "Catga error"),  # no family of its own
+        (CatgaError, 500, "Catga error"),
     ],
 )
-def test_status_for_goes_by_the_nearest_error_family(error: CatgaError, expected: tuple[int, str]) -> None:
-    assert status_for(error) == expected
+def test_status_for_goes_by_the_nearest_error_family(
+    error_type: type[CatgaError], status: int, title: str
+) -> None:
+    assert status_for(error_type("x")) == (status, title)
 
 
 def test_server_errors_are_logged_and_client_errors_are_not(caplog: pytest.LogCaptureFixture) -> None:
