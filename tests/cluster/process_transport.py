@@ -9,6 +9,9 @@ in two ways that membership must survive, and `ProcessTransport` adds both on a 
   and watch events wait and the process's `clock` stands still. On thaw the clock shows the time
   that really passed, and the backlog is read a moment later: a resumed asyncio process runs its
   overdue timers (one hop from the loop) before it has read its sockets (several hops).
+
+One gap remains: the frozen node's timers still fire on the shared loop (``asyncio.timeout`` around
+a held call, say), earlier than they would in a stopped process.
 """
 
 from __future__ import annotations

@@ -159,6 +159,19 @@ def test_a_stale_view_evicts_nobody() -> None:
     assert view.sweep(now=100 + 50 * TTL) == ["b"]
 
 
+def test_with_proven_at_a_silence_counts_only_once_the_store_carried_heartbeats_past_it() -> None:
+    view = make_view()
+    view.observe(record("b", 1), now=100)
+    late = 100 + TTL + 0.001
+    # The store was last proven to work no more than ``margin`` after b was heard: b's silence
+    # may be the store's own.
+    assert view.sweep(late, proven_at=99, margin=1) == []
+    assert view.sweep(late, proven_at=101, margin=1) == []
+    assert view.sweep(100 + TTL, proven_at=102, margin=1) == []  # proven, but not silent for a TTL yet
+    assert ids(view.nodes()) == ["self", "b"]
+    assert view.sweep(late, proven_at=101.001, margin=1) == ["b"]
+
+
 def test_refresh_all_gives_every_member_a_full_ttl_from_now() -> None:
     view = make_view()
     view.observe(record("b", 1), now=100)
