@@ -26,13 +26,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
 from fastapi_catga.cluster.identity import claim_node_id
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.logs import LogLimiter
-from fastapi_catga.core.nodes import NodeInfo, utc_now
+from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports.base import MemberEvent, MemberWatch, Transport
 
@@ -49,6 +50,7 @@ class Membership:
         view: the view to maintain; its ``self_info`` is this node's record.
         heartbeat_interval: seconds between heartbeats.
         clock: monotonic seconds (injectable for tests).
+        wall_clock: UNIX seconds, for the ``last_seen`` a record shows.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Membership:
         *,
         heartbeat_interval: float,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._transport = transport
         self._store = transport.members
@@ -67,6 +70,7 @@ class Membership:
         #: Unexpected failures of the membership loops, by loop: each was logged and retried.
         self.failures: Counter[str] = Counter()
         self._clock = clock
+        self._wall_clock = wall_clock
         self._watch: MemberWatch | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
@@ -162,7 +166,7 @@ class Membership:
         self._watch_task = asyncio.create_task(self._follow(watch), name="catga-membership-watch")
 
     async def _register(self) -> None:
-        self.view.self_info.last_seen = utc_now()
+        self.view.self_info.last_seen = datetime.fromtimestamp(self._wall_clock(), UTC)
         await self._store.put(self.node_id, self.view.self_info.model_dump_json().encode(), self.view.ttl)
 
     async def _stop_watch(self) -> None:

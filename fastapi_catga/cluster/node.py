@@ -64,7 +64,11 @@ class ClusterNode:
         )
         self.view = ClusterView(info, settings.node_ttl, on_change=self._update_local_routes)
         self.membership = Membership(
-            transport, self.view, heartbeat_interval=settings.heartbeat_interval, clock=clock
+            transport,
+            self.view,
+            heartbeat_interval=settings.heartbeat_interval,
+            clock=clock,
+            wall_clock=wall_clock,
         )
         self.responder = Responder(
             transport, dispatcher, max_payload=transport.max_payload, wall_clock=wall_clock
