@@ -39,6 +39,7 @@ __all__ = [
     "RequestTimeoutError",
     "RetryableError",
     "TransportError",
+    "asks_for_retry",
     "error_class_for",
     "error_class_for_code",
     "error_lineage",
@@ -182,6 +183,12 @@ _BY_CODE: dict[str, type[CatgaError]] = {
         NoResponderError,
     )
 }
+
+
+def asks_for_retry(error: CatgaError) -> bool:
+    """Whether an error a handler raised asks for another attempt, on another node where there is
+    one: a `RetryableError`, or a `RemoteHandlerError` for an exception that says ``retryable = True``."""
+    return isinstance(error, RetryableError) or (isinstance(error, RemoteHandlerError) and error.retryable)
 
 
 def error_class_for_code(code: str) -> type[CatgaError]:

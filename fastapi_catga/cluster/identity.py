@@ -19,7 +19,7 @@ from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.exceptions import ConfigurationError
 from fastapi_catga.transports.base import MembershipStore
 
-__all__ = ["claim_node_id"]
+__all__ = ["claim_node_id", "read_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,22 @@ async def claim_node_id(
 
 def _incarnation(record: bytes) -> str | None:
     try:
-        return NodeInfo.model_validate_json(record).incarnation
-    except ValidationError:
+        return read_record(None, record).incarnation
+    except ValueError:
         return None
+
+
+def read_record(key: str | None, value: bytes | None) -> NodeInfo:
+    """The `NodeInfo` a membership record holds under ``key``.
+
+    Raises:
+        ValueError: it is no NodeInfo JSON, or it names another node than its key (a record that
+            could make one node answer for another).
+    """
+    try:
+        info = NodeInfo.model_validate_json(value or b"")
+    except ValidationError as exc:
+        raise ValueError(f"not a node record ({exc.error_count()} error(s))") from None
+    if key is not None and info.node_id != key:
+        raise ValueError(f"it names node {info.node_id[:80]!r}")
+    return info

@@ -25,15 +25,14 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
-from pydantic import ValidationError
-
-from fastapi_catga.cluster.identity import claim_node_id
+from fastapi_catga.cluster.identity import claim_node_id, read_record
+from fastapi_catga.cluster.supervised import supervised
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.logs import LogLimiter
-from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports.base import MemberEvent, MemberWatch, Transport
 
@@ -110,8 +109,8 @@ class Membership:
         await self._until_ready(self._sync, join_timeout)
         self._joined = True
         self._loops = [
-            asyncio.create_task(self._forever("heartbeat", self._heartbeat), name="catga-heartbeat"),
-            asyncio.create_task(self._forever("sweep", self._sweep), name="catga-sweep"),
+            asyncio.create_task(self._supervised("heartbeat", self._heartbeat), name="catga-heartbeat"),
+            asyncio.create_task(self._supervised("sweep", self._sweep), name="catga-sweep"),
         ]
         logger.info("node %s joined cluster with %d member(s)", self.node_id, len(self.view.nodes()))
 
@@ -189,40 +188,25 @@ class Membership:
             self._distrust_view("the membership watch failed")
 
     def _apply(self, event: MemberEvent, now: float) -> None:
-        if event.node_id == self.node_id:
-            self._apply_own(event, now)
-            return
         if event.kind == "delete":
-            if self.view.remove(event.node_id):
-                logger.info("node %s left the cluster", event.node_id)
-            return
-        try:
-            info = NodeInfo.model_validate_json(event.value or b"")
-        except ValidationError:
-            self._warn("unreadable", "ignoring an unreadable membership record under %r", event.node_id)
-            return
-        if info.node_id != event.node_id:
-            self._warn(
-                "mismatch", "ignoring a record under %r that names node %r", event.node_id, info.node_id
-            )
-            return
-        if self.view.get(info.node_id) is None:
-            logger.info("node %s joined (handles %s)", info.node_id, ", ".join(info.handles) or "nothing")
-        self.view.observe(info, now)
-
-    def _apply_own(self, event: MemberEvent, now: float) -> None:
-        if event.kind == "delete":
-            if not self._stopping:
+            if event.node_id == self.node_id and not self._stopping:
                 logger.warning(
                     "node %s: own record vanished (expired while paused?); registering again", self.node_id
                 )
                 self._schedule_resync()
+            elif event.node_id != self.node_id and self.view.remove(event.node_id):
+                logger.info("node %s left the cluster", event.node_id)
             return
         try:
-            incarnation = NodeInfo.model_validate_json(event.value or b"").incarnation
-        except ValidationError:
-            incarnation = None
-        if incarnation == self.view.self_info.incarnation:
+            info = read_record(event.node_id, event.value)
+        except ValueError as exc:
+            self._warn("record", "ignoring the membership record under %r: %s", event.node_id[:80], exc)
+            return
+        if info.node_id != self.node_id:
+            if self.view.get(info.node_id) is None:
+                logger.info("node %s joined (handles %s)", info.node_id, ", ".join(info.handles) or "nothing")
+            self.view.observe(info, now)
+        elif info.incarnation == self.view.self_info.incarnation:
             self._proven_at = now  # our heartbeat made it through the store and back
         else:
             self._warn(
@@ -230,9 +214,7 @@ class Membership:
             )
 
     def _warn(self, kind: str, text: str, *args: object) -> None:
-        held = self._log_limit.allow(kind)
-        if held is not None:
-            logger.warning(text + "%s", *args, f" ({held} more since the last report)" if held else "")
+        self._log_limit.log(logger, logging.WARNING, kind, text, *args)
 
     def _on_connection(self, connected: bool) -> None:
         if self._stopping or not self._joined:
@@ -281,25 +263,14 @@ class Membership:
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
 
+    def _supervised(self, name: str, step: Callable[[], Awaitable[None]]) -> Coroutine[Any, Any, None]:
+        return supervised(name, step, pause=self.heartbeat_interval, failures=self.failures)
+
     @property
     def _store_timeout(self) -> float:
         """How long one store call may take before it counts as failed: a frozen broker must not
         hold a loop forever."""
         return max(1.0, self.view.ttl)
-
-    async def _forever(self, name: str, step: Callable[[], Awaitable[None]]) -> None:
-        """Run ``step`` for as long as the node lives; an unexpected error is logged, counted and
-        retried after a pause that grows, so a bug cannot silently end heartbeats or evictions."""
-        delay = self.heartbeat_interval
-        while True:
-            try:
-                await step()
-                delay = self.heartbeat_interval
-            except Exception:
-                self.failures[name] += 1
-                logger.exception("membership %s loop failed; going on in %.2f s", name, delay)
-                await asyncio.sleep(delay)
-                delay = min(30.0, delay * 2)
 
     async def _heartbeat(self) -> None:
         await asyncio.sleep(self.heartbeat_interval)

@@ -10,13 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi_catga.cluster.membership import Membership
-from fastapi_catga.cluster.responder import Responder
+from fastapi_catga.cluster.responder import Responder, event_subject
 from fastapi_catga.cluster.routing import strategy_named
 from fastapi_catga.cluster.sender import Sender
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
+from fastapi_catga.core.envelope import encode_message
 from fastapi_catga.core.messages import Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
 
@@ -155,8 +157,27 @@ class ClusterNode:
         return await self.sender.broadcast(message, timeout=timeout)
 
     async def publish(self, event: Event) -> None:
-        """Run the event's handlers here and on every other live node."""
-        await self.sender.publish(event)
+        """Run the event's handlers here, and hand it to the broker for every other node.
+
+        Raises:
+            TransportError: the broker could not take it (the local handlers still ran).
+        """
+        if not isinstance(event, Event):
+            raise MessageValidationError(
+                f"publish() takes an Event, not {type(event).__name__}; send() requests"
+            )
+        self.sender.budget(None)
+        failure: TransportError | None = None
+        if any(event.type_name in node.events for node in self.view.nodes()[1:]) or self.view.stale:
+            envelope = encode_message(event, source=self.node_id, max_payload=self.transport.max_payload)
+            try:
+                await self.transport.publish(event_subject(event.type_name), envelope)
+            except TransportError as exc:
+                failure = exc
+        if self.dispatcher.handles(type(event)):
+            await self.dispatcher.handle_event(event)
+        if failure is not None:
+            raise failure
 
     def nodes(self) -> list[NodeInfo]:
         """The live nodes, this one first."""

@@ -199,10 +199,7 @@ class Responder:
         self.stats["event_handler_errors"] += await self._dispatcher.handle_event(event)
 
     def _log(self, kind: str, text: str, envelope: Envelope, *args: Any) -> None:
-        held = self._log_limit.allow(kind)
-        if held is not None:
-            suffix = f" ({held} more like it since the last report)" if held else ""
-            logger.warning(text + "%s", _describe(envelope), *args, suffix)
+        self._log_limit.log(logger, logging.WARNING, kind, text, _describe(envelope), *args)
 
 
 def _describe(envelope: Envelope) -> str:

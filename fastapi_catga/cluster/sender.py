@@ -1,4 +1,4 @@
-"""The sending side of a node: pick a node, attempt, retry, fail over; broadcast and publish.
+"""The sending side of a node: pick a node, attempt, retry, fail over; broadcast.
 
 The error rule, on every path: an error that describes *this attempt's transport* (nobody
 listening, the attempt's deadline, a lost connection, a node without the handler) may be retried
@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from fastapi_catga.cluster.responder import event_subject, node_subject, type_subject
+from fastapi_catga.cluster.responder import node_subject, type_subject
 from fastapi_catga.cluster.routing import RoutingStrategy, choose_node
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.dispatch import LocalDispatcher
@@ -30,7 +30,7 @@ from fastapi_catga.core.envelope import (
     error_from_reply,
     made_by_node,
 )
-from fastapi_catga.core.messages import Event, Request
+from fastapi_catga.core.messages import Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.exceptions import (
     CatgaError,
@@ -39,14 +39,13 @@ from fastapi_catga.exceptions import (
     MessageValidationError,
     NodeUnavailableError,
     NoResponderError,
-    RemoteHandlerError,
     RequestTimeoutError,
-    RetryableError,
     TransportError,
+    asks_for_retry,
 )
 from fastapi_catga.transports.base import Transport
 
-__all__ = ["AttemptFailed", "Sender", "retried_elsewhere"]
+__all__ = ["AttemptFailed", "Sender"]
 
 
 class AttemptFailed(Exception):
@@ -57,13 +56,8 @@ class AttemptFailed(Exception):
         self.error = error
 
 
-def retried_elsewhere(error: CatgaError) -> bool:
-    """Whether a handler's error asks for another attempt (on another node where there is one)."""
-    return isinstance(error, RetryableError) or (isinstance(error, RemoteHandlerError) and error.retryable)
-
-
 class Sender:
-    """Runs commands and queries on capable nodes, this one included, and fans events out.
+    """Runs commands and queries on capable nodes, this one included.
 
     Args:
         transport: the broker connection.
@@ -172,7 +166,7 @@ class Sender:
                     self.view.suspect(target, self._clock())
             except CatgaError as exc:  # the handler's own answer
                 call.errors.append(exc)
-                if not retried_elsewhere(exc):
+                if not asks_for_retry(exc):
                     raise
             tried.add(target)
             await self._backoff(call.errors[-1], call.deadline)
@@ -292,29 +286,6 @@ class Sender:
 
         results = await asyncio.gather(*(one(node) for node in nodes))
         return {node.node_id: result for node, result in zip(nodes, results, strict=True)}
-
-    async def publish(self, event: Event) -> None:
-        """Run the event's handlers here, and hand it to the broker for every other node.
-
-        Raises:
-            TransportError: the broker could not take it (the local handlers still ran).
-        """
-        if not isinstance(event, Event):
-            raise MessageValidationError(
-                f"publish() takes an Event, not {type(event).__name__}; send() requests"
-            )
-        self.budget(None)
-        failure: TransportError | None = None
-        if any(event.type_name in node.events for node in self.view.nodes()[1:]) or self.view.stale:
-            envelope = encode_message(event, source=self.node_id, max_payload=self.transport.max_payload)
-            try:
-                await self.transport.publish(event_subject(event.type_name), envelope)
-            except TransportError as exc:
-                failure = exc
-        if self.dispatcher.handles(type(event)):
-            await self.dispatcher.handle_event(event)
-        if failure is not None:
-            raise failure
 
 
 class _Call:

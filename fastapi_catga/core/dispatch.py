@@ -111,13 +111,10 @@ class LocalDispatcher:
                 exc.node_id = self.node_id
             return exc
         error_type = type(exc).__name__
-        held = self._log_limit.allow((message.type_name, error_type))
-        if held is not None:
-            more = f" ({held} more since the last report)" if held else ""
-            logger.error(
-                "%s handler raised %s on %s (message %s)%s",
-                message.type_name, error_type, self.node_id, message.message_id, more, exc_info=exc,
-            )  # fmt: skip
+        self._log_limit.log(
+            logger, logging.ERROR, (message.type_name, error_type), "%s handler raised %s on %s (message %s)",
+            message.type_name, error_type, self.node_id, message.message_id, exc_info=exc,
+        )  # fmt: skip
         text = f"{message.type_name} handler raised {error_type} on node {self.node_id}"
         text += f" (message {message.message_id})"
         if self.expose_errors:
@@ -140,10 +137,8 @@ class LocalDispatcher:
                 await pipeline(event)
             except Exception as exc:
                 failed += 1
-                held = self._log_limit.allow((name, type(exc).__name__))
-                if held is not None:
-                    logger.error(
-                        "event handler %s failed on %s %s%s", name, event.type_name, event.message_id,
-                        f" ({held} more since the last report)" if held else "", exc_info=exc,
-                    )  # fmt: skip
+                self._log_limit.log(
+                    logger, logging.ERROR, (name, type(exc).__name__), "event handler %s failed on %s %s",
+                    name, event.type_name, event.message_id, exc_info=exc,
+                )  # fmt: skip
         return failed

@@ -3,6 +3,7 @@ secrets (`redact_url`)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Hashable
@@ -53,3 +54,19 @@ class LogLimiter:
             self._last.clear()
         self._last[kind] = now
         return self._held.pop(kind, 0)
+
+    def log(
+        self,
+        logger: logging.Logger,
+        level: int,
+        kind: Hashable,
+        text: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        """``logger.log(level, text, *args)`` unless a line of this kind was written within the
+        interval; the line written says how many were held back since the last one."""
+        held = self.allow(kind)
+        if held is not None:
+            more = f" ({held} more since the last report)" if held else ""
+            logger.log(level, text + "%s", *args, more, exc_info=exc_info)

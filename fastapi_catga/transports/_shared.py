@@ -158,8 +158,7 @@ class BadFrames:
 
     def seen(self, subject: str | bytes, error: Exception) -> None:
         self.count += 1
-        held = self._limit.allow("frame")
-        if held is not None:
-            where = subject.decode(errors="replace") if isinstance(subject, bytes) else subject
-            more = f" ({held} more since the last report)" if held else ""
-            self._log.warning("dropped an unreadable message on %s: %s%s", where, error, more)
+        where = subject.decode(errors="replace") if isinstance(subject, bytes) else subject
+        self._limit.log(
+            self._log, logging.WARNING, "frame", "dropped an unreadable message on %s: %s", where, error
+        )

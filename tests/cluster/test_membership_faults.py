@@ -70,4 +70,4 @@ def test_a_membership_loop_survives_an_unexpected_error(caplog: pytest.LogCaptur
             await catga.stop()
 
     run_virtual(scenario())
-    assert "membership heartbeat loop failed" in caplog.text
+    assert "the heartbeat loop failed" in caplog.text
