@@ -24,13 +24,13 @@ from fastapi_catga import (
     Catga,
     CatgaSettings,
     IdempotencyBehavior,
-    InMemoryTransport,
     LoggingBehavior,
     PipelineBehavior,
     RetryBehavior,
     TimeoutBehavior,
     build,
 )
+from fastapi_catga.testing import InMemoryTransport
 
 Send = Callable[[Echo], Awaitable[str]]
 MESSAGES = 100_000  # more than IdempotencyBehavior remembers (10,000): a repeat is never a hit

@@ -21,7 +21,7 @@ async def hello(name: str, mediator: Mediator = Depends(get_mediator)) -> str:
 from fastapi_catga._version import __version__
 from fastapi_catga.bootstrap import Catga, build
 from fastapi_catga.core.behaviors import IdempotencyBehavior, LoggingBehavior, RetryBehavior, TimeoutBehavior
-from fastapi_catga.core.handlers import HandlerRegistry, handler
+from fastapi_catga.core.handlers import handler
 from fastapi_catga.core.mediator import Mediator
 from fastapi_catga.core.messages import Command, Event, Message, Query, Request, new_message_id
 from fastapi_catga.core.nodes import NodeInfo
@@ -41,7 +41,7 @@ from fastapi_catga.exceptions import (
     TransportError,
 )
 from fastapi_catga.settings import CatgaSettings, load_settings
-from fastapi_catga.transports import InMemoryBroker, InMemoryTransport, Transport
+from fastapi_catga.transports import Transport
 from fastapi_catga.web.dependencies import MediatorDep, get_mediator
 from fastapi_catga.web.lifespan import catga_lifespan
 from fastapi_catga.web.router import catga_router
@@ -62,10 +62,7 @@ __all__ = [
     "get_mediator",
     "handler",
     "HandlerNotFoundError",
-    "HandlerRegistry",
     "IdempotencyBehavior",
-    "InMemoryBroker",
-    "InMemoryTransport",
     "load_settings",
     "LoggingBehavior",
     "Mediator",

@@ -18,7 +18,7 @@ from fastapi_catga.core.pipeline import PipelineBehavior
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.memory import InMemoryBroker, InMemoryTransport
 
-__all__ = ["memory_cluster", "memory_node"]
+__all__ = ["InMemoryBroker", "InMemoryTransport", "memory_cluster", "memory_node"]
 
 
 def memory_node(

@@ -8,8 +8,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from fastapi_catga import CatgaSettings, Command, InMemoryTransport, RemoteHandlerError, build
+from fastapi_catga import CatgaSettings, Command, RemoteHandlerError, build
 from fastapi_catga.otel import TracingBehavior
+from fastapi_catga.testing import InMemoryTransport
 
 
 class Charge(Command[str]):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from example_app import orders
 from example_app.orders import GetOrder, PlaceOrder
-from fastapi_catga import InMemoryTransport
-from fastapi_catga.testing import memory_cluster
+from fastapi_catga.testing import InMemoryTransport, memory_cluster
 from tests.polling import eventually
 
 

@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from fastapi_catga import CallNext, Catga, InMemoryBroker, InMemoryTransport, Message
-from fastapi_catga.testing import memory_node
+from fastapi_catga import CallNext, Catga, Message
+from fastapi_catga.testing import InMemoryBroker, InMemoryTransport, memory_node
 from tests.cluster import workload
 
 FAST = {"heartbeat_interval": 0.2, "node_ttl": 0.6, "request_timeout": 2.0}

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from fastapi_catga import InMemoryBroker, InMemoryTransport
 from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from fastapi_catga.transports.base import (
     ConnectionListener,
     DeliveryCallback,

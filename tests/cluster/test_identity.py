@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from fastapi_catga import Catga, CatgaSettings, ConfigurationError, InMemoryBroker, InMemoryTransport, build
+from fastapi_catga import Catga, CatgaSettings, ConfigurationError, build
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from fastapi_catga.transports.base import MemberEvent
 from tests.cluster import workload
 from tests.virtual_time import EPOCH, run_virtual

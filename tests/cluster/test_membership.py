@@ -14,7 +14,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from fastapi_catga import Catga, CatgaSettings, InMemoryBroker, InMemoryTransport, build
+from fastapi_catga import Catga, CatgaSettings, build
+from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from tests.cluster import workload
 from tests.cluster.process_transport import ProcessTransport
 from tests.virtual_time import EPOCH, run_virtual

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from fastapi_catga import Catga, CatgaSettings, InMemoryBroker, InMemoryTransport, build
+from fastapi_catga import Catga, CatgaSettings, build
+from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from tests.cluster import workload
 from tests.virtual_time import EPOCH, run_virtual, stall
 

@@ -11,13 +11,12 @@ import pytest
 from fastapi_catga import (
     CatgaError,
     HandlerNotFoundError,
-    InMemoryBroker,
-    InMemoryTransport,
     NodeUnavailableError,
     RemoteHandlerError,
     RequestTimeoutError,
     TransportError,
 )
+from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from tests.cluster import workload
 from tests.cluster.conftest import StartNode, ids
 from tests.cluster.workload import Happened, Nobody, Sticky, Work

@@ -7,17 +7,8 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import BaseModel
 
-from fastapi_catga import (
-    Command,
-    ConfigurationError,
-    DuplicateHandlerError,
-    Event,
-    HandlerRegistry,
-    Message,
-    Query,
-    handler,
-)
-from fastapi_catga.core.handlers import declared_handlers
+from fastapi_catga import Command, ConfigurationError, DuplicateHandlerError, Event, Message, Query, handler
+from fastapi_catga.core.handlers import HandlerRegistry, declared_handlers
 from tests.core import handlers_sample
 
 

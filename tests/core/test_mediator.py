@@ -19,8 +19,6 @@ from fastapi_catga import (
     Command,
     Event,
     HandlerNotFoundError,
-    InMemoryBroker,
-    InMemoryTransport,
     MessageValidationError,
     NodeUnavailableError,
     Query,
@@ -28,6 +26,7 @@ from fastapi_catga import (
     RequestTimeoutError,
     TransportError,
 )
+from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from tests.polling import eventually
 
 NODE_ID = "solo-node"

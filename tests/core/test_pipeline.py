@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from fastapi_catga import CallNext, Catga, CatgaSettings, InMemoryTransport, Message, PipelineBehavior, build
+from fastapi_catga import CallNext, Catga, CatgaSettings, Message, PipelineBehavior, build
 from fastapi_catga.core.pipeline import build_pipeline
+from fastapi_catga.testing import InMemoryTransport
 from tests.core.pipeline_sample import Counter, POther, PPing, echo, other
 
 

@@ -20,13 +20,13 @@ from fastapi_catga import (
     Catga,
     CatgaError,
     CatgaSettings,
-    InMemoryTransport,
     Mediator,
     MessageValidationError,
     NodeInfo,
     build,
     catga_lifespan,
 )
+from fastapi_catga.testing import InMemoryTransport
 
 
 async def check_mediator_types(mediator: Mediator, node_id: str) -> None:

@@ -6,7 +6,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from fastapi_catga import CatgaSettings, InMemoryTransport, MediatorDep, catga_lifespan, catga_router
+from fastapi_catga import CatgaSettings, MediatorDep, catga_lifespan, catga_router
+from fastapi_catga.testing import InMemoryTransport
 from tests.core.handlers_sample import SampleDouble
 
 

@@ -6,15 +6,8 @@ import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 
-from fastapi_catga import (
-    CatgaSettings,
-    ConfigurationError,
-    InMemoryTransport,
-    Mediator,
-    MediatorDep,
-    build,
-    get_mediator,
-)
+from fastapi_catga import CatgaSettings, ConfigurationError, Mediator, MediatorDep, build, get_mediator
+from fastapi_catga.testing import InMemoryTransport
 from tests.core import handlers_sample
 from tests.core.handlers_sample import SampleDouble
 from tests.web.apps import catga_app

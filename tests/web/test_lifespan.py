@@ -14,13 +14,13 @@ from fastapi.testclient import TestClient
 from fastapi_catga import (
     CatgaError,
     HandlerNotFoundError,
-    InMemoryTransport,
     Mediator,
     MediatorDep,
     catga_lifespan,
     catga_router,
     get_mediator,
 )
+from fastapi_catga.testing import InMemoryTransport
 from tests.core.handlers_sample import SampleDouble
 from tests.web.apps import catga_app
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from fastapi_catga import CatgaSettings, InMemoryBroker, InMemoryTransport, build
+from fastapi_catga import CatgaSettings, build
+from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from tests.core import handlers_sample
 from tests.web.apps import catga_app
 
