@@ -68,7 +68,7 @@ class _Watch:
             yield event
 
     async def stop(self) -> None:
-        self.broker._watches.discard(self)
+        self.broker._watches.pop(self, None)
         self.queue.put_nowait(None)
 
 
@@ -85,8 +85,10 @@ class InMemoryBroker:
         self._subs: dict[str, list[_Sub]] = {}
         self._rotation = itertools.count()
         self._records: dict[tuple[str, str], tuple[bytes, float]] = {}
-        self._watches: set[_Watch] = set()
-        self._transports: set[InMemoryTransport] = set()
+        # Dicts, not sets: watches and connections are told in the order they came, so a seeded
+        # simulation on a virtual clock replays exactly (a set of objects iterates by address).
+        self._watches: dict[_Watch, None] = {}
+        self._transports: dict[InMemoryTransport, None] = {}
         self._thawed: asyncio.Event | None = None  # an event while frozen, set at the thaw
 
     @property
@@ -192,7 +194,7 @@ class _Members:
     async def watch(self) -> _Watch:
         await self._transport._reachable()
         watch = _Watch(self._transport.broker, self._transport.cluster)
-        self._transport.broker._watches.add(watch)
+        self._transport.broker._watches[watch] = None
         return watch
 
 
@@ -251,7 +253,7 @@ class InMemoryTransport:
     async def connect(self) -> None:
         if self.closed or self.crashed:
             raise TransportError("this transport was closed; create a new one")
-        self.broker._transports.add(self)
+        self.broker._transports[self] = None
         if not self.broker.up:
             raise TransportError("in-memory broker is down")
         self._set_connected(True)
@@ -283,7 +285,7 @@ class InMemoryTransport:
             self._paused = None
 
     def _drop(self) -> None:
-        self.broker._transports.discard(self)
+        self.broker._transports.pop(self, None)
         for subs in self.broker._subs.values():
             subs[:] = [sub for sub in subs if sub.transport is not self]
 
