@@ -112,7 +112,7 @@ class Invariants:
                 found.append(
                     self.violation(
                         DEADLINES,
-                        f"call {call.index} ({_what(call)}) still running "
+                        f"call {call.index} ({self._what(call)}) still running "
                         f"{world.now - call.deadline:.3f} s after its deadline",
                     )
                 )
@@ -122,12 +122,14 @@ class Invariants:
         found = []
         assert call.ended is not None and call.outcome is not None
         if call.outcome.startswith("BAD"):
-            found.append(self.violation(DEADLINES, f"call {call.index} ({_what(call)}) ended {call.outcome}"))
+            found.append(
+                self.violation(DEADLINES, f"call {call.index} ({self._what(call)}) ended {call.outcome}")
+            )
         if call.ended > call.deadline + EPSILON:
             found.append(
                 self.violation(
                     DEADLINES,
-                    f"call {call.index} ({_what(call)}) ended {call.outcome} "
+                    f"call {call.index} ({self._what(call)}) ended {call.outcome} "
                     f"{call.ended - call.deadline:.3f} s after its deadline",
                 )
             )
@@ -147,13 +149,16 @@ class Invariants:
                 isinstance(value, CatgaError) or (value == node and node in ran_ok)
                 for node, value in call.value.items()
             )
+        elif call.kind == "send_to_node":
+            good = call.value == call.target and call.value in ran_ok
         else:
             good = call.value in ran_ok
         if good:
             return []
         return [
             self.violation(
-                DEADLINES, f"call {call.index} ({_what(call)}) returned {call.value!r}, which no run produced"
+                DEADLINES,
+                f"call {call.index} ({self._what(call)}) returned {call.value!r}, which no run produced",
             )
         ]
 
@@ -170,6 +175,9 @@ class Invariants:
         self._split_keys.add(slot)
         where = "; ".join(f"{node}: {message}" for node, message in owners.items())
         return [self.violation(KEYS_STICK, f"key {call.message.key} ran on {len(owners)} nodes: {where}")]
+
+    def _what(self, call: Call) -> str:
+        return _what(call, self._world.nodes[call.origin].state)
 
     # 2 -----------------------------------------------------------------------------------------
 
@@ -213,7 +221,11 @@ class Invariants:
                 ]
                 if before:
                     self._repeated.add(message_id)
-                    found.append(self.violation(ERRORS_RUN_ONCE, _rerun(call, run, before[0])))
+                    found.append(
+                        self.violation(
+                            ERRORS_RUN_ONCE, _rerun(f"call {call.index} ({self._what(call)})", run, before[0])
+                        )
+                    )
                     break
         return found
 
@@ -270,9 +282,9 @@ class Invariants:
         ]
 
 
-def _what(call: Call) -> str:
+def _what(call: Call, origin_state: str) -> str:
     message = call.message
-    text = f"{call.kind} {message.type_name} {message.message_id} from {call.origin}"
+    text = f"{call.kind} {message.type_name} {message.message_id} from {call.origin} (now {origin_state})"
     if call.target is not None:
         text += f" to {call.target}"
     if isinstance(message, Job):
@@ -280,8 +292,8 @@ def _what(call: Call) -> str:
     return text + f", timeout {call.timeout}, deadline {call.deadline:.3f}"
 
 
-def _rerun(call: Call, run: Run, receipt: Receipt) -> str:
+def _rerun(what: str, run: Run, receipt: Receipt) -> str:
     return (
-        f"call {call.index} ({_what(call)}): the handler's error from {receipt.node} reached the "
+        f"{what}: the handler's error from {receipt.node} reached the "
         f"caller at t={receipt.at:.3f}, then it ran again on {run.node} at t={run.started:.3f}"
     )

@@ -143,7 +143,7 @@ class _Run:
         while world.now < quiet_until:
             self.workload.step()
             await self.tick()
-        self.found(self.checks.views())
+        self.found(self.checks.after_step())  # the views, TTL + 1 s after the faults stopped
         await self.finish()
 
     async def settle(self) -> None:

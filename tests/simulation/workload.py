@@ -72,7 +72,7 @@ class Workload:
         mediator = origin.catga.mediator
         call = self._call("send" if target is None else "send_to_node", origin, message, timeout)
         call.target = target
-        if isinstance(message, Lookup) and self._world.routing_calm():
+        if isinstance(message, Lookup) and origin.state == "live" and self._world.routing_calm():
             call.window = self._world.window
         if target is None:
             self._start(call, mediator.send(message, timeout=timeout))

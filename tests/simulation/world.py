@@ -126,7 +126,7 @@ class World:
         self.step = 0
         self._seq = itertools.count()
         # Calm routing windows: every disturbance (a fault, a join or leave, a failed attempt)
-        # opens a new window; see `invariants.RoutingKeySticks`.
+        # opens a new window; see `routing_calm`.
         self.window = 0
         self.calm_since = 0.0
         # The last time a fault began or ended, or a node joined or left.
@@ -231,7 +231,8 @@ class World:
     def end_call(self, call: Call, outcome: str, value: Any = None) -> None:
         call.ended, call.outcome, call.value = self.now, outcome, value
         if call.window is not None:
-            call.end_window, call.calm_at_end = self.window, self.routing_calm()
+            calm = self.routing_calm() and self.nodes[call.origin].state == "live"
+            call.end_window, call.calm_at_end = self.window, calm
         self.note(f"call {call.index} ended {outcome} {_show(value)}")
 
     def start_run(self, node: str, message: Message) -> Run:
