@@ -176,6 +176,8 @@ class _Run:
             except TimeoutError:
                 self.found([self.checks.violation(NO_TASK_LEFT, f"{node.name} ({node.state}): stop() hung")])
             node.state = "stopped"
+        for task in world.tasks:  # calls still going were reported at their deadline
+            task.cancel()
         for _ in range(10):  # cancelled tasks need a turn of the loop to finish
             await asyncio.sleep(0)
         current = asyncio.current_task()
