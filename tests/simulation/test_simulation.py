@@ -16,7 +16,7 @@ import pytest
 
 from tests.simulation.run import Options, simulate
 
-SEEDS = int(os.environ.get("CATGA_SIM_SEEDS", "50"))
+SEEDS = int(os.environ.get("CATGA_SIM_SEEDS", "100"))
 FIRST_SEED = int(os.environ.get("CATGA_SIM_FIRST_SEED", "0"))
 STEPS = int(os.environ.get("CATGA_SIM_STEPS", "300"))
 
