@@ -160,7 +160,8 @@ class ClusterNode:
         """Run the event's handlers here, and hand it to the broker for every other node.
 
         Raises:
-            TransportError: the broker could not take it (the local handlers still ran).
+            TransportError: the broker could not take it within ``CATGA_REQUEST_TIMEOUT`` (the local
+                handlers still ran).
         """
         if not isinstance(event, Event):
             raise MessageValidationError(
@@ -170,10 +171,16 @@ class ClusterNode:
         failure: TransportError | None = None
         if any(event.type_name in node.events for node in self.view.nodes()[1:]) or self.view.stale:
             envelope = encode_message(event, source=self.node_id, max_payload=self.transport.max_payload)
-            try:
-                await self.transport.publish(event_subject(event.type_name), envelope)
+            try:  # bounded like a send: a frozen broker must not hold the publisher
+                async with asyncio.timeout(self.settings.request_timeout):
+                    await self.transport.publish(event_subject(event.type_name), envelope)
             except TransportError as exc:
                 failure = exc
+            except TimeoutError:
+                failure = TransportError(
+                    f"the broker did not take {event.type_name} {event.message_id} "
+                    f"within {self.settings.request_timeout:g} s"
+                )
         if self.dispatcher.handles(type(event)):
             await self.dispatcher.handle_event(event)
         if failure is not None:

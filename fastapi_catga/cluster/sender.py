@@ -179,18 +179,23 @@ class Sender:
             try:
                 return await self._attempt(call, target, attempt, min(share, call.deadline - self._clock()))
             except AttemptFailed as failed:
+                if self.closed:  # the node stopped meanwhile: its connection is gone for good
+                    raise NodeUnavailableError(
+                        f"node {self.node_id} stopped; it sends nothing more"
+                    ) from None
                 lost = type(failed.error) is TransportError
                 if not lost or not await self._broker_back(call.deadline):
                     raise
 
     async def _broker_back(self, deadline: float) -> bool:
-        await asyncio.sleep(0.05)  # at least a pause: a broker refusing while "connected" must not spin us
+        # At least a pause (a broker refusing while "connected" must not spin us), never past the deadline.
+        await asyncio.sleep(max(0.0, min(0.05, deadline - self._clock())))
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock())):
                 await self._connected.wait()
         except TimeoutError:
             return False
-        return self._clock() < deadline - 0.01
+        return not self.closed and self._clock() < deadline - 0.01
 
     def _pick(self, message: Request[Any], tried: set[str]) -> str | None:
         candidates = self.view.capable(message.type_name)

@@ -132,6 +132,10 @@ class WatchQueue:
     def __init__(self) -> None:
         self._events: asyncio.Queue[MemberEvent | None] = asyncio.Queue()
 
+    def __len__(self) -> int:
+        """Events waiting to be read."""
+        return self._events.qsize()
+
     def put(self, event: MemberEvent) -> None:
         self._events.put_nowait(event)
 

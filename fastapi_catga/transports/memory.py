@@ -10,7 +10,8 @@ membership, routing and failover code that runs over NATS or Redis::
 
 Faults are one call away: `InMemoryTransport.crash` (a ``kill -9``: subscriptions vanish, the
 membership record stays until it expires), `InMemoryTransport.pause` / `resume` (a SIGSTOP:
-deliveries wait, then run late) and `InMemoryBroker.outage` (the broker goes away and comes back).
+deliveries wait, then run late), `InMemoryBroker.outage` (the broker goes away and comes back)
+and `InMemoryBroker.freeze` / `thaw` (a SIGSTOPped broker: connected, but silent).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class _Watch(WatchQueue):
         self.namespace = namespace
 
     async def stop(self) -> None:
-        self.broker._watches.discard(self)
+        self.broker._watches.pop(self, None)
         self.end()
 
 
@@ -76,11 +77,36 @@ class InMemoryBroker:
         self._subs: dict[str, list[_Sub]] = {}
         self._rotation = itertools.count()
         self._records: dict[tuple[str, str], tuple[bytes, float]] = {}
-        self._watches: set[_Watch] = set()
-        self._transports: set[InMemoryTransport] = set()
+        # Dicts, not sets: watches and connections are told in the order they came, so a seeded
+        # simulation on a virtual clock replays exactly (a set of objects iterates by address).
+        self._watches: dict[_Watch, None] = {}
+        self._transports: dict[InMemoryTransport, None] = {}
+        self._thawed: asyncio.Event | None = None  # an event while frozen, set at the thaw
+
+    @property
+    def frozen(self) -> bool:
+        return self._thawed is not None
+
+    def freeze(self) -> None:
+        """Freeze like a SIGSTOPped broker: connections stay up, but every membership call, publish,
+        request and reply waits until `thaw` (a request's timeout still runs). Nothing reaches a
+        watcher meanwhile, since every write waits."""
+        if self._thawed is None:
+            self._thawed = asyncio.Event()
+
+    def thaw(self) -> None:
+        """Resume after `freeze`: the calls and replies held meanwhile go through now, late."""
+        thawed, self._thawed = self._thawed, None
+        if thawed is not None:
+            thawed.set()
+
+    async def _unfrozen(self) -> None:
+        while self._thawed is not None:
+            await self._thawed.wait()
 
     def outage(self) -> None:
         """Take the broker down: every connected transport loses its connection; records stay."""
+        self.thaw()  # a frozen broker that dies: what it held fails now (the connections are down)
         self.up = False
         for transport in list(self._transports):
             transport._set_connected(False)
@@ -143,24 +169,24 @@ class _Members:
         self._transport = transport
 
     async def prepare(self, ttl: float) -> None:
-        self._transport._check()
+        await self._transport._reachable()
 
     async def put(self, node_id: str, value: bytes, ttl: float) -> None:
-        self._transport._check()
+        await self._transport._reachable()
         self._transport.broker._put(self._transport.cluster, node_id, value, ttl)
 
     async def delete(self, node_id: str) -> None:
-        self._transport._check()
+        await self._transport._reachable()
         self._transport.broker._delete(self._transport.cluster, node_id)
 
     async def list(self) -> dict[str, bytes]:
-        self._transport._check()
+        await self._transport._reachable()
         return self._transport.broker._list(self._transport.cluster)
 
     async def watch(self) -> _Watch:
-        self._transport._check()
+        await self._transport._reachable()
         watch = _Watch(self._transport.broker, self._transport.cluster)
-        self._transport.broker._watches.add(watch)
+        self._transport.broker._watches[watch] = None
         return watch
 
 
@@ -213,10 +239,16 @@ class InMemoryTransport:
         if not self._state.up:
             raise TransportError(f"in-memory broker unreachable (cluster {self.cluster!r})")
 
+    async def _reachable(self) -> None:
+        """`_check`, waiting first while the broker is frozen."""
+        self._check()
+        await self.broker._unfrozen()
+        self._check()
+
     async def connect(self) -> None:
         if self.closed or self.crashed:
             raise TransportError("this transport was closed; create a new one")
-        self.broker._transports.add(self)
+        self.broker._transports[self] = None
         if not self.broker.up:
             raise TransportError("in-memory broker is down")
         self._set_connected(True)
@@ -248,7 +280,7 @@ class InMemoryTransport:
             self._paused = None
 
     def _drop(self) -> None:
-        self.broker._transports.discard(self)
+        self.broker._transports.pop(self, None)
         for subs in self.broker._subs.values():
             subs[:] = [sub for sub in subs if sub.transport is not self]
 
@@ -260,6 +292,7 @@ class InMemoryTransport:
 
     async def publish(self, subject: str, envelope: Envelope) -> int:
         self._check_send(envelope)
+        await self._reachable()
         receivers = self.broker._receivers(subject)
         for sub in receivers:
             sub.transport._deliver(sub, Delivery(_copy(envelope)))
@@ -267,18 +300,20 @@ class InMemoryTransport:
 
     async def request(self, subject: str, envelope: Envelope, *, timeout: float) -> Envelope:
         self._check_send(envelope)
-        receivers = [sub for sub in self.broker._receivers(subject) if not sub.transport.crashed]
-        if not receivers:
-            raise NoResponderError(f"nobody listens on {subject}")
         reply: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
 
         async def answer(response: Envelope) -> None:
+            await self.broker._unfrozen()
             if not reply.done():
                 reply.set_result(_copy(response))
 
-        receivers[0].transport._deliver(receivers[0], Delivery(_copy(envelope), answer))
         try:
             async with asyncio.timeout(timeout):
+                await self._reachable()
+                receivers = [sub for sub in self.broker._receivers(subject) if not sub.transport.crashed]
+                if not receivers:
+                    raise NoResponderError(f"nobody listens on {subject}")
+                receivers[0].transport._deliver(receivers[0], Delivery(_copy(envelope), answer))
                 return await reply
         except TimeoutError:
             raise RequestTimeoutError(f"no reply on {subject} within {timeout:.3f} s") from None

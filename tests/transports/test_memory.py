@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
-from fastapi_catga.transports.base import Transport
+from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.exceptions import RequestTimeoutError, TransportError
+from fastapi_catga.transports.base import Delivery, MemberEvent, Transport
 from fastapi_catga.transports.memory import InMemoryBroker, InMemoryTransport
 from tests.transports.contract import Connect, TransportContract
+from tests.virtual_time import run_virtual
 
 
 class TestInMemoryTransport(TransportContract):
@@ -24,3 +28,64 @@ class TestInMemoryTransport(TransportContract):
         yield connect
         for transport in made:
             await transport.aclose()
+
+
+def test_a_frozen_broker_holds_every_call_until_the_thaw() -> None:
+    run_virtual(_frozen_broker())
+
+
+async def _frozen_broker() -> None:
+    loop = asyncio.get_running_loop()
+    broker = InMemoryBroker(clock=loop.time)
+    a, b = InMemoryTransport(broker), InMemoryTransport(broker)
+    await a.connect()
+    await b.connect()
+    watch = await b.members.watch()
+    heard: list[Delivery] = []
+    await b.subscribe("news", heard.append)
+
+    async def echo(delivery: Delivery) -> None:
+        assert delivery.reply is not None
+        await delivery.reply(Envelope({"echo": "1"}, delivery.envelope.body))
+
+    tasks: set[asyncio.Task[None]] = set()
+    await b.subscribe("echo", lambda delivery: tasks.add(loop.create_task(echo(delivery))))
+    in_flight = loop.create_task(a.request("echo", Envelope(body=b"early"), timeout=300))
+    await asyncio.sleep(0)  # delivered; the reply is under way when the broker freezes
+
+    broker.freeze()
+    put = loop.create_task(a.members.put("a", b"{}", 10))
+    published = loop.create_task(a.publish("news", Envelope(body=b"held")))
+    listed = loop.create_task(b.members.list())
+    with pytest.raises(RequestTimeoutError):
+        await a.request("echo", Envelope(body=b"late"), timeout=5)  # its timeout runs while frozen
+    await asyncio.sleep(60)
+    assert a.connected and b.connected  # a frozen broker is silent, not gone
+    assert not any(task.done() for task in (in_flight, put, published, listed))
+    assert heard == [] and len(watch) == 0
+
+    broker.thaw()
+    assert (await in_flight).body == b"early"
+    await put
+    assert await published == 1
+    assert await listed == {"a": b"{}"}
+    assert [d.envelope.body for d in heard] == [b"held"]
+    assert await anext(aiter(watch)) == MemberEvent("put", "a", b"{}")
+    await asyncio.gather(*tasks)
+
+
+def test_an_outage_fails_the_calls_a_frozen_broker_held() -> None:
+    run_virtual(_outage_while_frozen())
+
+
+async def _outage_while_frozen() -> None:
+    broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+    transport = InMemoryTransport(broker)
+    await transport.connect()
+    broker.freeze()
+    put = asyncio.create_task(transport.members.put("a", b"{}", 10))
+    await asyncio.sleep(1)
+    broker.outage()
+    with pytest.raises(TransportError):
+        await put
+    assert not broker.frozen
