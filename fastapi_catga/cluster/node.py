@@ -108,12 +108,13 @@ class ClusterNode:
             TransportError: the broker is unreachable.
             ConfigurationError: a live node already has this node's id.
         """
-        await self.transport.connect()
-        self._on_connection(self.transport.connected)
         try:
+            await self.transport.connect()
+            self._on_connection(self.transport.connected)
             await self.responder.start()
             await self.membership.start()
-        except BaseException:
+        except BaseException:  # a node that failed to start is stopped for good, not a zombie
+            self._stopped = self.sender.closed = True
             await self.responder.stop(drain_timeout=0)
             await self.transport.aclose()
             raise

@@ -248,9 +248,9 @@ class InMemoryTransport:
     async def connect(self) -> None:
         if self.closed or self.crashed:
             raise TransportError("this transport was closed; create a new one")
-        self.broker._transports[self] = None
         if not self.broker.up:
             raise TransportError("in-memory broker is down")
+        self.broker._transports[self] = None
         self._set_connected(True)
 
     async def aclose(self) -> None:
