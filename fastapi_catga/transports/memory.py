@@ -38,6 +38,7 @@ from fastapi_catga.transports.base import (
     DeliveryCallback,
     MemberEvent,
 )
+from fastapi_catga.transports.memory_durable import MemoryDurable, MemoryDurableStore
 
 __all__ = ["InMemoryBroker", "InMemoryTransport"]
 
@@ -82,6 +83,7 @@ class InMemoryBroker:
         self._watches: dict[_Watch, None] = {}
         self._transports: dict[InMemoryTransport, None] = {}
         self._thawed: asyncio.Event | None = None  # an event while frozen, set at the thaw
+        self.durable = MemoryDurable(clock)
 
     @property
     def frozen(self) -> bool:
@@ -216,6 +218,7 @@ class InMemoryTransport:
         self._state = ConnectionState()
         self._paused: asyncio.Event | None = None
         self._members = _Members(self)
+        self._durable = MemoryDurableStore(self.broker.durable, cluster, self._reachable)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     #: Envelopes are handed over as objects here: there are no frames to be unreadable.
@@ -224,6 +227,11 @@ class InMemoryTransport:
     @property
     def connected(self) -> bool:
         return self._state.up
+
+    @property
+    def durable(self) -> MemoryDurableStore:
+        """Durable queues, leases, done records and dead letters, kept by the broker object."""
+        return self._durable
 
     @property
     def members(self) -> _Members:

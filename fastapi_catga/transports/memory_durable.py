@@ -1,0 +1,279 @@
+"""The in-memory `DurableStore`: durable queues for nodes in one process (the embedded default, and
+the test double of JetStream and Redis Streams).
+
+It keeps the seam's rules (broker-counted deliveries, leases that run out, groups that start at
+their creation for events, fenced done records, dead letters), not the data: nothing outlives the
+process. One `MemoryDurable` per `InMemoryBroker`; each transport gets a view of it for its cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.transports.durable import DeadLetter, DurableDelivery, Queue, QueueKind, Stored
+
+__all__ = ["MemoryDurable", "MemoryDurableStore"]
+
+
+@dataclass(eq=False)
+class _Entry:
+    seq: int
+    envelope: Envelope
+
+
+@dataclass(eq=False)
+class _Pending:
+    entry: _Entry
+    deliveries: int
+    available_at: float  # when it may go out again: its lease's end, or a retry's
+
+
+@dataclass(eq=False)
+class _Group:
+    cursor: int  # the next entry's index in the queue this group has not yet been given
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+
+
+class MemoryDurable:
+    """The durable state of one `InMemoryBroker`: queues, groups, leases, done records, dead letters."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._seqs = itertools.count(1)
+        self._queues: dict[tuple[str, QueueKind, str], list[_Entry]] = {}
+        self._groups: dict[tuple[str, Queue], _Group] = {}
+        self._dedup: dict[tuple[str, str], float] = {}
+        self._leases: dict[tuple[str, str], tuple[str, float]] = {}
+        self._done: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self._letters: dict[str, dict[str, tuple[DeadLetter, Envelope]]] = {}
+        self.changed = asyncio.Event()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def entries(self, cluster: str, kind: QueueKind, type_name: str) -> list[_Entry]:
+        return self._queues.setdefault((cluster, kind, type_name), [])
+
+    def group(self, cluster: str, queue: Queue) -> _Group:
+        state = self._groups.get((cluster, queue))
+        if state is None:
+            # Commands: everything already queued; events: from now on.
+            start = 0 if queue.kind == "cmd" else len(self.entries(cluster, queue.kind, queue.type_name))
+            state = self._groups[(cluster, queue)] = _Group(start)
+        return state
+
+    def append(
+        self, cluster: str, kind: QueueKind, type_name: str, envelope: Envelope, dedup_id: str, window: float
+    ) -> Stored:
+        now = self.clock()
+        key = (cluster, dedup_id)
+        if self._dedup.get(key, -1.0) > now:
+            return Stored(duplicate=True)
+        self._dedup[key] = now + window
+        self.entries(cluster, kind, type_name).append(_Entry(next(self._seqs), envelope))
+        self._wake()
+        return Stored()
+
+    def take(self, cluster: str, queue: Queue, limit: int, lease: float) -> list[_Pending]:
+        """Up to ``limit`` entries for the group: those whose lease or retry delay ran out, then new ones."""
+        now, state = self.clock(), self.group(cluster, queue)
+        taken = [p for p in state.pending.values() if p.available_at <= now][:limit]
+        entries = self.entries(cluster, queue.kind, queue.type_name)
+        while len(taken) < limit and state.cursor < len(entries):
+            entry = entries[state.cursor]
+            state.cursor += 1
+            if entry.seq not in state.done:
+                taken.append(state.pending.setdefault(entry.seq, _Pending(entry, 0, now)))
+        for pending in taken:
+            pending.deliveries += 1
+            pending.available_at = now + lease
+        return taken
+
+    def settle(self, cluster: str, queue: Queue, seq: int, available_at: float | None) -> None:
+        """Ack or drop (``available_at`` None), or hand back until ``available_at``."""
+        state = self.group(cluster, queue)
+        pending = state.pending.get(seq)
+        if pending is None:
+            return
+        if available_at is None:
+            del state.pending[seq]
+            state.done.add(seq)
+        else:
+            pending.available_at = available_at
+        self._wake()
+
+    def next_due(self, cluster: str, queue: Queue) -> float | None:
+        times = [p.available_at for p in self.group(cluster, queue).pending.values()]
+        return min(times) if times else None
+
+    # -- leases and done records ---------------------------------------------------------------------
+
+    def holder(self, cluster: str, key: str) -> str | None:
+        lease = self._leases.get((cluster, key))
+        return lease[0] if lease is not None and lease[1] > self.clock() else None
+
+    def set_lease(self, cluster: str, key: str, holder: str | None, ttl: float) -> None:
+        if holder is None:
+            self._leases.pop((cluster, key), None)
+        else:
+            self._leases[(cluster, key)] = (holder, self.clock() + ttl)
+
+    def done(self, cluster: str, key: str) -> bytes | None:
+        record = self._done.get((cluster, key))
+        return record[0] if record is not None and record[1] > self.clock() else None
+
+    def set_done(self, cluster: str, key: str, result: bytes, ttl: float) -> None:
+        self._done[(cluster, key)] = (result, self.clock() + ttl)
+
+    def letters(self, cluster: str) -> dict[str, tuple[DeadLetter, Envelope]]:
+        return self._letters.setdefault(cluster, {})
+
+
+@dataclass(eq=False)
+class _Delivery:
+    store: MemoryDurableStore
+    queue: Queue
+    seq: int
+    envelope: Envelope
+    deliveries: int
+    lease: float
+
+    async def ack(self) -> None:
+        await self.store._settle(self.queue, self.seq, None)
+
+    async def drop(self) -> None:
+        await self.store._settle(self.queue, self.seq, None)
+
+    async def retry(self, delay: float) -> None:
+        await self.store._settle(self.queue, self.seq, self.store._state.clock() + max(0.0, delay))
+
+    async def keep_alive(self) -> None:
+        await self.store._settle(self.queue, self.seq, self.store._state.clock() + self.lease)
+
+
+class _Consumer:
+    def __init__(self, store: MemoryDurableStore, queue: Queue, lease: float) -> None:
+        self._store = store
+        self._queue = queue
+        self._lease = lease
+        self._closed = False
+
+    async def fetch(self, limit: int, wait: float) -> list[DurableDelivery]:
+        state, store = self._store._state, self._store
+        deadline = state.clock() + wait
+        while not self._closed:
+            await store._reachable()
+            taken = state.take(store.cluster, self._queue, limit, self._lease)
+            if taken:
+                return [
+                    _Delivery(
+                        store, self._queue, p.entry.seq, _copy(p.entry.envelope), p.deliveries, self._lease
+                    )
+                    for p in taken
+                ]
+            now = state.clock()
+            if now >= deadline:
+                break
+            due = state.next_due(store.cluster, self._queue)
+            until = min(deadline, due) if due is not None and due > now else deadline
+            try:
+                async with asyncio.timeout(max(0.001, until - now)):
+                    await state.changed.wait()
+            except TimeoutError:
+                pass
+        return []
+
+    async def close(self) -> None:
+        self._closed = True
+
+
+class MemoryDurableStore:
+    """One transport's `DurableStore` on the shared `MemoryDurable`, namespaced by cluster.
+
+    Args:
+        state: the broker's durable state.
+        cluster: the namespace.
+        reachable: waits while the broker is frozen, raises `TransportError` while it is down.
+    """
+
+    def __init__(self, state: MemoryDurable, cluster: str, reachable: Callable[[], Awaitable[None]]) -> None:
+        self._state = state
+        self.cluster = cluster
+        self._reachable = reachable
+        self._window = 120.0
+
+    async def prepare(
+        self, queues: Sequence[Queue], *, lease: float, dedup_window: float, retention: float
+    ) -> None:
+        await self._reachable()
+        self._window = min(dedup_window, 120.0)  # as JetStream's default duplicate window
+        for queue in queues:
+            self._state.group(self.cluster, queue)
+
+    async def append(self, kind: QueueKind, type_name: str, envelope: Envelope, *, dedup_id: str) -> Stored:
+        await self._reachable()
+        return self._state.append(self.cluster, kind, type_name, _copy(envelope), dedup_id, self._window)
+
+    def consumer(self, queue: Queue, *, consumer: str, lease: float) -> _Consumer:
+        return _Consumer(self, queue, lease)
+
+    async def _settle(self, queue: Queue, seq: int, available_at: float | None) -> None:
+        await self._reachable()
+        self._state.settle(self.cluster, queue, seq, available_at)
+
+    async def done(self, key: str) -> bytes | None:
+        await self._reachable()
+        return self._state.done(self.cluster, key)
+
+    async def claim(self, key: str, holder: str, ttl: float) -> bool:
+        await self._reachable()
+        if self._state.holder(self.cluster, key) not in (None, holder):
+            return False
+        self._state.set_lease(self.cluster, key, holder, ttl)
+        return True
+
+    async def renew(self, key: str, holder: str, ttl: float) -> bool:
+        await self._reachable()
+        if self._state.holder(self.cluster, key) != holder:
+            return False
+        self._state.set_lease(self.cluster, key, holder, ttl)
+        return True
+
+    async def release(self, key: str, holder: str) -> None:
+        await self._reachable()
+        if self._state.holder(self.cluster, key) == holder:
+            self._state.set_lease(self.cluster, key, None, 0)
+
+    async def commit(self, key: str, holder: str, result: bytes, ttl: float) -> bool:
+        await self._reachable()
+        if self._state.holder(self.cluster, key) != holder or self._state.done(self.cluster, key) is not None:
+            return False
+        self._state.set_done(self.cluster, key, result, ttl)
+        self._state.set_lease(self.cluster, key, None, 0)
+        return True
+
+    async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> None:
+        await self._reachable()
+        self._state.letters(self.cluster).setdefault(letter.id, (letter, _copy(envelope)))
+
+    async def dead_letters(self, limit: int) -> list[tuple[DeadLetter, Envelope]]:
+        await self._reachable()
+        return list(self._state.letters(self.cluster).values())[:limit]
+
+    async def dead_letter(self, letter_id: str) -> tuple[DeadLetter, Envelope] | None:
+        await self._reachable()
+        return self._state.letters(self.cluster).get(letter_id)
+
+    async def remove_dead_letter(self, letter_id: str) -> bool:
+        await self._reachable()
+        return self._state.letters(self.cluster).pop(letter_id, None) is not None
+
+
+def _copy(envelope: Envelope) -> Envelope:
+    return Envelope(dict(envelope.headers), envelope.body)
