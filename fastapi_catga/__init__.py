@@ -21,9 +21,19 @@ async def hello(name: str, mediator: Mediator = Depends(get_mediator)) -> str:
 from fastapi_catga._version import __version__
 from fastapi_catga.bootstrap import Catga, build
 from fastapi_catga.core.behaviors import IdempotencyBehavior, LoggingBehavior, RetryBehavior, TimeoutBehavior
+from fastapi_catga.core.dead_letter import DeadLetter
 from fastapi_catga.core.handlers import handler
 from fastapi_catga.core.mediator import Mediator
-from fastapi_catga.core.messages import Command, Event, Message, Query, Request, new_message_id
+from fastapi_catga.core.messages import (
+    Accepted,
+    Command,
+    Durable,
+    Event,
+    Message,
+    Query,
+    Request,
+    new_message_id,
+)
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.pipeline import CallNext, PipelineBehavior
 from fastapi_catga.exceptions import (
@@ -35,9 +45,11 @@ from fastapi_catga.exceptions import (
     MessageValidationError,
     NodeUnavailableError,
     NoResponderError,
+    Reject,
     RemoteHandlerError,
     RequestTimeoutError,
     RetryableError,
+    RetryLater,
     TransportError,
 )
 from fastapi_catga.settings import CatgaSettings, load_settings
@@ -48,6 +60,7 @@ from fastapi_catga.web.router import catga_router
 
 __all__ = [
     "__version__",
+    "Accepted",
     "build",
     "CallNext",
     "Catga",
@@ -57,7 +70,9 @@ __all__ = [
     "CatgaSettings",
     "Command",
     "ConfigurationError",
+    "DeadLetter",
     "DuplicateHandlerError",
+    "Durable",
     "Event",
     "get_mediator",
     "handler",
@@ -76,11 +91,13 @@ __all__ = [
     "NoResponderError",
     "PipelineBehavior",
     "Query",
+    "Reject",
     "RemoteHandlerError",
     "Request",
     "RequestTimeoutError",
     "RetryableError",
     "RetryBehavior",
+    "RetryLater",
     "TimeoutBehavior",
     "Transport",
     "TransportError",

@@ -11,6 +11,8 @@ CatgaError
 ├── RequestTimeoutError (TimeoutError)     the deadline passed before an answer came
 ├── RemoteHandlerError                     the handler raised (on another node, or in this process)
 ├── RetryableError                         raised by a handler: another attempt (or node) may succeed
+│   └── RetryLater                         raised by a durable handler: run it again after ``delay`` s
+├── Reject                                 raised by a durable handler: dead-letter it now, no retry
 └── TransportError (ConnectionError)       the broker failed or is unreachable
     └── NoResponderError                   the broker says nobody listens on that address
 ```
@@ -37,6 +39,8 @@ __all__ = [
     "NodeUnavailableError",
     "RemoteHandlerError",
     "RequestTimeoutError",
+    "Reject",
+    "RetryLater",
     "RetryableError",
     "TransportError",
     "asks_for_retry",
@@ -153,6 +157,25 @@ class RetryableError(CatgaError):
     retryable = True
 
 
+class RetryLater(RetryableError):
+    """Raise in a durable message's handler to have it run again after ``delay`` seconds.
+
+    It counts as an attempt; after the last one the message is dead-lettered.
+    """
+
+    code = "retry_later"
+
+    def __init__(self, message: str = "retry later", *, delay: float = 0.0, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.delay = delay
+
+
+class Reject(CatgaError):
+    """Raise in a durable message's handler to dead-letter it at once: no retry can succeed."""
+
+    code = "rejected"
+
+
 class TransportError(CatgaError, ConnectionError):
     """The broker failed, or is unreachable."""
 
@@ -179,6 +202,8 @@ _BY_CODE: dict[str, type[CatgaError]] = {
         RequestTimeoutError,
         RemoteHandlerError,
         RetryableError,
+        RetryLater,
+        Reject,
         TransportError,
         NoResponderError,
     )

@@ -58,9 +58,42 @@ class CatgaSettings(BaseSettings):
         False,
         description="Put a failing handler's exception text in the error callers get (development only)",
     )
+    durable_attempts: int = Field(
+        5, ge=1, le=1000, description="Deliveries of a durable message before it is dead-lettered"
+    )
+    durable_backoff: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [1.0, 5.0, 30.0, 120.0],
+        description="Comma-separated seconds between durable attempts, the last repeated",
+    )
+    durable_lease: float = Field(
+        30.0, gt=0, description="Seconds a durable handler's node may go silent before another takes over"
+    )
+    durable_dedup_window: float = Field(
+        86400.0, gt=0, description="Seconds a durable message id that succeeded is not run again"
+    )
+    durable_retention: float = Field(
+        14 * 86400.0, gt=0, description="Seconds dead letters and durable events are kept"
+    )
+    durable_concurrency: int = Field(
+        8, ge=1, le=10_000, description="Durable handlers of one type running at once per node"
+    )
     handler_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated modules whose @handler functions to register"
     )
+
+    @field_validator("durable_backoff", mode="before")
+    @classmethod
+    def _split_delays(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("durable_backoff")
+    @classmethod
+    def _some_delays(cls, value: list[float]) -> list[float]:
+        if not value or min(value) < 0:
+            raise ValueError("give one or more delays of 0 s or more, e.g. 1,5,30,120")
+        return value
 
     @field_validator("handler_modules", mode="before")
     @classmethod

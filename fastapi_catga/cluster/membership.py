@@ -87,6 +87,11 @@ class Membership:
     def node_id(self) -> str:
         return self.view.node_id
 
+    @property
+    def joined(self) -> bool:
+        """Whether start() has joined the cluster (and stop() has not begun)."""
+        return self._joined and not self._stopping
+
     async def start(self, join_timeout: float = 10.0) -> None:
         """Join: the view is complete when this returns.
 

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastapi_catga.cluster.durable import DurableRunner
+from fastapi_catga.cluster.durable_client import DeadLetters, DurableClient, is_durable
 from fastapi_catga.cluster.membership import Membership
 from fastapi_catga.cluster.responder import Responder, event_subject
 from fastapi_catga.cluster.routing import strategy_named
@@ -16,7 +18,7 @@ from fastapi_catga.cluster.sender import Sender
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
 from fastapi_catga.core.envelope import encode_message
-from fastapi_catga.core.messages import Event, Message, Request
+from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
@@ -56,6 +58,7 @@ class ClusterNode:
         self.dispatcher = dispatcher
         self.settings = settings
         self._stopped = False
+        self._tasks: set[asyncio.Task[None]] = set()
         info = NodeInfo(
             node_id=settings.node_id,
             endpoint=settings.endpoint,
@@ -87,6 +90,8 @@ class ClusterNode:
             clock=clock,
             wall_clock=wall_clock,
         )
+        self.durable_runner = DurableRunner(transport, dispatcher, settings)
+        self.durable = DurableClient(transport, settings.node_id, clock)
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.
         self.local_routes: dict[type[Message], Pipeline] = {}
@@ -112,9 +117,12 @@ class ClusterNode:
             await self.transport.connect()
             self._on_connection(self.transport.connected)
             await self.responder.start()
+            await self.durable.start()
+            await self.durable_runner.start()
             await self.membership.start()
         except BaseException:  # a node that failed to start is stopped for good, not a zombie
             self._stopped = self.sender.closed = True
+            await self.durable_runner.stop(drain_timeout=0)
             await self.responder.stop(drain_timeout=0)
             await self.transport.aclose()
             raise
@@ -124,15 +132,27 @@ class ClusterNode:
         self._stopped = self.sender.closed = True
         self.local_routes.clear()
         await self.membership.stop()
+        await self.durable_runner.stop(self.settings.drain_timeout)
+        await self.durable.stop()
         await self.responder.stop(self.settings.drain_timeout)
         await self.transport.aclose()
         logger.info("node %s stopped", self.node_id)
 
     def _on_connection(self, connected: bool) -> None:
-        if connected:
-            self._connected.set()
-        else:
+        if not connected:
             self._connected.clear()
+            return
+        self._connected.set()
+        if self.durable_runner.queues and not self._stopped and self.membership.joined:
+            # The broker may have come back without what it had (no persistence): make it again.
+            self._tasks.add(task := asyncio.get_running_loop().create_task(self._prepare_durable()))
+            task.add_done_callback(self._tasks.discard)
+
+    async def _prepare_durable(self) -> None:
+        try:
+            await self.durable_runner.prepare()
+        except TransportError as exc:
+            logger.warning("could not recreate the durable queues after a reconnect (%s); workers retry", exc)
 
     def _update_local_routes(self) -> None:
         if self._stopped:
@@ -142,7 +162,7 @@ class ClusterNode:
             remote.update(node.handles)
         self.local_routes.clear()
         for message_type, pipeline in self.dispatcher.requests.items():
-            if message_type.type_name not in remote:
+            if message_type.type_name not in remote and not is_durable(message_type):
                 self.local_routes[message_type] = pipeline
 
     # -- the mediator's port ----------------------------------------------------------------------
@@ -150,8 +170,24 @@ class ClusterNode:
     async def send(
         self, message: Request[Any], *, node_id: str | None = None, timeout: float | None = None
     ) -> Any:
-        """Run a command or query on one capable node (see `Sender.send`)."""
-        return await self.sender.send(message, node_id=node_id, timeout=timeout)
+        """Run a command or query on one capable node (see `Sender.send`); a durable one through the
+        broker's queue (see `DurableClient.send`)."""
+        if not is_durable(type(message)):
+            return await self.sender.send(message, node_id=node_id, timeout=timeout)
+        if node_id is not None:
+            raise MessageValidationError(
+                f"{message.type_name} is durable: any node of its group runs it; send_to_node cannot pick one"
+            )
+        return await self.durable.send(message, self.sender.budget(timeout))
+
+    async def enqueue(self, message: Request[Any]) -> Accepted:
+        """Store a durable command on the broker and return (see `DurableClient.enqueue`)."""
+        if not isinstance(message, Request) or not is_durable(type(message)):
+            raise MessageValidationError(
+                f"enqueue() takes a durable Command (set durable = True on {type(message).__name__})"
+            )
+        self.sender.budget(None)
+        return await self.durable.enqueue(message)
 
     async def broadcast(self, message: Request[Any], *, timeout: float | None = None) -> dict[str, Any]:
         """Run a command or query on every live node."""
@@ -169,6 +205,9 @@ class ClusterNode:
                 f"publish() takes an Event, not {type(event).__name__}; send() requests"
             )
         self.sender.budget(None)
+        if is_durable(type(event)):
+            await self.durable.publish(event)  # every handler group runs it from the broker, this node's too
+            return
         failure: TransportError | None = None
         if any(event.type_name in node.events for node in self.view.nodes()[1:]) or self.view.stale:
             envelope = encode_message(event, source=self.node_id, max_payload=self.transport.max_payload)
@@ -186,6 +225,11 @@ class ClusterNode:
             await self.dispatcher.handle_event(event)
         if failure is not None:
             raise failure
+
+    @property
+    def dead_letters(self) -> DeadLetters:
+        """The dead-letter store on the broker."""
+        return self.durable.dead_letters
 
     def nodes(self) -> list[NodeInfo]:
         """The live nodes, this one first."""

@@ -64,6 +64,10 @@ class LocalDispatcher:
         }
         self._log_limit = LogLimiter()
 
+    def event_pipelines(self) -> dict[type[Message], list[tuple[str, Pipeline]]]:
+        """Each event type's handlers by name, with their composed pipelines."""
+        return self._events
+
     def handles(self, message_type: type[Message]) -> bool:
         """Whether a handler for this type runs here."""
         return message_type in self.requests or message_type in self._events

@@ -33,6 +33,8 @@ __all__ = [
     "MESSAGE_TYPE",
     "NODE",
     "ORIGIN",
+    "REPLAYS",
+    "REPLY_NODE",
     "SOURCE",
     "STATUS",
     "Envelope",
@@ -59,6 +61,8 @@ SOURCE = "catga-source"
 DEADLINE = "catga-deadline"  # absolute UNIX time in ms at which the caller stops waiting for this attempt
 STATUS = "catga-status"  # replies: "ok" or "error"
 NODE = "catga-node"  # replies: the node that answered
+REPLY_NODE = "catga-reply-node"  # durable commands: the node waiting for the outcome, if any
+REPLAYS = "catga-replays"  # durable messages: how often a dead letter of it was replayed
 # Error replies the responding node made itself, not its handler (it has no handler for the type, the
 # message did not decode): "node". The caller may try another node for those, never for a handler's.
 ORIGIN = "catga-origin"

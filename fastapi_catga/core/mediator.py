@@ -5,14 +5,27 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from fastapi_catga.core.dead_letter import DeadLetter
 from fastapi_catga.core.dispatch import LocalDispatcher
-from fastapi_catga.core.messages import Event, Message, Request
+from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.exceptions import CatgaError, RequestTimeoutError
 
-__all__ = ["ClusterPort", "Mediator"]
+__all__ = ["ClusterPort", "DeadLetterStore", "Mediator"]
 
 R = TypeVar("R")
+
+
+class DeadLetterStore(Protocol):
+    """What ``mediator.dead_letters`` offers (implemented by `cluster.durable_client.DeadLetters`)."""
+
+    async def list(self, limit: int = 100) -> list[DeadLetter]: ...
+
+    async def get(self, letter_id: str) -> DeadLetter | None: ...
+
+    async def replay(self, letter_id: str) -> bool: ...
+
+    async def discard(self, letter_id: str) -> bool: ...
 
 
 class ClusterPort(Protocol):
@@ -28,6 +41,11 @@ class ClusterPort(Protocol):
     ) -> Any: ...
 
     async def publish(self, event: Event) -> None: ...
+
+    async def enqueue(self, message: Request[Any]) -> Accepted: ...
+
+    @property
+    def dead_letters(self) -> DeadLetterStore: ...
 
     async def broadcast(self, message: Request[Any], *, timeout: float | None = None) -> dict[str, Any]: ...
 
@@ -82,6 +100,23 @@ class Mediator:
             ) from None
         return result
 
+    async def enqueue(self, message: Request[Any]) -> Accepted:
+        """Store a durable command on the broker and return as soon as the broker has it (the HTTP 202
+        pattern); a node of its group runs it, at least once, until one run succeeds.
+
+        Raises:
+            MessageValidationError: the type is not durable (set ``durable = True`` on it).
+            TransportError: the broker did not confirm it (it may or may not be stored: enqueue
+                the same message, with the same ``message_id``, again).
+        """
+        return await self._cluster.enqueue(message)
+
+    @property
+    def dead_letters(self) -> DeadLetterStore:
+        """Durable messages that will not run until replayed: ``list()``, ``get(id)``,
+        ``replay(id)``, ``discard(id)``."""
+        return self._cluster.dead_letters
+
     async def send_to_node(self, message: Request[R], node_id: str, *, timeout: float | None = None) -> R:
         """Run a command or query on the named node only (no failover).
 
@@ -96,7 +131,9 @@ class Mediator:
         """Run every handler of the event, on this node (awaited) and on every other live node.
 
         Delivery to other nodes is at-most-once: a node that is disconnected at that moment misses it.
-        A failing handler is logged and does not stop the others.
+        A failing handler is logged and does not stop the others. A durable event instead returns
+        once the broker stored it; each handler then runs it at least once, on one node of those
+        that have it (this one's handlers too, never inline).
         """
         await self._cluster.publish(event)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-__all__ = ["Command", "Event", "Message", "Query", "Request", "new_message_id"]
+__all__ = ["Accepted", "Command", "Durable", "Event", "Message", "Query", "Request", "new_message_id"]
 
 R = TypeVar("R")
 
@@ -16,6 +17,50 @@ R = TypeVar("R")
 def new_message_id() -> str:
     """A fresh message id: 32 hex characters (128 random bits), safe in any subject or key."""
     return os.urandom(16).hex()  # what uuid4().hex holds, at a fifth of the cost
+
+
+@dataclass(frozen=True, slots=True)
+class Durable:
+    """At-least-once delivery for a message type: set ``durable`` on the class.
+
+        class PlaceOrder(Command[Order]):
+            durable: ClassVar[Durable | bool] = True                      # CATGA_DURABLE_* defaults
+        class OrderPlaced(Event):
+            durable: ClassVar[Durable | bool] = Durable(attempts=8, backoff=(1, 10, 60))
+
+    A field left None takes its ``CATGA_DURABLE_*`` default.
+
+    Args:
+        attempts: deliveries before the message is dead-lettered (a crash mid-handler counts).
+        backoff: seconds between attempts, the last repeated (each with up to 20 % jitter).
+        lease: seconds a node may go silent while running it before another node takes it over;
+            a running handler renews it every third of it.
+        dedup_window: seconds after a success during which the same message id is not run again.
+    """
+
+    attempts: int | None = None
+    backoff: tuple[float, ...] | None = None
+    lease: float | None = None
+    dedup_window: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError("Durable(attempts=...) needs at least 1")
+        if self.backoff is not None and (not self.backoff or min(self.backoff) < 0):
+            raise ValueError("Durable(backoff=...) needs one or more delays of 0 s or more")
+        for name in ("lease", "dedup_window"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"Durable({name}=...) must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What `Mediator.enqueue` returns: the broker has stored the command."""
+
+    message_id: str
+    #: The broker already had a command with this id (a retried enqueue): it runs once.
+    duplicate: bool = False
 
 
 class Message(BaseModel):
@@ -35,6 +80,8 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     type_name: ClassVar[str] = "Message"
+    #: `Durable` options (or True for the defaults): stored on the broker and run at least once.
+    durable: ClassVar[Durable | bool] = False
 
     message_id: str = Field(default_factory=new_message_id, min_length=1, max_length=200)
 

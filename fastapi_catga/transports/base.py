@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.transports.durable import DurableStore
 
 __all__ = [
     "ConnectionListener",
@@ -153,6 +154,11 @@ class Transport(Protocol):
     @property
     def connected(self) -> bool:
         """Whether the broker connection is up right now."""
+        ...
+
+    @property
+    def durable(self) -> DurableStore:
+        """Durable queues, leases, done records and dead letters, over the same connection."""
         ...
 
     @property

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Literal, Protocol
+from typing import Protocol
 
-from pydantic import BaseModel, Field
-
+from fastapi_catga.core.dead_letter import DeadLetter, QueueKind
 from fastapi_catga.core.envelope import Envelope
 
 __all__ = [
@@ -39,8 +37,6 @@ __all__ = [
     "QueueKind",
     "Stored",
 ]
-
-QueueKind = Literal["cmd", "evt"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,26 +54,6 @@ class Stored:
 
     #: The broker already held a message with this dedup id (within its window): not stored twice.
     duplicate: bool = False
-
-
-class DeadLetter(BaseModel):
-    """A message that will not run until someone replays it; its original envelope is kept beside."""
-
-    id: str = Field(description="<group>:<message id>: one dead letter per message and group")
-    queue_kind: QueueKind
-    message_type: str
-    message_id: str
-    group: str = Field(description="workers (commands) or the event handler")
-    reason: Literal["attempts", "rejected", "invalid"] = Field(
-        description="attempts: it failed (or its node died) on every allowed delivery; rejected: the "
-        "handler raised Reject; invalid: it could not be decoded or validated"
-    )
-    error_type: str = ""
-    error: str = Field("", description="the last error's text, at most 1 KiB")
-    attempts: int = Field(description="deliveries the broker counted")
-    node_id: str = Field(description="the node that dead-lettered it")
-    at: datetime
-    replays: int = 0
 
 
 class DurableDelivery(Protocol):

@@ -29,6 +29,7 @@ from fastapi_catga.transports.base import (
     MemberWatch,
     Subscription,
 )
+from fastapi_catga.transports.durable import DurableStore
 
 __all__ = ["ProcessTransport"]
 
@@ -133,6 +134,10 @@ class ProcessTransport:
     @property
     def connected(self) -> bool:
         return self.inner.connected
+
+    @property
+    def durable(self) -> DurableStore:
+        return self.inner.durable
 
     @property
     def members(self) -> MembershipStore:

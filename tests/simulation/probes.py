@@ -17,6 +17,7 @@ from fastapi_catga.transports.base import (
     MembershipStore,
     Subscription,
 )
+from fastapi_catga.transports.durable import DurableStore
 from fastapi_catga.transports.memory import InMemoryTransport
 from tests.simulation import messages
 from tests.virtual_time import EPOCH
@@ -82,6 +83,10 @@ class SimTransport:
     @property
     def connected(self) -> bool:
         return self.inner.connected
+
+    @property
+    def durable(self) -> DurableStore:
+        return self.inner.durable
 
     @property
     def members(self) -> MembershipStore:

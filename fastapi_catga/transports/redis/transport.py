@@ -34,6 +34,7 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver, frame
 from fastapi_catga.transports.base import ConnectionListener, ConnectionState, Delivery, DeliveryCallback
+from fastapi_catga.transports.durable import DurableStore
 from fastapi_catga.transports.redis.connections import command_pool, private_connection
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason, redis_errors
 from fastapi_catga.transports.redis.membership import RedisMembers
@@ -130,6 +131,11 @@ class RedisTransport:
     def members(self) -> RedisMembers:
         """The membership store, namespaced by cluster."""
         return self._members
+
+    @property
+    def durable(self) -> DurableStore:
+        """Durable queues on Redis: not built yet."""
+        raise ConfigurationError("durable delivery over Redis is not built yet")
 
     @property
     def bad_frames(self) -> int:

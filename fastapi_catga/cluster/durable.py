@@ -1,0 +1,362 @@
+"""Durable delivery, the consuming side: run each stored message's handler until one run succeeds.
+
+For every durable command type this node handles, and every handler of a durable event type, a
+worker fetches from its broker queue (no more than it has free slots: a delivery's lease starts
+when it is fetched) and, for each delivery:
+
+1. a done record for (group, message id) exists: the work was done; ack (and answer a caller);
+2. the broker delivered it more than ``attempts`` times (runs that failed, or crashed their node):
+   dead-letter it without running it;
+3. take the lease on (group, message id); another live holder has it: hand the delivery back;
+4. run the handler, renewing the lease (and the broker's) every third of it;
+5. success: write the done record with the result, fenced by the lease (a node that resumes after
+   its lease went elsewhere cannot commit), then ack; a waiting caller gets the result;
+6. `RetryLater`: hand it back after its delay; `Reject`, an invalid message, or a failure on the
+   last attempt: dead-letter it (original bytes, reason, error, attempts, node, time); any other
+   failure: hand it back after the backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi_catga.cluster.responder import node_subject
+from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
+from fastapi_catga.core.envelope import (
+    MESSAGE_ID,
+    NODE,
+    REPLAYS,
+    REPLY_NODE,
+    STATUS,
+    Envelope,
+    decode_message,
+    encode_error,
+)
+from fastapi_catga.core.logs import LogLimiter
+from fastapi_catga.core.messages import Durable, Message, Request
+from fastapi_catga.exceptions import CatgaError, MessageValidationError, Reject, RetryLater, TransportError
+from fastapi_catga.settings import CatgaSettings
+from fastapi_catga.transports.base import Transport
+from fastapi_catga.transports.durable import DeadLetter, DurableDelivery, DurableStore, Queue
+
+__all__ = ["DurablePolicy", "DurableRunner", "policy_for", "result_subject"]
+
+logger = logging.getLogger(__name__)
+
+COMMANDS = "workers"  # the one consumer group of a command queue
+
+
+@dataclass(frozen=True, slots=True)
+class DurablePolicy:
+    """A durable type's options, its `Durable` fields filled from ``CATGA_DURABLE_*``."""
+
+    attempts: int
+    backoff: tuple[float, ...]
+    lease: float
+    dedup_window: float
+
+    def delay(self, deliveries: int) -> float:
+        """The pause after a failed delivery (1-based), jittered by up to 20 %."""
+        base = self.backoff[min(deliveries, len(self.backoff)) - 1]
+        return base * random.uniform(0.8, 1.0)
+
+
+def policy_for(message_type: type[Message], settings: CatgaSettings) -> DurablePolicy | None:
+    """The type's durable policy, or None when it is not durable."""
+    durable = message_type.durable
+    if durable is False:
+        return None
+    options = durable if isinstance(durable, Durable) else Durable()
+    return DurablePolicy(
+        attempts=options.attempts or settings.durable_attempts,
+        backoff=options.backoff or tuple(settings.durable_backoff),
+        lease=options.lease or settings.durable_lease,
+        dedup_window=options.dedup_window or settings.durable_dedup_window,
+    )
+
+
+def result_subject(node_id: str) -> str:
+    """Where a node hears the outcome of the durable commands it waits for."""
+    return f"{node_subject(node_id)}.durable-results"
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    queue: Queue
+    policy: DurablePolicy
+    run: Callable[[Message], Awaitable[Any]]
+    encode: Callable[[Message, Any], bytes]
+
+
+class DurableRunner:
+    """Runs this node's durable handlers from their broker queues.
+
+    Args:
+        transport: the connection; its ``durable`` store holds the queues.
+        dispatcher: this node's handlers.
+        settings: node id, durable defaults (retention, concurrency).
+    """
+
+    def __init__(self, transport: Transport, dispatcher: LocalDispatcher, settings: CatgaSettings) -> None:
+        self._transport = transport
+        self._dispatcher = dispatcher
+        self._settings = settings
+        self._works = list(self._plan())
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running: set[asyncio.Task[None]] = set()
+        self._log_limit = LogLimiter()
+
+    @property
+    def store(self) -> DurableStore:
+        return self._transport.durable
+
+    @property
+    def queues(self) -> list[Queue]:
+        return [work.queue for work in self._works]
+
+    def _plan(self) -> list[_Work]:
+        works: list[_Work] = []
+        for message_type in self._dispatcher.requests:
+            policy = policy_for(message_type, self._settings)
+            if policy is not None:
+                queue = Queue("cmd", message_type.type_name, COMMANDS)
+                works.append(_Work(queue, policy, self._run_request, _encode_result))
+        for message_type, handlers in self._dispatcher.event_pipelines().items():
+            policy = policy_for(message_type, self._settings)
+            if policy is None:
+                continue
+            for name, event_pipeline in handlers:
+                queue = Queue("evt", message_type.type_name, name)
+                run = _event_runner(self._dispatcher, event_pipeline)
+                works.append(_Work(queue, policy, run, lambda _m, _r: b"null"))
+        return works
+
+    async def _run_request(self, message: Message) -> Any:
+        assert isinstance(message, Request)
+        return await self._dispatcher.handle_request(message)
+
+    async def start(self) -> None:
+        """Create the queues this node reads and start a worker per queue."""
+        if not self._works:
+            return
+        await self.prepare()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._work(work), name=f"catga-durable-{work.queue.type_name}")
+            for work in self._works
+        ]
+
+    async def prepare(self) -> None:
+        """Create (again, after a reconnect) what the queues need on the broker."""
+        leases = [work.policy.lease for work in self._works] or [self._settings.durable_lease]
+        windows = [work.policy.dedup_window for work in self._works] or [self._settings.durable_dedup_window]
+        await self.store.prepare(
+            self.queues,
+            lease=max(leases),
+            dedup_window=max(windows),
+            retention=self._settings.durable_retention,
+        )
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop fetching; let runs in flight finish (their deliveries come back after the lease if not)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._running:
+            _, pending = await asyncio.wait(set(self._running), timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _work(self, work: _Work) -> None:
+        consumer = self.store.consumer(work.queue, consumer=self._settings.node_id, lease=work.policy.lease)
+        slots = asyncio.Semaphore(self._settings.durable_concurrency)
+        delay = 0.05
+        try:
+            while True:
+                await slots.acquire()
+                free = 1
+                while not slots.locked() and free < self._settings.durable_concurrency:
+                    await slots.acquire()
+                    free += 1
+                try:
+                    deliveries = await consumer.fetch(free, wait=1.0)
+                    delay = 0.05
+                except (TransportError, TimeoutError) as exc:
+                    deliveries = []
+                    self._warn(
+                        "fetch",
+                        "durable %s: fetching failed (%s); again in %.2f s",
+                        work.queue.type_name,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(5.0, delay * 2)
+                for _ in range(free - len(deliveries)):
+                    slots.release()
+                for delivery in deliveries:
+                    task = asyncio.get_running_loop().create_task(self._process(work, delivery))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+                    task.add_done_callback(lambda _t: slots.release())
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.close()
+
+    async def _process(self, work: _Work, delivery: DurableDelivery) -> None:
+        try:
+            await self._handle(work, delivery)
+        except (TransportError, TimeoutError) as exc:  # the broker failed us midway: the lease brings it back
+            self._warn(
+                "process",
+                "durable %s: the broker failed while handling a delivery (%s)",
+                work.queue.type_name,
+                exc,
+            )
+        except Exception:
+            logger.exception("durable %s: unexpected failure handling a delivery", work.queue.type_name)
+
+    async def _handle(self, work: _Work, delivery: DurableDelivery) -> None:
+        envelope = delivery.envelope
+        try:
+            message = decode_message(envelope, self._dispatcher.types)
+            if message.type_name != work.queue.type_name:
+                raise MessageValidationError(f"a {message.type_name} in the {work.queue.type_name} queue")
+        except CatgaError as exc:
+            await self._dead_letter(work, delivery, "invalid", exc, _id_of(envelope))
+            return
+        key = f"{work.queue.group}:{message.message_id}"
+        done = await self.store.done(key)
+        if done is not None:  # done already (a redelivery, or a re-send of the same id)
+            await delivery.ack()
+            await self._answer(envelope, Envelope({STATUS: "ok", NODE: self._settings.node_id}, done))
+            return
+        if delivery.deliveries > work.policy.attempts:  # its earlier runs crashed their nodes
+            error = CatgaError(
+                f"delivered {delivery.deliveries} times without a success (its nodes crashed?)"
+            )
+            await self._dead_letter(work, delivery, "attempts", error, message.message_id)
+            return
+        holder, lease = self._settings.node_id, work.policy.lease
+        if not await self.store.claim(key, holder, lease):
+            await delivery.retry(lease)  # another live node runs it now
+            return
+        keeper = asyncio.get_running_loop().create_task(self._keep(key, delivery, lease))
+        try:
+            result = await work.run(message)
+        except CatgaError as exc:
+            keeper.cancel()
+            await self._failed(work, delivery, key, message, exc)
+            return
+        finally:
+            keeper.cancel()
+        encoded = work.encode(message, result)
+        if await self.store.commit(key, holder, encoded, work.policy.dedup_window):
+            await delivery.ack()
+            await self._answer(envelope, Envelope({STATUS: "ok", NODE: holder}, encoded))
+        elif await self.store.done(key) is not None:
+            await delivery.ack()  # another node finished it first (this one was paused): keep its result
+        else:
+            self._warn(
+                "fence",
+                "durable %s %s: lost the lease while running; not committed",
+                message.type_name,
+                message.message_id,
+            )
+
+    async def _keep(self, key: str, delivery: DurableDelivery, lease: float) -> None:
+        while True:
+            await asyncio.sleep(lease / 3)
+            with contextlib.suppress(TransportError, TimeoutError):
+                await self.store.renew(key, self._settings.node_id, lease)
+                await delivery.keep_alive()
+
+    async def _failed(
+        self, work: _Work, delivery: DurableDelivery, key: str, message: Message, exc: CatgaError
+    ) -> None:
+        await self.store.release(key, self._settings.node_id)
+        if isinstance(exc, Reject):
+            await self._dead_letter(work, delivery, "rejected", exc, message.message_id)
+        elif isinstance(exc, MessageValidationError):
+            await self._dead_letter(work, delivery, "invalid", exc, message.message_id)
+        elif delivery.deliveries >= work.policy.attempts:
+            await self._dead_letter(work, delivery, "attempts", exc, message.message_id)
+        else:
+            delay = exc.delay if isinstance(exc, RetryLater) else work.policy.delay(delivery.deliveries)
+            self._warn(
+                f"retry:{work.queue}", "durable %s %s failed on delivery %d (%s); again in %.2f s",
+                message.type_name, message.message_id, delivery.deliveries, type(exc).__name__, delay,
+            )  # fmt: skip
+            await delivery.retry(delay)
+
+    async def _dead_letter(
+        self, work: _Work, delivery: DurableDelivery, reason: Any, exc: CatgaError, message_id: str
+    ) -> None:
+        queue = work.queue
+        letter = DeadLetter(
+            id=f"{queue.group}:{message_id}",
+            queue_kind=queue.kind,
+            message_type=queue.type_name,
+            message_id=message_id,
+            group=queue.group,
+            reason=reason,
+            error_type=getattr(exc, "error_type", type(exc).__name__),
+            error=exc.message[:1024],
+            attempts=delivery.deliveries,
+            node_id=self._settings.node_id,
+            at=datetime.now(UTC),
+            replays=_replays(delivery.envelope),
+        )
+        await self.store.add_dead_letter(letter, delivery.envelope)
+        await delivery.drop()
+        logger.warning(
+            "durable %s %s dead-lettered (%s after %d deliveries): %s",
+            queue.type_name, message_id, reason, delivery.deliveries, letter.error,
+        )  # fmt: skip
+        await self._answer(delivery.envelope, encode_error(exc, node_id=self._settings.node_id))
+
+    async def _answer(self, request: Envelope, reply: Envelope) -> None:
+        """Tell the node waiting for this command (if any) how it ended; a lost answer loses nothing:
+        the caller also reads the done record."""
+        caller = request.headers.get(REPLY_NODE)
+        if type(caller) is not str or not caller:
+            return
+        reply.headers[MESSAGE_ID] = str(request.headers.get(MESSAGE_ID, ""))
+        with contextlib.suppress(CatgaError):
+            await self._transport.publish(result_subject(caller), reply)
+
+    def _warn(self, kind: str, text: str, *args: object) -> None:
+        self._log_limit.log(logger, logging.WARNING, kind, text, *args)
+
+
+def _encode_result(message: Message, result: Any) -> bytes:
+    assert isinstance(message, Request)
+    return type(message).result_adapter().dump_json(result)
+
+
+def _event_runner(dispatcher: LocalDispatcher, pipeline: Pipeline) -> Callable[[Message], Awaitable[Any]]:
+    async def run(event: Message) -> None:
+        try:
+            await pipeline(event)
+        except Exception as exc:
+            raise dispatcher.handler_error(exc, event) from exc
+
+    return run
+
+
+def _replays(envelope: Envelope) -> int:
+    value = envelope.headers.get(REPLAYS)
+    return int(value) if type(value) is str and value.isdigit() and len(value) < 9 else 0
+
+
+def _id_of(envelope: Envelope) -> str:
+    value = envelope.headers.get(MESSAGE_ID)
+    return value[:200] if type(value) is str and value else "unknown"

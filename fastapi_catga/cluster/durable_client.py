@@ -1,0 +1,167 @@
+"""Durable delivery, the sending side: store a message on the broker, and wait for a command's outcome.
+
+- ``send`` of a durable command stores it, then waits for its outcome until the deadline. There is
+  no request-level retry or failover on top of the broker's redelivery. A timeout says the
+  command was accepted and still runs (``details``: ``accepted``, ``message_id``); sending the
+  same message id again is safe and returns the stored result once it is done.
+- ``enqueue`` stores it and returns at once (an HTTP 202).
+- ``publish`` of a durable event stores it and returns: each handler group runs it from the broker,
+  this node's handlers too (never inline as well).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi_catga.cluster.durable import COMMANDS, result_subject
+from fastapi_catga.core.envelope import (
+    MESSAGE_ID,
+    REPLY_NODE,
+    STATUS,
+    Envelope,
+    decode_reply,
+    encode_message,
+)
+from fastapi_catga.core.messages import Accepted, Event, Message, Request
+from fastapi_catga.exceptions import RequestTimeoutError
+from fastapi_catga.transports.base import Delivery, Subscription, Transport
+from fastapi_catga.transports.durable import DeadLetter, Queue, QueueKind
+
+__all__ = ["DeadLetters", "DurableClient", "is_durable"]
+
+logger = logging.getLogger(__name__)
+
+_DONE_POLL = 1.0  # s: how often a waiting send also reads the done record (an answer can be lost)
+
+
+class DurableClient:
+    """Stores durable messages and waits for the outcome of durable commands.
+
+    Args:
+        transport: the connection; its ``durable`` store keeps the messages.
+        node_id: this node (where outcomes are sent).
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, transport: Transport, node_id: str, clock: Callable[[], float]) -> None:
+        self._transport = transport
+        self._node_id = node_id
+        self._clock = clock
+        self._waiting: dict[str, asyncio.Future[Envelope]] = {}
+        self._subscription: Subscription | None = None
+        self.dead_letters = DeadLetters(transport)
+
+    async def start(self) -> None:
+        """Listen for the outcomes of the commands this node waits for."""
+        self._subscription = await self._transport.subscribe(result_subject(self._node_id), self._on_result)
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.unsubscribe()
+        for future in self._waiting.values():
+            future.cancel()
+
+    def _on_result(self, delivery: Delivery) -> None:
+        future = self._waiting.get(str(delivery.envelope.headers.get(MESSAGE_ID, "")))
+        if future is not None and not future.done():
+            future.set_result(delivery.envelope)
+
+    async def _append(self, message: Message, *, wait: bool) -> Accepted:
+        envelope = encode_message(message, source=self._node_id, max_payload=self._transport.max_payload)
+        if wait:
+            envelope.headers[REPLY_NODE] = self._node_id
+        kind: QueueKind = "evt" if isinstance(message, Event) else "cmd"
+        stored = await self._transport.durable.append(
+            kind, message.type_name, envelope, dedup_id=message.message_id
+        )
+        return Accepted(message.message_id, stored.duplicate)
+
+    async def enqueue(self, message: Request[Any]) -> Accepted:
+        """Store a durable command; return once the broker has it."""
+        return await self._append(message, wait=False)
+
+    async def publish(self, event: Event) -> None:
+        """Store a durable event; return once the broker has it."""
+        await self._append(event, wait=False)
+
+    async def send(self, message: Request[Any], budget: float) -> Any:
+        """Store a durable command and wait up to ``budget`` seconds for its outcome.
+
+        Raises:
+            RequestTimeoutError: no outcome in time; ``details["accepted"]`` says it was stored
+                and still runs.
+            CatgaError: the error it was dead-lettered with.
+        """
+        deadline = self._clock() + budget
+        key = f"{COMMANDS}:{message.message_id}"
+        future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._waiting[message.message_id] = future
+        try:
+            await self._append(message, wait=True)
+            while True:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise RequestTimeoutError(
+                        f"{message.type_name} {message.message_id} was accepted and still runs; no outcome "
+                        f"within {budget:g} s (send it again with the same message_id for its result)",
+                        details={"accepted": True, "message_id": message.message_id},
+                    )
+                try:
+                    async with asyncio.timeout(min(remaining, _DONE_POLL)):
+                        reply = await asyncio.shield(future)
+                    break
+                except TimeoutError:
+                    done = await self._transport.durable.done(key)
+                    if done is not None:
+                        reply = Envelope({STATUS: "ok"}, done)
+                        break
+            return decode_reply(reply, type(message).result_adapter())
+        finally:
+            del self._waiting[message.message_id]
+
+
+class DeadLetters:
+    """The dead-letter store: messages that will not run until replayed (``mediator.dead_letters``)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    async def list(self, limit: int = 100) -> list[DeadLetter]:
+        """Up to ``limit`` dead letters, oldest first."""
+        return [letter for letter, _ in await self._transport.durable.dead_letters(limit)]
+
+    async def get(self, letter_id: str) -> DeadLetter | None:
+        """One dead letter by its id (``<group>:<message id>``), or None."""
+        found = await self._transport.durable.dead_letter(letter_id)
+        return None if found is None else found[0]
+
+    async def replay(self, letter_id: str) -> bool:
+        """Put the message back in its queue (same message id) and drop the dead letter; False when
+        there is none. For an event, every handler group gets it again: those that ran it already
+        skip it while their done record lasts."""
+        store = self._transport.durable
+        found = await store.dead_letter(letter_id)
+        if found is None:
+            return False
+        letter, envelope = found
+        queue = Queue(letter.queue_kind, letter.message_type, letter.group)
+        replays = letter.replays + 1
+        # A fresh dedup id: the broker's duplicate window must not swallow the replay.
+        await store.append(
+            queue.kind, queue.type_name, envelope, dedup_id=f"{letter.message_id}.replay{replays}"
+        )
+        await store.remove_dead_letter(letter_id)
+        logger.info("dead letter %s replayed (replay %d)", letter_id, replays)
+        return True
+
+    async def discard(self, letter_id: str) -> bool:
+        """Drop a dead letter for good; False when there is none."""
+        return await self._transport.durable.remove_dead_letter(letter_id)
+
+
+def is_durable(message_type: type[Message]) -> bool:
+    """Whether messages of this type travel the durable way."""
+    return message_type.durable is not False

@@ -1,0 +1,296 @@
+"""Durable delivery on the in-memory broker, on a virtual clock: the processing rules, in milliseconds.
+
+The same rules over JetStream and Redis Streams, with real processes killed and paused, are in
+tests/multiprocess/test_durable.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+from typing import Any, ClassVar
+
+import pytest
+
+from fastapi_catga import (
+    Catga,
+    CatgaSettings,
+    Command,
+    Durable,
+    Event,
+    MessageValidationError,
+    Reject,
+    RemoteHandlerError,
+    RequestTimeoutError,
+    RetryLater,
+    build,
+    handler,
+)
+from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
+from tests.virtual_time import EPOCH, run_virtual
+
+runs: Counter[str] = Counter()  # message id -> handler runs (any node)
+starts: dict[str, list[float]] = {}  # message id -> loop times of each run
+effects: Counter[str] = Counter()  # message id -> runs that succeeded
+broken: set[str] = set()  # ids whose handler raises until removed
+
+
+class Charge(Command[str]):
+    durable: ClassVar[Durable | bool] = Durable(attempts=3, backoff=(1.0, 4.0), lease=2.0, dedup_window=60)
+    amount: int
+    work: float = 0.0
+    mode: str = "ok"
+
+
+class Shipped(Event):
+    durable: ClassVar[Durable | bool] = True
+    order: str
+
+
+seen: list[tuple[str, str, str]] = []  # (handler, node, event id)
+
+
+@handler
+async def charge(command: Charge) -> str:
+    loop = asyncio.get_running_loop()
+    runs[command.message_id] += 1
+    starts.setdefault(command.message_id, []).append(loop.time())
+    if command.work:
+        await asyncio.sleep(command.work)
+    if command.mode == "reject":
+        raise Reject("amount is not allowed")
+    if command.mode == "later" and runs[command.message_id] == 1:
+        raise RetryLater("the bank is busy", delay=7.0)
+    if command.message_id in broken:
+        raise ValueError("card declined")
+    effects[command.message_id] += 1
+    return f"charged {command.amount}"
+
+
+@handler
+async def email_on_shipped(event: Shipped) -> None:
+    seen.append(("email", NODE.get(), event.message_id))
+
+
+@handler
+async def stock_on_shipped(event: Shipped) -> None:
+    seen.append(("stock", NODE.get(), event.message_id))
+
+
+import contextvars  # noqa: E402 - after the handlers, as their helper
+
+NODE: contextvars.ContextVar[str] = contextvars.ContextVar("node", default="?")
+
+
+class Tag:
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+
+    async def __call__(self, message: Any, call_next: Any) -> Any:
+        token = NODE.set(self.node_id)
+        try:
+            return await call_next()
+        finally:
+            NODE.reset(token)
+
+
+@pytest.fixture(autouse=True)
+def fresh() -> None:
+    for ledger in (runs, starts, effects, broken):
+        ledger.clear()
+    seen.clear()
+
+
+def node(broker: InMemoryBroker, node_id: str, handlers: list[Any] | None = None, **settings: Any) -> Catga:
+    loop = asyncio.get_running_loop()
+    return build(
+        CatgaSettings(node_id=node_id, heartbeat_interval=1, node_ttl=3, request_timeout=30, **settings),
+        handlers=[sys.modules[__name__]] if handlers is None else handlers,
+        behaviors=[Tag(node_id)],
+        transport=InMemoryTransport(broker),
+        clock=loop.time,
+        wall_clock=lambda: EPOCH + loop.time(),
+    )
+
+
+async def cluster(*names: str) -> tuple[InMemoryBroker, list[Catga]]:
+    broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+    nodes = [node(broker, name) for name in names]
+    for catga in nodes:
+        await catga.start()
+    return broker, nodes
+
+
+def test_a_durable_send_runs_once_and_a_resend_gets_the_stored_result() -> None:
+    async def scenario() -> None:
+        _, (a, b) = await cluster("a", "b")
+        command = Charge(amount=5)
+        assert await a.mediator.send(command) == "charged 5"
+        assert await b.mediator.send(command) == "charged 5", "the same id again: the stored result"
+        assert runs[command.message_id] == 1
+        accepted = await a.mediator.enqueue(Charge(amount=7))
+        await asyncio.sleep(1)
+        assert effects[accepted.message_id] == 1
+        for catga in (a, b):
+            await catga.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_send_that_times_out_says_the_command_was_accepted_and_still_runs() -> None:
+    async def scenario() -> None:
+        _, (a,) = await cluster("a")
+        command = Charge(amount=1, work=5.0)
+        with pytest.raises(RequestTimeoutError) as info:
+            await a.mediator.send(command, timeout=1.0)
+        assert info.value.details == {"accepted": True, "message_id": command.message_id}
+        await asyncio.sleep(6)
+        assert effects[command.message_id] == 1, "it ran to the end after the caller gave up"
+        assert await a.mediator.send(command) == "charged 1"
+        assert runs[command.message_id] == 1
+        await a.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_poison_message_is_dead_lettered_after_exactly_its_attempts_with_the_backoff_then_replayed() -> (
+    None
+):
+    async def scenario() -> None:
+        _, (a, b) = await cluster("a", "b")
+        command = Charge(amount=9)
+        broken.add(command.message_id)
+        with pytest.raises(RemoteHandlerError, match="ValueError"):
+            await a.mediator.send(command)
+        assert runs[command.message_id] == 3
+        first, second, third = starts[command.message_id]
+        assert 0.8 <= second - first <= 1.1 and 3.2 <= third - second <= 4.1, starts[command.message_id]
+        (letter,) = await b.mediator.dead_letters.list()
+        assert (letter.id, letter.reason, letter.error_type, letter.attempts) == (
+            f"workers:{command.message_id}", "attempts", "ValueError", 3,
+        )  # fmt: skip
+        assert letter.message_type == "Charge" and letter.node_id in {"a", "b"}
+        await asyncio.sleep(30)
+        assert runs[command.message_id] == 3, "nothing runs while it is dead-lettered"
+        broken.clear()  # the handler is fixed
+        assert await a.mediator.dead_letters.replay(letter.id)
+        await asyncio.sleep(1)
+        assert effects[command.message_id] == 1
+        assert await a.mediator.dead_letters.list() == []
+        assert not await a.mediator.dead_letters.replay(letter.id)
+        for catga in (a, b):
+            await catga.stop()
+
+    run_virtual(scenario())
+
+
+def test_reject_dead_letters_at_once_and_retry_later_waits_its_delay() -> None:
+    async def scenario() -> None:
+        _, (a,) = await cluster("a")
+        rejected = Charge(amount=1, mode="reject")
+        with pytest.raises(Reject):
+            await a.mediator.send(rejected)
+        assert runs[rejected.message_id] == 1
+        (letter,) = await a.mediator.dead_letters.list()
+        assert letter.reason == "rejected"
+        assert await a.mediator.dead_letters.discard(letter.id)
+        later = Charge(amount=2, mode="later")
+        assert await a.mediator.send(later) == "charged 2"
+        first, second = starts[later.message_id]
+        assert 7.0 <= second - first <= 7.2
+        await a.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_node_that_dies_mid_handler_is_taken_over_after_the_lease_and_nothing_succeeds_twice() -> None:
+    async def scenario() -> None:
+        broker, (a, b) = await cluster("a", "b")
+        loop = asyncio.get_running_loop()
+        ids = []
+        for n in range(20):
+            accepted = await a.mediator.enqueue(Charge(amount=n, work=1.0))
+            ids.append(accepted.message_id)
+        await asyncio.sleep(0.5)
+        died = loop.time()
+        b.node.transport.crash()  # type: ignore[attr-defined]
+        c = node(broker, "c")
+        await c.start()
+        store = a.node.transport.durable
+
+        async def committed() -> int:
+            return sum([await store.done(f"workers:{i}") is not None for i in ids])
+
+        while await committed() < 20:
+            assert loop.time() - died < 20, f"{await committed()} of 20 committed"
+            await asyncio.sleep(0.5)
+        assert await a.mediator.dead_letters.list() == []
+        # (The crashed node's handlers in this process run on, unlike a kill -9's; its commits fail,
+        # so each command has exactly one committed result. The multi-process test counts effects.)
+        for catga in (a, c):
+            await catga.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_durable_event_runs_once_per_handler_group_including_a_node_that_was_down() -> None:
+    async def scenario() -> None:
+        broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+        this = sys.modules[__name__]
+        a = node(broker, "a", handlers=[email_on_shipped, charge])
+        b = node(broker, "b", handlers=[email_on_shipped, stock_on_shipped, charge])
+        for catga in (a, b):
+            await catga.start()
+        await b.stop()  # the only node with the stock handler is down when the event is published
+        event = Shipped(order="o-1")
+        await a.mediator.publish(event)
+        await asyncio.sleep(2)
+        assert [(h, n) for h, n, _ in seen] == [("email", "a")], "never inline, once per group"
+        back = node(broker, "b2", handlers=[this])
+        await back.start()
+        await asyncio.sleep(2)
+        assert sorted(h for h, _, _ in seen) == ["email", "stock"]
+        for catga in (a, back):
+            await catga.stop()
+
+    run_virtual(scenario())
+
+
+def test_the_dedup_window_ends() -> None:
+    class Short(Command[str]):
+        durable: ClassVar[Durable | bool] = Durable(dedup_window=5)
+
+    async def run_short(command: Short) -> str:
+        runs[command.message_id] += 1
+        return "ok"
+
+    run_short.__annotations__["command"] = Short
+
+    async def scenario() -> None:
+        broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+        a = node(broker, "a", handlers=[handler(run_short)])
+        await a.start()
+        command = Short()
+        assert await a.mediator.send(command) == "ok"
+        await asyncio.sleep(2)
+        assert await a.mediator.send(command) == "ok"
+        assert runs[command.message_id] == 1, "within the window: the stored result"
+        await asyncio.sleep(200)  # past the window (and the broker's duplicate window)
+        assert await a.mediator.send(command) == "ok"
+        assert runs[command.message_id] == 2, "after the window: run again"
+        await a.stop()
+
+    run_virtual(scenario())
+
+
+def test_enqueue_and_send_to_node_refuse_what_they_cannot_do() -> None:
+    async def scenario() -> None:
+        _, (a,) = await cluster("a")
+        with pytest.raises(MessageValidationError, match="durable Command"):
+            await a.mediator.enqueue(Shipped(order="x"))  # type: ignore[arg-type]
+        with pytest.raises(MessageValidationError, match="send_to_node cannot pick one"):
+            await a.mediator.send_to_node(Charge(amount=1), "a")
+        await a.stop()
+
+    run_virtual(scenario())
