@@ -1,8 +1,9 @@
-"""`run_bounded`: run a coroutine in the caller's task, with a deadline only once it suspends.
+"""Run a coroutine in the caller's task, with a deadline only once it suspends.
 
 A handler that returns without suspending (most in-process ones) costs a plain call: no task and
 no timer. One that suspends is resumed in the same task inside ``asyncio.timeout``, so it is
-cancelled at the deadline like any awaited call.
+cancelled at the deadline like any awaited call. The caller takes the first step itself
+(``coro.send(None)``, see `LocalDispatcher.run_request`) and hands the rest to `finish`.
 """
 
 from __future__ import annotations
@@ -11,27 +12,32 @@ import asyncio
 from collections.abc import Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
-__all__ = ["run_bounded"]
+__all__ = ["DeadlinePassed", "finish"]
 
 T = TypeVar("T")
 
 
-async def run_bounded(coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
-    """Await ``coro``, cancelling it after ``timeout`` seconds if it is still suspended then.
+class DeadlinePassed(Exception):
+    """`finish` cancelled the coroutine at its deadline (not an error the coroutine raised)."""
+
+
+async def finish(coro: Coroutine[Any, Any, T], suspended_on: Any, timeout: float | None) -> T:
+    """Await the rest of ``coro``, which suspended on ``suspended_on`` in its first step; cancel it
+    after ``timeout`` seconds if it is still running then.
 
     Raises:
-        TimeoutError: the builtin one, from ``asyncio.timeout``: the bound was hit.
+        DeadlinePassed: the timeout fired (a TimeoutError the coroutine raised passes as it is).
         Exception: whatever ``coro`` raised.
     """
-    try:
-        suspended_on = coro.send(None)
-    except StopIteration as done:
-        result: T = done.value
-        return result
     if timeout is None:
         return await _Resume(coro, suspended_on)
-    async with asyncio.timeout(timeout):
-        return await _Resume(coro, suspended_on)
+    try:
+        async with asyncio.timeout(timeout) as bound:
+            return await _Resume(coro, suspended_on)
+    except TimeoutError:
+        if bound.expired():
+            raise DeadlinePassed from None
+        raise
 
 
 class _Resume(Generic[T]):

@@ -8,24 +8,22 @@ gets the same deadline, the same result validation and the same errors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from fastapi_catga.core.bounded import run_bounded
+from fastapi_catga.core.bounded import DeadlinePassed, finish
 from fastapi_catga.core.envelope import validation_details
 from fastapi_catga.core.handlers import HandlerRegistry
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Message, Request
-from fastapi_catga.core.pipeline import PipelineBehavior, build_pipeline
+from fastapi_catga.core.pipeline import Pipeline, PipelineBehavior, build_pipeline
 from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError
 
 __all__ = ["LocalDispatcher", "Pipeline"]
 
 logger = logging.getLogger(__name__)
-
-Pipeline = Callable[[Any], Awaitable[Any]]
 
 
 class LocalDispatcher:
@@ -63,6 +61,8 @@ class LocalDispatcher:
             message_type.type_name: message_type for message_type in [*self.requests, *self._events]
         }
         self._log_limit = LogLimiter()
+        #: Per request type, the check of a handler's result against the declared type.
+        self.result_checks = self._result_checks()
 
     def event_pipelines(self) -> dict[type[Message], list[tuple[str, Pipeline]]]:
         """Each event type's handlers by name, with their composed pipelines."""
@@ -87,24 +87,50 @@ class LocalDispatcher:
         return await self.run_request(pipeline, message, timeout)
 
     async def run_request(self, pipeline: Pipeline, message: Request[Any], timeout: float | None) -> Any:
-        """`handle_request` for a pipeline already looked up (the in-process fast path)."""
-        return await run_bounded(self._guarded(pipeline, message), timeout)
-
-    async def _guarded(self, pipeline: Pipeline, message: Request[Any]) -> Any:
+        """`handle_request` for a pipeline already looked up."""
+        coro = pipeline(message)
         try:
-            result = await pipeline(message)
+            suspended_on = coro.send(None)  # the first step, here: most handlers end in it
+        except StopIteration as done:
+            return self.checked(message, done.value)
         except Exception as exc:
             raise self.handler_error(exc, message) from exc
+        return await self.finish(coro, suspended_on, message, timeout)
+
+    async def finish(
+        self, coro: Coroutine[Any, Any, Any], suspended_on: Any, message: Request[Any], timeout: float | None
+    ) -> Any:
+        """The rest of a run whose first step suspended on ``suspended_on``: bounded, errors as
+        the caller gets them, result checked.
+
+        Raises:
+            TimeoutError: the builtin one, never a handler's: ``timeout`` passed and the run was cancelled.
+        """
         try:
-            return type(message).result_adapter().validate_python(result)
-        except ValidationError as exc:
-            raise RemoteHandlerError(
-                f"{message.type_name} handler on node {self.node_id} returned a result that does not "
-                f"match its result type (message {message.message_id})",
-                error_type="ResultValidationError",
-                node_id=self.node_id,
-                details=validation_details(exc),
-            ) from exc
+            result = await finish(coro, suspended_on, timeout)
+        except DeadlinePassed:
+            raise TimeoutError from None
+        except Exception as exc:
+            raise self.handler_error(exc, message) from exc
+        return self.checked(message, result)
+
+    def checked(self, message: Request[Any], result: Any) -> Any:
+        """The result as the declared result type, or `RemoteHandlerError` when it is not one."""
+        check = self.result_checks.get(type(message))
+        return result if check is None else check(message, result)
+
+    def _result_checks(self) -> dict[type[Message], Callable[[Request[Any], Any], Any]]:
+        """Per request type, how a handler's result is validated against the declared type; none
+        for ``Any``. A result of exactly the declared class is what validation would return."""
+        checks: dict[type[Message], Callable[[Request[Any], Any], Any]] = {}
+        for message_type in self.requests:
+            assert issubclass(message_type, Request)
+            adapter = message_type.result_adapter()
+            declared = adapter.core_schema.get("cls") if adapter.core_schema["type"] == "model" else None
+            exact = declared or _PLAIN.get(adapter.core_schema["type"])
+            if adapter.core_schema["type"] != "any":
+                checks[message_type] = _checker(adapter, exact, self.node_id)
+        return checks
 
     def handler_error(self, exc: Exception, message: Message) -> CatgaError:
         """What the caller gets when a handler raised ``exc``: `CatgaError`s as they are (they are
@@ -146,3 +172,29 @@ class LocalDispatcher:
                     name, event.type_name, event.message_id, exc_info=exc,
                 )  # fmt: skip
         return failed
+
+
+# Result types whose exact instances validation returns unchanged.
+_PLAIN: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "bytes": bytes}
+
+
+def _checker(
+    adapter: TypeAdapter[Any], exact: type | None, node_id: str
+) -> Callable[[Request[Any], Any], Any]:
+    validate = adapter.validate_python
+
+    def check(message: Request[Any], result: Any) -> Any:
+        if exact is not None and type(result) is exact:
+            return result
+        try:
+            return validate(result)
+        except ValidationError as exc:
+            raise RemoteHandlerError(
+                f"{message.type_name} handler on node {node_id} returned a result that does not "
+                f"match its result type (message {message.message_id})",
+                error_type="ResultValidationError",
+                node_id=node_id,
+                details=validation_details(exc),
+            ) from exc
+
+    return check

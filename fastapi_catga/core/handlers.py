@@ -10,20 +10,20 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar, get_type_hints
 
 from fastapi_catga.core.messages import Event, Message, Request
+from fastapi_catga.core.pipeline import Pipeline
 from fastapi_catga.exceptions import ConfigurationError, DuplicateHandlerError
 
 __all__ = ["HandlerRegistry", "HandlerSpec", "HandlerSource", "declared_handlers", "handler"]
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-HandlerFunc = Callable[[Any], Awaitable[Any]]
+F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
 #: What an app names to register handlers: a module, a module's dotted name, or a function.
-HandlerSource = ModuleType | str | Callable[..., Awaitable[Any]]
+HandlerSource = ModuleType | str | Callable[..., Coroutine[Any, Any, Any]]
 
 _TYPE_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
@@ -32,7 +32,7 @@ _TYPE_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 class HandlerSpec:
     """One declared handler: the function and the message type it takes."""
 
-    func: HandlerFunc
+    func: Pipeline
     message_type: type[Message]
 
     @property

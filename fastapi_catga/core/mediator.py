@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from fastapi_catga.core.dead_letter import DeadLetter
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.core.pipeline import Pipeline
 from fastapi_catga.exceptions import CatgaError, RequestTimeoutError
 
 __all__ = ["ClusterPort", "DeadLetterStore", "Mediator"]
@@ -31,7 +31,7 @@ class DeadLetterStore(Protocol):
 class ClusterPort(Protocol):
     """What the mediator needs from the cluster layer (implemented by `ClusterNode`)."""
 
-    local_routes: dict[type[Message], Callable[[Any], Awaitable[Any]]]
+    local_routes: dict[type[Message], Pipeline]
 
     @property
     def request_timeout(self) -> float: ...
@@ -64,6 +64,8 @@ class Mediator:
         self._dispatcher = dispatcher
         self._cluster = cluster
         self._local = cluster.local_routes  # kept current by the cluster as nodes come and go
+        self._checks = dispatcher.result_checks
+        self._timeout = cluster.request_timeout
 
     async def send(self, message: Request[R], *, timeout: float | None = None) -> R:
         """Run a command or query on one capable node anywhere in the cluster and return its result.
@@ -87,11 +89,22 @@ class Mediator:
         if run is None:
             result: R = await self._cluster.send(message, timeout=timeout)
             return result
-        budget = self._cluster.request_timeout if timeout is None else timeout
-        if not budget > 0:
-            raise ValueError(f"timeout must be positive, got {budget}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        # The hot path of an in-process send: the handler's first step right here (most handlers
+        # end in it); only one that suspends gets the deadline's timer (`LocalDispatcher.finish`).
+        coro = run(message)
         try:
-            result = await self._dispatcher.run_request(run, message, budget)
+            suspended_on = coro.send(None)
+        except StopIteration as done:
+            check = self._checks.get(message.__class__)
+            result = done.value if check is None else check(message, done.value)
+            return result
+        except Exception as exc:
+            raise self._dispatcher.handler_error(exc, message) from exc
+        budget = self._timeout if timeout is None else timeout
+        try:
+            result = await self._dispatcher.finish(coro, suspended_on, message, budget)
         except TimeoutError as exc:
             if isinstance(exc, CatgaError):
                 raise  # the handler's own

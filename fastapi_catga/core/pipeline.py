@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from fastapi_catga.core.messages import Message
 
-__all__ = ["CallNext", "PipelineBehavior", "build_pipeline"]
+__all__ = ["CallNext", "Pipeline", "PipelineBehavior", "build_pipeline"]
 
 #: Runs the rest of the pipeline (the next behaviors, then the handler) and returns its result.
 CallNext = Callable[[], Awaitable[Any]]
-Step = Callable[[Any], Awaitable[Any]]
+#: A handler, or a handler inside its behaviors: takes the message, returns the coroutine that runs it.
+Pipeline = Callable[[Any], Coroutine[Any, Any, Any]]
 
 
 @runtime_checkable
@@ -36,7 +37,9 @@ class PipelineBehavior(Protocol):
     async def __call__(self, message: Message, call_next: CallNext) -> Any: ...
 
 
-def build_pipeline(handler: Step, behaviors: Sequence[PipelineBehavior], message_type: type[Message]) -> Step:
+def build_pipeline(
+    handler: Pipeline, behaviors: Sequence[PipelineBehavior], message_type: type[Message]
+) -> Pipeline:
     """Compose ``behaviors`` around ``handler``, the first behavior outermost.
 
     With no behavior that applies, the handler itself is returned: no cost per message.
@@ -49,7 +52,7 @@ def build_pipeline(handler: Step, behaviors: Sequence[PipelineBehavior], message
     return step
 
 
-def _wrap(behavior: PipelineBehavior, inner: Step) -> Step:
+def _wrap(behavior: PipelineBehavior, inner: Pipeline) -> Pipeline:
     async def step(message: Any) -> Any:
         return await behavior(message, lambda: inner(message))
 
