@@ -54,6 +54,7 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.settings import CatgaSettings, load_settings
 from fastapi_catga.transports import Transport
+from fastapi_catga.web.admin import catga_admin_router
 from fastapi_catga.web.dependencies import MediatorDep, get_mediator
 from fastapi_catga.web.lifespan import catga_lifespan
 from fastapi_catga.web.router import catga_router
@@ -64,6 +65,7 @@ __all__ = [
     "build",
     "CallNext",
     "Catga",
+    "catga_admin_router",
     "catga_lifespan",
     "catga_router",
     "CatgaError",
