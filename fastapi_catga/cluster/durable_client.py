@@ -25,7 +25,7 @@ from fastapi_catga.core.envelope import (
     decode_reply,
     encode_message,
 )
-from fastapi_catga.core.messages import Accepted, Event, Message, Request
+from fastapi_catga.core.messages import Accepted, Event, Message, Request, new_message_id
 from fastapi_catga.exceptions import RequestTimeoutError
 from fastapi_catga.transports.base import Delivery, Subscription, Transport
 from fastapi_catga.transports.durable import DeadLetter, Queue, QueueKind
@@ -69,7 +69,7 @@ class DurableClient:
         if future is not None and not future.done():
             future.set_result(delivery.envelope)
 
-    async def _append(self, message: Message, *, wait: bool) -> Accepted:
+    async def _append(self, message: Message, *, wait: bool, dedup_id: str | None = None) -> Accepted:
         envelope = encode_message(message, source=self._node_id, max_payload=self._transport.max_payload)
         if wait:
             envelope.headers[REPLY_NODE] = self._node_id
@@ -100,7 +100,13 @@ class DurableClient:
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._waiting[message.message_id] = future
         try:
-            await self._append(message, wait=True)
+            if (await self._append(message, wait=True)).duplicate and await self._transport.durable.done(
+                key
+            ) is None:
+                # The broker remembers this id, yet no outcome is on record: the first run's record
+                # expired, or the first append still waits in the queue. Queue it again; if the
+                # first is still there, whichever runs second finds the other's done record.
+                await self._append(message, wait=True, dedup_id=f"{message.message_id}.{new_message_id()}")
             while True:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
