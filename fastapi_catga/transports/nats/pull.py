@@ -113,6 +113,7 @@ class NatsConsumer:
         self._tokens = itertools.count()
         self._token = ""  # the reply token of the pull in flight, if any
         self._answers: asyncio.Queue[Msg | None] = asyncio.Queue()
+        self._fetching = asyncio.Lock()
         self._closed = False
         self._missing = False  # the server said nobody serves our pulls: the consumer is gone
         self._restore_at = 0.0
@@ -124,6 +125,10 @@ class NatsConsumer:
         Raises:
             TransportError: the connection is down, or the server did not answer a pull.
         """
+        async with self._fetching:  # one pull at a time: a message is matched to the pull in flight
+            return await self._fetch(limit, wait)
+
+    async def _fetch(self, limit: int, wait: float) -> list[DurableDelivery]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, wait)
         while not self._closed and limit > 0:

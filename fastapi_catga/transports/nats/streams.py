@@ -77,6 +77,7 @@ async def _create(
     connection: NatsConnection, js: JetStreamContext, config: api.StreamConfig
 ) -> api.StreamInfo:
     assert config.name is not None
+    refused: list[str] = []
     for count in replica_choices(connection):
         try:
             return await js.add_stream(config.evolve(num_replicas=count))
@@ -84,8 +85,10 @@ async def _create(
             try:  # another node may have made it first
                 return await js.stream_info(config.name)
             except nats.js.errors.NotFoundError:
-                logger.info("stream %s with %d replica(s) refused (%s)", config.name, count, exc)
-    raise TransportError(f"cannot create stream {config.name}; is JetStream enabled (-js)?")
+                refused.append(f"{count} replica(s): {exc}")
+    raise TransportError(
+        f"cannot create stream {config.name} ({'; '.join(refused)}); is JetStream enabled (-js)?"
+    )
 
 
 async def open_bucket(connection: NatsConnection, bucket: str, ttl: int) -> KeyValue:
@@ -100,6 +103,7 @@ async def open_bucket(connection: NatsConnection, bucket: str, ttl: int) -> KeyV
             return await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             pass
+        refused: list[str] = []
         for count in replica_choices(connection):
             try:
                 return await js.create_key_value(bucket=bucket, history=1, ttl=ttl, replicas=count)
@@ -107,5 +111,7 @@ async def open_bucket(connection: NatsConnection, bucket: str, ttl: int) -> KeyV
                 try:  # another node may have made it first
                     return await js.key_value(bucket)
                 except nats.js.errors.BucketNotFoundError:
-                    logger.info("KV bucket %s with %d replica(s) refused (%s)", bucket, count, exc)
-    raise TransportError(f"cannot create KV bucket {bucket}; is JetStream enabled (-js)?")
+                    refused.append(f"{count} replica(s): {exc}")
+    raise TransportError(
+        f"cannot create KV bucket {bucket} ({'; '.join(refused)}); is JetStream enabled (-js)?"
+    )
