@@ -84,10 +84,8 @@ class NatsDurable:
         """Where messages of ``type_name`` are stored."""
         return f"{self._prefix}{kind}.{safe_name(type_name)}"
 
-    def stream(self, kind: QueueKind) -> str:
-        return self._streams[kind]
-
     def consumer_name(self, queue: Queue) -> str:
+        """The durable consumer that ``queue``'s group shares."""
         if queue.kind == "cmd":
             return f"cmd_{safe_name(queue.type_name)}"
         return f"evt_{safe_name(queue.group)}_{safe_name(queue.type_name)}"
