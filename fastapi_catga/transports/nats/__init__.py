@@ -6,6 +6,8 @@
 - `transport`: messaging over core NATS (request/reply, publish, queue groups).
 - `connection`: the nats-py client: connects, reconnects forever, tells listeners when it is up.
 - `membership`: the membership store, a JetStream KV bucket ``catga_<cluster>``.
+- `durable`: the durable store (queues, leases, done records, dead letters) on JetStream, with
+  `pull` (its consumers), `leases`, `dead_letters` and `streams` (what they share).
 - `errors`: how nats-py's errors become ours, in one table.
 """
 

@@ -33,6 +33,7 @@ from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver,
 from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, Reply
 from fastapi_catga.transports.durable import DurableStore
 from fastapi_catga.transports.nats.connection import NatsConnection
+from fastapi_catga.transports.nats.durable import NatsDurable
 from fastapi_catga.transports.nats.errors import NatsErrors
 from fastapi_catga.transports.nats.membership import NatsMembers
 
@@ -117,6 +118,7 @@ class NatsTransport:
         self.connect_timeout = connect_timeout
         self._prefix = f"catga.{cluster}."
         self._members = NatsMembers(self._connection, cluster)
+        self._durable = NatsDurable(self._connection, cluster, lambda: self.max_payload)
         self._subscriptions: set[_Subscription] = set()
         self._inbox = ""  # "_INBOX.<unique>.": replies to this connection's requests
         self._pending: PendingReplies[Msg] = PendingReplies()
@@ -146,6 +148,11 @@ class NatsTransport:
     def members(self) -> NatsMembers:
         """The membership store in the KV bucket ``catga_<cluster>``."""
         return self._members
+
+    @property
+    def durable(self) -> NatsDurable:
+        """Durable queues on JetStream streams, leases and done records in a KV bucket, dead letters."""
+        return self._durable
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         """Call ``listener(False)`` at a disconnect and ``listener(True)`` once reconnected."""
@@ -197,6 +204,7 @@ class NatsTransport:
             TransportError(f"lost the NATS connection ({where}) while waiting for a reply")
         )
         await self._members.stop_watches()
+        self._durable.connection_lost()
 
     # -- messaging ------------------------------------------------------------------------------
 

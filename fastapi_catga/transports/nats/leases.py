@@ -1,0 +1,165 @@
+"""`NatsLeases`: leases and done records in the KV bucket ``catga_<cluster>_done``.
+
+- ``lease.<key>`` holds ``{"holder": ..., "until": <UNIX time>}``. The expiry is in the value, not a
+  per-key TTL: nats-server 2.9 has none, and a lease renewed by an update could not carry one.
+  Every change is a compare-and-set on the key's revision (``Nats-Expected-Last-Subject-Sequence``),
+  so two nodes never both take, renew or commit one lease.
+- ``done.<key>`` holds the encoded result; created only if absent, while the lease is ours. It
+  expires with the bucket's max age (the dedup window: the only expiry on 2.9), and after ``ttl``
+  by a per-key TTL where the bucket allows them (made by 2.11+).
+
+Keys are written in the bucket's alphabet: ``[A-Za-z0-9_-]`` as is, any other byte as ``=XX``
+(``workers:m1`` -> ``lease.workers=3Am1``). Reads and writes go to the stream leader (no direct
+get), so a node reads the lease another node just wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import string
+from collections.abc import Callable
+
+import nats.js.errors
+
+from fastapi_catga.transports.nats.connection import NatsConnection
+from fastapi_catga.transports.nats.errors import NatsErrors
+from fastapi_catga.transports.nats.streams import open_bucket
+
+__all__ = ["NatsLeases", "kv_key"]
+
+logger = logging.getLogger(__name__)
+
+_PLAIN = frozenset(string.ascii_letters + string.digits + "_-")
+_WRONG_LAST = (10071, 10164)  # JSStreamWrongLastSequenceErr(F), JSStreamWrongLastSequenceConstantErr
+_STREAM_NOT_FOUND = 10059
+_REMOVED = ("DEL", "PURGE")
+
+
+def kv_key(key: str) -> str:
+    """``key`` in the KV alphabet, one to one: ``=`` starts an escaped byte and is escaped itself."""
+    return "".join(c if c in _PLAIN else "".join(f"={b:02X}" for b in c.encode()) for c in key) or "="
+
+
+def _lease(value: bytes) -> tuple[str, float]:
+    """(holder, until) of a lease record; one that cannot be read has expired."""
+    try:
+        record = json.loads(value)
+        return str(record["holder"]), float(record["until"])
+    except (ValueError, TypeError, KeyError):
+        return "", 0.0
+
+
+class NatsLeases:
+    """Leases and done records of one cluster (see the module)."""
+
+    def __init__(self, connection: NatsConnection, cluster: str, clock: Callable[[], float]) -> None:
+        self._connection = connection
+        self._clock = clock
+        self.bucket = f"catga_{cluster}_done"
+        self._stream = f"KV_{self.bucket}"
+        self._prefix = f"$KV.{self.bucket}."
+        self._per_key_ttl = False
+
+    async def prepare(self, window: float) -> None:
+        seconds = max(1, math.ceil(window))
+        kv = await open_bucket(self._connection, self.bucket, seconds)
+        with NatsErrors(f"preparing KV bucket {self.bucket}"):
+            config = (await kv.status()).stream_info.config
+        self._per_key_ttl = bool(config.allow_msg_ttl)  # not on 2.9, nor on a bucket 2.9 made
+        if config.max_age != seconds:
+            logger.warning(
+                "KV bucket %s keeps done records %s s, not %s s: it was made with another dedup window "
+                "(`nats kv del %s` lets the next start make it anew)",
+                self.bucket, config.max_age, seconds, self.bucket,
+            )  # fmt: skip
+
+    async def done(self, key: str) -> bytes | None:
+        return (await self._read(f"done.{kv_key(key)}"))[0]
+
+    async def claim(self, key: str, holder: str, ttl: float) -> bool:
+        name, record = f"lease.{kv_key(key)}", self._record(holder, ttl)
+        if await self._write(name, record, last=0) is not None:
+            return True  # nobody had it: the usual case, one round trip
+        value, revision = await self._read(name)
+        if value is not None:
+            other, until = _lease(value)
+            if other != holder and until > self._clock():
+                return False
+        return await self._write(name, record, last=revision) is not None
+
+    async def renew(self, key: str, holder: str, ttl: float) -> bool:
+        name = f"lease.{kv_key(key)}"
+        held = await self._held(name, holder)
+        return (
+            held is not None and await self._write(name, self._record(holder, ttl), last=held[1]) is not None
+        )
+
+    async def release(self, key: str, holder: str) -> None:
+        name = f"lease.{kv_key(key)}"
+        value, revision = await self._read(name)
+        if value is not None and _lease(value)[0] == holder:
+            await self._write(name, b"", last=revision, delete=True)
+
+    async def commit(self, key: str, holder: str, result: bytes, ttl: float) -> bool:
+        lease, done = f"lease.{kv_key(key)}", f"done.{kv_key(key)}"
+        held = await self._held(lease, holder)
+        if held is None:
+            return False
+        # Rewrite the lease at the revision just read: it succeeds only if nobody took it meanwhile.
+        fence = await self._write(lease, held[0], last=held[1])
+        if fence is None or not await self._create(done, result, ttl):
+            return False
+        await self._write(lease, b"", last=fence, delete=True)
+        return True
+
+    # -- records ---------------------------------------------------------------------------------------
+
+    def _record(self, holder: str, ttl: float) -> bytes:
+        return json.dumps({"holder": holder, "until": self._clock() + ttl}).encode()
+
+    async def _held(self, name: str, holder: str) -> tuple[bytes, int] | None:
+        """The lease record and its revision if ``holder`` holds it now, else None."""
+        value, revision = await self._read(name)
+        if value is None:
+            return None
+        other, until = _lease(value)
+        return (value, revision) if other == holder and until > self._clock() else None
+
+    async def _create(self, name: str, value: bytes, ttl: float) -> bool:
+        if await self._write(name, value, last=0, ttl=ttl) is not None:
+            return True
+        existing, revision = await self._read(name)  # a delete marker (`nats kv del`) counts as absent
+        return existing is None and await self._write(name, value, last=revision, ttl=ttl) is not None
+
+    async def _read(self, name: str) -> tuple[bytes | None, int]:
+        """The key's value (None: absent or deleted) and revision (0: no message at all)."""
+        js = self._connection.live()[1]
+        with NatsErrors(f"KV get {self.bucket}.{name}"):
+            try:
+                msg = await js.get_last_msg(self._stream, self._prefix + name)
+            except nats.js.errors.NotFoundError as exc:
+                if exc.err_code == _STREAM_NOT_FOUND:
+                    raise
+                return None, 0
+        removed = msg.headers is not None and msg.headers.get("KV-Operation") in _REMOVED
+        return (None if removed else msg.data or b""), msg.seq or 0
+
+    async def _write(
+        self, name: str, value: bytes, *, last: int, ttl: float | None = None, delete: bool = False
+    ) -> int | None:
+        """Write if the key's revision is still ``last`` (0: no message); the new revision, or None."""
+        js = self._connection.live()[1]
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(last)}
+        if delete:
+            headers["KV-Operation"] = "DEL"
+        msg_ttl = max(1, math.ceil(ttl)) if ttl is not None and self._per_key_ttl else None
+        with NatsErrors(f"KV write {self.bucket}.{name}"):
+            try:
+                ack = await js.publish(self._prefix + name, value, headers=headers, msg_ttl=msg_ttl)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code in _WRONG_LAST:
+                    return None
+                raise
+        return ack.seq
