@@ -6,7 +6,8 @@ Keys, all under the hash tag ``{<cluster>}`` (one slot: Lua may touch them toget
   (everything already queued); an entry is deleted when acked or dropped, so nothing trims it.
 - ``catga:{c}:dur:evt:<type>``: an event stream, a group per handler, created at ``$`` (events
   from now on). Entries are shared by the groups, so none is deleted on ack: each XADD trims the
-  stream by age (``MINID ~`` now - retention), never by length, which would drop unread entries.
+  stream by age (``MINID ~`` now - retention), never by length, which would drop unread entries
+  at any age; an event no group read within the retention is gone (pending ones are acked away).
 - ``catga:{c}:dur:hold:<kind>:<type>:<group>``: entries handed back for longer than the lease.
 - ``catga:{c}:dur:lease:<key>``, ``catga:{c}:dur:done:<key>``: leases and done records, PX TTLs.
 - ``catga:{c}:dur:dlq`` (hash: id -> record) and ``catga:{c}:dur:dlq:order`` (ids by time added).

@@ -115,6 +115,8 @@ class RedisDurableConsumer:
                         block = 0.0 if got else min(deadline - loop.time(), RECLAIM_EVERY)
                         got += await self._read(limit - len(got), block)
                 except TransportError as exc:
+                    if got:  # reclaimed (and counted) already: theirs; the read fails again next time
+                        return got
                     if not _nogroup(exc):
                         raise
                     self._lost_group(exc)
