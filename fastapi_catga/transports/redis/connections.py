@@ -1,4 +1,5 @@
-"""The transport's connections to Redis: a pool for membership commands, two private ones for pub/sub."""
+"""The transport's connections to Redis: a pool for membership commands, two private ones for pub/sub,
+and for durable queues a pool without retries plus a private connection per blocking reader."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
 
-__all__ = ["command_pool", "private_connection", "reopen"]
+__all__ = ["command_pool", "once_pool", "private_connection", "reopen"]
 
 
 def command_pool(
@@ -37,6 +38,20 @@ def command_pool(
         )
     except ValueError as exc:
         raise ConfigurationError(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
+
+
+def once_pool(
+    pool: BlockingConnectionPool, *, max_connections: int, timeout: float
+) -> BlockingConnectionPool:
+    """A pool to ``pool``'s server whose commands redis-py never sends twice.
+
+    An XADD repeated after a lost reply appends the message twice, and a repeated Lua script can
+    answer for a state its first run made: such commands fail once, with the caller told so.
+    """
+    kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0), "retry_on_error": []}
+    return BlockingConnectionPool(
+        max_connections=max_connections, timeout=timeout, connection_class=pool.connection_class, **kwargs
+    )
 
 
 def private_connection(pool: BlockingConnectionPool) -> AbstractConnection:

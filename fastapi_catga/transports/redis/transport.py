@@ -7,7 +7,8 @@ answering 0 means nobody listens: `NoResponderError` at once.
 
 Two private connections carry the messaging, each owned by one task: the `ChannelReader` holds
 every subscription, the `PublishWriter` sends every ``PUBLISH``. Membership commands
-(`RedisMembers`) take a connection from a pool.
+(`RedisMembers`) take a connection from a pool; durable queues (`RedisDurable`, Redis Streams) have
+a pool of their own without retries, and a connection per blocking reader.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver, frame
 from fastapi_catga.transports.base import ConnectionListener, ConnectionState, Delivery, DeliveryCallback
-from fastapi_catga.transports.durable import DurableStore
 from fastapi_catga.transports.redis.connections import command_pool, private_connection
+from fastapi_catga.transports.redis.durable import RedisDurable
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason, redis_errors
 from fastapi_catga.transports.redis.membership import RedisMembers
 from fastapi_catga.transports.redis.reader import ChannelReader
@@ -104,6 +105,14 @@ class RedisTransport:
         )
         self._state = ConnectionState()
         self._members = RedisMembers(Redis(connection_pool=self._pool), cluster, self._command)
+        self._durable = RedisDurable(
+            self._pool,
+            cluster,
+            self._command,
+            max_payload=max_payload,
+            max_connections=max_connections,
+            timeout=connect_timeout,
+        )
         self._prefix = f"catga:{cluster}:"
         self._inbox = f"{self._prefix}reply.{uuid.uuid4().hex}"
         self._internal: dict[bytes, Callable[[Envelope], None]] = {
@@ -133,9 +142,9 @@ class RedisTransport:
         return self._members
 
     @property
-    def durable(self) -> DurableStore:
-        """Durable queues on Redis: not built yet."""
-        raise ConfigurationError("durable delivery over Redis is not built yet")
+    def durable(self) -> RedisDurable:
+        """Durable queues (Redis Streams), leases, done records and dead letters, namespaced by cluster."""
+        return self._durable
 
     @property
     def bad_frames(self) -> int:
@@ -156,10 +165,11 @@ class RedisTransport:
             state = "closed" if self._state.closed else "not connected, or reconnecting"
             raise TransportError(f"Redis transport for {self._where} is {state}")
 
-    def _command(self, what: str) -> AbstractAsyncContextManager[None]:
-        """Check the connection, then bound the block by the command timeout and translate errors."""
+    def _command(self, what: str, extra: float = 0.0) -> AbstractAsyncContextManager[None]:
+        """Check the connection, then bound the block by the command timeout (plus ``extra`` seconds,
+        for a blocking read) and translate errors."""
         self._check()
-        return redis_errors(what, self._where, self._timeout)
+        return redis_errors(what, self._where, self._timeout + extra)
 
     async def connect(self) -> None:
         """Connect, subscribe the reply and membership channels, start the reader and writer tasks.
@@ -193,6 +203,7 @@ class RedisTransport:
         self._lost(error)
         await self._writer.aclose(error)
         await self._reader.aclose()
+        await self._durable.aclose()
         await self._pool.aclose()
 
     def _lost(self, error: TransportError) -> None:
@@ -204,6 +215,7 @@ class RedisTransport:
 
     def _on_lost(self) -> None:
         self._writer.mark_stale()
+        self._durable.mark_stale()
         self._lost(TransportError(f"lost the connection to Redis at {self._where}"))
 
     # -- subscriptions --------------------------------------------------------------------------------
