@@ -75,7 +75,7 @@ class DurableClient:
             envelope.headers[REPLY_NODE] = self._node_id
         kind: QueueKind = "evt" if isinstance(message, Event) else "cmd"
         stored = await self._transport.durable.append(
-            kind, message.type_name, envelope, dedup_id=message.message_id
+            kind, message.type_name, envelope, dedup_id=dedup_id or message.message_id
         )
         return Accepted(message.message_id, stored.duplicate)
 
@@ -100,9 +100,10 @@ class DurableClient:
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._waiting[message.message_id] = future
         try:
-            if (await self._append(message, wait=True)).duplicate and await self._transport.durable.done(
-                key
-            ) is None:
+            if (await self._append(message, wait=True)).duplicate:
+                done = await self._transport.durable.done(key)
+                if done is not None:  # a re-send of a finished command: its stored outcome
+                    return decode_reply(Envelope({STATUS: "ok"}, done), type(message).result_adapter())
                 # The broker remembers this id, yet no outcome is on record: the first run's record
                 # expired, or the first append still waits in the queue. Queue it again; if the
                 # first is still there, whichever runs second finds the other's done record.
