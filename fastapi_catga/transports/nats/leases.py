@@ -5,8 +5,9 @@
   Every change is a compare-and-set on the key's revision (``Nats-Expected-Last-Subject-Sequence``),
   so two nodes never both take, renew or commit one lease.
 - ``done.<key>`` holds the encoded result; created only if absent, while the lease is ours. It
-  expires with the bucket's max age (the dedup window: the only expiry on 2.9), and after ``ttl``
-  by a per-key TTL where the bucket allows them (made by 2.11+).
+  expires after ``ttl``: a ``Catga-Until`` header says when (read as absent after that, and
+  overwritten by the next commit: the only per-record expiry on 2.9), a per-key TTL removes it
+  where the bucket allows them (made by 2.11+), and the bucket's max age removes it at the latest.
 
 Keys are written in the bucket's alphabet: ``[A-Za-z0-9_-]`` as is, any other byte as ``=XX``
 (``workers:m1`` -> ``lease.workers=3Am1``). Reads and writes go to the stream leader (no direct
@@ -35,6 +36,7 @@ _PLAIN = frozenset(string.ascii_letters + string.digits + "_-")
 _WRONG_LAST = (10071, 10164)  # JSStreamWrongLastSequenceErr(F), JSStreamWrongLastSequenceConstantErr
 _STREAM_NOT_FOUND = 10059
 _REMOVED = ("DEL", "PURGE")
+_UNTIL = "Catga-Until"  # a done record's end, UNIX seconds
 
 
 def kv_key(key: str) -> str:
@@ -49,6 +51,14 @@ def _lease(value: bytes) -> tuple[str, float]:
         return str(record["holder"]), float(record["until"])
     except (ValueError, TypeError, KeyError):
         return "", 0.0
+
+
+def _until(value: str | None) -> float:
+    """A done record's end; no header (or an unreadable one) never ends it here."""
+    try:
+        return float(value) if value is not None else math.inf
+    except ValueError:
+        return math.inf
 
 
 class NatsLeases:
@@ -143,8 +153,10 @@ class NatsLeases:
                 if exc.err_code == _STREAM_NOT_FOUND:
                     raise
                 return None, 0
-        removed = msg.headers is not None and msg.headers.get("KV-Operation") in _REMOVED
-        return (None if removed else msg.data or b""), msg.seq or 0
+        headers = msg.headers or {}
+        removed = headers.get("KV-Operation") in _REMOVED
+        expired = _until(headers.get(_UNTIL)) <= self._clock()
+        return (None if removed or expired else msg.data or b""), msg.seq or 0
 
     async def _write(
         self, name: str, value: bytes, *, last: int, ttl: float | None = None, delete: bool = False
@@ -154,6 +166,8 @@ class NatsLeases:
         headers = {"Nats-Expected-Last-Subject-Sequence": str(last)}
         if delete:
             headers["KV-Operation"] = "DEL"
+        if ttl is not None:
+            headers[_UNTIL] = repr(self._clock() + ttl)
         msg_ttl = max(1, math.ceil(ttl)) if ttl is not None and self._per_key_ttl else None
         with NatsErrors(f"KV write {self.bucket}.{name}"):
             try:
