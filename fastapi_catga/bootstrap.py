@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from fastapi_catga._version import __version__
 from fastapi_catga.cluster.node import ClusterNode
+from fastapi_catga.core.behaviors import IdempotencyBehavior
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.handlers import HandlerRegistry, HandlerSource
 from fastapi_catga.core.mediator import Mediator
@@ -71,8 +72,12 @@ def build(
         handlers = settings.handler_modules
     registry = HandlerRegistry.from_declared() if handlers is None else HandlerRegistry.from_sources(handlers)
     dispatcher = LocalDispatcher(registry, behaviors, settings.node_id, expose_errors=settings.expose_errors)
+    transport = transport or create_transport(settings)
+    for behavior in behaviors:
+        if isinstance(behavior, IdempotencyBehavior):
+            behavior.share(transport.durable, settings.node_id)
     node = ClusterNode(
-        transport or create_transport(settings),
+        transport,
         dispatcher,
         settings,
         version=__version__,

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from fastapi_catga.core.messages import Message
+from fastapi_catga.core.messages import Message, Request
 from fastapi_catga.core.pipeline import CallNext
 from fastapi_catga.exceptions import CatgaError, RequestTimeoutError
 
-__all__ = ["IdempotencyBehavior", "LoggingBehavior", "RetryBehavior", "TimeoutBehavior", "is_retryable"]
+__all__ = [
+    "DoneRecords",
+    "IdempotencyBehavior",
+    "LoggingBehavior",
+    "RetryBehavior",
+    "TimeoutBehavior",
+    "is_retryable",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +116,27 @@ class RetryBehavior:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+class DoneRecords(Protocol):
+    """Cluster-wide done records and leases (a transport's ``durable`` store is one)."""
+
+    async def done(self, key: str) -> bytes | None: ...
+
+    async def claim(self, key: str, holder: str, ttl: float) -> bool: ...
+
+    async def release(self, key: str, holder: str) -> None: ...
+
+    async def commit(self, key: str, holder: str, result: bytes, ttl: float) -> bool: ...
+
+
 class IdempotencyBehavior:
-    """Runs a handler at most once per message id within ``window`` seconds.
+    """Runs a handler at most once per message id within ``window`` seconds, across the cluster.
 
     A duplicate gets the first run's result without running the handler again; a duplicate that
     arrives while the first run is still going waits for it. A run that raised is forgotten, so a
-    retry can succeed. Remembers at most ``max_entries`` ids, oldest dropped first.
+    retry can succeed. In a running node the first run's result is kept as a done record on the
+    broker, so a duplicate handled by another node is answered from it too (a run that outlasts
+    ``lease`` seconds may be started again elsewhere). In this process, at most ``max_entries``
+    ids are remembered, oldest dropped first.
     """
 
     def __init__(
@@ -120,11 +144,19 @@ class IdempotencyBehavior:
         window: float = 120.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        lease: float = 30.0,
     ) -> None:
         self._window = window
         self._max_entries = max_entries
         self._clock = clock
+        self._lease = lease
         self._seen: OrderedDict[tuple[str, str], tuple[float, asyncio.Future[Any]]] = OrderedDict()
+        self._records: DoneRecords | None = None
+        self._holder = ""
+
+    def share(self, records: DoneRecords, holder: str) -> None:
+        """Keep results in the cluster's done records (the node does this at start-up)."""
+        self._records, self._holder = records, holder
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any:
         key = (message.type_name, message.message_id)
@@ -143,7 +175,9 @@ class IdempotencyBehavior:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._seen[key] = (now, future)
         try:
-            result = await call_next()
+            result = await (
+                call_next() if self._records is None else self._once_in_cluster(message, call_next)
+            )
         except asyncio.CancelledError:
             self._seen.pop(key, None)
             future.cancel()
@@ -154,6 +188,28 @@ class IdempotencyBehavior:
             future.exception()  # mark retrieved: waiters re-raise it, nobody else needs to
             raise
         future.set_result(result)
+        return result
+
+    async def _once_in_cluster(self, message: Message, call_next: CallNext) -> Any:
+        records, holder = self._records, f"{self._holder}:{os.urandom(6).hex()}"  # this run's own claim
+        assert records is not None
+        key = f"idempotency:{message.type_name}:{message.message_id}"
+        adapter = type(message).result_adapter() if isinstance(message, Request) else None
+        while True:
+            done = await records.done(key)
+            if done is not None:
+                return None if adapter is None else adapter.validate_json(done)
+            if await records.claim(key, holder, self._lease):
+                break
+            await asyncio.sleep(0.05)  # another node runs it now: wait for its record, or its lease
+        try:
+            result = await call_next()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(records.release(key, holder))
+            raise
+        encoded = b"null" if adapter is None else adapter.dump_json(result)
+        await records.commit(key, holder, encoded, self._window)
         return result
 
     def _expire(self, now: float) -> None:

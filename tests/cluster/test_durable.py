@@ -294,3 +294,43 @@ def test_enqueue_and_send_to_node_refuse_what_they_cannot_do() -> None:
         await a.stop()
 
     run_virtual(scenario())
+
+
+def test_the_idempotency_behavior_runs_a_handler_once_per_id_across_nodes() -> None:
+    from fastapi_catga import IdempotencyBehavior, Query
+
+    class Quote(Query[int]):
+        pass
+
+    async def quote(query: Quote) -> int:
+        runs[query.message_id] += 1
+        await asyncio.sleep(0.5)
+        return 42
+
+    quote.__annotations__["query"] = Quote
+    handler(quote)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        nodes = [
+            build(
+                CatgaSettings(node_id=name, heartbeat_interval=1, node_ttl=3),
+                handlers=[quote],
+                behaviors=[IdempotencyBehavior(window=60)],
+                transport=InMemoryTransport(broker),
+                clock=loop.time,
+                wall_clock=lambda: EPOCH + loop.time(),
+            )
+            for name in ("a", "b")
+        ]
+        for catga in nodes:
+            await catga.start()
+        query = Quote()
+        answers = await asyncio.gather(*(n.mediator.send_to_node(query, n.node.node_id) for n in nodes))
+        assert answers == [42, 42]
+        assert runs[query.message_id] == 1, "the second node answered from the first one's record"
+        for catga in nodes:
+            await catga.stop()
+
+    run_virtual(scenario())
