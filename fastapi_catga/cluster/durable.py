@@ -246,9 +246,16 @@ class DurableRunner:
             await self._dead_letter(work, delivery, "attempts", error, message.message_id)
             return
         holder, lease = self._settings.node_id, work.policy.lease
-        if not await self.store.claim(key, holder, lease):
-            await delivery.retry(lease)  # another live node runs it now
-            return
+        while not await self.store.claim(key, holder, lease):
+            # Another node runs this message id now (a second copy of it, or a redelivery while its
+            # holder lives). Hold this delivery, without counting an attempt, until that run commits
+            # (then this copy is done) or its lease lapses (then it is ours).
+            if (done := await self.store.done(key)) is not None:
+                await delivery.ack()
+                await self._answer(envelope, Envelope({STATUS: "ok", NODE: holder}, done))
+                return
+            await delivery.keep_alive()
+            await asyncio.sleep(min(1.0, lease / 3))
         keeper = asyncio.get_running_loop().create_task(self._keep(key, delivery, lease))
         try:
             result = await work.run(message)

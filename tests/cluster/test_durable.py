@@ -334,3 +334,55 @@ def test_the_idempotency_behavior_runs_a_handler_once_per_id_across_nodes() -> N
             await catga.stop()
 
     run_virtual(scenario())
+
+
+def test_an_undecodable_durable_message_is_dead_lettered_as_invalid_without_running() -> None:
+    from fastapi_catga.core.envelope import MESSAGE_ID, MESSAGE_TYPE, Envelope
+
+    async def scenario() -> None:
+        _, (a,) = await cluster("a")
+        store = a.node.transport.durable
+        await store.append(
+            "cmd",
+            "Charge",
+            Envelope({MESSAGE_TYPE: "Charge", MESSAGE_ID: "bad-1"}, b"{not json"),
+            dedup_id="bad-1",
+        )
+        await store.append(
+            "cmd",
+            "Charge",
+            Envelope({MESSAGE_TYPE: "Shipped", MESSAGE_ID: "bad-2"}, b'{"order": "x"}'),
+            dedup_id="bad-2",
+        )
+        await asyncio.sleep(2)
+        letters = {letter.message_id: letter for letter in await a.mediator.dead_letters.list()}
+        assert {letters["bad-1"].reason, letters["bad-2"].reason} == {"invalid"}
+        assert letters["bad-1"].error_type == "MessageValidationError"
+        assert runs == Counter()
+        await a.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_message_whose_lease_another_node_holds_waits_and_one_run_commits() -> None:
+    async def scenario() -> None:
+        _, (a,) = await cluster("a")
+        store = a.node.transport.durable
+        command = Charge(amount=3)
+        assert await store.claim(f"workers:{command.message_id}", "someone-else", 5.0)
+        accepted = await a.mediator.enqueue(command)
+        await asyncio.sleep(1)
+        assert runs[accepted.message_id] == 0, "not while another node holds it"
+        await asyncio.sleep(10)  # the other's lease ran out, and the delivery came back
+        assert effects[accepted.message_id] == 1
+        await a.stop()
+
+    run_virtual(scenario())
+
+
+def test_durable_options_are_checked() -> None:
+    for bad in ({"attempts": 0}, {"backoff": ()}, {"backoff": (-1.0,)}, {"lease": 0}, {"dedup_window": -5}):
+        with pytest.raises(ValueError, match="Durable"):
+            Durable(**bad)
+    with pytest.raises(ValueError, match="delays"):
+        CatgaSettings(durable_backoff="1,-2")
