@@ -1,9 +1,14 @@
 """The answering side of the cluster benchmark, one process per responder.
 
-    python -m benchmarks._responder --kind catga|raw|raw-awaited|faststream --broker nats|redis --url URL
+    python -m benchmarks._responder --kind catga|catga-durable|raw|raw-awaited|faststream \
+        --broker nats|redis --url URL
 
 Prints ``ready`` once it serves, and serves until SIGTERM (or SIGINT). FastStream runs with
 ``logger=None`` (no log line per message), as catga runs without its LoggingBehavior.
+
+``catga-durable`` (for ``bench_durable``) is a catga node handling the plain `Echo` and the durable
+`DurableEcho`: its durable worker fetches ``DurableEcho`` commands from the broker's queue. Nothing
+handles `DurableJob` or `DurableNoted`: they are only stored.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import signal
 import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import ClassVar
 
 from pydantic import BaseModel
 
 from benchmarks import _raw
-from benchmarks._common import CATGA_CLUSTER, FS_REPLY, LOOPS, RAW_REPLY, echo, run
+from benchmarks._common import CATGA_CLUSTER, FS_REPLY, LOOPS, RAW_REPLY, REPLY_TEXT, echo, run
+from fastapi_catga import Command, Durable, Event
 
 FS_SUBJECT = "bench.fs.echo"
 
@@ -31,14 +38,46 @@ class FsEcho(BaseModel):
     data: str
 
 
-async def serve_catga(stack: AsyncExitStack, broker: str, url: str) -> None:
+class DurableEcho(Command[str]):
+    """`Echo` made durable: stored on the broker, run by a worker of a node that handles it."""
+
+    type_name = "bench.DurableEcho"
+    durable: ClassVar[Durable | bool] = True
+
+    data: str
+
+
+class DurableJob(Command[str]):
+    """A durable command no node handles: ``enqueue`` only stores it."""
+
+    type_name = "bench.DurableJob"
+    durable: ClassVar[Durable | bool] = True
+
+    data: str
+
+
+class DurableNoted(Event):
+    """A durable event no node handles: ``publish`` only stores it."""
+
+    type_name = "bench.DurableNoted"
+    durable: ClassVar[Durable | bool] = True
+
+    data: str
+
+
+async def durable_echo(command: DurableEcho) -> str:
+    """The durable handler: returns a constant, as `echo` does."""
+    return REPLY_TEXT
+
+
+async def serve_catga(stack: AsyncExitStack, broker: str, url: str, *, durable: bool = False) -> None:
     from fastapi_catga import CatgaSettings, build
 
     if broker == "nats":
         settings = CatgaSettings(transport="nats", nats_url=url, cluster=CATGA_CLUSTER, node_id=_node_id())
     else:
         settings = CatgaSettings(transport="redis", redis_url=url, cluster=CATGA_CLUSTER, node_id=_node_id())
-    catga = build(settings, handlers=[echo])
+    catga = build(settings, handlers=[echo, durable_echo] if durable else [echo])
     await catga.start()
     stack.push_async_callback(catga.stop)
 
@@ -128,8 +167,8 @@ async def main(kind: str, broker: str, url: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
-        if kind == "catga":
-            await serve_catga(stack, broker, url)
+        if kind in ("catga", "catga-durable"):
+            await serve_catga(stack, broker, url, durable=kind == "catga-durable")
         elif kind == "faststream":
             await serve_faststream(stack, broker, url)
         elif broker == "nats":
@@ -145,7 +184,9 @@ async def main(kind: str, broker: str, url: str) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--kind", choices=("catga", "raw", "raw-awaited", "faststream"), required=True)
+    parser.add_argument(
+        "--kind", choices=("catga", "catga-durable", "raw", "raw-awaited", "faststream"), required=True
+    )
     parser.add_argument("--broker", choices=("nats", "redis"), required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--loop", choices=LOOPS, default="asyncio")
