@@ -61,6 +61,8 @@ class LocalDispatcher:
             message_type.type_name: message_type for message_type in [*self.requests, *self._events]
         }
         self._log_limit = LogLimiter()
+        #: Per request type, the class a result can be as it is (its exact instances pass unchecked).
+        self.exact_results: dict[type[Message], type] = {}
         #: Per request type, the check of a handler's result against the declared type.
         self.result_checks = self._result_checks()
 
@@ -128,6 +130,8 @@ class LocalDispatcher:
             adapter = message_type.result_adapter()
             declared = adapter.core_schema.get("cls") if adapter.core_schema["type"] == "model" else None
             exact = declared or _PLAIN.get(adapter.core_schema["type"])
+            if exact is not None:
+                self.exact_results[message_type] = exact
             if adapter.core_schema["type"] != "any":
                 checks[message_type] = _checker(adapter, exact, self.node_id)
         return checks

@@ -65,6 +65,7 @@ class Mediator:
         self._cluster = cluster
         self._local = cluster.local_routes  # kept current by the cluster as nodes come and go
         self._checks = dispatcher.result_checks
+        self._exact = dispatcher.exact_results
         self._timeout = cluster.request_timeout
 
     async def send(self, message: Request[R], *, timeout: float | None = None) -> R:
@@ -97,9 +98,11 @@ class Mediator:
         try:
             suspended_on = coro.send(None)
         except StopIteration as done:
+            result = done.value
+            if type(result) is self._exact.get(message.__class__):
+                return result
             check = self._checks.get(message.__class__)
-            result = done.value if check is None else check(message, done.value)
-            return result
+            return result if check is None else check(message, result)
         except Exception as exc:
             raise self._dispatcher.handler_error(exc, message) from exc
         budget = self._timeout if timeout is None else timeout
