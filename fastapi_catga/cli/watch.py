@@ -67,7 +67,7 @@ class Watcher:
             gap = (info.last_seen - old.info.last_seen).total_seconds()
             self._report("heartbeat", info, f"+{gap:.1f}s")
 
-    def delete(self, node_id: str, reason: str = "deregistered") -> None:
+    def delete(self, node_id: str, reason: str = "record removed") -> None:
         old = self.known.pop(node_id, None)
         if old is not None:
             self._report("leave", old.info, reason)

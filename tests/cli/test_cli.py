@@ -58,7 +58,7 @@ async def test_watch_sees_a_join_and_a_leave_as_json_lines(broker: Broker, nodes
         await lines.until(lambda line: '"heartbeat"' in line and '"beta"' in line)
         await nodes.stop("beta")
         left = json.loads(await lines.until(lambda line: '"leave"' in line))
-        assert left["node_id"] == "beta" and left["reason"] == "deregistered"
+        assert left["node_id"] == "beta" and left["reason"] == "record removed"
         assert all(json.loads(line)["event"] != "leave" for line in lines.seen[:-1])
     finally:
         process.send_signal(2)  # Ctrl-C: the normal end of a watch
