@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -64,6 +65,19 @@ async def test_watch_sees_a_join_and_a_leave_as_json_lines(broker: Broker, nodes
         process.send_signal(2)  # Ctrl-C: the normal end of a watch
         await process.wait()
     assert process.returncode == 0
+
+
+async def test_watch_ends_with_3_when_the_broker_goes_away(broker: Broker, nodes: Nodes) -> None:
+    await nodes.start("alpha")
+    process = await spawn("watch", "--json", env=broker.env)
+    lines = Lines(process)
+    await lines.until(lambda line: '"present"' in line)
+    await nodes.stop("alpha")
+    broker.server.stop()
+    assert process.stderr is not None
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 3
+    assert "the broker" in err.decode()
 
 
 async def test_send_prints_the_result_of_a_query(broker: Broker, nodes: Nodes) -> None:
