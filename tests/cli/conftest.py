@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import coverage
 import pytest
 
 from fastapi_catga import Catga, CatgaSettings, build
@@ -76,8 +77,16 @@ class Result:
 
 
 def cli_env(env: dict[str, str]) -> dict[str, str]:
-    """This process's environment without its CATGA_* variables, plus ``env``."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("CATGA_")}, **env}
+    """This process's environment without its CATGA_* variables, plus ``env``.
+
+    Under ``pytest --cov`` the CLI's process measures itself too: coverage starts in it from the
+    serialized configuration (parallel data files, which pytest-cov combines at the end).
+    """
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CATGA_")}
+    measuring = coverage.Coverage.current()
+    if measuring is not None:
+        base["COVERAGE_PROCESS_CONFIG"] = measuring.config.serialize()
+    return {**base, **env}
 
 
 async def spawn(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
