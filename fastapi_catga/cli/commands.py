@@ -121,6 +121,7 @@ async def members(ctx: Context, transport: Transport) -> list[NodeInfo]:
 
 
 def emit(text: str) -> None:
+    """Print a result to stdout at once (a watch's reader sees each line as it happens)."""
     print(text, flush=True)
 
 
@@ -204,6 +205,7 @@ async def dead_letters(ctx: Context, action: str, letter_id: str | None, limit: 
 
 
 def show_letter(ctx: Context, letter: DeadLetter, envelope: Envelope) -> None:
+    """A dead letter's fields, and the message it holds (its JSON body)."""
     try:
         body: Any = json.loads(envelope.body)
     except ValueError:

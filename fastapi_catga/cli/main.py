@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from fastapi_catga._version import __version__
 from fastapi_catga.cli.commands import Context, dead_letters, health, nodes
-from fastapi_catga.cli.exits import INTERRUPTED, OK, UNREACHABLE, USAGE, Exit, exit_for
+from fastapi_catga.cli.exits import FAILED, INTERRUPTED, OK, UNREACHABLE, USAGE, Exit, exit_for
 from fastapi_catga.cli.send import send
 from fastapi_catga.cli.watch import watch
 from fastapi_catga.exceptions import CatgaError, ConfigurationError
@@ -166,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exit_for(exc))
     except KeyboardInterrupt:
         return OK if args.command == "watch" else INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`catga watch | grep -m1 join`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit either
+        return OK if args.command == "watch" else FAILED
 
 
 def _fail(exc: Exit) -> int:

@@ -84,7 +84,11 @@ class Watcher:
     def _report(self, kind: str, info: NodeInfo, detail: str = "") -> None:
         now = datetime.now(UTC)
         if self._as_json:
-            line: dict[str, Any] = {"event": kind, "at": now.isoformat(), "node_id": info.node_id}
+            line: dict[str, Any] = {
+                "event": kind,
+                "at": f"{now:%Y-%m-%dT%H:%M:%S.%f}Z",
+                "node_id": info.node_id,
+            }
             if kind == "leave":
                 line["reason"] = detail
             line["node"] = info.model_dump(mode="json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -118,12 +119,14 @@ class Nodes:
 
     async def start(self, name: str) -> Catga:
         node = build(self._broker.settings(name), handlers=[handlers], behaviors=[NodeTag(name)])
-        await node.start()
+        async with asyncio.timeout(30):
+            await node.start()
         self.up[name] = node
         return node
 
     async def stop(self, name: str) -> None:
-        await self.up.pop(name).stop()
+        async with asyncio.timeout(30):
+            await self.up.pop(name).stop()
 
 
 @pytest.fixture
@@ -142,6 +145,12 @@ class Lines:
     process: asyncio.subprocess.Process
     seen: list[str] = field(default_factory=list)
 
+    async def interrupt(self) -> int:
+        """Ctrl-C, if it still runs; its exit code."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGINT)
+        return await asyncio.wait_for(self.process.wait(), 30)
+
     async def until(self, match: Callable[[str], bool], within: float = 15) -> str:
         """Read lines until one matches; return it."""
         assert self.process.stdout is not None
@@ -149,7 +158,11 @@ class Lines:
             while True:
                 line = (await self.process.stdout.readline()).decode()
                 if not line:
-                    raise AssertionError(f"the CLI ended before a matching line; it printed {self.seen}")
+                    assert self.process.stderr is not None
+                    err = (await self.process.stderr.read()).decode()
+                    raise AssertionError(
+                        f"the CLI ended before a matching line; it printed {self.seen}, {err}"
+                    )
                 self.seen.append(line.rstrip("\n"))
                 if match(line):
                     return line

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.cli.conftest import Broker, Lines, Nodes, catga, spawn
+from tests.cli.conftest import Broker, Lines, Nodes, catga, cli_env, spawn
 from tests.cli.handlers import Charge, charged, rejecting
 from tests.polling import eventually
 
@@ -62,9 +64,8 @@ async def test_watch_sees_a_join_and_a_leave_as_json_lines(broker: Broker, nodes
         assert left["node_id"] == "beta" and left["reason"] == "record removed"
         assert all(json.loads(line)["event"] != "leave" for line in lines.seen[:-1])
     finally:
-        process.send_signal(2)  # Ctrl-C: the normal end of a watch
-        await process.wait()
-    assert process.returncode == 0
+        code = await lines.interrupt()  # Ctrl-C: the normal end of a watch
+    assert code == 0
 
 
 async def test_watch_ends_with_3_when_the_broker_goes_away(broker: Broker, nodes: Nodes) -> None:
@@ -78,6 +79,21 @@ async def test_watch_ends_with_3_when_the_broker_goes_away(broker: Broker, nodes
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 3
     assert "the broker" in err.decode()
+
+
+async def test_a_watch_whose_reader_goes_away_ends_quietly(broker: Broker, nodes: Nodes) -> None:
+    await nodes.start("alpha")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastapi_catga", "watch", "--json"],
+        env=cli_env(broker.env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert '"present"' in (await asyncio.to_thread(process.stdout.readline)).decode()
+    process.stdout.close()  # `catga watch | grep -m1 ...`: the next heartbeat's line finds no reader
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    assert process.stderr.read() == b""
 
 
 async def test_send_prints_the_result_of_a_query(broker: Broker, nodes: Nodes) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 
@@ -47,9 +46,8 @@ async def test_nodes_lists_uvicorn_nodes_and_watch_sees_one_killed(broker: Broke
             expected = {"record expired"} if broker.kind == "redis" else {"record removed", "record expired"}
             assert left["reason"] in expected
         finally:
-            process.send_signal(signal.SIGINT)
-            await process.wait()
-        assert process.returncode == 0
+            code = await lines.interrupt()
+        assert code == 0
         assert "proc-a" in (await catga("nodes", env=broker.env)).out
     finally:
         for app in apps:
