@@ -182,12 +182,10 @@ async def dead_letters(ctx: Context, action: str, letter_id: str | None, limit: 
             found = await within(ctx, letters.list(limit), "listing dead letters")
             if ctx.as_json:
                 emit(dumps([letter.model_dump(mode="json") for letter in found]))
+            elif found:
+                emit(table(LETTER_COLUMNS, dead_letter_rows(found)))
             else:
-                emit(
-                    table(LETTER_COLUMNS, dead_letter_rows(found))
-                    if found
-                    else f"no dead letters in {ctx.where}"
-                )
+                emit(f"no dead letters in {ctx.where}")
             return OK
         assert letter_id is not None
         if action == "get":
@@ -211,14 +209,8 @@ def show_letter(ctx: Context, letter: DeadLetter, envelope: Envelope) -> None:
     except ValueError:
         body = envelope.body.decode(errors="replace")
     record = {**letter.model_dump(mode="json"), "body": body}
-    if ctx.as_json:
-        emit(dumps(record))
-    else:
-        emit(
-            fields(
-                [
-                    (name, value if isinstance(value, str) else dumps(value, indent=None))
-                    for name, value in record.items()
-                ]
-            )
-        )
+    shown = [
+        (name, value if isinstance(value, str) else dumps(value, indent=None))
+        for name, value in record.items()
+    ]
+    emit(dumps(record) if ctx.as_json else fields(shown))

@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi_catga._version import __version__
@@ -44,6 +45,23 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
     return value
+
+
+def _matching(pattern: str, what: str) -> Callable[[str], str]:
+    """An argparse type: the text, if it is a whole match of ``pattern``."""
+
+    def check(text: str) -> str:
+        if not re.fullmatch(pattern, text):
+            raise argparse.ArgumentTypeError(f"{text!r} is no {what}")
+        return text
+
+    return check
+
+
+# What a node id and a wire type name may be (CatgaSettings.node_id, Message.type_name): anything
+# else would be no subject on the broker either.
+_node_id = _matching(r"[A-Za-z0-9_-]{1,64}", "node id ([A-Za-z0-9_-], at most 64)")
+_type_name = _matching(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", "type name ([A-Za-z0-9_-], dot-separated)")
 
 
 def _count(text: str) -> int:
@@ -105,9 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--for", dest="duration", type=_seconds, metavar="SECONDS", help="stop after SECONDS"
     )
     sending = add(commands, "send", "send a command or query by its wire type name and print its result")
-    sending.add_argument("type", metavar="TYPE", help="the message's type_name, e.g. PlaceOrder")
+    sending.add_argument(
+        "type", type=_type_name, metavar="TYPE", help="the message's type_name, e.g. PlaceOrder"
+    )
     sending.add_argument("body", metavar="JSON", help="""the message's fields, e.g. '{"sku": "apple"}'""")
-    sending.add_argument("--node", metavar="ID", help="run it on this node (default: one that handles TYPE)")
+    sending.add_argument(
+        "--node", type=_node_id, metavar="ID", help="run it on this node (default: one that handles TYPE)"
+    )
     sending.add_argument(
         "--timeout", type=_seconds, metavar="S", help="seconds to wait (CATGA_REQUEST_TIMEOUT)"
     )

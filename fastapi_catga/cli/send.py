@@ -126,8 +126,8 @@ def _show(ctx: Context, reply: Envelope, message_id: str) -> int:
             result: Any = json.loads(reply.body)
         except ValueError:
             result = reply.body.decode(errors="replace")
-        emit(dumps({"ok": True, "node": node, "message_id": message_id, "result": result}, indent=None)
-             if ctx.as_json else dumps(result))  # fmt: skip
+        answer = {"ok": True, "node": node, "message_id": message_id, "result": result}
+        emit(dumps(answer, indent=None) if ctx.as_json else dumps(result))
         return OK
     info = _error(reply)
     if ctx.as_json:

@@ -37,6 +37,13 @@ async def test_nodes_lists_the_live_members(broker: Broker, nodes: Nodes) -> Non
     assert records[0]["events"] == ["Noted"]
     assert {"endpoint", "last_seen", "started_at", "version", "metadata", "incarnation"} <= set(records[0])
 
+    elsewhere = await catga("nodes", "--cluster", "other", env=broker.env)
+    assert elsewhere.code == 0 and elsewhere.out.startswith("no live nodes in cluster 'other'")
+    url = f"--{broker.kind}-url"
+    by_options = await catga("--json", "nodes", "--transport", broker.kind, url, broker.server.url,
+                             "--cluster", "clitest", env={"CATGA_CLUSTER": "other"})  # fmt: skip
+    assert [record["node_id"] for record in by_options.json()] == ["alpha", "beta"]
+
 
 async def test_watch_prints_the_table_then_stops_after_its_time(broker: Broker, nodes: Nodes) -> None:
     await nodes.start("alpha")
@@ -246,6 +253,8 @@ async def _count(node: object) -> bool:
         ["send", "Greet"],
         ["send", "Greet", "not json"],
         ["send", "Greet", "[1]"],
+        ["send", "no spaces", "{}"],
+        ["send", "Greet", "{}", "--node", "a.b"],
         ["dead-letters"],
         ["dead-letters", "get"],
         ["dead-letters", "list", "--limit", "0"],
