@@ -34,7 +34,7 @@ def forbidden(path: Path) -> set[str]:
     parts = path.relative_to(PACKAGE).parts
     layer = parts[0] if len(parts) > 1 else path.stem
     banned = (set(WEB) if layer != "web" else set()) | (set(BROKERS) if layer != "transports" else set())
-    if layer in ("core", "transports", "cluster"):
+    if layer in ("core", "transports", "cluster", "cli"):  # the CLI is a broker client: no app, no node
         banned |= {"fastapi_catga.web", "fastapi_catga.bootstrap"}
     if layer == "core":
         banned |= {f"fastapi_catga.{name}" for name in UP}
@@ -44,7 +44,7 @@ def forbidden(path: Path) -> set[str]:
 @pytest.mark.parametrize("path", MODULES, ids=lambda path: str(path.relative_to(PACKAGE)))
 def test_no_layer_reaches_up(path: Path) -> None:
     names, banned = imports(path), forbidden(path)
-    if path.relative_to(PACKAGE).parts[0] in ("core", "transports", "cluster"):
+    if path.relative_to(PACKAGE).parts[0] in ("core", "transports", "cluster", "cli"):
         assert "fastapi_catga" not in names, "import the submodule, not the package (it pulls in web/)"
     bad = sorted(n for n in names if any(n == b or n.startswith(f"{b}.") for b in banned))
     assert not bad, f"{path.relative_to(PACKAGE)} imports {bad}"
@@ -55,6 +55,7 @@ def test_the_walk_sees_the_layers() -> None:
     assert "fastapi_catga.core.messages" in imports(PACKAGE / "core" / "handlers.py")
     assert {"fastapi", "nats"} <= forbidden(PACKAGE / "core" / "mediator.py")
     assert "nats" not in forbidden(PACKAGE / "transports" / "nats" / "transport.py")
+    assert {"fastapi", "fastapi_catga.web"} <= forbidden(PACKAGE / "cli" / "main.py")
 
 
 def test_importing_the_package_loads_no_broker_client() -> None:
