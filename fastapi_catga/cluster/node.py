@@ -128,13 +128,14 @@ class ClusterNode:
             raise
 
     async def stop(self) -> None:
-        """Leave gracefully: deregister, drain work in flight, close the connection."""
+        """Leave gracefully: deregister, drain work in flight (its handlers may still send), then
+        refuse further calls and close the connection."""
+        await self.membership.stop()
+        drain = self.settings.drain_timeout
+        await asyncio.gather(self.durable_runner.stop(drain), self.responder.stop(drain))
         self._stopped = self.sender.closed = True
         self.local_routes.clear()
-        await self.membership.stop()
-        await self.durable_runner.stop(self.settings.drain_timeout)
         await self.durable.stop()
-        await self.responder.stop(self.settings.drain_timeout)
         await self.transport.aclose()
         logger.info("node %s stopped", self.node_id)
 

@@ -3,6 +3,7 @@ decision, one outcome on every node, user errors crossing as themselves, a stopp
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections import Counter
 from typing import Any
@@ -207,3 +208,27 @@ async def test_a_stopped_node_refuses_every_call_at_once(start_node: StartNode) 
         await a.mediator.send(workload.Work())  # a type only this node... or any: refused either way
     with pytest.raises(NodeUnavailableError, match="stopped"):
         await a.mediator.broadcast(Keyed(key="k"))
+
+
+class Relay(Command[str]):
+    """Waits, then sends a keyed command on through the node that runs it."""
+
+
+relay_through: list[Any] = []  # the mediator the relay handler sends through
+
+
+@handler
+async def relay(command: Relay) -> str:
+    await asyncio.sleep(0.3)
+    return str(await relay_through[0].send(Keyed(key="k")))
+
+
+async def test_a_handler_still_draining_may_send_and_calls_after_stop_fail(start_node: StartNode) -> None:
+    a, b, _ = await cluster(start_node)
+    relay_through[:] = [a.mediator]
+    running = asyncio.create_task(b.mediator.send_to_node(Relay(), "a"))  # a's responder runs it
+    await asyncio.sleep(0.1)  # stop a while its handler is running
+    await a.stop()
+    assert await running in {"a", "b", "c"}, "the draining handler's own send went through"
+    with pytest.raises(NodeUnavailableError, match="stopped"):
+        await a.mediator.send(Relay())
