@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import selectors
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["EPOCH", "VirtualTimeLoop", "run_virtual", "stall"]
+from fastapi_catga import Catga, CatgaSettings, PipelineBehavior, build
+from fastapi_catga.core.handlers import HandlerSource
+from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
+
+__all__ = ["EPOCH", "VirtualTimeLoop", "run_virtual", "stall", "virtual_node"]
 
 T = TypeVar("T")
 
@@ -63,6 +67,26 @@ def stall(seconds: float) -> None:
     loop = asyncio.get_running_loop()
     assert isinstance(loop, VirtualTimeLoop), "stall() needs a VirtualTimeLoop"
     loop._virtual.now += seconds
+
+
+def virtual_node(
+    broker: InMemoryBroker,
+    node_id: str,
+    *,
+    handlers: Iterable[HandlerSource],
+    behaviors: Sequence[PipelineBehavior] = (),
+    **settings: Any,
+) -> Catga:
+    """A node (not started) on ``broker`` whose clocks are the running virtual loop's."""
+    loop = asyncio.get_running_loop()
+    return build(
+        CatgaSettings(node_id=node_id, **settings),
+        handlers=handlers,
+        behaviors=behaviors,
+        transport=InMemoryTransport(broker),
+        clock=loop.time,
+        wall_clock=lambda: EPOCH + loop.time(),
+    )
 
 
 def run_virtual(main: Coroutine[Any, Any, T]) -> T:

@@ -28,7 +28,7 @@ from fastapi_catga import (
     handler,
 )
 from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
-from tests.virtual_time import EPOCH, run_virtual
+from tests.virtual_time import EPOCH, run_virtual, virtual_node
 
 runs: Counter[str] = Counter()  # message id -> handler runs (any node)
 starts: dict[str, list[float]] = {}  # message id -> loop times of each run
@@ -103,14 +103,12 @@ def fresh() -> None:
 
 
 def node(broker: InMemoryBroker, node_id: str, handlers: list[Any] | None = None, **settings: Any) -> Catga:
-    loop = asyncio.get_running_loop()
-    return build(
-        CatgaSettings(node_id=node_id, heartbeat_interval=1, node_ttl=3, request_timeout=30, **settings),
+    return virtual_node(
+        broker,
+        node_id,
         handlers=[sys.modules[__name__]] if handlers is None else handlers,
         behaviors=[Tag(node_id)],
-        transport=InMemoryTransport(broker),
-        clock=loop.time,
-        wall_clock=lambda: EPOCH + loop.time(),
+        **{"heartbeat_interval": 1, "node_ttl": 3, "request_timeout": 30, **settings},
     )
 
 

@@ -7,26 +7,19 @@ from typing import Any
 
 import pytest
 
-from fastapi_catga import Catga, CatgaSettings, ConfigurationError, build
+from fastapi_catga import Catga, ConfigurationError
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.nodes import NodeInfo
-from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
+from fastapi_catga.testing import InMemoryBroker
 from fastapi_catga.transports.base import MemberEvent
 from tests.cluster import workload
-from tests.virtual_time import EPOCH, run_virtual
+from tests.virtual_time import run_virtual, virtual_node
 
 TIMING: dict[str, Any] = {"heartbeat_interval": 1.0, "node_ttl": 3.0}
 
 
 def node(broker: InMemoryBroker, node_id: str) -> Catga:
-    loop = asyncio.get_running_loop()
-    return build(
-        CatgaSettings(node_id=node_id, **TIMING),
-        handlers=[workload],
-        transport=InMemoryTransport(broker),
-        clock=loop.time,
-        wall_clock=lambda: EPOCH + loop.time(),
-    )
+    return virtual_node(broker, node_id, handlers=[workload], **TIMING)
 
 
 def test_a_second_process_with_a_live_nodes_id_is_refused_at_start() -> None:

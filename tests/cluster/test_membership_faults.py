@@ -7,23 +7,16 @@ from typing import Any
 
 import pytest
 
-from fastapi_catga import Catga, CatgaSettings, build
-from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
+from fastapi_catga import Catga
+from fastapi_catga.testing import InMemoryBroker
 from tests.cluster import workload
-from tests.virtual_time import EPOCH, run_virtual, stall
+from tests.virtual_time import run_virtual, stall, virtual_node
 
 TIMING: dict[str, Any] = {"heartbeat_interval": 1.0, "node_ttl": 3.0}
 
 
 def node(broker: InMemoryBroker, node_id: str) -> Catga:
-    loop = asyncio.get_running_loop()
-    return build(
-        CatgaSettings(node_id=node_id, **TIMING),
-        handlers=[workload],
-        transport=InMemoryTransport(broker),
-        clock=loop.time,
-        wall_clock=lambda: EPOCH + loop.time(),
-    )
+    return virtual_node(broker, node_id, handlers=[workload], **TIMING)
 
 
 @pytest.mark.parametrize(("seconds", "distrusted"), [(0.9, False), (5.0, True)])
