@@ -13,6 +13,7 @@ from fastapi_catga.core.behaviors import IdempotencyBehavior
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.handlers import HandlerRegistry, HandlerSource
 from fastapi_catga.core.mediator import Mediator
+from fastapi_catga.core.observe import Observer, combine
 from fastapi_catga.core.pipeline import PipelineBehavior
 from fastapi_catga.settings import CatgaSettings, load_settings
 from fastapi_catga.transports import Transport, create_transport
@@ -29,6 +30,8 @@ class Catga:
     settings: CatgaSettings
     node: ClusterNode
     mediator: Mediator
+    #: The observers `build` installed, in order.
+    observers: tuple[Observer, ...] = ()
 
     async def start(self) -> None:
         """Connect, subscribe the handlers and join the cluster (the view is complete after)."""
@@ -52,6 +55,7 @@ def build(
     handlers: Iterable[HandlerSource] | None = None,
     behaviors: Sequence[PipelineBehavior] = (),
     transport: Transport | None = None,
+    observers: Iterable[Observer] = (),
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
 ) -> Catga:
@@ -64,6 +68,9 @@ def build(
         behaviors: pipeline behaviors, outermost first, wrapped around every handler.
         transport: a transport instance (an `InMemoryTransport` on a shared broker, in tests);
             defaults to the one ``CATGA_TRANSPORT`` names.
+        observers: told about sends, handler runs, membership and the broker connection
+            (`fastapi_catga.otel.TracingObserver`, `fastapi_catga.prometheus.PrometheusObserver`);
+            none by default, at no cost.
         clock: monotonic seconds for membership and deadlines (a virtual clock, in simulations).
         wall_clock: UNIX seconds for the deadlines that travel between nodes.
     """
@@ -76,6 +83,7 @@ def build(
     for behavior in behaviors:
         if isinstance(behavior, IdempotencyBehavior):
             behavior.share(transport.durable, settings.node_id)
+    observers = tuple(observers)
     node = ClusterNode(
         transport,
         dispatcher,
@@ -83,5 +91,6 @@ def build(
         version=__version__,
         clock=clock,
         wall_clock=wall_clock,
+        observer=combine(observers),
     )
-    return Catga(settings, node, Mediator(dispatcher, node))
+    return Catga(settings, node, Mediator(dispatcher, node), observers)

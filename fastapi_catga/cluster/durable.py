@@ -41,6 +41,7 @@ from fastapi_catga.core.envelope import (
 )
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Durable, Message, Request
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import CatgaError, MessageValidationError, Reject, RetryLater, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -104,8 +105,16 @@ class DurableRunner:
         settings: node id, durable defaults (retention, concurrency).
     """
 
-    def __init__(self, transport: Transport, dispatcher: LocalDispatcher, settings: CatgaSettings) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        dispatcher: LocalDispatcher,
+        settings: CatgaSettings,
+        *,
+        observer: Observer | None = None,
+    ) -> None:
         self._transport = transport
+        self._observer = observer
         self._dispatcher = dispatcher
         self._settings = settings
         self._works = list(self._plan())
@@ -303,6 +312,8 @@ class DurableRunner:
                 message.type_name, message.message_id, delivery.deliveries, type(exc).__name__, delay,
             )  # fmt: skip
             await delivery.retry(delay)
+            if self._observer is not None:
+                self._observer.redelivered(message.type_name, delivery.deliveries)
 
     async def _dead_letter(
         self, work: _Work, delivery: DurableDelivery, reason: Any, exc: CatgaError, message_id: str
@@ -324,6 +335,8 @@ class DurableRunner:
         )
         await self.store.add_dead_letter(letter, delivery.envelope)
         await delivery.drop()
+        if self._observer is not None:
+            self._observer.dead_lettered(queue.type_name, str(reason))
         logger.warning(
             "durable %s %s dead-lettered (%s after %d deliveries): %s",
             queue.type_name, message_id, reason, delivery.deliveries, letter.error,

@@ -33,6 +33,7 @@ from fastapi_catga.cluster.identity import claim_node_id, read_record
 from fastapi_catga.cluster.supervised import supervised
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.logs import LogLimiter
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports.base import MemberEvent, MemberWatch, Transport
 
@@ -60,7 +61,9 @@ class Membership:
         heartbeat_interval: float,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        observer: Observer | None = None,
     ) -> None:
+        self._observer = observer
         self._transport = transport
         self._store = transport.members
         self.view = view
@@ -201,6 +204,8 @@ class Membership:
                 self._schedule_resync()
             elif event.node_id != self.node_id and self.view.remove(event.node_id):
                 logger.info("node %s left the cluster", event.node_id)
+                if self._observer is not None:
+                    self._observer.member_left(event.node_id, len(self.view.nodes()), evicted=False)
             return
         try:
             info = read_record(event.node_id, event.value)
@@ -208,9 +213,12 @@ class Membership:
             self._warn("record", "ignoring the membership record under %r: %s", event.node_id[:80], exc)
             return
         if info.node_id != self.node_id:
-            if self.view.get(info.node_id) is None:
+            joined = self.view.get(info.node_id) is None
+            if joined:
                 logger.info("node %s joined (handles %s)", info.node_id, ", ".join(info.handles) or "nothing")
             self.view.observe(info, now)
+            if joined and self._observer is not None:
+                self._observer.member_joined(info.node_id, len(self.view.nodes()))
         elif info.incarnation == self.view.self_info.incarnation:
             self._proven_at = now  # our heartbeat made it through the store and back
         else:
@@ -302,3 +310,5 @@ class Membership:
             self._distrust_view("its own heartbeat has not come back through the store for a TTL")
         for node_id in self.view.sweep(now, proven_at=self._proven_at, margin=self.heartbeat_interval):
             logger.warning("node %s evicted: no heartbeat for %.1f s", node_id, self.view.ttl)
+            if self._observer is not None:
+                self._observer.member_left(node_id, len(self.view.nodes()), evicted=True)

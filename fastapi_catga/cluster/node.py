@@ -20,6 +20,7 @@ from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
 from fastapi_catga.core.envelope import encode_message
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -42,6 +43,8 @@ class ClusterNode:
         settings: node id, timings, routing and limits.
         version: the fastapi-catga version this node advertises.
         clock: monotonic seconds; wall_clock: UNIX seconds (a virtual clock, in simulations).
+        observer: told about sends, handler runs, membership and the connection (see `Observer`);
+            with one, in-process sends go through the sender too, so that each is seen.
     """
 
     def __init__(
@@ -53,8 +56,12 @@ class ClusterNode:
         version: str = "",
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        observer: Observer | None = None,
     ) -> None:
         self.transport = transport
+        self.observer = observer
+        if observer is not None:
+            observer.bind(settings.node_id)
         self.dispatcher = dispatcher
         self.settings = settings
         self._stopped = False
@@ -74,9 +81,10 @@ class ClusterNode:
             heartbeat_interval=settings.heartbeat_interval,
             clock=clock,
             wall_clock=wall_clock,
+            observer=observer,
         )
         self.responder = Responder(
-            transport, dispatcher, max_payload=transport.max_payload, wall_clock=wall_clock
+            transport, dispatcher, max_payload=transport.max_payload, wall_clock=wall_clock, observer=observer
         )
         self._connected = asyncio.Event()
         self.sender = Sender(
@@ -89,8 +97,9 @@ class ClusterNode:
             connected=self._connected,
             clock=clock,
             wall_clock=wall_clock,
+            observer=observer,
         )
-        self.durable_runner = DurableRunner(transport, dispatcher, settings)
+        self.durable_runner = DurableRunner(transport, dispatcher, settings, observer=observer)
         self.durable = DurableClient(transport, settings.node_id, clock)
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.
@@ -140,6 +149,8 @@ class ClusterNode:
         logger.info("node %s stopped", self.node_id)
 
     def _on_connection(self, connected: bool) -> None:
+        if self.observer is not None and connected != self._connected.is_set():
+            self.observer.connection_changed(connected)
         if not connected:
             self._connected.clear()
             return
@@ -156,7 +167,7 @@ class ClusterNode:
             logger.warning("could not recreate the durable queues after a reconnect (%s); workers retry", exc)
 
     def _update_local_routes(self) -> None:
-        if self._stopped:
+        if self._stopped or self.observer is not None:  # observed: every send through the sender
             return
         remote: set[str] = set()
         for node in self.view.nodes()[1:]:
@@ -209,9 +220,24 @@ class ClusterNode:
         if is_durable(type(event)):
             await self.durable.publish(event)  # every handler group runs it from the broker, this node's too
             return
+        if self.observer is None:
+            await self._publish(event)
+            return
+        token = self.observer.send_started(event, "publish")
+        started = time.perf_counter()
+        try:
+            await self._publish(event)
+        except BaseException as exc:
+            self.observer.send_ended(token, event, "publish", time.perf_counter() - started, exc)
+            raise
+        self.observer.send_ended(token, event, "publish", time.perf_counter() - started, None)
+
+    async def _publish(self, event: Event) -> None:
         failure: TransportError | None = None
         if any(event.type_name in node.events for node in self.view.nodes()[1:]) or self.view.stale:
             envelope = encode_message(event, source=self.node_id, max_payload=self.transport.max_payload)
+            if self.observer is not None:
+                self.observer.inject(envelope.headers)
             try:  # bounded like a send: a frozen broker must not hold the publisher
                 async with asyncio.timeout(self.settings.request_timeout):
                     await self.transport.publish(event_subject(event.type_name), envelope)

@@ -14,14 +14,17 @@ from fastapi_catga.core.envelope import (
     MESSAGE_ID,
     MESSAGE_TYPE,
     SOURCE,
+    STATUS,
     Envelope,
     deadline_of,
     decode_message,
     encode_error,
     encode_result,
+    error_from_reply,
 )
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Request
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError
 from fastapi_catga.transports.base import Delivery, Subscription, Transport
 
@@ -55,7 +58,7 @@ class Responder:
     caller has already moved on (a node resuming from a pause must not run stale work), and a
     handler still running at the deadline is cancelled. Malformed input is answered with a typed
     error where there is a reply address, counted in ``stats``, and logged at most once per
-    interval per kind.
+    interval per kind. An ``observer``, if any, is told about each run, drop and refusal.
     """
 
     def __init__(
@@ -65,8 +68,10 @@ class Responder:
         *,
         max_payload: int,
         wall_clock: Callable[[], float] = time.time,
+        observer: Observer | None = None,
     ) -> None:
         self._transport = transport
+        self._observer = observer
         self._wall_clock = wall_clock
         self._dispatcher = dispatcher
         self._max_payload = max_payload
@@ -126,6 +131,8 @@ class Responder:
             self._spawn(self._answer(delivery, remaining))
         else:
             self.stats["expired_dropped"] += 1
+            if self._observer is not None:
+                self._observer.stale_dropped(str(delivery.envelope.headers.get(MESSAGE_TYPE, "?"))[:100])
             self._log("expired", "dropped %s: its caller's deadline passed before it ran", delivery.envelope)
 
     def _on_event(self, delivery: Delivery) -> None:
@@ -134,7 +141,7 @@ class Responder:
 
     def _refuse(self, exc: CatgaError, delivery: Delivery) -> None:
         """Malformed input this node will not run: count it, answer it, log it (not too often)."""
-        self.stats["bad_requests"] += 1
+        self._count_bad("bad_requests", exc.code)
         self._log(type(exc).__name__, "refused %s: %s", delivery.envelope, exc)
         if delivery.reply is not None:
             self._spawn(self._send_reply(delivery, encode_error(exc, node_id=self.node_id, by_node=True)))
@@ -157,9 +164,38 @@ class Responder:
             if not isinstance(message, Request):
                 raise HandlerNotFoundError(f"{message.type_name} is an event; publish it instead")
         except CatgaError as exc:
-            self.stats["bad_requests"] += 1
+            self._count_bad("bad_requests", exc.code)
             self._log(type(exc).__name__, "refused %s: %s", envelope, exc)
             return encode_error(exc, node_id=self.node_id, by_node=True)
+        if self._observer is not None:
+            return await self._observed_request(envelope, message, remaining)
+        return await self._run_handler(envelope, message, remaining)
+
+    async def _observed_request(
+        self, envelope: Envelope, message: Request[Any], remaining: float | None
+    ) -> Envelope | None:
+        assert self._observer is not None
+        observer = self._observer
+        token = observer.handle_started(message, envelope.headers)
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            reply = await self._run_handler(envelope, message, remaining)
+        except BaseException as exc:
+            error = exc
+            raise
+        else:
+            if reply is None:
+                error = TimeoutError()
+            elif reply.headers.get(STATUS) == "error":
+                error = error_from_reply(reply)
+            return reply
+        finally:
+            observer.handle_ended(token, message, time.perf_counter() - started, error)
+
+    async def _run_handler(
+        self, envelope: Envelope, message: Request[Any], remaining: float | None
+    ) -> Envelope | None:
         try:
             result = await self._dispatcher.handle_request(message, remaining)
         except TimeoutError as exc:
@@ -188,15 +224,32 @@ class Responder:
         try:
             event = decode_message(envelope, self._dispatcher.types)
         except CatgaError as exc:
-            self.stats["bad_events"] += 1
+            self._count_bad("bad_events", exc.code)
             self._log(type(exc).__name__, "dropped %s: %s", envelope, exc)
             return
         if not isinstance(event, Event):
-            self.stats["bad_events"] += 1
+            self._count_bad("bad_events", "not_event")
             self._log("not_event", "dropped %s: not an event", envelope)
             return
         self.stats["events_handled"] += 1
-        self.stats["event_handler_errors"] += await self._dispatcher.handle_event(event)
+        if self._observer is None:
+            self.stats["event_handler_errors"] += await self._dispatcher.handle_event(event)
+            return
+        token = self._observer.handle_started(event, envelope.headers)
+        started = time.perf_counter()
+        try:
+            failed = await self._dispatcher.handle_event(event)
+        except BaseException as exc:  # cancelled at shutdown
+            self._observer.handle_ended(token, event, time.perf_counter() - started, exc)
+            raise
+        self.stats["event_handler_errors"] += failed
+        error = RemoteHandlerError(f"{failed} handler(s) of {event.type_name} failed") if failed else None
+        self._observer.handle_ended(token, event, time.perf_counter() - started, error)
+
+    def _count_bad(self, stat: str, kind: str) -> None:
+        self.stats[stat] += 1
+        if self._observer is not None:
+            self._observer.bad_message(kind)
 
     def _log(self, kind: str, text: str, envelope: Envelope, *args: Any) -> None:
         self._log_limit.log(logger, logging.WARNING, kind, text, _describe(envelope), *args)

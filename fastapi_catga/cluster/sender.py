@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ from fastapi_catga.core.envelope import (
 )
 from fastapi_catga.core.messages import Request
 from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import (
     CatgaError,
     HandlerNotFoundError,
@@ -68,6 +70,7 @@ class Sender:
         retry_attempts: attempts in all, each on another node where one exists.
         connected: set while the broker connection is up (a send waits for it, within its deadline).
         clock: monotonic seconds; wall_clock: UNIX seconds, for deadlines that travel.
+        observer: told about each send and attempt (None: nothing is called).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class Sender:
         connected: asyncio.Event,
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
+        observer: Observer | None = None,
     ) -> None:
         self.transport = transport
         self.dispatcher = dispatcher
@@ -93,6 +97,7 @@ class Sender:
         self._connected = connected
         self._clock = clock
         self._wall_clock = wall_clock
+        self.observer = observer
 
     @property
     def node_id(self) -> str:
@@ -122,9 +127,24 @@ class Sender:
             )
         budget = self.budget(timeout)
         call = _Call(message, self._clock() + budget, budget)
+        if self.observer is not None:
+            return await self._observed_send(call, node_id)
         if node_id is not None:
             return await self._send_to(call, node_id)
         return await self._send_any(call)
+
+    async def _observed_send(self, call: _Call, node_id: str | None) -> Any:
+        assert self.observer is not None
+        observer, message = self.observer, call.message
+        token = observer.send_started(message, "send")
+        started = time.perf_counter()
+        try:
+            result = await (self._send_any(call) if node_id is None else self._send_to(call, node_id))
+        except BaseException as exc:
+            observer.send_ended(token, message, "send", time.perf_counter() - started, exc)
+            raise
+        observer.send_ended(token, message, "send", time.perf_counter() - started, None)
+        return result
 
     async def _send_to(self, call: _Call, node_id: str) -> Any:
         node = self.view.get(node_id)
@@ -154,6 +174,8 @@ class Sender:
             target = self._pick(call.message, tried)
             if remaining <= 0 or target is None:
                 break
+            if call.errors and self.observer is not None:
+                self.observer.failover(call.message, call.last_target, call.errors[-1])
             # Each attempt gets its share of the time left, so one dead or paused node cannot eat the
             # whole budget; with no other node left to try, a retry would only run a slow handler
             # again, so the last candidate gets all of it.
@@ -169,6 +191,7 @@ class Sender:
                 if not asks_for_retry(exc):
                     raise
             tried.add(target)
+            call.last_target = target
             await self._backoff(call.errors[-1], call.deadline)
         raise self._final_error(call)
 
@@ -177,7 +200,10 @@ class Sender:
         run it again. No node is to blame for that, so it costs no attempt and marks no suspect."""
         while True:
             try:
-                return await self._attempt(call, target, attempt, min(share, call.deadline - self._clock()))
+                timeout = min(share, call.deadline - self._clock())
+                if self.observer is None:
+                    return await self._attempt(call, target, attempt, timeout)
+                return await self._observed_attempt(call, target, attempt, timeout)
             except AttemptFailed as failed:
                 if self.closed:  # the node stopped meanwhile: its connection is gone for good
                     raise NodeUnavailableError(
@@ -186,6 +212,21 @@ class Sender:
                 lost = type(failed.error) is TransportError
                 if not lost or not await self._broker_back(call.deadline):
                     raise
+
+    async def _observed_attempt(self, call: _Call, target: str, attempt: int, timeout: float) -> Any:
+        assert self.observer is not None
+        observer, message = self.observer, call.message
+        token = observer.attempt_started(message, target, attempt)
+        try:
+            result = await self._attempt(call, target, attempt, timeout)
+        except AttemptFailed as failed:
+            observer.attempt_ended(token, message, target, attempt, failed.error)
+            raise
+        except BaseException as exc:
+            observer.attempt_ended(token, message, target, attempt, exc)
+            raise
+        observer.attempt_ended(token, message, target, attempt, None)
+        return result
 
     async def _broker_back(self, deadline: float) -> bool:
         # At least a pause (a broker refusing while "connected" must not spin us), never past the deadline.
@@ -249,6 +290,8 @@ class Sender:
             ATTEMPT: str(attempt),
             DEADLINE: deadline_header(self._wall_clock() + timeout),
         }
+        if self.observer is not None:
+            self.observer.inject(headers)
         subject = node_subject(target) if target else type_subject(call.message.type_name)
         try:
             reply = await self.transport.request(subject, Envelope(headers, envelope.body), timeout=timeout)
@@ -265,6 +308,8 @@ class Sender:
         return decode_reply(reply, type(call.message).result_adapter())
 
     async def _attempt_here(self, call: _Call, timeout: float) -> Any:
+        if self.observer is not None:
+            return await self._observed_here(call, timeout)
         try:
             return await self.dispatcher.handle_request(call.message, timeout)
         except TimeoutError as exc:
@@ -272,6 +317,25 @@ class Sender:
                 raise  # a handler's own RequestTimeoutError
             error = RequestTimeoutError(f"{call.message.type_name} ran over {timeout:.3f} s here")
             raise AttemptFailed(error) from None
+
+    async def _observed_here(self, call: _Call, timeout: float) -> Any:
+        assert self.observer is not None
+        observer, message = self.observer, call.message
+        token = observer.handle_started(message, {})
+        started = time.perf_counter()
+        try:
+            result = await self.dispatcher.handle_request(message, timeout)
+        except TimeoutError as exc:
+            observer.handle_ended(token, message, time.perf_counter() - started, exc)
+            if isinstance(exc, CatgaError):
+                raise
+            error = RequestTimeoutError(f"{message.type_name} ran over {timeout:.3f} s here")
+            raise AttemptFailed(error) from None
+        except BaseException as exc:
+            observer.handle_ended(token, message, time.perf_counter() - started, exc)
+            raise
+        observer.handle_ended(token, message, time.perf_counter() - started, None)
+        return result
 
     async def broadcast(self, message: Request[Any], *, timeout: float | None = None) -> dict[str, Any]:
         """Send to every live node at once; one entry per node, a result or a `CatgaError`."""
@@ -281,6 +345,19 @@ class Sender:
             )
         budget = self.budget(timeout)
         call = _Call(message, self._clock() + budget, budget)
+        if self.observer is None:
+            return await self._broadcast(call)
+        token = self.observer.send_started(message, "broadcast")
+        started = time.perf_counter()
+        try:
+            results = await self._broadcast(call)
+        except BaseException as exc:
+            self.observer.send_ended(token, message, "broadcast", time.perf_counter() - started, exc)
+            raise
+        self.observer.send_ended(token, message, "broadcast", time.perf_counter() - started, None)
+        return results
+
+    async def _broadcast(self, call: _Call) -> dict[str, Any]:
         nodes = self.view.nodes()
 
         async def one(node: NodeInfo) -> Any:
@@ -296,13 +373,14 @@ class Sender:
 class _Call:
     """One ``send``: the message, its deadline, what went wrong so far, its envelope once encoded."""
 
-    __slots__ = ("_envelope", "budget", "deadline", "errors", "message")
+    __slots__ = ("_envelope", "budget", "deadline", "errors", "last_target", "message")
 
     def __init__(self, message: Request[Any], deadline: float, budget: float) -> None:
         self.message = message
         self.deadline = deadline
         self.budget = budget
         self.errors: list[CatgaError] = []
+        self.last_target = ""
         self._envelope: Envelope | None = None
 
     def envelope(self, source: str, max_payload: int) -> Envelope:

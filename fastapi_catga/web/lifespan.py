@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from fastapi_catga.bootstrap import build
 from fastapi_catga.core.handlers import HandlerSource
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.pipeline import PipelineBehavior
 from fastapi_catga.exceptions import CatgaError
 from fastapi_catga.settings import CatgaSettings
@@ -34,6 +35,7 @@ def catga_lifespan(
     handlers: Iterable[HandlerSource] | None = None,
     behaviors: Sequence[PipelineBehavior] = (),
     transport: Transport | None = None,
+    observers: Sequence[Observer] = (),
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]: ...
 
 
@@ -46,6 +48,7 @@ def catga_lifespan(
     handlers: Iterable[HandlerSource] | None = None,
     behaviors: Sequence[PipelineBehavior] = (),
     transport: Transport | None = None,
+    observers: Sequence[Observer] = (),
 ) -> (
     AbstractAsyncContextManager[dict[str, Any]]
     | Callable[[FastAPI], AbstractAsyncContextManager[dict[str, Any]]]
@@ -66,11 +69,15 @@ def catga_lifespan(
         handlers: modules, dotted module names or functions whose ``@handler``s to run.
         behaviors: pipeline behaviors, outermost first.
         transport: a ready transport instance (tests: an `InMemoryTransport` on a shared broker).
+        observers: tracing and metrics hooks (see `build`); a metrics one also answers
+            ``GET /catga/metrics`` on `catga_router`.
     """
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        catga = build(settings, handlers=handlers, behaviors=behaviors, transport=transport)
+        catga = build(
+            settings, handlers=handlers, behaviors=behaviors, transport=transport, observers=observers
+        )
         _install_error_handler(app)
         await catga.start()
         app.state.catga = catga

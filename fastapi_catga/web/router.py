@@ -1,14 +1,16 @@
-"""`catga_router`: ``/catga/nodes``, ``/catga/nodes/current`` and ``/catga/health``."""
+"""`catga_router`: ``/catga/nodes``, ``/catga/nodes/current``, ``/catga/health`` and, with a metrics
+observer installed, ``/catga/metrics``."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from fastapi_catga.bootstrap import Catga
 from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.core.observe import MetricsSource
 from fastapi_catga.web.dependencies import get_catga
 
 __all__ = ["catga_router"]
@@ -35,3 +37,17 @@ async def current_node(catga: CatgaDep) -> NodeInfo:
 async def health(catga: CatgaDep) -> JSONResponse:
     state: dict[str, Any] = catga.node.health()
     return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
+
+
+@catga_router.get(
+    "/metrics",
+    summary="Metrics in the Prometheus text format",
+    responses={404: {"description": "No metrics observer is installed"}},
+)
+async def metrics(catga: CatgaDep) -> Response:
+    """What the installed `PrometheusObserver` renders; 404 without one (the route is then unused)."""
+    for observer in catga.observers:
+        if isinstance(observer, MetricsSource):
+            body, content_type = observer.render_metrics()
+            return Response(body, media_type=content_type)
+    return JSONResponse({"detail": "no metrics observer installed (PrometheusObserver)"}, status_code=404)
