@@ -30,6 +30,7 @@ from fastapi_catga import (
     TimeoutBehavior,
     build,
 )
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.testing import InMemoryTransport
 
 Send = Callable[[Echo], Awaitable[str]]
@@ -72,8 +73,24 @@ def builtin_behaviors() -> list[PipelineBehavior]:
     return [LoggingBehavior(), IdempotencyBehavior(), RetryBehavior(), TimeoutBehavior(5.0)]
 
 
-async def start_node(behaviors: Sequence[PipelineBehavior]) -> Catga:
-    catga = build(CatgaSettings(), handlers=[echo], behaviors=behaviors, transport=InMemoryTransport())
+def observers() -> list[Observer]:
+    """Tracing (an SDK tracer provider that records every span, exporting none) and metrics."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from fastapi_catga.otel import TracingObserver
+    from fastapi_catga.prometheus import PrometheusObserver
+
+    return [TracingObserver(TracerProvider()), PrometheusObserver()]
+
+
+async def start_node(behaviors: Sequence[PipelineBehavior], watchers: Sequence[Observer] = ()) -> Catga:
+    catga = build(
+        CatgaSettings(),
+        handlers=[echo],
+        behaviors=behaviors,
+        transport=InMemoryTransport(),
+        observers=watchers,
+    )
     await catga.start()
     return catga
 
@@ -87,14 +104,16 @@ async def main(args: argparse.Namespace) -> int:
     messages = [Echo(data=DATA) for _ in range(MESSAGES)]
     plain = await start_node([])
     full = await start_node(builtin_behaviors())
+    watched = await start_node([], observers())
     try:
-        for catga in (plain, full):
+        for catga in (plain, full, watched):
             if await catga.mediator.send(messages[0]) != REPLY_TEXT:
                 raise RuntimeError("send did not return the handler's result")
         variants = [
             Variant("direct: await handler(message)", echo),
             Variant("mediator.send, no behaviors", plain.mediator.send),
             Variant("mediator.send, 4 built-in behaviors", full.mediator.send),
+            Variant("mediator.send, tracing + metrics on", watched.mediator.send),
         ]
         for variant in variants:  # warm-up
             await timed(variant.send, messages, min(0.5, args.seconds))
@@ -105,6 +124,7 @@ async def main(args: argparse.Namespace) -> int:
     finally:
         await plain.stop()
         await full.stop()
+        await watched.stop()
 
     direct = variants[0].median
     print()
@@ -124,7 +144,8 @@ async def main(args: argparse.Namespace) -> int:
     )
     print(
         "behaviors, outermost first: LoggingBehavior (DEBUG, not enabled), IdempotencyBehavior, "
-        "RetryBehavior(3), TimeoutBehavior(5 s)"
+        "RetryBehavior(3), TimeoutBehavior(5 s); tracing + metrics: TracingObserver (SDK provider, "
+        "no exporter) and PrometheusObserver, no behaviors"
     )
     return 0
 
