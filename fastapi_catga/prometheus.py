@@ -10,6 +10,8 @@ an error code) and a few fixed words; never message ids, so their number stays b
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi_catga.core.messages import Event, Message
 from fastapi_catga.core.observe import Observer, outcome_of
 from fastapi_catga.exceptions import CatgaError
@@ -99,9 +101,18 @@ class PrometheusObserver(Observer):
         self.dead_letters = Counter(
             "catga_dead_letters", "Durable messages dead-lettered, by reason", ["type", "reason"], registry=r
         )
+        self._children: dict[tuple[object, ...], Any] = {}
         self._sending = self.in_flight.labels("send")
         self._handling = self.in_flight.labels("handle")
         self._lost = False
+
+    def _of(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: prometheus-client's lookup takes a lock."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def render_metrics(self) -> tuple[bytes, str]:
         """The registry in Prometheus's text format, and its content type."""
@@ -118,16 +129,16 @@ class PrometheusObserver(Observer):
         self, token: object, message: Message, operation: str, seconds: float, error: BaseException | None
     ) -> None:
         self._sending.dec()
-        self.sent.labels(message.type_name, operation, outcome_of(error)).inc()
-        self.round_trip.labels(message.type_name, operation).observe(seconds)
+        self._of(self.sent, message.type_name, operation, outcome_of(error)).inc()
+        self._of(self.round_trip, message.type_name, operation).observe(seconds)
 
     def attempt_ended(
         self, token: object, message: Message, node_id: str, attempt: int, error: BaseException | None
     ) -> None:
-        self.attempts.labels(message.type_name, node_id or "any", outcome_of(error)).inc()
+        self._of(self.attempts, message.type_name, node_id or "any", outcome_of(error)).inc()
 
     def failover(self, message: Message, node_id: str, error: CatgaError) -> None:
-        self.failovers.labels(message.type_name).inc()
+        self._of(self.failovers, message.type_name).inc()
 
     def handle_started(self, message: Message, headers: object) -> object:
         self._handling.inc()
@@ -139,16 +150,16 @@ class PrometheusObserver(Observer):
         self._handling.dec()
         outcome = outcome_of(error)
         kind = "event" if isinstance(message, Event) else "request"
-        self.handled.labels(message.type_name, kind, outcome).inc()
+        self._of(self.handled, message.type_name, kind, outcome).inc()
         if error is not None:
-            self.failed.labels(message.type_name, outcome).inc()
-        self.handler_seconds.labels(message.type_name).observe(seconds)
+            self._of(self.failed, message.type_name, outcome).inc()
+        self._of(self.handler_seconds, message.type_name).observe(seconds)
 
     def stale_dropped(self, type_name: str) -> None:
-        self.stale.labels(type_name).inc()
+        self._of(self.stale, type_name).inc()
 
     def bad_message(self, kind: str) -> None:
-        self.bad.labels(kind).inc()
+        self._of(self.bad, kind).inc()
 
     def member_joined(self, node_id: str, size: int) -> None:
         self.joins.inc()
@@ -167,7 +178,7 @@ class PrometheusObserver(Observer):
             self.reconnects.inc()
 
     def redelivered(self, type_name: str, deliveries: int) -> None:
-        self.redeliveries.labels(type_name).inc()
+        self._of(self.redeliveries, type_name).inc()
 
     def dead_lettered(self, type_name: str, reason: str) -> None:
-        self.dead_letters.labels(type_name, reason).inc()
+        self._of(self.dead_letters, type_name, reason).inc()
