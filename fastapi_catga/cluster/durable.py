@@ -21,18 +21,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from fastapi_catga.cluster.responder import node_subject
-from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
+from fastapi_catga.cluster.durable_policy import (
+    COMMANDS,
+    DurablePolicy,
+    dead_letter_for,
+    encode_result,
+    event_runner,
+    message_id_of,
+    policy_for,
+    result_subject,
+)
+from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
     MESSAGE_ID,
     NODE,
-    REPLAYS,
     REPLY_NODE,
     STATUS,
     Envelope,
@@ -40,52 +46,16 @@ from fastapi_catga.core.envelope import (
     encode_error,
 )
 from fastapi_catga.core.logs import LogLimiter
-from fastapi_catga.core.messages import Durable, Message, Request
+from fastapi_catga.core.messages import Message, Request
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import CatgaError, MessageValidationError, Reject, RetryLater, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
-from fastapi_catga.transports.durable import DeadLetter, DurableDelivery, DurableStore, Queue
+from fastapi_catga.transports.durable import DurableDelivery, DurableStore, Queue
 
-__all__ = ["DurablePolicy", "DurableRunner", "policy_for", "result_subject"]
+__all__ = ["DurableRunner"]
 
 logger = logging.getLogger(__name__)
-
-COMMANDS = "workers"  # the one consumer group of a command queue
-
-
-@dataclass(frozen=True, slots=True)
-class DurablePolicy:
-    """A durable type's options, its `Durable` fields filled from ``CATGA_DURABLE_*``."""
-
-    attempts: int
-    backoff: tuple[float, ...]
-    lease: float
-    dedup_window: float
-
-    def delay(self, deliveries: int) -> float:
-        """The pause after a failed delivery (1-based), jittered by up to 20 %."""
-        base = self.backoff[min(deliveries, len(self.backoff)) - 1]
-        return base * random.uniform(0.8, 1.0)
-
-
-def policy_for(message_type: type[Message], settings: CatgaSettings) -> DurablePolicy | None:
-    """The type's durable policy, or None when it is not durable."""
-    durable = message_type.durable
-    if durable is False:
-        return None
-    options = durable if isinstance(durable, Durable) else Durable()
-    return DurablePolicy(
-        attempts=options.attempts or settings.durable_attempts,
-        backoff=options.backoff or tuple(settings.durable_backoff),
-        lease=options.lease or settings.durable_lease,
-        dedup_window=options.dedup_window or settings.durable_dedup_window,
-    )
-
-
-def result_subject(node_id: str) -> str:
-    """Where a node hears the outcome of the durable commands it waits for."""
-    return f"{node_subject(node_id)}.durable-results"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,14 +106,14 @@ class DurableRunner:
             policy = policy_for(message_type, self._settings)
             if policy is not None:
                 queue = Queue("cmd", message_type.type_name, COMMANDS)
-                works.append(_Work(queue, policy, self._run_request, _encode_result))
+                works.append(_Work(queue, policy, self._run_request, encode_result))
         for message_type, handlers in self._dispatcher.event_pipelines().items():
             policy = policy_for(message_type, self._settings)
             if policy is None:
                 continue
             for name, event_pipeline in handlers:
                 queue = Queue("evt", message_type.type_name, name)
-                run = _event_runner(self._dispatcher, event_pipeline)
+                run = event_runner(self._dispatcher, event_pipeline)
                 works.append(_Work(queue, policy, run, lambda _m, _r: b"null"))
         return works
 
@@ -240,7 +210,7 @@ class DurableRunner:
             if message.type_name != work.queue.type_name:
                 raise MessageValidationError(f"a {message.type_name} in the {work.queue.type_name} queue")
         except CatgaError as exc:
-            await self._dead_letter(work, delivery, "invalid", exc, _id_of(envelope))
+            await self._dead_letter(work, delivery, "invalid", exc, message_id_of(envelope))
             return
         key = f"{work.queue.group}:{message.message_id}"
         done = await self.store.done(key)
@@ -319,20 +289,7 @@ class DurableRunner:
         self, work: _Work, delivery: DurableDelivery, reason: Any, exc: CatgaError, message_id: str
     ) -> None:
         queue = work.queue
-        letter = DeadLetter(
-            id=f"{queue.group}:{message_id}",
-            queue_kind=queue.kind,
-            message_type=queue.type_name,
-            message_id=message_id,
-            group=queue.group,
-            reason=reason,
-            error_type=getattr(exc, "error_type", type(exc).__name__),
-            error=exc.message[:1024],
-            attempts=delivery.deliveries,
-            node_id=self._settings.node_id,
-            at=datetime.now(UTC),
-            replays=_replays(delivery.envelope),
-        )
+        letter = dead_letter_for(queue, delivery, reason, exc, message_id, self._settings.node_id)
         await self.store.add_dead_letter(letter, delivery.envelope)
         await delivery.drop()
         if self._observer is not None:
@@ -355,28 +312,3 @@ class DurableRunner:
 
     def _warn(self, kind: str, text: str, *args: object) -> None:
         self._log_limit.log(logger, logging.WARNING, kind, text, *args)
-
-
-def _encode_result(message: Message, result: Any) -> bytes:
-    assert isinstance(message, Request)
-    return type(message).result_adapter().dump_json(result)
-
-
-def _event_runner(dispatcher: LocalDispatcher, pipeline: Pipeline) -> Callable[[Message], Awaitable[Any]]:
-    async def run(event: Message) -> None:
-        try:
-            await pipeline(event)
-        except Exception as exc:
-            raise dispatcher.handler_error(exc, event) from exc
-
-    return run
-
-
-def _replays(envelope: Envelope) -> int:
-    value = envelope.headers.get(REPLAYS)
-    return int(value) if type(value) is str and value.isdigit() and len(value) < 9 else 0
-
-
-def _id_of(envelope: Envelope) -> str:
-    value = envelope.headers.get(MESSAGE_ID)
-    return value[:200] if type(value) is str and value else "unknown"

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from fastapi_catga.cluster.durable import COMMANDS, result_subject
+from fastapi_catga.cluster.durable_policy import COMMANDS, result_subject
 from fastapi_catga.core.envelope import (
     MESSAGE_ID,
     REPLY_NODE,

@@ -1,0 +1,112 @@
+"""Durable delivery's policy and names: a type's options filled from settings, the group of a
+command queue, where outcomes go, and reading what a stored envelope says about itself."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi_catga.cluster.responder import node_subject
+from fastapi_catga.core.dispatch import LocalDispatcher
+from fastapi_catga.core.envelope import MESSAGE_ID, REPLAYS, Envelope
+from fastapi_catga.core.messages import Durable, Message, Request
+from fastapi_catga.core.pipeline import Pipeline
+from fastapi_catga.exceptions import CatgaError
+from fastapi_catga.settings import CatgaSettings
+from fastapi_catga.transports.durable import DeadLetter, DurableDelivery, Queue
+
+__all__ = [
+    "COMMANDS",
+    "DurablePolicy",
+    "dead_letter_for",
+    "encode_result",
+    "event_runner",
+    "message_id_of",
+    "policy_for",
+    "replays_of",
+    "result_subject",
+]
+
+COMMANDS = "workers"  # the one consumer group of a command queue
+
+
+@dataclass(frozen=True, slots=True)
+class DurablePolicy:
+    """A durable type's options, its `Durable` fields filled from ``CATGA_DURABLE_*``."""
+
+    attempts: int
+    backoff: tuple[float, ...]
+    lease: float
+    dedup_window: float
+
+    def delay(self, deliveries: int) -> float:
+        """The pause after a failed delivery (1-based), jittered by up to 20 %."""
+        base = self.backoff[min(deliveries, len(self.backoff)) - 1]
+        return base * random.uniform(0.8, 1.0)
+
+
+def policy_for(message_type: type[Message], settings: CatgaSettings) -> DurablePolicy | None:
+    """The type's durable policy, or None when it is not durable."""
+    durable = message_type.durable
+    if durable is False:
+        return None
+    options = durable if isinstance(durable, Durable) else Durable()
+    return DurablePolicy(
+        attempts=options.attempts or settings.durable_attempts,
+        backoff=options.backoff or tuple(settings.durable_backoff),
+        lease=options.lease or settings.durable_lease,
+        dedup_window=options.dedup_window or settings.durable_dedup_window,
+    )
+
+
+def result_subject(node_id: str) -> str:
+    """Where a node hears the outcome of the durable commands it waits for."""
+    return f"{node_subject(node_id)}.durable-results"
+
+
+def dead_letter_for(
+    queue: Queue, delivery: DurableDelivery, reason: Any, error: CatgaError, message_id: str, node_id: str
+) -> DeadLetter:
+    """The dead letter of a delivery: why, the error, how often the broker delivered it, where, when."""
+    return DeadLetter(
+        id=f"{queue.group}:{message_id}",
+        queue_kind=queue.kind,
+        message_type=queue.type_name,
+        message_id=message_id,
+        group=queue.group,
+        reason=reason,
+        error_type=getattr(error, "error_type", type(error).__name__),
+        error=error.message[:1024],
+        attempts=delivery.deliveries,
+        node_id=node_id,
+        at=datetime.now(UTC),
+        replays=replays_of(delivery.envelope),
+    )
+
+
+def encode_result(message: Message, result: Any) -> bytes:
+    assert isinstance(message, Request)
+    return type(message).result_adapter().dump_json(result)
+
+
+def event_runner(dispatcher: LocalDispatcher, pipeline: Pipeline) -> Callable[[Message], Awaitable[Any]]:
+    async def run(event: Message) -> None:
+        try:
+            await pipeline(event)
+        except Exception as exc:
+            raise dispatcher.handler_error(exc, event) from exc
+
+    return run
+
+
+def replays_of(envelope: Envelope) -> int:
+    value = envelope.headers.get(REPLAYS)
+    return int(value) if type(value) is str and value.isdigit() and len(value) < 9 else 0
+
+
+def message_id_of(envelope: Envelope) -> str:
+    value = envelope.headers.get(MESSAGE_ID)
+    return value[:200] if type(value) is str and value else "unknown"
