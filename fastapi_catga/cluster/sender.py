@@ -16,28 +16,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fastapi_catga.cluster.responder import node_subject, type_subject
+from fastapi_catga.cluster.attempts import AttemptFailed, Attempts, Call, final_error
 from fastapi_catga.cluster.routing import RoutingStrategy, choose_node
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.dispatch import LocalDispatcher
-from fastapi_catga.core.envelope import (
-    ATTEMPT,
-    DEADLINE,
-    STATUS,
-    Envelope,
-    deadline_header,
-    decode_reply,
-    encode_message,
-    error_from_reply,
-    made_by_node,
-)
 from fastapi_catga.core.messages import Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import (
     CatgaError,
     HandlerNotFoundError,
-    MessageTooLargeError,
     MessageValidationError,
     NodeUnavailableError,
     NoResponderError,
@@ -47,15 +35,7 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports.base import Transport
 
-__all__ = ["AttemptFailed", "Sender"]
-
-
-class AttemptFailed(Exception):
-    """This attempt's transport failed, not the handler: ``error`` is what it amounts to."""
-
-    def __init__(self, error: CatgaError) -> None:
-        super().__init__(error.message)
-        self.error = error
+__all__ = ["Sender"]
 
 
 class Sender:
@@ -96,8 +76,8 @@ class Sender:
         self._attempts = retry_attempts
         self._connected = connected
         self._clock = clock
-        self._wall_clock = wall_clock
         self.observer = observer
+        self._attempter = Attempts(transport, dispatcher, view.node_id, wall_clock, observer)
 
     @property
     def node_id(self) -> str:
@@ -126,14 +106,14 @@ class Sender:
                 f"send() takes a Command or Query, not {type(message).__name__}; publish() events"
             )
         budget = self.budget(timeout)
-        call = _Call(message, self._clock() + budget, budget)
+        call = Call(message, self._clock() + budget, budget)
         if self.observer is not None:
             return await self._observed_send(call, node_id)
         if node_id is not None:
             return await self._send_to(call, node_id)
         return await self._send_any(call)
 
-    async def _observed_send(self, call: _Call, node_id: str | None) -> Any:
+    async def _observed_send(self, call: Call, node_id: str | None) -> Any:
         assert self.observer is not None
         observer, message = self.observer, call.message
         token = observer.send_started(message, "send")
@@ -146,7 +126,7 @@ class Sender:
         observer.send_ended(token, message, "send", time.perf_counter() - started, None)
         return result
 
-    async def _send_to(self, call: _Call, node_id: str) -> Any:
+    async def _send_to(self, call: Call, node_id: str) -> Any:
         node = self.view.get(node_id)
         if node is None:
             known = ", ".join(n.node_id for n in self.view.nodes())
@@ -163,7 +143,7 @@ class Sender:
                 ) from failed.error
             raise failed.error from None
 
-    async def _send_any(self, call: _Call) -> Any:
+    async def _send_any(self, call: Call) -> Any:
         candidates = self.view.capable(call.message.type_name)
         if any(node.node_id != self.node_id for node in candidates):
             # The same size rule wherever the router lands: encode now, once, for every attempt.
@@ -193,16 +173,16 @@ class Sender:
             tried.add(target)
             call.last_target = target
             await self._backoff(call.errors[-1], call.deadline)
-        raise self._final_error(call)
+        raise final_error(call, self._clock())
 
-    async def _patient_attempt(self, call: _Call, target: str, attempt: int, share: float) -> Any:
+    async def _patient_attempt(self, call: Call, target: str, attempt: int, share: float) -> Any:
         """Run an attempt; when the broker connection is down, wait for it (up to the deadline) and
         run it again. No node is to blame for that, so it costs no attempt and marks no suspect."""
         while True:
             try:
                 timeout = min(share, call.deadline - self._clock())
                 if self.observer is None:
-                    return await self._attempt(call, target, attempt, timeout)
+                    return await self._attempter.run(call, target, attempt, timeout)
                 return await self._observed_attempt(call, target, attempt, timeout)
             except AttemptFailed as failed:
                 if self.closed:  # the node stopped meanwhile: its connection is gone for good
@@ -213,12 +193,12 @@ class Sender:
                 if not lost or not await self._broker_back(call.deadline):
                     raise
 
-    async def _observed_attempt(self, call: _Call, target: str, attempt: int, timeout: float) -> Any:
+    async def _observed_attempt(self, call: Call, target: str, attempt: int, timeout: float) -> Any:
         assert self.observer is not None
         observer, message = self.observer, call.message
         token = observer.attempt_started(message, target, attempt)
         try:
-            result = await self._attempt(call, target, attempt, timeout)
+            result = await self._attempter.run(call, target, attempt, timeout)
         except AttemptFailed as failed:
             observer.attempt_ended(token, message, target, attempt, failed.error)
             raise
@@ -257,86 +237,6 @@ class Sender:
         delay = min(random.uniform(0.05, 0.2), max(0.0, deadline - self._clock()))
         await asyncio.sleep(delay)
 
-    def _final_error(self, call: _Call) -> CatgaError:
-        what = f"{call.message.type_name} {call.message.message_id}"
-        last = call.errors[-1] if call.errors else None
-        if last is None:
-            if self._clock() >= call.deadline:
-                return RequestTimeoutError(f"{what}: no answer within {call.budget:g} s")
-            return HandlerNotFoundError(f"no live node handles {call.message.type_name}")
-        if isinstance(last, NoResponderError) and not last.node_id and len(call.errors) == 1:
-            return HandlerNotFoundError(f"no node in the cluster handles {call.message.type_name}")
-        if type(last) is TransportError:
-            return last  # the broker stayed unreachable until the deadline
-        if isinstance(last, RequestTimeoutError) or self._clock() >= call.deadline:
-            error: CatgaError = RequestTimeoutError(
-                f"{what}: no answer within {call.budget:g} s ({len(call.errors)} attempt(s))"
-            )
-        elif isinstance(last, NoResponderError | HandlerNotFoundError):
-            error = NodeUnavailableError(
-                f"{what}: no live node could take it ({len(call.errors)} attempt(s))"
-            )
-        else:
-            return last  # a handler's retryable error, after the last attempt
-        error.__cause__ = last
-        return error
-
-    async def _attempt(self, call: _Call, target: str, attempt: int, timeout: float) -> Any:
-        if target == self.node_id:
-            return await self._attempt_here(call, timeout)
-        envelope = call.envelope(self.node_id, self.transport.max_payload)
-        headers = {
-            **envelope.headers,
-            ATTEMPT: str(attempt),
-            DEADLINE: deadline_header(self._wall_clock() + timeout),
-        }
-        if self.observer is not None:
-            self.observer.inject(headers)
-        subject = node_subject(target) if target else type_subject(call.message.type_name)
-        try:
-            reply = await self.transport.request(subject, Envelope(headers, envelope.body), timeout=timeout)
-        except MessageTooLargeError:
-            raise  # the same on every node: no other attempt can do better
-        except CatgaError as exc:
-            exc.node_id = target or None
-            raise AttemptFailed(exc) from None
-        if reply.headers.get(STATUS) == "error" and made_by_node(reply):
-            error = error_from_reply(reply)
-            if isinstance(error, HandlerNotFoundError):  # that node's record was out of date
-                raise AttemptFailed(error)
-            raise error
-        return decode_reply(reply, type(call.message).result_adapter())
-
-    async def _attempt_here(self, call: _Call, timeout: float) -> Any:
-        if self.observer is not None:
-            return await self._observed_here(call, timeout)
-        try:
-            return await self.dispatcher.handle_request(call.message, timeout)
-        except TimeoutError as exc:
-            if isinstance(exc, CatgaError):
-                raise  # a handler's own RequestTimeoutError
-            error = RequestTimeoutError(f"{call.message.type_name} ran over {timeout:.3f} s here")
-            raise AttemptFailed(error) from None
-
-    async def _observed_here(self, call: _Call, timeout: float) -> Any:
-        assert self.observer is not None
-        observer, message = self.observer, call.message
-        token = observer.handle_started(message, {})
-        started = time.perf_counter()
-        try:
-            result = await self.dispatcher.handle_request(message, timeout)
-        except TimeoutError as exc:
-            observer.handle_ended(token, message, time.perf_counter() - started, exc)
-            if isinstance(exc, CatgaError):
-                raise
-            error = RequestTimeoutError(f"{message.type_name} ran over {timeout:.3f} s here")
-            raise AttemptFailed(error) from None
-        except BaseException as exc:
-            observer.handle_ended(token, message, time.perf_counter() - started, exc)
-            raise
-        observer.handle_ended(token, message, time.perf_counter() - started, None)
-        return result
-
     async def broadcast(self, message: Request[Any], *, timeout: float | None = None) -> dict[str, Any]:
         """Send to every live node at once; one entry per node, a result or a `CatgaError`."""
         if not isinstance(message, Request):
@@ -344,7 +244,7 @@ class Sender:
                 f"broadcast() takes a Command or Query, not {type(message).__name__}"
             )
         budget = self.budget(timeout)
-        call = _Call(message, self._clock() + budget, budget)
+        call = Call(message, self._clock() + budget, budget)
         if self.observer is None:
             return await self._broadcast(call)
         token = self.observer.send_started(message, "broadcast")
@@ -357,7 +257,7 @@ class Sender:
         self.observer.send_ended(token, message, "broadcast", time.perf_counter() - started, None)
         return results
 
-    async def _broadcast(self, call: _Call) -> dict[str, Any]:
+    async def _broadcast(self, call: Call) -> dict[str, Any]:
         nodes = self.view.nodes()
 
         async def one(node: NodeInfo) -> Any:
@@ -368,22 +268,3 @@ class Sender:
 
         results = await asyncio.gather(*(one(node) for node in nodes))
         return {node.node_id: result for node, result in zip(nodes, results, strict=True)}
-
-
-class _Call:
-    """One ``send``: the message, its deadline, what went wrong so far, its envelope once encoded."""
-
-    __slots__ = ("_envelope", "budget", "deadline", "errors", "last_target", "message")
-
-    def __init__(self, message: Request[Any], deadline: float, budget: float) -> None:
-        self.message = message
-        self.deadline = deadline
-        self.budget = budget
-        self.errors: list[CatgaError] = []
-        self.last_target = ""
-        self._envelope: Envelope | None = None
-
-    def envelope(self, source: str, max_payload: int) -> Envelope:
-        if self._envelope is None:
-            self._envelope = encode_message(self.message, source=source, max_payload=max_payload)
-        return self._envelope

@@ -1,0 +1,156 @@
+"""One attempt of a send on one target, over the broker or in this process, and the bookkeeping
+of a call across its attempts (`Call`, `final_error`).
+
+What this attempt's transport did (nobody listening, the attempt's deadline, a lost connection, a
+node without the handler) is raised as `AttemptFailed`; what the handler raised is raised as it is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi_catga.cluster.responder import node_subject, type_subject
+from fastapi_catga.core.dispatch import LocalDispatcher
+from fastapi_catga.core.envelope import (
+    ATTEMPT,
+    DEADLINE,
+    STATUS,
+    Envelope,
+    deadline_header,
+    decode_reply,
+    encode_message,
+    error_from_reply,
+    made_by_node,
+)
+from fastapi_catga.core.messages import Request
+from fastapi_catga.core.observe import Observer
+from fastapi_catga.exceptions import (
+    CatgaError,
+    HandlerNotFoundError,
+    MessageTooLargeError,
+    NodeUnavailableError,
+    NoResponderError,
+    RequestTimeoutError,
+    TransportError,
+)
+from fastapi_catga.transports.base import Transport
+
+__all__ = ["AttemptFailed", "Attempts", "Call", "final_error"]
+
+
+class AttemptFailed(Exception):
+    """This attempt's transport failed, not the handler: ``error`` is what it amounts to."""
+
+    def __init__(self, error: CatgaError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Call:
+    """One ``send``: the message, its deadline, what went wrong so far, its envelope once encoded."""
+
+    __slots__ = ("_envelope", "budget", "deadline", "errors", "last_target", "message")
+
+    def __init__(self, message: Request[Any], deadline: float, budget: float) -> None:
+        self.message = message
+        self.deadline = deadline
+        self.budget = budget
+        self.errors: list[CatgaError] = []
+        self.last_target = ""
+        self._envelope: Envelope | None = None
+
+    def envelope(self, source: str, max_payload: int) -> Envelope:
+        if self._envelope is None:
+            self._envelope = encode_message(self.message, source=source, max_payload=max_payload)
+        return self._envelope
+
+
+def final_error(call: Call, now: float) -> CatgaError:
+    """What a call that ran out of attempts (or time) raises, from what went wrong on the way."""
+    what = f"{call.message.type_name} {call.message.message_id}"
+    last = call.errors[-1] if call.errors else None
+    if last is None:
+        if now >= call.deadline:
+            return RequestTimeoutError(f"{what}: no answer within {call.budget:g} s")
+        return HandlerNotFoundError(f"no live node handles {call.message.type_name}")
+    if isinstance(last, NoResponderError) and not last.node_id and len(call.errors) == 1:
+        return HandlerNotFoundError(f"no node in the cluster handles {call.message.type_name}")
+    if type(last) is TransportError:
+        return last  # the broker stayed unreachable until the deadline
+    if isinstance(last, RequestTimeoutError) or now >= call.deadline:
+        error: CatgaError = RequestTimeoutError(
+            f"{what}: no answer within {call.budget:g} s ({len(call.errors)} attempt(s))"
+        )
+    elif isinstance(last, NoResponderError | HandlerNotFoundError):
+        error = NodeUnavailableError(f"{what}: no live node could take it ({len(call.errors)} attempt(s))")
+    else:
+        return last  # a handler's retryable error, after the last attempt
+    error.__cause__ = last
+    return error
+
+
+class Attempts:
+    """Runs one attempt of a call: over the broker to another node, or here through the dispatcher."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        dispatcher: LocalDispatcher,
+        node_id: str,
+        wall_clock: Callable[[], float],
+        observer: Observer | None,
+    ) -> None:
+        self._transport = transport
+        self._dispatcher = dispatcher
+        self._node_id = node_id
+        self._wall_clock = wall_clock
+        self._observer = observer
+
+    async def run(self, call: Call, target: str, attempt: int, timeout: float) -> Any:
+        """The result of one attempt on ``target`` ("" lets the broker's queue group pick)."""
+        if target == self._node_id:
+            return await self._here(call, timeout)
+        envelope = call.envelope(self._node_id, self._transport.max_payload)
+        headers = {
+            **envelope.headers,
+            ATTEMPT: str(attempt),
+            DEADLINE: deadline_header(self._wall_clock() + timeout),
+        }
+        if self._observer is not None:
+            self._observer.inject(headers)
+        subject = node_subject(target) if target else type_subject(call.message.type_name)
+        try:
+            reply = await self._transport.request(subject, Envelope(headers, envelope.body), timeout=timeout)
+        except MessageTooLargeError:
+            raise  # the same on every node: no other attempt can do better
+        except CatgaError as exc:
+            exc.node_id = target or None
+            raise AttemptFailed(exc) from None
+        if reply.headers.get(STATUS) == "error" and made_by_node(reply):
+            error = error_from_reply(reply)
+            if isinstance(error, HandlerNotFoundError):  # that node's record was out of date
+                raise AttemptFailed(error)
+            raise error
+        return decode_reply(reply, type(call.message).result_adapter())
+
+    async def _here(self, call: Call, timeout: float) -> Any:
+        observer, message = self._observer, call.message
+        token = None if observer is None else observer.handle_started(message, {})
+        started = time.perf_counter()
+        outcome: BaseException | None = None
+        try:
+            return await self._dispatcher.handle_request(message, timeout)
+        except TimeoutError as exc:
+            outcome = exc
+            if isinstance(exc, CatgaError):
+                raise  # a handler's own RequestTimeoutError
+            error = RequestTimeoutError(f"{message.type_name} ran over {timeout:.3f} s here")
+            raise AttemptFailed(error) from None
+        except BaseException as exc:
+            outcome = exc
+            raise
+        finally:
+            if observer is not None:
+                observer.handle_ended(token, message, time.perf_counter() - started, outcome)
