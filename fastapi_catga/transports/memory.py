@@ -30,15 +30,14 @@ from fastapi_catga.exceptions import (
     RequestTimeoutError,
     TransportError,
 )
-from fastapi_catga.transports._shared import WatchQueue
 from fastapi_catga.transports.base import (
     ConnectionListener,
     ConnectionState,
     Delivery,
     DeliveryCallback,
-    MemberEvent,
 )
 from fastapi_catga.transports.memory_durable import MemoryDurable, MemoryDurableStore
+from fastapi_catga.transports.memory_members import MemberTable, MemoryMembers
 
 __all__ = ["InMemoryBroker", "InMemoryTransport"]
 
@@ -54,17 +53,6 @@ class _Sub:
         self.transport.broker._remove(self)
 
 
-class _Watch(WatchQueue):
-    def __init__(self, broker: InMemoryBroker, namespace: str) -> None:
-        super().__init__()
-        self.broker = broker
-        self.namespace = namespace
-
-    async def stop(self) -> None:
-        self.broker._watches.pop(self, None)
-        self.end()
-
-
 class InMemoryBroker:
     """A broker in this process: subjects, queue groups and a membership table with expiry.
 
@@ -77,10 +65,9 @@ class InMemoryBroker:
         self.up = True
         self._subs: dict[str, list[_Sub]] = {}
         self._rotation = itertools.count()
-        self._records: dict[tuple[str, str], tuple[bytes, float]] = {}
-        # Dicts, not sets: watches and connections are told in the order they came, so a seeded
-        # simulation on a virtual clock replays exactly (a set of objects iterates by address).
-        self._watches: dict[_Watch, None] = {}
+        self.members = MemberTable(clock)
+        # A dict, not a set: connections are told in the order they came, so a seeded simulation
+        # on a virtual clock replays exactly (a set of objects iterates by address).
         self._transports: dict[InMemoryTransport, None] = {}
         self._thawed: asyncio.Event | None = None  # an event while frozen, set at the thaw
         self.durable = MemoryDurable(clock)
@@ -112,9 +99,7 @@ class InMemoryBroker:
         self.up = False
         for transport in list(self._transports):
             transport._set_connected(False)
-        for watch in list(self._watches):
-            watch.end()
-        self._watches.clear()
+        self.members.end_watches()
 
     def restore(self) -> None:
         """Bring the broker back; transports reconnect (their subscriptions survive, as in nats-py)."""
@@ -142,55 +127,6 @@ class InMemoryBroker:
             receivers.append(members[next(self._rotation) % len(members)])
         return receivers
 
-    # -- membership -----------------------------------------------------------------------------
-
-    def _put(self, namespace: str, node_id: str, value: bytes, ttl: float) -> None:
-        self._records[(namespace, node_id)] = (value, self.clock() + ttl)
-        self._notify(namespace, MemberEvent("put", node_id, value))
-
-    def _delete(self, namespace: str, node_id: str) -> None:
-        if self._records.pop((namespace, node_id), None) is not None:
-            self._notify(namespace, MemberEvent("delete", node_id))
-
-    def _list(self, namespace: str) -> dict[str, bytes]:
-        now = self.clock()
-        return {
-            node: value
-            for (ns, node), (value, expires) in self._records.items()
-            if ns == namespace and expires > now
-        }
-
-    def _notify(self, namespace: str, event: MemberEvent) -> None:
-        for watch in self._watches:
-            if watch.namespace == namespace:
-                watch.put(event)
-
-
-class _Members:
-    def __init__(self, transport: InMemoryTransport) -> None:
-        self._transport = transport
-
-    async def prepare(self, ttl: float) -> None:
-        await self._transport._reachable()
-
-    async def put(self, node_id: str, value: bytes, ttl: float) -> None:
-        await self._transport._reachable()
-        self._transport.broker._put(self._transport.cluster, node_id, value, ttl)
-
-    async def delete(self, node_id: str) -> None:
-        await self._transport._reachable()
-        self._transport.broker._delete(self._transport.cluster, node_id)
-
-    async def list(self) -> dict[str, bytes]:
-        await self._transport._reachable()
-        return self._transport.broker._list(self._transport.cluster)
-
-    async def watch(self) -> _Watch:
-        await self._transport._reachable()
-        watch = _Watch(self._transport.broker, self._transport.cluster)
-        self._transport.broker._watches[watch] = None
-        return watch
-
 
 class InMemoryTransport:
     """One node's connection to an `InMemoryBroker` (a private one when none is given).
@@ -217,7 +153,7 @@ class InMemoryTransport:
         self.closed = False
         self._state = ConnectionState()
         self._paused: asyncio.Event | None = None
-        self._members = _Members(self)
+        self._members = MemoryMembers(self.broker.members, cluster, self._reachable)
         self._durable = MemoryDurableStore(self.broker.durable, cluster, self._reachable)
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -234,7 +170,7 @@ class InMemoryTransport:
         return self._durable
 
     @property
-    def members(self) -> _Members:
+    def members(self) -> MemoryMembers:
         return self._members
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
