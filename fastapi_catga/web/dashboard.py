@@ -176,7 +176,7 @@ async def events(
     interval: Annotated[float, Query(ge=0.05, le=60, description="seconds between snapshots")] = 1.0,
     seconds: Annotated[
         float, Query(gt=0, le=3600, description="how long the stream stays open (the page reconnects)")
-    ] = 30.0,
+    ] = 10.0,
 ) -> StreamingResponse:
     return StreamingResponse(
         snapshots(catga, interval, seconds),
