@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from fastapi_catga import CatgaSettings, DashboardObserver, catga_dashboard_router
 from fastapi_catga.web.dashboard import TypeCounts, _type_rows, snapshots
+from tests.core.handlers_sample import SampleDouble
 from tests.web.apps import catga_app
 
 
@@ -89,3 +90,10 @@ def test_bad_query_values_are_rejected() -> None:
     with TestClient(dashboard_app()) as client:
         assert client.get("/catga/dashboard/events?interval=0").status_code == 422
         assert client.get("/catga/dashboard/events?seconds=0").status_code == 422
+
+
+def test_the_observer_counts_a_failed_run_as_handled_and_failed() -> None:
+    observer = DashboardObserver()
+    observer.handle_ended(None, SampleDouble(value=1), 0.01, None)
+    observer.handle_ended(None, SampleDouble(value=2), 0.01, RuntimeError("boom"))
+    assert observer.counts == {"SampleDouble": TypeCounts(handled=2, failed=1)}
