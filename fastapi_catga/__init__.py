@@ -55,6 +55,7 @@ from fastapi_catga.exceptions import (
 from fastapi_catga.settings import CatgaSettings, load_settings
 from fastapi_catga.transports import Transport
 from fastapi_catga.web.admin import catga_admin_router
+from fastapi_catga.web.dashboard import DashboardObserver, catga_dashboard_router
 from fastapi_catga.web.dependencies import MediatorDep, get_mediator
 from fastapi_catga.web.lifespan import catga_lifespan
 from fastapi_catga.web.router import catga_router
@@ -66,12 +67,14 @@ __all__ = [
     "CallNext",
     "Catga",
     "catga_admin_router",
+    "catga_dashboard_router",
     "catga_lifespan",
     "catga_router",
     "CatgaError",
     "CatgaSettings",
     "Command",
     "ConfigurationError",
+    "DashboardObserver",
     "DeadLetter",
     "DuplicateHandlerError",
     "Durable",

@@ -115,6 +115,11 @@ class ClusterNode:
     def request_timeout(self) -> float:
         return self.settings.request_timeout
 
+    @property
+    def stopped(self) -> bool:
+        """True once `stop` has begun: the node sends nothing more."""
+        return self._stopped
+
     async def start(self) -> None:
         """Connect, subscribe, join.
 
