@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,14 @@ from fastapi_catga.core.envelope import (
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Message, Request
 from fastapi_catga.core.observe import Observer
-from fastapi_catga.exceptions import CatgaError, MessageValidationError, Reject, RetryLater, TransportError
+from fastapi_catga.exceptions import (
+    CatgaError,
+    MessageValidationError,
+    Reject,
+    RemoteHandlerError,
+    RetryLater,
+    TransportError,
+)
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
 from fastapi_catga.transports.durable import DurableDelivery, DurableStore, Queue
@@ -168,15 +176,14 @@ class DurableRunner:
                 try:
                     deliveries = await consumer.fetch(free, wait=1.0)
                     delay = 0.05
-                except (TransportError, TimeoutError) as exc:
+                except Exception as exc:  # the worker outlives anything: back off and fetch again
                     deliveries = []
-                    self._warn(
-                        "fetch",
-                        "durable %s: fetching failed (%s); again in %.2f s",
-                        work.queue.type_name,
-                        exc,
-                        delay,
-                    )
+                    unexpected = not isinstance(exc, TransportError | TimeoutError)
+                    self._log_limit.log(
+                        logger, logging.ERROR if unexpected else logging.WARNING, "fetch",
+                        "durable %s: fetching failed (%s); again in %.2f s", work.queue.type_name,
+                        exc or type(exc).__name__, delay, exc_info=exc if unexpected else None,
+                    )  # fmt: skip
                     await asyncio.sleep(delay)
                     delay = min(5.0, delay * 2)
                 for _ in range(free - len(deliveries)):
@@ -224,30 +231,42 @@ class DurableRunner:
             )
             await self._dead_letter(work, delivery, "attempts", error, message.message_id)
             return
-        holder, lease = self._settings.node_id, work.policy.lease
+        # The holder is this run, not this node: a second delivery of the same id on this node (a
+        # re-send, a redelivery while the first run lives) must wait for the first like anyone else.
+        holder, lease = f"{self._settings.node_id}/{os.urandom(6).hex()}", work.policy.lease
         while not await self.store.claim(key, holder, lease):
             # Another node runs this message id now (a second copy of it, or a redelivery while its
             # holder lives). Hold this delivery, without counting an attempt, until that run commits
             # (then this copy is done) or its lease lapses (then it is ours).
             if (done := await self.store.done(key)) is not None:
                 await delivery.ack()
-                await self._answer(envelope, Envelope({STATUS: "ok", NODE: holder}, done))
+                await self._answer(envelope, Envelope({STATUS: "ok", NODE: self._settings.node_id}, done))
                 return
             await delivery.keep_alive()
             await asyncio.sleep(min(1.0, lease / 3))
-        keeper = asyncio.get_running_loop().create_task(self._keep(key, delivery, lease))
+        keeper = asyncio.get_running_loop().create_task(self._keep(key, holder, delivery, lease))
         try:
             result = await work.run(message)
+            encoded = work.encode(message, result)
         except CatgaError as exc:
             keeper.cancel()
-            await self._failed(work, delivery, key, message, exc)
+            await self._failed(work, delivery, key, holder, message, exc)
+            return
+        except Exception as exc:  # validated, yet not JSON (an `Any` result holding some object)
+            keeper.cancel()
+            error = RemoteHandlerError(
+                f"the result of {message.type_name} on node {self._settings.node_id} is not JSON",
+                error_type=type(exc).__name__,
+                node_id=self._settings.node_id,
+            )
+            await self.store.release(key, holder)
+            await self._dead_letter(work, delivery, "invalid", error, message.message_id)
             return
         finally:
             keeper.cancel()
-        encoded = work.encode(message, result)
         if await self.store.commit(key, holder, encoded, work.policy.dedup_window):
             await delivery.ack()
-            await self._answer(envelope, Envelope({STATUS: "ok", NODE: holder}, encoded))
+            await self._answer(envelope, Envelope({STATUS: "ok", NODE: self._settings.node_id}, encoded))
         elif await self.store.done(key) is not None:
             await delivery.ack()  # another node finished it first (this one was paused): keep its result
         else:
@@ -258,17 +277,17 @@ class DurableRunner:
                 message.message_id,
             )
 
-    async def _keep(self, key: str, delivery: DurableDelivery, lease: float) -> None:
+    async def _keep(self, key: str, holder: str, delivery: DurableDelivery, lease: float) -> None:
         while True:
             await asyncio.sleep(lease / 3)
             with contextlib.suppress(TransportError, TimeoutError):
-                await self.store.renew(key, self._settings.node_id, lease)
+                await self.store.renew(key, holder, lease)
                 await delivery.keep_alive()
 
     async def _failed(
-        self, work: _Work, delivery: DurableDelivery, key: str, message: Message, exc: CatgaError
+        self, work: _Work, delivery: DurableDelivery, key: str, holder: str, message: Message, exc: CatgaError
     ) -> None:
-        await self.store.release(key, self._settings.node_id)
+        await self.store.release(key, holder)
         if isinstance(exc, Reject):
             await self._dead_letter(work, delivery, "rejected", exc, message.message_id)
         elif isinstance(exc, MessageValidationError):

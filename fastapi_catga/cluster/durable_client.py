@@ -26,7 +26,7 @@ from fastapi_catga.core.envelope import (
     encode_message,
 )
 from fastapi_catga.core.messages import Accepted, Event, Message, Request, new_message_id
-from fastapi_catga.exceptions import RequestTimeoutError
+from fastapi_catga.exceptions import NodeUnavailableError, RequestTimeoutError
 from fastapi_catga.transports.base import Delivery, Subscription, Transport
 from fastapi_catga.transports.durable import DeadLetter, Queue, QueueKind
 
@@ -50,7 +50,7 @@ class DurableClient:
         self._transport = transport
         self._node_id = node_id
         self._clock = clock
-        self._waiting: dict[str, asyncio.Future[Envelope]] = {}
+        self._waiting: dict[str, list[asyncio.Future[Envelope]]] = {}  # message id -> its waiting sends
         self._subscription: Subscription | None = None
         self.dead_letters = DeadLetters(transport)
 
@@ -61,13 +61,21 @@ class DurableClient:
     async def stop(self) -> None:
         if self._subscription is not None:
             await self._subscription.unsubscribe()
-        for future in self._waiting.values():
-            future.cancel()
+        for message_id, futures in self._waiting.items():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(
+                        NodeUnavailableError(
+                            f"node {self._node_id} stopped while waiting; {message_id} was accepted "
+                            "and still runs",
+                            details={"accepted": True, "message_id": message_id},
+                        )
+                    )
 
     def _on_result(self, delivery: Delivery) -> None:
-        future = self._waiting.get(str(delivery.envelope.headers.get(MESSAGE_ID, "")))
-        if future is not None and not future.done():
-            future.set_result(delivery.envelope)
+        for future in self._waiting.get(str(delivery.envelope.headers.get(MESSAGE_ID, "")), ()):
+            if not future.done():
+                future.set_result(delivery.envelope)
 
     async def _append(self, message: Message, *, wait: bool, dedup_id: str | None = None) -> Accepted:
         envelope = encode_message(message, source=self._node_id, max_payload=self._transport.max_payload)
@@ -98,7 +106,7 @@ class DurableClient:
         deadline = self._clock() + budget
         key = f"{COMMANDS}:{message.message_id}"
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
-        self._waiting[message.message_id] = future
+        self._waiting.setdefault(message.message_id, []).append(future)
         try:
             if (await self._append(message, wait=True)).duplicate:
                 done = await self._transport.durable.done(key)
@@ -127,7 +135,12 @@ class DurableClient:
                         break
             return decode_reply(reply, type(message).result_adapter())
         finally:
-            del self._waiting[message.message_id]
+            waiting = self._waiting[message.message_id]
+            waiting.remove(future)
+            if not waiting:
+                del self._waiting[message.message_id]
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: a stop may have failed it after this send gave up
 
 
 class DeadLetters:

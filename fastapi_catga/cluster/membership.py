@@ -77,6 +77,7 @@ class Membership:
         self._watch_task: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
         self._loops: list[asyncio.Task[None]] = []
+        self._claimed = False  # claim() found this node id free
         self._joined = False  # connection events matter only once start() has joined
         self._stopping = False
         # When this node's own record last came back through the watch (or a sync succeeded): the
@@ -95,16 +96,11 @@ class Membership:
         """Whether start() has joined the cluster (and stop() has not begun)."""
         return self._joined and not self._stopping
 
-    async def start(self, join_timeout: float = 10.0) -> None:
-        """Join: the view is complete when this returns.
+    async def claim(self, join_timeout: float = 10.0) -> None:
+        """Make sure the store works and no live process holds this node's id (an earlier one's
+        record is waited out, up to a TTL); before the node takes traffic, so a twin serves nothing.
 
-        A store that is reachable but not ready (a NATS cluster still electing the new bucket's
-        leader) is retried for up to ``join_timeout`` seconds. A node id still held by an earlier
-        process is waited out, for up to a TTL.
-
-        Raises:
-            TransportError: the membership store did not work within ``join_timeout``.
-            ConfigurationError: a live process holds this node's id.
+        Raises: as `start`.
         """
         await self._until_ready(lambda: self._store.prepare(self.view.ttl), join_timeout)
         await claim_node_id(
@@ -114,6 +110,18 @@ class Membership:
             poll=min(0.5, self.heartbeat_interval / 2),
             clock=self._clock,
         )
+        self._claimed = True
+
+    async def start(self, join_timeout: float = 10.0) -> None:
+        """Join: the view is complete when this returns. Runs `claim` first if it has not run; a
+        store that is reachable but not ready is retried for up to ``join_timeout`` seconds.
+
+        Raises:
+            TransportError: the membership store did not work within ``join_timeout``.
+            ConfigurationError: a live process holds this node's id.
+        """
+        if not self._claimed:
+            await self.claim(join_timeout)
         await self._until_ready(self._sync, join_timeout)
         self._joined = True
         self._loops = [

@@ -4,6 +4,7 @@ stopped in order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -130,12 +131,16 @@ class ClusterNode:
         try:
             await self.transport.connect()
             self._on_connection(self.transport.connected)
+            await self.membership.claim()  # before any traffic: a twin of a live node serves nothing
             await self.responder.start()
             await self.durable.start()
             await self.durable_runner.start()
             await self.membership.start()
         except BaseException:  # a node that failed to start is stopped for good, not a zombie
             self._stopped = self.sender.closed = True
+            self.local_routes.clear()
+            with contextlib.suppress(Exception):
+                await self.membership.stop()
             await self.durable_runner.stop(drain_timeout=0)
             await self.responder.stop(drain_timeout=0)
             await self.transport.aclose()
@@ -145,6 +150,9 @@ class ClusterNode:
         """Leave gracefully: deregister, drain work in flight (its handlers may still send), then
         refuse further calls and close the connection."""
         await self.membership.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         drain = self.settings.drain_timeout
         await asyncio.gather(self.durable_runner.stop(drain), self.responder.stop(drain))
         self._stopped = self.sender.closed = True
@@ -168,7 +176,7 @@ class ClusterNode:
     async def _prepare_durable(self) -> None:
         try:
             await self.durable_runner.prepare()
-        except TransportError as exc:
+        except Exception as exc:
             logger.warning("could not recreate the durable queues after a reconnect (%s); workers retry", exc)
 
     def _update_local_routes(self) -> None:

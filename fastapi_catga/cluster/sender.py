@@ -168,8 +168,8 @@ class Sender:
                     self.view.suspect(target, self._clock())
             except CatgaError as exc:  # the handler's own answer
                 call.errors.append(exc)
-                if not asks_for_retry(exc):
-                    raise
+                if not asks_for_retry(exc) or self._untried(call.message, tried | {target}) == 0:
+                    raise  # returned once; a retryable one only goes on to a node not tried yet
             tried.add(target)
             call.last_target = target
             await self._backoff(call.errors[-1], call.deadline)

@@ -384,3 +384,20 @@ def test_durable_options_are_checked() -> None:
             Durable(**bad)
     with pytest.raises(ValueError, match="delays"):
         CatgaSettings(durable_backoff="1,-2")
+
+
+def test_two_copies_of_one_id_on_one_node_never_run_at_once_and_both_sends_get_the_result() -> None:
+    async def scenario() -> None:
+        _, (a,) = await cluster("a")
+        command = Charge(amount=4, work=3.0)
+        first = asyncio.create_task(a.mediator.send(command, timeout=1.0))
+        await asyncio.sleep(0.5)
+        second = asyncio.create_task(a.mediator.send(command, timeout=10.0))  # a re-send while it runs
+        third = asyncio.create_task(a.mediator.send(command, timeout=10.0))
+        with pytest.raises(RequestTimeoutError):
+            await first
+        assert await second == await third == "charged 4"
+        assert runs[command.message_id] == 1, "the second copy waited for the first run"
+        await a.stop()
+
+    run_virtual(scenario())
