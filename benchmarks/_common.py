@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import atexit
 import contextlib
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -31,8 +34,10 @@ __all__ = [
     "Sample",
     "echo",
     "fmt_rate",
+    "bench_cli",
     "fmt_ratio",
     "kill_all_responders",
+    "loadavg",
     "median_sample",
     "payload_size",
     "run",
@@ -240,3 +245,65 @@ def kill_all_responders() -> None:
         with contextlib.suppress(Exception):
             _stop(proc, 1.0)
     _started.clear()
+
+
+# -- the command line every cross-node benchmark shares ----------------------------------------------
+
+BrokerName = Literal["nats", "redis"]
+#: How one broker is measured, ``(broker, server, args) -> entries``, and how its table is printed.
+BenchBroker = Callable[[BrokerName, Any, argparse.Namespace], Awaitable[Any]]
+PrintTable = Callable[[BrokerName, Any, Any, argparse.Namespace], None]
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages: a busy box makes every ratio noisier."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def bench_cli(
+    name: str,
+    doc: str | None,
+    *,
+    start_server: Callable[[BrokerName], Any],
+    bench_broker: BenchBroker,
+    print_table: PrintTable,
+    header: str = "",
+) -> None:
+    """Parse ``--broker/--seconds/--runs/--inflight/--loop``, measure each broker on a server of its
+    own, print its table, and stop every server and responder, on Ctrl-C and SIGTERM too."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--broker", choices=("nats", "redis", "all"), default="all")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of one timed run (default 3)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement; the median is shown")
+    parser.add_argument("--inflight", type=int, default=100, help="calls in flight for the concurrent column")
+    parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop, here and in responders")
+    args = parser.parse_args()
+    if args.seconds <= 0 or args.runs < 1 or args.inflight < 2:
+        parser.error("--seconds must be > 0, --runs >= 1, --inflight >= 2")
+
+    async def main() -> int:
+        brokers: list[BrokerName] = ["nats", "redis"] if args.broker == "all" else [args.broker]
+        print(
+            f"{name}: Python {platform.python_version()}, {os.cpu_count()} CPUs, {header}loadavg {loadavg()}",
+            flush=True,
+        )
+        for broker in brokers:
+            server = start_server(broker)
+            try:
+                print(f"{broker}: server on {server.url} (pid {server.pid}); measuring...", flush=True)
+                started = time.perf_counter()
+                entries = await bench_broker(broker, server, args)
+                print(f"  {broker} took {time.perf_counter() - started:.0f} s; loadavg now {loadavg()}")
+                print_table(broker, server, entries, args)
+            finally:
+                kill_all_responders()
+                server.close()
+        return 0
+
+    atexit.register(kill_all_responders)  # a safety net; main() stops what it started itself
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        sys.exit(run(main(), args.loop))
+    except KeyboardInterrupt:
+        print("interrupted: the servers and responder processes started here are stopped", file=sys.stderr)
+        sys.exit(130)

@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import contextlib
 import itertools
 import os
-import platform
-import signal
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -46,18 +42,17 @@ from benchmarks import _raw
 from benchmarks._common import (
     CATGA_CLUSTER,
     DATA,
-    LOOPS,
     REPLY_TEXT,
     Echo,
     LoopName,
     Responder,
     Sample,
+    bench_cli,
     fmt_rate,
     fmt_ratio,
-    kill_all_responders,
+    loadavg,
     median_sample,
     payload_size,
-    run,
     run_concurrent,
     run_sequential,
 )
@@ -431,58 +426,14 @@ def start_server(broker: BrokerName) -> ServerProcess:
     return RedisServer(extra_args=REDIS_PERSISTENCE).start()
 
 
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-async def main(args: argparse.Namespace) -> int:
-    brokers: list[BrokerName] = ["nats", "redis"] if args.broker == "all" else [args.broker]
-    print(
-        f"bench_durable: Python {platform.python_version()}, {os.cpu_count()} CPUs, "
-        f"hiredis {'on' if HIREDIS_AVAILABLE else 'off'}, loadavg {loadavg()}",
-        flush=True,
-    )
-    for broker in brokers:
-        server = start_server(broker)
-        try:
-            print(f"{broker}: server on {server.url} (pid {server.pid}); measuring...", flush=True)
-            started = time.perf_counter()
-            entries = await bench_broker(broker, server, args.seconds, args.runs, args.inflight, args.loop)
-            print(f"  {broker} took {time.perf_counter() - started:.0f} s; loadavg now {loadavg()}")
-            print_table(broker, server, entries, args)
-        finally:
-            kill_all_responders()
-            server.close()
-    return 0
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--broker", choices=("nats", "redis", "all"), default="all")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one timed run (default 3)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement; the median is shown")
-    parser.add_argument("--inflight", type=int, default=100, help="calls in flight for the concurrent column")
-    parser.add_argument(
-        "--loop", choices=LOOPS, default="asyncio", help="event loop, here and in the responder"
-    )
-    args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.runs < 1 or args.inflight < 2:
-        parser.error("--seconds must be > 0, --runs >= 1, --inflight >= 2")
-    return args
-
-
-def _sigterm_as_sigint(signum: int, frame: object) -> None:
-    signal.raise_signal(signal.SIGINT)  # asyncio.Runner then cancels main(): its clean-up runs
-
-
 if __name__ == "__main__":
-    atexit.register(kill_all_responders)  # a safety net; main() stops what it started itself
-    signal.signal(signal.SIGTERM, _sigterm_as_sigint)
-    parsed = parse_args(sys.argv[1:])
-    try:
-        sys.exit(run(main(parsed), parsed.loop))
-    except KeyboardInterrupt:
-        print("interrupted: the servers and responder processes started here are stopped", file=sys.stderr)
-        sys.exit(130)
+    bench_cli(
+        "bench_durable",
+        __doc__,
+        start_server=start_server,
+        bench_broker=lambda broker, server, args: bench_broker(
+            broker, server, args.seconds, args.runs, args.inflight, args.loop
+        ),
+        print_table=print_table,
+        header=f"hiredis {'on' if HIREDIS_AVAILABLE else 'off'}, ",
+    )
