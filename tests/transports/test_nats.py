@@ -9,10 +9,8 @@ import logging
 import shutil
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
@@ -29,32 +27,12 @@ from fastapi_catga.transports.base import Delivery, MemberEvent, MemberWatch, Tr
 from fastapi_catga.transports.nats import NatsTransport
 from tests.polling import eventually
 from tests.servers import NatsServer, free_port
+from tests.transports.conftest import OpenNats
 from tests.transports.contract import Connect, TransportContract, echo
 
 pytestmark = pytest.mark.nats
 
-Open = Callable[..., Awaitable[NatsTransport]]
-
-
-@pytest.fixture
-def cluster() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-async def open_nats(cluster: str) -> AsyncIterator[Open]:
-    """Connects NatsTransports (the test's cluster name unless given) and closes them afterwards."""
-    made: list[NatsTransport] = []
-
-    async def open_nats(servers: str, **options: Any) -> NatsTransport:
-        transport = NatsTransport(servers, **{"cluster": cluster, **options})
-        made.append(transport)
-        await transport.connect()
-        return transport
-
-    yield open_nats
-    for transport in made:
-        await transport.aclose()
+Open = OpenNats
 
 
 class TestNatsTransport(TransportContract):

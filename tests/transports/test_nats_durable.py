@@ -7,8 +7,6 @@ import asyncio
 import logging
 import shutil
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,33 +24,13 @@ from fastapi_catga.transports.nats.leases import kv_key
 from fastapi_catga.transports.nats.pull import NatsConsumer
 from fastapi_catga.transports.nats.streams import safe_name
 from tests.servers import NatsServer
+from tests.transports.conftest import OpenNats
 from tests.transports.durable_contract import CMD, LEASE, DurableContract, MakeStore, envelope, fetch_all
 
 pytestmark = pytest.mark.nats
 
-Open = Callable[..., Awaitable[NatsTransport]]
+Open = OpenNats
 EVT = Queue("evt", "orders.Placed", "mail")
-
-
-@pytest.fixture
-def cluster() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-async def open_nats(cluster: str) -> AsyncIterator[Open]:
-    """Connects NatsTransports on the test's cluster name and closes them afterwards."""
-    made: list[NatsTransport] = []
-
-    async def open_nats(servers: str, **options: Any) -> NatsTransport:
-        transport = NatsTransport(servers, **{"cluster": cluster, **options})
-        made.append(transport)
-        await transport.connect()
-        return transport
-
-    yield open_nats
-    for transport in made:
-        await transport.aclose()
 
 
 @pytest.fixture(params=["2.15", "2.9"])

@@ -5,7 +5,6 @@ import importlib
 import json
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -55,11 +54,6 @@ async def make(redis_server: RedisServer, cluster: str) -> AsyncIterator[Make]:
     yield make
     for transport in made:
         await transport.aclose()
-
-
-@pytest.fixture
-def cluster() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture
