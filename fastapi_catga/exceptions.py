@@ -8,6 +8,7 @@ CatgaError
 ├── MessageValidationError (ValueError)    the message does not match its schema, or is not a message
 ├── MessageTooLargeError (ValueError)      the encoded message is over the payload limit; nothing sent
 ├── NodeUnavailableError (ConnectionError) no live node can take it, or the named node is unknown or dead
+│   └── IncompatibleSchemaError            the nodes that handle it run an incompatible schema of it
 ├── RequestTimeoutError (TimeoutError)     the deadline passed before an answer came
 ├── RemoteHandlerError                     the handler raised (on another node, or in this process)
 ├── RetryableError                         raised by a handler: another attempt (or node) may succeed
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigurationError",
     "DuplicateHandlerError",
     "HandlerNotFoundError",
+    "IncompatibleSchemaError",
     "MessageTooLargeError",
     "MessageValidationError",
     "NoResponderError",
@@ -118,6 +120,14 @@ class NodeUnavailableError(CatgaError, ConnectionError):
     code = "node_unavailable"
 
 
+class IncompatibleSchemaError(NodeUnavailableError):
+    """The only nodes that handle the type run a schema of it this node's message (or result)
+    does not fit: a rolling upgrade with an incompatible change. ``details`` maps each such node to
+    what differs; nothing was sent."""
+
+    code = "incompatible_schema"
+
+
 class RequestTimeoutError(CatgaError, TimeoutError):
     """The deadline passed before any node answered."""
 
@@ -199,6 +209,7 @@ _BY_CODE: dict[str, type[CatgaError]] = {
         MessageValidationError,
         MessageTooLargeError,
         NodeUnavailableError,
+        IncompatibleSchemaError,
         RequestTimeoutError,
         RemoteHandlerError,
         RetryableError,

@@ -43,6 +43,11 @@ class CatgaSettings(BaseSettings):
     metadata: dict[str, str] = Field(
         default_factory=dict, description="JSON object of extra metadata strings"
     )
+    app_version: str = Field(
+        "",
+        max_length=64,
+        description="Your app's version, shown in /catga/nodes and in logs (rolling upgrades)",
+    )
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between heartbeats")
     node_ttl: float = Field(15.0, gt=0, description="Seconds without a heartbeat after which a node is dead")
     request_timeout: float = Field(30.0, gt=0, description="Total deadline of one send, seconds")

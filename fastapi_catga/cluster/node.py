@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastapi_catga.cluster.compat import SchemaCheck
 from fastapi_catga.cluster.durable import DurableRunner
 from fastapi_catga.cluster.durable_client import DeadLetters, DurableClient, is_durable
 from fastapi_catga.cluster.membership import Membership
@@ -22,6 +23,7 @@ from fastapi_catga.core.envelope import encode_message
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer
+from fastapi_catga.core.schemas import schema_of
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -67,6 +69,7 @@ class ClusterNode:
         self.settings = settings
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
+        types = {t.type_name: t for t in (*dispatcher.requests, *dispatcher.registry.events)}
         info = NodeInfo(
             node_id=settings.node_id,
             endpoint=settings.endpoint,
@@ -74,8 +77,11 @@ class ClusterNode:
             handles=sorted(t.type_name for t in dispatcher.requests),
             events=sorted(t.type_name for t in dispatcher.registry.events),
             version=version,
+            app_version=settings.app_version,
+            schemas={name: schema_of(types[name]).text for name in sorted(types)},
         )
-        self.view = ClusterView(info, settings.node_ttl, on_change=self._update_local_routes)
+        schemas = SchemaCheck(types)
+        self.view = ClusterView(info, settings.node_ttl, on_change=self._update_local_routes, schemas=schemas)
         self.membership = Membership(
             transport,
             self.view,
@@ -230,6 +236,7 @@ class ClusterNode:
                 f"publish() takes an Event, not {type(event).__name__}; send() requests"
             )
         self.sender.budget(None)
+        self.view.learn(type(event))
         if is_durable(type(event)):
             await self.durable.publish(event)  # every handler group runs it from the broker, this node's too
             return

@@ -106,6 +106,7 @@ class Sender:
                 f"send() takes a Command or Query, not {type(message).__name__}; publish() events"
             )
         budget = self.budget(timeout)
+        self.view.learn(type(message))
         call = Call(message, self._clock() + budget, budget)
         if self.observer is not None:
             return await self._observed_send(call, node_id)
@@ -133,6 +134,8 @@ class Sender:
             raise NodeUnavailableError(f"node {node_id!r} is unknown or dead; live nodes: {known}")
         if call.message.type_name not in node.handles:
             raise HandlerNotFoundError(f"node {node_id} has no handler for {call.message.type_name}")
+        if (refused := self.view.incompatible(call.message.type_name, node_id)) is not None:
+            raise refused
         try:
             return await self._patient_attempt(call, node_id, 1, math.inf)
         except AttemptFailed as failed:
@@ -145,6 +148,8 @@ class Sender:
 
     async def _send_any(self, call: Call) -> Any:
         candidates = self.view.capable(call.message.type_name)
+        if not candidates and (refused := self.view.incompatible(call.message.type_name)) is not None:
+            raise refused  # rather than a decode error over there, or a wait for the queue group
         if any(node.node_id != self.node_id for node in candidates):
             # The same size rule wherever the router lands: encode now, once, for every attempt.
             call.envelope(self.node_id, self.transport.max_payload)
@@ -244,6 +249,7 @@ class Sender:
                 f"broadcast() takes a Command or Query, not {type(message).__name__}"
             )
         budget = self.budget(timeout)
+        self.view.learn(type(message))
         call = Call(message, self._clock() + budget, budget)
         if self.observer is None:
             return await self._broadcast(call)

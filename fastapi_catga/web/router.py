@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
+from pydantic import Field
 
 from fastapi_catga.bootstrap import Catga
 from fastapi_catga.core.nodes import NodeInfo
@@ -19,14 +20,28 @@ catga_router = APIRouter(prefix="/catga", tags=["catga"])
 CatgaDep = Annotated[Catga, Depends(get_catga)]
 
 
-@catga_router.get("/nodes", response_model=list[NodeInfo], summary="Live nodes, this one included")
-async def list_nodes(catga: CatgaDep) -> list[NodeInfo]:
-    return await catga.mediator.get_nodes()
+class NodeStatus(NodeInfo):
+    """A live node as the answering node sees it."""
+
+    incompatible: dict[str, str] = Field(
+        default_factory=dict,
+        description="Message types this node does not send there: their schemas differ incompatibly "
+        "(what differs, per type). See docs/production.md, Rolling upgrades",
+    )
 
 
-@catga_router.get("/nodes/current", response_model=NodeInfo, summary="The node that answers")
-async def current_node(catga: CatgaDep) -> NodeInfo:
-    return await catga.mediator.get_current_node()
+@catga_router.get("/nodes", response_model=list[NodeStatus], summary="Live nodes, this one included")
+async def list_nodes(catga: CatgaDep) -> list[NodeStatus]:
+    view = catga.node.view
+    return [
+        NodeStatus(**node.model_dump(), incompatible=view.schemas.incompatibilities(node))
+        for node in await catga.mediator.get_nodes()
+    ]
+
+
+@catga_router.get("/nodes/current", response_model=NodeStatus, summary="The node that answers")
+async def current_node(catga: CatgaDep) -> NodeStatus:
+    return NodeStatus(**(await catga.mediator.get_current_node()).model_dump())
 
 
 @catga_router.get(
