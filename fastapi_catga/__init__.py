@@ -59,7 +59,7 @@ from fastapi_catga.web.admin import catga_admin_router
 from fastapi_catga.web.dashboard import DashboardObserver, catga_dashboard_router
 from fastapi_catga.web.dependencies import MediatorDep, get_mediator
 from fastapi_catga.web.lifespan import catga_lifespan
-from fastapi_catga.web.router import catga_router
+from fastapi_catga.web.router import catga_cluster_router, catga_health_router, catga_router
 
 __all__ = [
     "__version__",
@@ -68,7 +68,9 @@ __all__ = [
     "CallNext",
     "Catga",
     "catga_admin_router",
+    "catga_cluster_router",
     "catga_dashboard_router",
+    "catga_health_router",
     "catga_lifespan",
     "catga_router",
     "CatgaError",
