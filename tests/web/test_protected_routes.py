@@ -142,3 +142,21 @@ def test_the_split_routers_are_catga_router_without_duplicates() -> None:
     assert whole["paths"]["/catga/health"]["get"]["security"] == [{"APIKeyHeader": []}]
     assert split["paths"]["/catga/nodes"]["get"]["security"] == [{"APIKeyHeader": []}]
     assert "security" not in split["paths"]["/catga/health"]["get"]
+
+
+def test_the_readme_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.web import protected_app
+
+    monkeypatch.setenv("OPS_API_KEY", API_KEY)
+    app = protected_app.app
+    monkeypatch.setattr(
+        app.router, "lifespan_context", catga_lifespan(handlers=[], transport=InMemoryTransport())
+    )
+    with TestClient(app) as client:
+        assert client.get("/catga/health").status_code == 200
+        for route in ROUTES:
+            if route not in ("/catga/health", "/catga/metrics"):  # no metrics observer there: 404
+                assert client.get(route).status_code == 401, route
+                assert client.get(route, headers={"X-API-Key": "guess"}).status_code == 403, route
+                assert client.get(route, headers={"X-API-Key": API_KEY}).status_code == 200, route
+        assert client.get("/catga/metrics").status_code == 401
