@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from fastapi_catga.core.messages import Event, Message
 from fastapi_catga.core.nodes import NodeInfo
@@ -23,12 +24,14 @@ class SchemaCheck:
     nothing says otherwise. Each (peer, type) found incompatible is logged once, as a warning.
 
     Args:
-        local: this node's message classes by type name.
+        local: the message classes this node handles.
     """
 
-    def __init__(self, local: dict[str, type[Message]]) -> None:
-        self._local: dict[str, TypeSchema] = {name: schema_of(cls) for name, cls in local.items()}
-        self._classes = dict(local)
+    def __init__(self, local: Iterable[type[Message]] = ()) -> None:
+        self._local: dict[str, TypeSchema] = {}
+        self._classes: dict[str, type[Message]] = {}
+        for message_type in local:
+            self.learn(message_type)
         # Comparisons are pure: cached by what was compared (few distinct schemas per type).
         self._verdicts: dict[tuple[str, str], tuple[str, ...]] = {}
         self._warned: set[tuple[str, str, str]] = set()
@@ -39,7 +42,11 @@ class SchemaCheck:
         if self._classes.get(name) is message_type:
             return False
         self._classes[name] = message_type
-        self._local[name] = schema_of(message_type)
+        schema = schema_of(message_type)
+        if schema is None:
+            self._local.pop(name, None)
+        else:
+            self._local[name] = schema
         return True
 
     def problems(self, node: NodeInfo, type_name: str) -> tuple[str, ...]:

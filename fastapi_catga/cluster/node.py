@@ -23,7 +23,7 @@ from fastapi_catga.core.envelope import encode_message
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer
-from fastapi_catga.core.schemas import schema_of
+from fastapi_catga.core.schemas import advertised
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -69,7 +69,7 @@ class ClusterNode:
         self.settings = settings
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
-        types = {t.type_name: t for t in (*dispatcher.requests, *dispatcher.registry.events)}
+        types = [*dispatcher.requests, *dispatcher.registry.events]
         info = NodeInfo(
             node_id=settings.node_id,
             endpoint=settings.endpoint,
@@ -78,7 +78,7 @@ class ClusterNode:
             events=sorted(t.type_name for t in dispatcher.registry.events),
             version=version,
             app_version=settings.app_version,
-            schemas={name: schema_of(types[name]).text for name in sorted(types)},
+            schemas=advertised(types),
         )
         schemas = SchemaCheck(types)
         self.view = ClusterView(info, settings.node_ttl, on_change=self._update_local_routes, schemas=schemas)

@@ -44,7 +44,7 @@ class ClusterView:
         schemas: SchemaCheck | None = None,
     ) -> None:
         self.self_info = self_info
-        self.schemas = schemas or SchemaCheck({})
+        self.schemas = schemas or SchemaCheck()
         self.ttl = ttl
         self.stale = False
         self._on_change = on_change

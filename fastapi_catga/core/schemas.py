@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 from urllib.parse import quote, unquote
 
+from pydantic.errors import PydanticInvalidForJsonSchema
+
 from fastapi_catga.core.messages import Message, Request
 
-__all__ = ["Shape", "TypeSchema", "problems", "schema_of"]
+__all__ = ["Shape", "TypeSchema", "advertised", "problems", "schema_of"]
 
 #: Keywords that document a schema but change nothing about what validates.
 _NOTES = frozenset({"title", "description", "examples", "default", "deprecated", "$comment"})
@@ -152,22 +155,31 @@ class TypeSchema:
 
 
 @cache
-def schema_of(message_type: type[Message]) -> TypeSchema:
-    """The schema a node advertises for a message type (computed once per class)."""
-    message = message_type.model_json_schema(mode="validation")
-    result_schema: dict[str, Any] | None = None
-    if issubclass(message_type, Request):
-        result_schema = message_type.result_adapter().json_schema(mode="validation")
-    canonical = [
-        _canonical(message, message.get("$defs", {})),
-        None if result_schema is None else _canonical(result_schema, result_schema.get("$defs", {})),
-    ]
+def schema_of(message_type: type[Message]) -> TypeSchema | None:
+    """The schema a node advertises for a message type (computed once per class); None when
+    pydantic has no JSON schema for it (an arbitrary type inside): such a type is not compared."""
+    try:
+        message = message_type.model_json_schema(mode="validation")
+        result: dict[str, Any] | None = None
+        if issubclass(message_type, Request):
+            result = message_type.result_adapter().json_schema(mode="validation")
+    except PydanticInvalidForJsonSchema:
+        return None
+    canonical = [_canonical(message, message.get("$defs", {}))]
+    if result is not None:
+        canonical.append(_canonical(result, result.get("$defs", {})))
     schema = TypeSchema(
         _digest(canonical, _FINGERPRINT),
         Shape.of(message, skip=frozenset({"message_id"})),
-        None if result_schema is None else Shape.of(result_schema),
+        None if result is None else Shape.of(result),
     )
     return TypeSchema(schema.fingerprint, schema.message, schema.result, schema.encode())
+
+
+def advertised(message_types: Iterable[type[Message]]) -> dict[str, str]:
+    """What a membership record carries: each type's schema string, by type name."""
+    schemas = ((t.type_name, schema_of(t)) for t in message_types)
+    return {name: schema.text for name, schema in sorted(schemas, key=lambda pair: pair[0]) if schema}
 
 
 def problems(mine: TypeSchema, theirs: TypeSchema, peer: str) -> list[str]:

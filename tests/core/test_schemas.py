@@ -9,12 +9,18 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from fastapi_catga import Command, Event, Message, NodeInfo, Query
-from fastapi_catga.core.schemas import Shape, TypeSchema, problems, schema_of
+from fastapi_catga.core.schemas import Shape, TypeSchema, advertised, problems, schema_of
+
+
+def schema(message_type: type[Message]) -> TypeSchema:
+    found = schema_of(message_type)
+    assert found is not None
+    return found
 
 
 def between(writer: type[Message], reader: type[Message]) -> list[str]:
     """What keeps a node with ``writer`` from sending to a node with ``reader`` (its peer, "b")."""
-    return problems(schema_of(writer), schema_of(reader), "node b")
+    return problems(schema(writer), schema(reader), "node b")
 
 
 class Line(BaseModel):
@@ -96,13 +102,13 @@ class PlaceStrict(Command[Receipt]):  # extra="forbid": refuses fields it does n
 
 
 def test_the_same_schema_has_the_same_fingerprint_whatever_its_notes() -> None:
-    assert schema_of(PlaceV1Documented).fingerprint == schema_of(PlaceV1).fingerprint
+    assert schema(PlaceV1Documented).fingerprint == schema(PlaceV1).fingerprint
     assert between(PlaceV1, PlaceV1Documented) == []
-    assert len(schema_of(PlaceV1).fingerprint) == 12
+    assert len(schema(PlaceV1).fingerprint) == 12
 
 
 def test_an_added_optional_field_is_compatible_both_ways() -> None:
-    assert schema_of(PlaceOptional).fingerprint != schema_of(PlaceV1).fingerprint
+    assert schema(PlaceOptional).fingerprint != schema(PlaceV1).fingerprint
     assert between(PlaceV1, PlaceOptional) == []
     assert between(PlaceOptional, PlaceV1) == []
 
@@ -160,7 +166,7 @@ class OptionalCount(Query[int | None]):
 
 
 def test_a_result_that_is_not_a_model_compares_as_a_whole() -> None:
-    assert schema_of(CountV1).result == Shape(value=schema_of(CountV1).result.value)  # type: ignore[union-attr]
+    assert schema(CountV1).result == Shape(value=schema(CountV1).result.value)  # type: ignore[union-attr]
     assert between(CountV1, CountV2) == ["result type differs between this node and node b"]
     assert between(CountV1, OptionalCount) == ["result type differs between this node and node b"]
 
@@ -177,7 +183,7 @@ class ShippedV2(Event):
 
 
 def test_events_compare_their_message_only() -> None:
-    assert schema_of(ShippedV1).result is None
+    assert schema(ShippedV1).result is None
     assert between(ShippedV1, ShippedV2) == [
         "message field 'carrier': required on node b, absent on this node"
     ]
@@ -192,10 +198,10 @@ class Odd(Command[None]):
 
 
 def test_the_record_string_round_trips_any_field_name() -> None:
-    schema = schema_of(Odd)
-    assert TypeSchema.decode(schema.text) == schema
-    assert set(schema.message.fields or {}) == {"a,b:c|d?e=!f%", "plain"}
-    assert schema.message.fields["plain"][1] is False  # type: ignore[index]
+    odd = schema(Odd)
+    assert TypeSchema.decode(odd.text) == odd
+    assert set(odd.message.fields or {}) == {"a,b:c|d?e=!f%", "plain"}
+    assert odd.message.fields["plain"][1] is False  # type: ignore[index]
 
 
 @pytest.mark.parametrize("text", ["", "abc", "abc|x", "|a:1|", "abc|:12|", "abc|name:|"])
@@ -229,7 +235,7 @@ def make_types(count: int) -> list[type[Command[Receipt]]]:
 def test_the_membership_record_of_an_app_with_20_types_stays_small() -> None:
     types = make_types(20)
     bare = NodeInfo(node_id="orders-7f3a9c1e", handles=sorted(t.type_name for t in types))
-    full = bare.model_copy(update={"schemas": {t.type_name: schema_of(t).text for t in types}})
+    full = bare.model_copy(update={"schemas": {t.type_name: schema(t).text for t in types}})
     size, before = len(full.model_dump_json()), len(bare.model_dump_json())
     per_type = (size - before) / 20
     print(f"record: {before} B without schemas, {size} B with 20 types ({per_type:.0f} B per type)")
@@ -237,3 +243,17 @@ def test_the_membership_record_of_an_app_with_20_types_stays_small() -> None:
     assert size < 3500
     sample = json.loads(full.model_dump_json())["schemas"]["Op0"]
     assert sample.count("|") == 2 and "note?:" in sample
+
+
+class Opaque:
+    pass
+
+
+class Carries(Command[int]):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    thing: Opaque | None = None
+
+
+def test_a_type_without_a_json_schema_is_not_advertised_nor_compared() -> None:
+    assert schema_of(Carries) is None
+    assert advertised([Carries, PlaceV1]) == {"orders.place": schema(PlaceV1).text}
