@@ -34,6 +34,9 @@ __all__ = ["Responder", "event_subject", "node_subject", "type_subject"]
 logger = logging.getLogger(__name__)
 
 QUEUE_GROUP = "catga"
+# "Busy" replies not yet handed to the broker; more means the broker takes no replies either, and a
+# request is then dropped unanswered (its caller times out) rather than let tasks pile up.
+_MAX_BUSY_REPLIES = 1000
 _CANCEL_GRACE = 1.0  # s a stopping node waits for cancelled handler runs to end before abandoning them
 
 
@@ -63,9 +66,9 @@ class Responder:
     interval per kind. An ``observer``, if any, is told about each run, drop and refusal.
 
     Each run takes a slot of ``limits``. A request with no slot free is answered "busy" at once,
-    by a small reply task and nothing else (the caller moves on to another node); at most
-    ``limits.limit`` such replies are outstanding, beyond that a request is dropped unanswered
-    (its caller times out) rather than let memory grow. Events wait in the limits' bounded queue.
+    by a small reply task and nothing else (the caller moves on to another node); at most a
+    thousand such replies are outstanding, beyond that a request is dropped unanswered (its
+    caller times out) rather than let memory grow. Events wait in the limits' bounded queue.
     """
 
     def __init__(
@@ -184,7 +187,7 @@ class Responder:
         error = self._limits.refused(type_name)
         if delivery.reply is None:
             return
-        if self._busy_replies >= self._limits.limit:  # the broker takes no replies: keep memory flat
+        if self._busy_replies >= _MAX_BUSY_REPLIES:  # the broker takes no replies: keep memory flat
             self.stats["busy_unanswered"] += 1
             return
         self._busy_replies += 1
