@@ -290,7 +290,7 @@ def test_the_in_process_path_meets_the_same_limits() -> None:
         await until(lambda: solo.node.limits.in_flight == 2)
         with pytest.raises(BusyError, match="node solo is busy"):  # the node's 2
             await solo.mediator.send(Hold())
-        assert await asyncio.gather(first, second) == ["solo", "solo"]
+        assert list(await asyncio.gather(first, second)) == ["solo", "solo"]
         assert solo.node.limits.in_flight == 0
         await solo.stop()
 
