@@ -17,6 +17,7 @@ counts = {"started": 0, "finished": 0}
 
 class Slow(Command[str]):
     delay: float = 0.0
+    pad: str = ""  # makes each request weigh what real ones do
 
 
 @handler
