@@ -21,7 +21,7 @@ from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
 from fastapi_catga.core.envelope import encode_message
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
-from fastapi_catga.core.observe import Observer
+from fastapi_catga.core.observe import Observer, observed_events
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -262,7 +262,10 @@ class ClusterNode:
                     f"within {self.settings.request_timeout:g} s"
                 )
         if self.dispatcher.handles(type(event)):
-            await self.dispatcher.handle_event(event)
+            if self.observer is None:
+                await self.dispatcher.handle_event(event)
+            else:  # in the publisher's context, as an attempt routed to this node
+                await observed_events(self.observer, event, {}, lambda: self.dispatcher.handle_event(event))
         if failure is not None:
             raise failure
 
