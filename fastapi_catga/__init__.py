@@ -37,6 +37,7 @@ from fastapi_catga.core.messages import (
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.pipeline import CallNext, PipelineBehavior
 from fastapi_catga.exceptions import (
+    BusyError,
     CatgaError,
     ConfigurationError,
     DuplicateHandlerError,
@@ -64,6 +65,7 @@ __all__ = [
     "__version__",
     "Accepted",
     "build",
+    "BusyError",
     "CallNext",
     "Catga",
     "catga_admin_router",

@@ -2,6 +2,7 @@
 
 ```
 CatgaError
+├── BusyError                              the node(s) had no room for another handler run: try later
 ├── ConfigurationError (ValueError)        bad settings, bad handler declarations
 │   └── DuplicateHandlerError              a second handler for a command or query
 ├── HandlerNotFoundError (LookupError)     no handler for this message type, here or anywhere
@@ -29,6 +30,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "BusyError",
     "CatgaError",
     "ConfigurationError",
     "DuplicateHandlerError",
@@ -80,6 +82,20 @@ class CatgaError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class BusyError(CatgaError):
+    """No room: the node (every node tried, for a ``send``) already runs as many handlers as its
+    ``CATGA_MAX_IN_FLIGHT*`` limits allow. Nothing ran; the web layer answers 503 with ``Retry-After``.
+
+    A node's own "busy" reply moves a ``send`` on to another node at once. A handler may raise it
+    too (say, for a downstream service that is full): that is the handler's answer, returned once.
+    """
+
+    code = "busy"
+    retryable = True  # later, or elsewhere: the retry behavior may try it again in place
+    #: Seconds after which trying again makes sense (the ``Retry-After`` of a 503 answer).
+    retry_after: ClassVar[int] = 1
 
 
 class ConfigurationError(CatgaError, ValueError):
@@ -193,6 +209,7 @@ _BY_CODE: dict[str, type[CatgaError]] = {
     cls.code: cls
     for cls in (
         CatgaError,
+        BusyError,
         ConfigurationError,
         DuplicateHandlerError,
         HandlerNotFoundError,

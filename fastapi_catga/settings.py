@@ -80,6 +80,15 @@ class CatgaSettings(BaseSettings):
     handler_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated modules whose @handler functions to register"
     )
+    max_in_flight: int = Field(
+        1000, ge=0, description="Handler runs at once on this node; beyond it requests get busy (0: no limit)"
+    )
+    max_in_flight_per_type: int = Field(
+        0, ge=0, description="Handler runs of one message type at once on this node (0: the node's limit)"
+    )
+    max_queued_events: int = Field(
+        10_000, ge=0, description="Received events waiting for a handler slot; more are dropped and counted"
+    )
 
     @field_validator("durable_backoff", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi_catga.cluster.durable import DurableRunner
 from fastapi_catga.cluster.durable_client import DeadLetters, DurableClient, is_durable
+from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.cluster.membership import Membership
 from fastapi_catga.cluster.responder import Responder, event_subject
 from fastapi_catga.cluster.routing import strategy_named
@@ -84,8 +85,23 @@ class ClusterNode:
             wall_clock=wall_clock,
             observer=observer,
         )
+        #: Handler slots: every path that runs a handler here takes one (durable runs excepted:
+        #: ``CATGA_DURABLE_CONCURRENCY`` bounds them).
+        self.limits = HandlerLimits(
+            settings.max_in_flight,
+            settings.max_in_flight_per_type,
+            settings.max_queued_events,
+            dispatcher.types.values(),
+            node_id=settings.node_id,
+            observer=observer,
+        )
         self.responder = Responder(
-            transport, dispatcher, max_payload=transport.max_payload, wall_clock=wall_clock, observer=observer
+            transport,
+            dispatcher,
+            max_payload=transport.max_payload,
+            limits=self.limits,
+            wall_clock=wall_clock,
+            observer=observer,
         )
         self._connected = asyncio.Event()
         self.sender = Sender(
@@ -98,6 +114,7 @@ class ClusterNode:
             connected=self._connected,
             clock=clock,
             wall_clock=wall_clock,
+            limits=self.limits,
             observer=observer,
         )
         self.durable_runner = DurableRunner(transport, dispatcher, settings, observer=observer)
@@ -105,6 +122,7 @@ class ClusterNode:
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.
         self.local_routes: dict[type[Message], Pipeline] = {}
+        self._limited = {t: self.limits.guard(p, t.type_name) for t, p in dispatcher.requests.items()}
         self._update_local_routes()
         transport.add_connection_listener(self._on_connection)
 
@@ -186,9 +204,9 @@ class ClusterNode:
         for node in self.view.nodes()[1:]:
             remote.update(node.handles)
         self.local_routes.clear()
-        for message_type, pipeline in self.dispatcher.requests.items():
+        for message_type in self.dispatcher.requests:
             if message_type.type_name not in remote and not is_durable(message_type):
-                self.local_routes[message_type] = pipeline
+                self.local_routes[message_type] = self._limited[message_type]  # same limit, same "busy"
 
     # -- the mediator's port ----------------------------------------------------------------------
 
@@ -292,5 +310,11 @@ class ClusterNode:
             "node_id": self.node_id,
             "members": len(self.view.nodes()),
             "view_stale": self.view.stale,
-            "stats": {**self.responder.stats, "bad_frames": self.transport.bad_frames},
+            "stats": {
+                **self.responder.stats,
+                **self.limits.stats,
+                "in_flight": self.limits.in_flight,
+                "events_waiting": self.limits.events_waiting,
+                "bad_frames": self.transport.bad_frames,
+            },
         }

@@ -88,6 +88,10 @@ class Observer:
     def bad_message(self, kind: str) -> None:
         """A received message could not be run (malformed, unknown type, wrong kind): ``kind`` names why."""
 
+    def overloaded(self, type_name: str, outcome: str) -> None:
+        """This node had no handler slot (``CATGA_MAX_IN_FLIGHT*``): ``outcome`` is ``busy`` (a
+        request was refused, its caller moves on) or ``dropped`` (an event overflowed the queue)."""
+
     def member_joined(self, node_id: str, size: int) -> None:
         """A node joined this node's view; ``size`` members now."""
 
@@ -168,6 +172,10 @@ class _Fanout(Observer):
     def bad_message(self, kind: str) -> None:
         for observer in self.observers:
             observer.bad_message(kind)
+
+    def overloaded(self, type_name: str, outcome: str) -> None:
+        for observer in self.observers:
+            observer.overloaded(type_name, outcome)
 
     def member_joined(self, node_id: str, size: int) -> None:
         for observer in self.observers:

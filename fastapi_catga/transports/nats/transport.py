@@ -42,8 +42,11 @@ logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")  # a bucket name, and a single subject token
 _NO_RESPONDERS = "503"  # the status the server sends to a request's inbox when nobody listens
-_PENDING_MSGS = 1_000_000  # per subscription, before nats-py drops messages as a slow consumer
-_PENDING_BYTES = 512 * 1024 * 1024
+# Per subscription, before nats-py drops messages as a slow consumer (counted, logged): a bound on
+# what a node holds unread when its event loop falls behind. A node that only has no handler slot
+# free still reads at full speed; it answers "busy" (see `cluster.responder`).
+_PENDING_MSGS = 65_536
+_PENDING_BYTES = 64 * 1024 * 1024
 _FLUSH_TIMEOUT = 2  # s, for the PING round trips that confirm a (un)subscribe
 
 
