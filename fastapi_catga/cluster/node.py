@@ -23,7 +23,7 @@ from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
 from fastapi_catga.core.envelope import encode_message
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
-from fastapi_catga.core.observe import Observer
+from fastapi_catga.core.observe import Observer, observed_events
 from fastapi_catga.core.schemas import advertised
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
@@ -124,7 +124,7 @@ class ClusterNode:
             observer=observer,
         )
         self.durable_runner = DurableRunner(transport, dispatcher, settings, observer=observer)
-        self.durable = DurableClient(transport, settings.node_id, clock)
+        self.durable = DurableClient(transport, settings.node_id, clock, observer=observer)
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.
         self.local_routes: dict[type[Message], Pipeline] = {}
@@ -287,7 +287,10 @@ class ClusterNode:
                     f"within {self.settings.request_timeout:g} s"
                 )
         if self.dispatcher.handles(type(event)):
-            await self.dispatcher.handle_event(event)
+            if self.observer is None:
+                await self.dispatcher.handle_event(event)
+            else:  # in the publisher's context, as an attempt routed to this node
+                await observed_events(self.observer, event, {}, lambda: self.dispatcher.handle_event(event))
         if failure is not None:
             raise failure
 

@@ -16,13 +16,14 @@ same task, so a tracer may make its span current in between.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
-from fastapi_catga.core.messages import Message
-from fastapi_catga.exceptions import CatgaError
+from fastapi_catga.core.messages import Event, Message
+from fastapi_catga.exceptions import CatgaError, RemoteHandlerError
 
-__all__ = ["MetricsSource", "Observer", "combine", "outcome_of"]
+__all__ = ["MetricsSource", "Observer", "combine", "observed_events", "outcome_of"]
 
 
 def outcome_of(error: BaseException | None) -> str:
@@ -67,11 +68,13 @@ class Observer:
         """A send moves on from ``node_id`` to another node after ``error``."""
 
     def inject(self, headers: dict[str, str]) -> None:
-        """Add trace context to the headers of a message about to leave (the current attempt's)."""
+        """Add trace context to the headers of a message about to leave (the current attempt's), or
+        to be stored (a durable message's: its runs get them back in `handle_started`)."""
 
     def handle_started(self, message: Message, headers: Mapping[str, str]) -> object:
-        """A handler is about to run here for a received message (``headers`` are its envelope's;
-        empty for an attempt routed to this node, which runs in the sender's context)."""
+        """A handler is about to run here for a received message (``headers`` are its envelope's, as
+        stored for a durable one; empty for an attempt routed to this node or this node's own
+        handlers of an event it publishes, which run in the sender's context)."""
         return None
 
     def handle_ended(
@@ -193,6 +196,22 @@ class _Fanout(Observer):
     def dead_lettered(self, type_name: str, reason: str) -> None:
         for observer in self.observers:
             observer.dead_lettered(type_name, reason)
+
+
+async def observed_events(
+    observer: Observer, event: Event, headers: Mapping[str, str], run: Callable[[], Awaitable[int]]
+) -> int:
+    """Run an event's handlers here (``run`` returns how many failed), told as one handler run."""
+    token = observer.handle_started(event, headers)
+    started = time.perf_counter()
+    try:
+        failed = await run()
+    except BaseException as exc:  # cancelled at shutdown
+        observer.handle_ended(token, event, time.perf_counter() - started, exc)
+        raise
+    error = RemoteHandlerError(f"{failed} handler(s) of {event.type_name} failed") if failed else None
+    observer.handle_ended(token, event, time.perf_counter() - started, error)
+    return failed
 
 
 def combine(observers: Iterable[Observer]) -> Observer | None:
