@@ -28,6 +28,8 @@ _WAYS = (
     "CATGA_NATS_NKEY_SEED_FILE",
     "CATGA_NATS_CREDS_FILE",
 )
+_CHECK_TLS = "check CATGA_NATS_TLS_CA, CATGA_NATS_TLS_CERT and CATGA_NATS_TLS_KEY"
+_CHECK_AUTH = f"check {', '.join(_WAYS)}, or the user in CATGA_NATS_URL"
 #: Words of the server's -ERR lines that mean "your credentials were refused".
 _REFUSED = ("authorization", "authentication", "revoked")
 
@@ -97,14 +99,16 @@ def refusal(exc: BaseException) -> str | None:
 
     A refusal will not go away by itself, so the first connect stops at it rather than retrying.
     """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the TLS handshake failed ({exc.reason}: {exc.verify_message}); {_CHECK_TLS}"
     if isinstance(exc, ssl.SSLError):
-        return f"the TLS handshake failed ({exc.reason or exc})"
+        return f"the TLS handshake failed ({exc.reason or exc}); {_CHECK_TLS}"
     if isinstance(exc, nats.errors.AuthorizationError):
-        return "the server refused the credentials (authorization violation)"
-    if isinstance(exc, nats.errors.Error | ssl.CertificateError):
+        return f"the server refused the credentials (authorization violation); {_CHECK_AUTH}"
+    if isinstance(exc, nats.errors.Error):
         text = str(exc).removeprefix("nats: ").strip("'\" ")
-        if isinstance(exc, ssl.CertificateError) or any(word in text.lower() for word in _REFUSED):
-            return f"the server refused the credentials ({text})"
+        if any(word in text.lower() for word in _REFUSED):
+            return f"the server refused the credentials ({text}); {_CHECK_AUTH}"
     return None
 
 

@@ -9,6 +9,7 @@ Each loss and each return is told to the listeners of the `ConnectionState`, onc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -25,6 +26,8 @@ from fastapi_catga.transports.nats.auth import NatsAuth, refusal
 __all__ = ["NatsConnection"]
 
 logger = logging.getLogger(__name__)
+
+_CLOSE_TIMEOUT = 1.0  # s, for closing a client whose first connect failed
 
 
 class _Refused(Exception):
@@ -132,7 +135,10 @@ class NatsConnection:
     async def _fail(self) -> None:
         self.state.close()
         if self.nc is not None:
-            await self.nc.close()
+            # After a failed TLS handshake asyncio's stream never finishes closing: bound the wait.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await self.nc.close()
 
     # -- nats-py's callbacks (it wants them async) ---------------------------------------------------
 
@@ -141,7 +147,9 @@ class NatsConnection:
             self.slow_consumers += 1
         refused = refusal(exc)
         if self._opening and refused is not None:
-            # nats-py would try again and again until connect_timeout: end the first connect now.
+            # nats-py would try again and again until connect_timeout: end the first connect now
+            # (once: closing the client may report the same error again).
+            self._opening = False
             raise _Refused(refused) from exc
         text = f"{type(exc).__name__}: {exc}"
         # The same error again (each reconnect attempt while the server is down) is only DEBUG.
