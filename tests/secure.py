@@ -25,7 +25,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.servers import DEBIAN_REDIS_BIN, RedisServer, debian_redis_7_binary
+from tests.servers import RedisServer, debian_redis_7_binary, probe_line
+
+__all__ = [
+    "LockedRedisServer",
+    "Operator",
+    "Pki",
+    "TlsRedisServer",
+    "issue_jwt",
+    "make_pki",
+    "new_nkey",
+    "tls_redis_binary",
+]
 
 # -- certificates ------------------------------------------------------------------------------------
 
@@ -295,13 +306,9 @@ class TlsRedisServer(RedisServer):
             return False
 
 
-__all__ = [
-    "DEBIAN_REDIS_BIN",
-    "Operator",
-    "Pki",
-    "TlsRedisServer",
-    "issue_jwt",
-    "make_pki",
-    "new_nkey",
-    "tls_redis_binary",
-]
+class LockedRedisServer(RedisServer):
+    """redis-server that wants a password (``--requirepass``, or ACL users with ``default`` off):
+    it is up when it answers PING with -NOAUTH."""
+
+    def answers(self, timeout: float = 0.5) -> bool:
+        return probe_line(self.port, b"PING\r\n", b"-NOAUTH", timeout)

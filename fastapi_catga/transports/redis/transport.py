@@ -38,7 +38,7 @@ from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver,
 from fastapi_catga.transports.base import ConnectionListener, ConnectionState, Delivery, DeliveryCallback
 from fastapi_catga.transports.redis.connections import command_pool, private_connection, security_options
 from fastapi_catga.transports.redis.durable import RedisDurable
-from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason, redis_errors
+from fastapi_catga.transports.redis.errors import BROKER_ERRORS, connect_failure, redis_errors
 from fastapi_catga.transports.redis.membership import RedisMembers
 from fastapi_catga.transports.redis.reader import ChannelReader
 from fastapi_catga.transports.redis.routes import end_with, take_route, with_route
@@ -184,7 +184,8 @@ class RedisTransport:
         """Connect, subscribe the reply and membership channels, start the reader and writer tasks.
 
         Raises:
-            TransportError: nothing answered at the URL within ``connect_timeout``.
+            TransportError: nothing answered at the URL within ``connect_timeout``, or the server
+                refused the credentials or the TLS handshake (the message says which).
         """
         if self._state.closed:
             raise TransportError("this Redis transport was closed; create a new one")
@@ -195,7 +196,8 @@ class RedisTransport:
                 await self._reader.open()
         except BROKER_ERRORS as exc:
             await self._reader.aclose()
-            raise TransportError(f"cannot connect to Redis at {self._where}: {reason(exc)}") from exc
+            why = connect_failure(exc, tls=self.url.startswith("rediss:"))
+            raise TransportError(f"cannot connect to Redis at {self._where}: {why}") from exc
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reader.run()), loop.create_task(self._writer.run())]
         self._state.tell(True)
