@@ -5,21 +5,38 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
-from fastapi_catga import CatgaError, CatgaSettings, Query, build, handler
+from fastapi_catga import CatgaError, CatgaSettings, Command, Durable, Query, build, handler
 from fastapi_catga.exceptions import ConfigurationError, TransportError
+from tests.polling import eventually
 
 
 class Ping(Query[str]):
     text: str
 
 
+class Note(Command[None]):
+    """Durable: its queue, lease and done record need the broker's streams (JetStream, Redis Streams)
+    and the rights to them."""
+
+    durable: ClassVar[Durable | bool] = Durable(attempts=2, backoff=(0.2,), lease=5, dedup_window=60)
+    text: str
+
+
+noted: list[str] = []
+
+
 @handler
 async def pong(query: Ping) -> str:
     return f"pong {query.text}"
+
+
+@handler
+async def note(command: Note) -> None:
+    noted.append(command.text)
 
 
 def settings(cluster: str, node_id: str, fields: dict[str, Any]) -> CatgaSettings:
@@ -36,8 +53,9 @@ def settings(cluster: str, node_id: str, fields: dict[str, Any]) -> CatgaSetting
 
 
 async def join_and_round_trip(cluster: str, fields: dict[str, Any]) -> None:
-    """Two nodes with these settings meet through the broker, and a send crosses from one to the other."""
-    server_side = build(settings(cluster, "b", fields), handlers=[pong])
+    """Two nodes with these settings meet through the broker, a send crosses from one to the other,
+    and a durable command is stored and run."""
+    server_side = build(settings(cluster, "b", fields), handlers=[pong, note])
     client_side = build(settings(cluster, "a", fields), handlers=[])
     await server_side.start()
     try:
@@ -45,6 +63,8 @@ async def join_and_round_trip(cluster: str, fields: dict[str, Any]) -> None:
         try:
             assert client_side.node.view.get("b") is not None, "node a did not see node b join"
             assert await client_side.mediator.send(Ping(text="over the wire")) == "pong over the wire"
+            await client_side.mediator.enqueue(Note(text=cluster))
+            await eventually(lambda: cluster in noted, within=10, message="the durable command never ran")
         finally:
             await client_side.stop()
     finally:
