@@ -31,6 +31,7 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver, frame
 from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, Reply
+from fastapi_catga.transports.nats.auth import NatsAuth
 from fastapi_catga.transports.nats.connection import NatsConnection
 from fastapi_catga.transports.nats.durable import NatsDurable
 from fastapi_catga.transports.nats.errors import NatsErrors
@@ -88,6 +89,7 @@ class NatsTransport:
         ping_interval: seconds between pings; two unanswered pings count as a lost connection.
         reconnect_wait: seconds between reconnect attempts to one server (they never stop).
         connection_name: the connection's name in the server's monitoring.
+        auth: credentials (user and password, token, nkey seed or .creds file) and TLS files.
     """
 
     name = "nats"
@@ -103,6 +105,7 @@ class NatsTransport:
         ping_interval: float = 5.0,
         reconnect_wait: float = 0.5,
         connection_name: str | None = None,
+        auth: NatsAuth | None = None,
     ) -> None:
         if not _NAME.fullmatch(cluster):
             raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]+ for NATS")
@@ -113,6 +116,7 @@ class NatsTransport:
             reconnect_wait=reconnect_wait,
             connection_name=connection_name,
             on_lost=self._on_lost,
+            auth=auth,
         )
         self.servers = self._connection.servers
         self.cluster = cluster
