@@ -3,7 +3,7 @@ and for durable queues a pool without retries plus a private connection per bloc
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.connection import AbstractConnection
@@ -12,14 +12,23 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
+from fastapi_catga.transports.redis.locate import LocatedConnection, Locator
 
 __all__ = ["command_pool", "once_pool", "private_connection", "reopen"]
 
 
 def command_pool(
-    url: str, *, max_connections: int, timeout: float, health_check_interval: float
+    url: str,
+    *,
+    max_connections: int,
+    timeout: float,
+    health_check_interval: float,
+    locator: Locator | None = None,
 ) -> BlockingConnectionPool:
     """The pool for membership commands: callers wait for a free connection, up to ``timeout``.
+
+    With a ``locator`` (Sentinel, Redis Cluster), every connection made from this pool, or copied
+    from its options (`once_pool`, `private_connection`), asks it for the server at each connect.
 
     Raises:
         ConfigurationError: ``url`` is no Redis URL.
@@ -35,9 +44,14 @@ def command_pool(
             # Membership commands are safe to repeat: a few quick retries ride out a server restart.
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
             retry_on_error=[OSError],
+            **_located(locator),
         )
     except ValueError as exc:
         raise ConfigurationError(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
+
+
+def _located(locator: Locator | None) -> dict[str, Any]:
+    return {} if locator is None else {"connection_class": LocatedConnection, "locator": locator}
 
 
 def once_pool(

@@ -3,6 +3,8 @@
 It holds every subscription and PINGs when idle, to notice a frozen server. When the connection
 breaks it calls ``on_lost``, reconnects, subscribes every channel again and calls ``on_back``.
 (UN)SUBSCRIBE commands are written by the tasks that ask for them and confirmed by the reader.
+On a Redis Cluster of 7.0 or later the commands are the sharded ones (``SSUBSCRIBE``...); a
+``sunsubscribe`` nobody asked for means the slot moved: the reader reconnects, to its new owner.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports._shared import fail
 from fastapi_catga.transports.redis.connections import reopen
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason
+from fastapi_catga.transports.redis.locate import PubSubCommands
 
 __all__ = ["RECONNECT_DELAYS", "ChannelReader"]
 
@@ -28,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: Pauses between reconnect attempts; the last one repeats, so a returning server is seen within ~0.5 s.
 RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5)
+
+# The replies of sharded pub/sub, as their plain kinds.
+_KINDS = {b"ssubscribe": b"subscribe", b"sunsubscribe": b"unsubscribe", b"smessage": b"message"}
 
 
 class ChannelReader:
@@ -43,6 +49,7 @@ class ChannelReader:
         on_message: called with the channel and data of each message, on the reader's task.
         on_lost: called when the connection broke, before reconnecting.
         on_back: called once reconnected with every channel subscribed.
+        commands: plain or sharded pub/sub.
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class ChannelReader:
         on_message: Callable[[bytes, bytes], None],
         on_lost: Callable[[], None],
         on_back: Callable[[], None],
+        commands: PubSubCommands | None = None,
     ) -> None:
         self._connection = connection
         self._pool = pool
@@ -67,6 +75,8 @@ class ChannelReader:
         self._on_message = on_message
         self._on_lost = on_lost
         self._on_back = on_back
+        self._commands = commands or PubSubCommands(None)
+        self._relocate = False
         self._confirming: dict[tuple[bytes, bytes], asyncio.Future[None]] = {}  # (b"subscribe", channel)
 
     async def open(self) -> None:
@@ -74,11 +84,11 @@ class ChannelReader:
         connection = self._connection
         await reopen(connection)
         channels = list(self._channels())
-        await connection.send_command("SUBSCRIBE", *channels, check_health=False)
+        await connection.send_command(self._commands.name("SUBSCRIBE"), *channels, check_health=False)
         unconfirmed = len(channels)
         while unconfirmed:
             response = await connection.read_response()
-            unconfirmed -= response[0] == b"subscribe"
+            unconfirmed -= _KINDS.get(response[0], response[0]) == b"subscribe"
             self._handle(response)
 
     async def confirmed(self, command: Literal["SUBSCRIBE", "UNSUBSCRIBE"], channel: bytes) -> None:
@@ -88,7 +98,7 @@ class ChannelReader:
         done = self._confirming[(command.lower().encode(), channel)] = (
             asyncio.get_running_loop().create_future()
         )
-        await self._connection.send_command(command, channel, check_health=False)
+        await self._connection.send_command(self._commands.name(command), channel, check_health=False)
         await done
 
     def fail_confirmations(self, error: TransportError) -> None:
@@ -96,6 +106,10 @@ class ChannelReader:
         for done in self._confirming.values():
             fail(done, error)
         self._confirming.clear()
+
+    def relocate(self) -> None:
+        """A command was answered ``MOVED``: reconnect (to where the locator says) at the next read."""
+        self._relocate = True
 
     async def aclose(self) -> None:
         """Close the connection (once `run` has ended)."""
@@ -120,6 +134,9 @@ class ChannelReader:
         pinged = False
         while True:
             response = await self._connection.read_response(timeout=self._idle)
+            if self._relocate:
+                self._relocate = False
+                raise RedisConnectionError("the slot moved to another Redis Cluster node")
             if response is not None:
                 pinged = False
                 self._handle(response)
@@ -145,8 +162,11 @@ class ChannelReader:
 
     def _handle(self, response: Any) -> None:
         match response:
-            case [b"message", channel, data]:
+            case [bytes() as kind, channel, data] if _KINDS.get(kind, kind) == b"message":
                 self._on_message(channel, data)
-            case [b"subscribe" | b"unsubscribe" as kind, channel, _]:
-                if (done := self._confirming.pop((kind, channel), None)) and not done.done():
+            case [b"subscribe" | b"unsubscribe" | b"ssubscribe" | b"sunsubscribe" as kind, channel, _]:
+                done = self._confirming.pop((_KINDS.get(kind, kind), channel), None)
+                if done is None and kind == b"sunsubscribe":  # Redis dropped it: the slot moved
+                    raise RedisConnectionError(f"Redis dropped the shard channel {channel!r}: the slot moved")
+                if done and not done.done():
                     done.set_result(None)

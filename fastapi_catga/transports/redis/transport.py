@@ -1,9 +1,10 @@
 """`RedisTransport`: messaging over Redis pub/sub, and the membership store on the same server.
 
-Subjects map to channels ``catga:<cluster>:<subject>``. Pub/sub has no headers: a message is the
-envelope as `core.envelope.pack` frames it, one JSON line of headers, a newline, the body; a request
-also carries the requester's reply channel and a correlation id in those headers. ``PUBLISH``
-answering 0 means nobody listens: `NoResponderError` at once.
+Subjects map to channels ``catga:{<cluster>}:<subject>``: the hash tag puts every key and channel
+of a cluster in one Redis Cluster slot (`urls` says how the URL picks the server). Pub/sub has no
+headers: a message is the envelope as `core.envelope.pack` frames it, one JSON line of headers, a
+newline, the body; a request also carries the requester's reply channel and a correlation id in
+those headers. ``PUBLISH`` answering 0 means nobody listens: `NoResponderError` at once.
 
 Two private connections carry the messaging, each owned by one task: the `ChannelReader` holds
 every subscription, the `PublishWriter` sends every ``PUBLISH``. Membership commands
@@ -19,8 +20,7 @@ import functools
 import logging
 import re
 import uuid
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -38,9 +38,11 @@ from fastapi_catga.transports.base import ConnectionListener, ConnectionState, D
 from fastapi_catga.transports.redis.connections import command_pool, private_connection
 from fastapi_catga.transports.redis.durable import RedisDurable
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason, redis_errors
+from fastapi_catga.transports.redis.locate import PubSubCommands
 from fastapi_catga.transports.redis.membership import RedisMembers
 from fastapi_catga.transports.redis.reader import ChannelReader
 from fastapi_catga.transports.redis.routes import end_with, take_route, with_route
+from fastapi_catga.transports.redis.urls import target
 from fastapi_catga.transports.redis.writer import PublishWriter
 
 __all__ = ["RedisTransport"]
@@ -67,7 +69,9 @@ class RedisTransport:
     layer picks a node by its own view and sends to that node's direct subject.
 
     Args:
-        url: a ``redis://`` (or ``rediss://``, ``unix://``) URL; its password never shows in messages.
+        url: a ``redis://`` (or ``rediss://``, ``unix://``) URL; ``redis+sentinel://`` for the master
+            that Sentinels name, ``redis+cluster://`` for a Redis Cluster (see `urls`). Its password
+            never shows in messages.
         cluster: namespaces every channel and key, so clusters can share one server.
         max_payload: the largest envelope sent, in bytes; a larger one is refused before sending.
         connect_timeout: the bound on connecting, and on every single command (nested retries in
@@ -97,14 +101,18 @@ class RedisTransport:
             raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]{{1,64}}")
         self._where = where = redact_url(url)
         self._timeout = connect_timeout
+        found = target(url, cluster=cluster, timeout=connect_timeout)
+        self._locator = found.locator
+        commands = PubSubCommands(found.locator)
         self._pool = command_pool(
-            url,
+            found.url,
             max_connections=max_connections,
             timeout=connect_timeout,
             health_check_interval=health_check_interval,
+            locator=found.locator,
         )
         self._state = ConnectionState()
-        self._members = RedisMembers(Redis(connection_pool=self._pool), cluster, self._command)
+        self._members = RedisMembers(Redis(connection_pool=self._pool), cluster, self._command, commands)
         self._durable = RedisDurable(
             self._pool,
             cluster,
@@ -113,7 +121,7 @@ class RedisTransport:
             max_connections=max_connections,
             timeout=connect_timeout,
         )
-        self._prefix = f"catga:{cluster}:"
+        self._prefix = f"catga:{{{cluster}}}:"
         self._inbox = f"{self._prefix}reply.{uuid.uuid4().hex}"
         self._internal: dict[bytes, Callable[[Envelope], None]] = {
             self._inbox.encode(): self._on_reply,
@@ -132,8 +140,11 @@ class RedisTransport:
             on_message=self._on_message,
             on_lost=self._on_lost,
             on_back=functools.partial(self._state.tell, True),
+            commands=commands,
         )
-        self._writer = PublishWriter(private_connection(self._pool), where=where, timeout=connect_timeout)
+        self._writer = PublishWriter(
+            private_connection(self._pool), where=where, timeout=connect_timeout, commands=commands
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -165,11 +176,19 @@ class RedisTransport:
             state = "closed" if self._state.closed else "not connected, or reconnecting"
             raise TransportError(f"Redis transport for {self._where} is {state}")
 
-    def _command(self, what: str, extra: float = 0.0) -> AbstractAsyncContextManager[None]:
+    @contextlib.asynccontextmanager
+    async def _command(self, what: str, extra: float = 0.0) -> AsyncIterator[None]:
         """Check the connection, then bound the block by the command timeout (plus ``extra`` seconds,
-        for a blocking read) and translate errors."""
+        for a blocking read) and translate errors. ``MOVED`` (the Redis Cluster slot has another
+        owner now) makes the subscriber reconnect, which locates the owner for every connection."""
         self._check()
-        return redis_errors(what, self._where, self._timeout + extra)
+        try:
+            async with redis_errors(what, self._where, self._timeout + extra):
+                yield
+        except TransportError as exc:
+            if str(exc.__cause__).startswith("MOVED"):
+                self._reader.relocate()
+            raise
 
     async def connect(self) -> None:
         """Connect, subscribe the reply and membership channels, start the reader and writer tasks.
@@ -205,6 +224,8 @@ class RedisTransport:
         await self._reader.aclose()
         await self._durable.aclose()
         await self._pool.aclose()
+        if self._locator is not None:
+            await self._locator.aclose()
 
     def _lost(self, error: TransportError) -> None:
         """Fail what waits on the subscriber connection, end the watches, tell the listeners."""
