@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import MovedError
 
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, unpack
 from fastapi_catga.core.logs import redact_url
@@ -186,7 +187,7 @@ class RedisTransport:
             async with redis_errors(what, self._where, self._timeout + extra):
                 yield
         except TransportError as exc:
-            if str(exc.__cause__).startswith("MOVED"):
+            if isinstance(exc.__cause__, MovedError):
                 self._reader.relocate()
             raise
 
