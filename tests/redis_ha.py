@@ -3,11 +3,13 @@ and three Sentinels (`sentinel_setup`), or a Redis Cluster of three primaries (`
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -87,7 +89,7 @@ def sentinel_setup(binary: str | None = None) -> SentinelSetup:
         )
         setup.sentinels = [SentinelServer(primary.port, binary).start() for _ in range(3)]
         for sentinel in setup.sentinels:
-            _wait(lambda port=sentinel.port: _knows_everyone(port), 30, f"sentinel {sentinel.port} ready")
+            _wait(functools.partial(_knows_everyone, sentinel.port), 30, f"sentinel {sentinel.port} ready")
     except BaseException:
         setup.close()
         raise
@@ -128,14 +130,16 @@ def redis_cluster(binary: str, primaries: int = 3) -> list[RedisServer]:
         if done.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}\n{done.stderr}")
         for server in servers:
-            _wait(
-                lambda port=server.port: _info(port, "cluster").get("cluster_state") == "ok", 30, "cluster ok"
-            )
+            _wait(functools.partial(_cluster_ok, server.port), 30, f"cluster node {server.port} ok")
     except BaseException:
         for server in servers:
             server.close()
         raise
     return servers
+
+
+def _cluster_ok(port: int) -> bool:
+    return _info(port, "cluster").get("cluster_state") == "ok"
 
 
 def _cluster_port() -> int:
@@ -152,7 +156,7 @@ def _cli(binary: str) -> str:
     return str(beside) if beside.exists() else find_binary("redis-cli", "REDIS_CLI_BIN")
 
 
-def _info(port: int, section: str) -> dict[str, object]:
+def _info(port: int, section: str) -> dict[str, Any]:
     """``INFO <section>`` (or ``CLUSTER INFO``) as a dict."""
     with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as client:
         if section != "cluster":

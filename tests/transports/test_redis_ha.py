@@ -184,15 +184,19 @@ async def test_every_key_and_channel_lives_on_the_shard_of_the_cluster_slot(
     await a.durable.append("cmd", "Work", Envelope({"catga-id": uuid.uuid4().hex}, b"{}"), dedup_id="1")
     client = await owner(cluster_nodes, cluster)
     try:
-        keys = {key.decode() for key in await client.keys("catga:*")}
+        keys = {_text(key) for key in await client.keys("catga:*")}
         assert {f"catga:{{{cluster}}}:node:a", f"catga:{{{cluster}}}:dur:cmd:Work"} <= keys
         sharded = cluster_nodes[0].version_info >= (7,)
-        listing = ("PUBSUB", "SHARDCHANNELS") if sharded else ("PUBSUB", "CHANNELS")
-        channels = {channel.decode() for channel in await client.execute_command(*listing, "catga:*")}
+        listing = client.pubsub_shardchannels if sharded else client.pubsub_channels
+        channels = {_text(channel) for channel in await listing("catga:*")}
         assert f"catga:{{{cluster}}}:node.b" in channels
         assert f"catga:{{{cluster}}}:members:events" in channels
         if sharded:  # nothing left on the plain channels, which a Redis Cluster copies to every node
-            assert await client.execute_command("PUBSUB", "CHANNELS", "catga:*") == []
+            assert await client.pubsub_channels("catga:*") == []
     finally:
         await client.aclose()
     assert await a.members.list() == {"a": b"{}"}
+
+
+def _text(name: bytes | str) -> str:
+    return name.decode() if isinstance(name, bytes) else name
