@@ -1,0 +1,192 @@
+"""Catga clusters on highly available Redis, real processes on loopback: a Sentinel failover under
+load (kill -9 of the primary), and a 2-node cluster on a 3-primary Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from fastapi_catga import Catga, CatgaError, CatgaSettings, build
+from fastapi_catga.transports.redis import RedisTransport
+from tests.cluster import workload
+from tests.cluster.conftest import NodeTag
+from tests.polling import eventually
+from tests.redis_ha import SentinelSetup, redis_cluster, sentinel_setup
+from tests.servers import RedisServer, debian_redis_7_binary
+
+pytestmark = pytest.mark.redis
+
+logger = logging.getLogger(__name__)
+
+#: The deadline of each send under load, and how late past it a send may end on a loaded machine.
+SEND_TIMEOUT = 2.0
+MARGIN = 1.0
+
+StartNodes = Callable[[str, int], Awaitable[list[Catga]]]
+
+
+@pytest.fixture
+async def start_nodes() -> AsyncIterator[StartNodes]:
+    """Start ``count`` catga nodes on ``url`` (cluster ``ha``); every one is stopped after the test."""
+    started: list[Catga] = []
+
+    async def start(url: str, count: int) -> list[Catga]:
+        nodes = []
+        for index in range(count):
+            settings = CatgaSettings(
+                transport="redis",
+                redis_url=url,
+                cluster="ha",
+                node_id=f"n{index}",
+                heartbeat_interval=0.5,
+                node_ttl=3.0,
+                request_timeout=SEND_TIMEOUT,
+            )
+            node = build(settings, handlers=[workload], behaviors=[NodeTag(f"n{index}")])
+            await node.start()
+            started.append(node)
+            nodes.append(node)
+        await eventually(lambda: all_see_all(nodes), within=10, message="every node sees every node")
+        return nodes
+
+    yield start
+    for node in started:
+        await node.stop()
+
+
+def all_see_all(nodes: list[Catga]) -> bool:
+    names = {node.settings.node_id for node in nodes}
+    return all({info.node_id for info in node.node.nodes()} == names for node in nodes)
+
+
+def connected(nodes: list[Catga]) -> bool:
+    return all(isinstance(t := node.node.transport, RedisTransport) and t.connected for node in nodes)
+
+
+# -- Sentinel failover -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sentinels() -> Iterator[SentinelSetup]:
+    setup = sentinel_setup()
+    yield setup
+    setup.close()
+
+
+@dataclass
+class Sent:
+    started: float
+    took: float
+    error: str | None  # the error's class name, or None for a success
+
+
+async def keep_sending(sender: Catga, targets: list[str], sent: list[Sent], stop: asyncio.Event) -> None:
+    """Send `Work` to each target in turn, each send bounded by its deadline, until ``stop``."""
+    turn = 0
+    while not stop.is_set():
+        target = targets[turn % len(targets)]
+        turn += 1
+        started = time.monotonic()
+        try:
+            assert await sender.mediator.send_to_node(workload.Work(), target, timeout=SEND_TIMEOUT) == target
+            error = None
+        except CatgaError as exc:
+            error = type(exc).__name__
+        sent.append(Sent(started, time.monotonic() - started, error))
+        if error is not None:
+            await asyncio.sleep(0.05)  # a failing send is fast: do not spin
+
+
+async def test_a_sentinel_failover_under_load_reconnects_every_node_to_the_promoted_replica(
+    sentinels: SentinelSetup, start_nodes: StartNodes
+) -> None:
+    nodes = await start_nodes(sentinels.url, 3)
+    sent: list[Sent] = []
+    stop = asyncio.Event()
+    names = [node.settings.node_id for node in nodes]
+    senders = [
+        asyncio.create_task(keep_sending(node, [n for n in names if n != node.settings.node_id], sent, stop))
+        for node in nodes
+        for _ in range(3)  # three senders per node
+    ]
+    try:
+        await eventually(lambda: sum(s.error is None for s in sent) >= 100, within=10, message="warm up")
+        assert all(s.error is None for s in sent), Counter(s.error for s in sent)
+
+        sentinels.primary.kill()  # kill -9
+        killed = time.monotonic()
+        await eventually(lambda: not connected(nodes), within=5, message="the nodes saw the primary go")
+        await eventually(lambda: connected(nodes), within=30, message="every node reconnected")
+        reconnected = time.monotonic() - killed
+        await eventually(lambda: all_see_all(nodes), within=10, message="every view is whole again")
+        whole = time.monotonic() - killed
+        assert sentinels.master_port() == sentinels.replica.port  # the replica was promoted
+
+        after = time.monotonic()
+        await eventually(
+            lambda: sum(s.error is None and s.started > after for s in sent) >= 100,
+            within=10,
+            message="sends succeed again",
+        )
+    finally:
+        stop.set()
+        await asyncio.gather(*senders)
+
+    late = [s for s in sent if s.took > SEND_TIMEOUT + MARGIN]
+    assert not late, (
+        f"{len(late)} sends outlived their deadline, the worst by {max(s.took for s in late):.2f} s"
+    )
+    failed = Counter(s.error for s in sent if s.error is not None)
+    during = [s for s in sent if s.started >= killed]
+    logger.warning(
+        "sentinel failover: reconnected %.2f s after kill -9, views whole at %.2f s; %d sends, %d failed "
+        "(%s), each within %.2f s (deadline %.1f s)",
+        reconnected,
+        whole,
+        len(during),
+        sum(failed.values()),
+        dict(failed),
+        max(s.took for s in sent),
+        SEND_TIMEOUT,
+    )
+    recovered = [s for s in sent if s.started > after]  # sent once every view was whole again
+    assert all(s.error is None for s in recovered), Counter(s.error for s in recovered)
+
+
+# -- Redis Cluster -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster_nodes() -> Iterator[list[RedisServer]]:
+    nodes = redis_cluster(debian_redis_7_binary())
+    yield nodes
+    for node in nodes:
+        node.close()
+
+
+async def test_a_catga_cluster_on_a_redis_cluster_sends_publishes_and_broadcasts(
+    cluster_nodes: list[RedisServer], start_nodes: StartNodes
+) -> None:
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in cluster_nodes)
+    a, b = await start_nodes(url, 2)  # every node sees every node: membership works
+
+    assert await a.mediator.send_to_node(workload.Work(), "n1") == "n1"
+    assert await b.mediator.send_to_node(workload.Work(), "n0") == "n0"
+    results: Counter[Any] = Counter([await a.mediator.send(workload.Work()) for _ in range(10)])
+    assert set(results) == {"n0", "n1"}  # round robin over both
+
+    event = workload.Happened(what="x")
+    await a.mediator.publish(event)
+    expected = {(node, event.message_id) for node in ("n0", "n1", "n0/2", "n1/2")}
+    await eventually(
+        lambda: expected <= set(workload.events_seen), within=5, message="both nodes ran the event"
+    )
+
+    assert await a.mediator.broadcast(workload.Work()) == {"n0": "n0", "n1": "n1"}
