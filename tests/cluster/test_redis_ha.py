@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+from redis.exceptions import MovedError
 
 from fastapi_catga import Catga, CatgaError, CatgaSettings, build
 from fastapi_catga.transports.redis import RedisTransport
@@ -105,8 +109,9 @@ async def keep_sending(sender: Catga, targets: list[str], sent: list[Sent], stop
 
 
 async def test_a_sentinel_failover_under_load_reconnects_every_node_to_the_promoted_replica(
-    sentinels: SentinelSetup, start_nodes: StartNodes
+    sentinels: SentinelSetup, start_nodes: StartNodes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "fastapi_catga.transports.redis.reader")
     nodes = await start_nodes(sentinels.url, 3)
     sent: list[Sent] = []
     stop = asyncio.Event()
@@ -128,6 +133,7 @@ async def test_a_sentinel_failover_under_load_reconnects_every_node_to_the_promo
         await eventually(lambda: all_see_all(nodes), within=10, message="every view is whole again")
         whole = time.monotonic() - killed
         assert sentinels.master_port() == sentinels.replica.port  # the replica was promoted
+        assert caplog.text.count(f"(now 127.0.0.1:{sentinels.replica.port})") == len(nodes)
 
         after = time.monotonic()
         await eventually(
@@ -190,3 +196,51 @@ async def test_a_catga_cluster_on_a_redis_cluster_sends_publishes_and_broadcasts
     )
 
     assert await a.mediator.broadcast(workload.Work()) == {"n0": "n0", "n1": "n1"}
+
+
+async def test_a_catga_cluster_follows_its_slot_to_another_shard(
+    cluster_nodes: list[RedisServer], start_nodes: StartNodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "fastapi_catga.transports.redis.reader")
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in cluster_nodes)
+    a, b = await start_nodes(url, 2)
+    source, target = move_slot(cluster_nodes, key_slot(b"ha"))
+
+    # MOVED (membership commands) or sunsubscribe (sharded pub/sub) makes each node reconnect there.
+    await eventually(
+        lambda: caplog.text.count(f"(now 127.0.0.1:{target})") >= 2, within=10, message="both nodes moved"
+    )
+    await eventually(lambda: connected([a, b]) and all_see_all([a, b]), within=10, message="views whole")
+    assert await a.mediator.send_to_node(workload.Work(), "n1") == "n1"
+    assert await b.mediator.send_to_node(workload.Work(), "n0") == "n0"
+    async with aioredis.Redis(port=source) as old, aioredis.Redis(port=target) as new:
+        assert await old.pubsub_shardchannels("catga:*") == []
+        assert len(await new.pubsub_shardchannels("catga:*")) >= 4  # two nodes, two inboxes, events
+
+
+#: redis-py leaves it without types.
+run: Callable[..., Any] = redis.Redis.execute_command
+
+
+def move_slot(nodes: list[RedisServer], slot: int) -> tuple[int, int]:
+    """Migrate ``slot`` (and its keys) from its owner to another primary, as ``redis-cli --cluster
+    reshard`` does; return both ports."""
+    clients = {node.port: redis.Redis(port=node.port, decode_responses=True) for node in nodes}
+    try:
+        try:
+            clients[nodes[0].port].get("catga:{ha}:probe")
+            source = nodes[0].port
+        except MovedError as exc:
+            source = int(exc.port)
+        target = next(port for port in clients if port != source)
+        ids = {port: str(run(client, "CLUSTER", "MYID")) for port, client in clients.items()}
+        run(clients[target], "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        run(clients[source], "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        while keys := run(clients[source], "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            run(clients[source], "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for port in sorted(clients, key=lambda port: port != target):  # the new owner first
+            run(clients[port], "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+    finally:
+        for client in clients.values():
+            client.close()
+    return source, target

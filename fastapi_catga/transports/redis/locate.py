@@ -27,7 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-__all__ = ["LocatedConnection", "Locator", "PubSubCommands", "SentinelLocator"]
+__all__ = ["LocatedConnection", "Locator", "PubSubCommands", "SentinelLocator", "located"]
 
 # redis-py leaves these without types: typed here, once.
 _socket_connect: Callable[[Connection], Awaitable[None]] = Connection._connect
@@ -60,6 +60,13 @@ class LocatedConnection(Connection):
     async def _connect(self) -> None:
         self.host, self.port = await self.locator.locate(self)
         await _socket_connect(self)
+
+
+def located(connection: object) -> str:
+    """`` (now host:port)`` for a located connection, for logs: where a failover took it."""
+    if isinstance(connection, LocatedConnection):
+        return f" (now {connection.host}:{connection.port})"
+    return ""
 
 
 class PubSubCommands:

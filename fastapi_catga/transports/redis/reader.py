@@ -23,7 +23,7 @@ from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports._shared import fail
 from fastapi_catga.transports.redis.connections import reopen
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason
-from fastapi_catga.transports.redis.locate import PubSubCommands
+from fastapi_catga.transports.redis.locate import PubSubCommands, located
 
 __all__ = ["RECONNECT_DELAYS", "ChannelReader"]
 
@@ -157,7 +157,12 @@ class ChannelReader:
             except BROKER_ERRORS as exc:
                 logger.debug("reconnecting to Redis at %s failed: %s", self._where, reason(exc))
             else:
-                logger.info("reconnected to Redis at %s after %d attempt(s)", self._where, attempt + 1)
+                logger.info(
+                    "reconnected to Redis at %s%s after %d attempt(s)",
+                    self._where,
+                    located(self._connection),
+                    attempt + 1,
+                )
                 return
 
     def _handle(self, response: Any) -> None:
