@@ -62,6 +62,7 @@ def test_a_cluster_url_locates_the_slot_of_the_cluster_name() -> None:
         ("redis+sentinel://:secret@a:port/m", "bad host:port"),
         ("redis+cluster://:secret@a,:7000", "bad host:port"),
         ("redis+cluster://:secret@a/3", "only database 0"),
+        ("rediss+sentinel://:secret@a/m", "must specify one of the following schemes"),  # no TLS yet
     ],
 )
 def test_a_bad_ha_url_is_a_clear_error_without_the_password(url: str, says: str) -> None:
