@@ -4,6 +4,8 @@ pub/sub; pip's 6.2, plain pub/sub), all real processes on loopback."""
 
 from __future__ import annotations
 
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -22,7 +24,7 @@ from fastapi_catga.transports.redis.locate import SentinelLocator
 from fastapi_catga.transports.redis.shard import ShardLocator
 from fastapi_catga.transports.redis.urls import target
 from tests.redis_ha import SentinelSetup, redis_cluster, sentinel_setup
-from tests.servers import RedisServer, debian_redis_7_binary, find_binary
+from tests.servers import RedisServer, debian_redis_7_binary, find_binary, free_port
 from tests.transports.contract import Connect, TransportContract, echo
 from tests.transports.durable_contract import DurableContract, MakeStore
 
@@ -107,6 +109,26 @@ async def test_no_sentinel_answering_is_a_transport_error_within_the_timeout() -
     await transport.aclose()
 
 
+@pytest.fixture
+def frozen() -> Iterator[str]:
+    """``127.0.0.1:<port>`` of a socket that accepts connections and never answers: a frozen server."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_a_frozen_sentinel_first_in_line_leaves_time_to_ask_the_others(
+    sentinels: SentinelSetup, frozen: str
+) -> None:
+    url = sentinels.url.replace("redis+sentinel://", f"redis+sentinel://{frozen},")
+    transport = RedisTransport(url, connect_timeout=2)
+    started = time.monotonic()
+    await transport.connect()  # the frozen one gets half a second of the two
+    assert time.monotonic() - started < 2
+    await transport.aclose()
+
+
 # -- Redis Cluster -------------------------------------------------------------------------------
 
 VERSIONS = {"pip": (6, 2), "debian": (7, 0)}
@@ -151,6 +173,20 @@ class TestRedisClusterTransport(TransportContract):
             return await open_cluster(max_payload=64 * 1024)
 
         return connect
+
+
+async def test_dead_and_frozen_seeds_are_skipped(
+    cluster_nodes: list[RedisServer], frozen: str, cluster: str
+) -> None:
+    url = cluster_url(cluster_nodes).replace(
+        "redis+cluster://", f"redis+cluster://{frozen},127.0.0.1:{free_port()},"
+    )
+    transport = RedisTransport(url, cluster=cluster, connect_timeout=2)
+    started = time.monotonic()
+    await transport.connect()
+    assert time.monotonic() - started < 2
+    await transport.members.put("a", b"{}", ttl=10)
+    await transport.aclose()
 
 
 class TestRedisClusterDurable(DurableContract):

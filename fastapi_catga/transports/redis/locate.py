@@ -89,12 +89,10 @@ class SentinelLocator(Locator):
 
     def __init__(self, sentinels: list[tuple[str, int]], service: str, *, timeout: float) -> None:
         self.service = service
-        # No retries: a dead Sentinel is skipped for the next one at once, and the caller retries.
-        options = {
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry": Retry(NoBackoff(), 0),
-        }
+        # Sentinels are asked in turn: each gets a share of the connect timeout, so that a frozen
+        # one first in line leaves time for the next. No retries: a dead one is skipped at once.
+        share = timeout / (len(sentinels) + 1)
+        options = {"socket_timeout": share, "socket_connect_timeout": share, "retry": Retry(NoBackoff(), 0)}
         self._sentinel = _new_sentinel(sentinels, sentinel_kwargs=options)
 
     async def locate(self, connection: LocatedConnection) -> tuple[str, int]:

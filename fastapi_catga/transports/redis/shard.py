@@ -34,19 +34,26 @@ class ShardLocator(Locator):
     Args:
         seeds: ``(host, port)`` of some cluster nodes (the URL's).
         slot: the catga cluster's slot.
+        timeout: the connect timeout: each node asked gets a share of it, so that a frozen node
+            first in line leaves time to ask the next one.
     """
 
-    def __init__(self, seeds: list[tuple[str, int]], slot: int) -> None:
+    def __init__(self, seeds: list[tuple[str, int]], slot: int, *, timeout: float) -> None:
         self.slot = slot
-        self._nodes = list(dict.fromkeys(seeds))  # the seeds, then the nodes learnt from them
+        self._nodes = list(dict.fromkeys(seeds))  # the node that answered last, the seeds, the nodes learnt
+        self._timeout = timeout / (len(self._nodes) + 1)
 
     async def locate(self, connection: LocatedConnection) -> tuple[str, int]:
         errors: list[str] = []
         for node in list(self._nodes):
             try:
-                return await self._ask(node, connection.options)
+                owner = await self._ask(node, connection.options)
             except (RedisError, OSError, LookupError) as exc:
                 errors.append(f"{node[0]}:{node[1]}: {reason(exc)}")
+            else:
+                self._nodes.remove(node)
+                self._nodes.insert(0, node)  # ask it first next time
+                return owner
         raise RedisConnectionError(
             f"no Redis Cluster node says who owns slot {self.slot}: {'; '.join(errors)}"
         )
@@ -55,6 +62,7 @@ class ShardLocator(Locator):
         """``CLUSTER SLOTS`` and ``COMMAND INFO SPUBLISH`` on one node, on a connection of its own."""
         kwargs = {key: value for key, value in options.items() if key not in _OWN}
         kwargs.update(host=node[0], port=node[1], protocol=2, retry=Retry(NoBackoff(), 0))
+        kwargs.update(socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
         asking = Connection(**kwargs)
         try:
             await reopen(asking)

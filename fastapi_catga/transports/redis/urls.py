@@ -41,7 +41,7 @@ def target(url: str, *, cluster: str, timeout: float) -> Target:
         if path.strip("/") not in ("", "0"):
             raise ConfigurationError(f"a Redis Cluster has only database 0: {redact_url(url)}")
         slot = key_slot(f"{{{cluster}}}".encode())
-        return Target(_plain(userinfo, hosts[0], "0", query), ShardLocator(hosts, slot))
+        return Target(_plain(userinfo, hosts[0], "0", query), ShardLocator(hosts, slot, timeout=timeout))
     return Target(url, None)
 
 
