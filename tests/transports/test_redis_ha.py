@@ -4,6 +4,7 @@ pub/sub; pip's 6.2, plain pub/sub), all real processes on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import uuid
@@ -237,3 +238,13 @@ async def test_every_key_and_channel_lives_on_the_shard_of_the_cluster_slot(
 
 def _text(name: bytes | str) -> str:
     return name.decode() if isinstance(name, bytes) else name
+
+
+async def test_an_idle_subscriber_pings_and_stays_connected(open_cluster: Open) -> None:
+    transport = await open_cluster(health_check_interval=0.2)
+    lost: list[bool] = []
+    transport.add_connection_listener(lost.append)
+    # Nothing may happen for five idle periods: a PING refused in (sharded) subscribed mode would
+    # end the connection. Absence takes waiting; no event to poll for.
+    await asyncio.sleep(1.0)
+    assert lost == [] and transport.connected
