@@ -22,7 +22,7 @@ from fastapi_catga.transports.redis import RedisTransport
 from tests.cluster import workload
 from tests.cluster.conftest import NodeTag
 from tests.polling import eventually
-from tests.redis_ha import SentinelSetup, redis_cluster, sentinel_setup
+from tests.redis_ha import MASTER, SentinelSetup, redis_cluster, sentinel_setup
 from tests.servers import RedisServer, debian_redis_7_binary
 
 pytestmark = pytest.mark.redis
@@ -164,6 +164,53 @@ async def test_a_sentinel_failover_under_load_reconnects_every_node_to_the_promo
     )
     recovered = [s for s in sent if s.started > after]  # sent once every view was whole again
     assert all(s.error is None for s in recovered), Counter(s.error for s in recovered)
+
+
+async def test_a_manual_failover_is_followed_before_sentinel_closes_the_old_masters_clients(
+    sentinels: SentinelSetup, start_nodes: StartNodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``SENTINEL FAILOVER``: the old master stays up, a master still, its clients connected until
+    Sentinel demotes it some 10 s later. Each node asks the Sentinels every 5 s (the transport's
+    health-check interval) and moves at once when the master changed."""
+    caplog.set_level(logging.INFO, "fastapi_catga.transports.redis")
+    nodes = await start_nodes(sentinels.url, 2)
+    with redis.Redis(port=sentinels.sentinels[0].port) as sentinel:
+        run(sentinel, "SENTINEL", "FAILOVER", MASTER)
+    await eventually(lambda: sentinels.master_port() == sentinels.replica.port, within=15, message="switched")
+    switched = time.monotonic()
+
+    moved = f"(now 127.0.0.1:{sentinels.replica.port})"
+    await eventually(lambda: caplog.text.count(moved) == len(nodes), within=8, message="every node moved")
+    logger.warning("followed a manual failover %.2f s after the switch", time.monotonic() - switched)
+    assert caplog.text.count("Redis moved from") == len(nodes)
+    await eventually(lambda: connected(nodes) and all_see_all(nodes), within=10, message="views whole")
+    assert await nodes[0].mediator.send_to_node(workload.Work(), "n1") == "n1"
+
+
+async def test_a_master_demoted_behind_the_nodes_backs_is_left_at_the_next_refused_write(
+    sentinels: SentinelSetup, start_nodes: StartNodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manual failover, with the old master demoted at once by hand (``REPLICAOF``): no client
+    connection is closed, as when an operator or a partition's end demotes it. The nodes' next
+    heartbeat is refused (``READONLY``), and each node locates the new master."""
+    caplog.set_level(logging.INFO, "fastapi_catga.transports.redis.reader")
+    nodes = await start_nodes(sentinels.url, 2)
+    with redis.Redis(port=sentinels.sentinels[0].port) as sentinel:
+        run(sentinel, "SENTINEL", "FAILOVER", MASTER)
+    await eventually(lambda: sentinels.master_port() == sentinels.replica.port, within=15, message="switched")
+    with redis.Redis(port=sentinels.primary.port) as old:
+        run(old, "REPLICAOF", "127.0.0.1", sentinels.replica.port)
+    demoted = time.monotonic()
+
+    # Sentinel would close the old master's clients itself, but only some 10 s later.
+    moved = f"(now 127.0.0.1:{sentinels.replica.port})"
+    await eventually(lambda: caplog.text.count(moved) == len(nodes), within=4, message="every node moved")
+    logger.warning("left the demoted master %.2f s after REPLICAOF", time.monotonic() - demoted)
+    await eventually(lambda: connected(nodes) and all_see_all(nodes), within=10, message="views whole")
+    assert await nodes[0].mediator.send_to_node(workload.Work(), "n1") == "n1"
+    assert await nodes[1].mediator.send_to_node(workload.Work(), "n0") == "n0"
+    with redis.Redis(port=sentinels.primary.port) as old:
+        assert run(old, "PUBSUB", "NUMSUB", "catga:{ha}:node.n0") == [b"catga:{ha}:node.n0", 0]
 
 
 # -- Redis Cluster -------------------------------------------------------------------------------

@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from redis.exceptions import RedisError
+from redis.exceptions import MovedError, ReadOnlyError, RedisError, ResponseError
 
 from fastapi_catga.exceptions import CatgaError, TransportError
 
-__all__ = ["BROKER_ERRORS", "ERRORS", "reason", "redis_errors"]
+__all__ = ["BROKER_ERRORS", "ERRORS", "moved_away", "reason", "redis_errors"]
 
 #: What redis-py (and the socket under it) raises -> ours; the first entry that matches wins. Each
 #: means Redis or the connection to it failed; the message names the command and the cause.
@@ -22,6 +22,14 @@ ERRORS: dict[type[Exception], type[CatgaError]] = {
 }
 #: Every error that means Redis or the connection failed, rather than a bug of ours.
 BROKER_ERRORS = tuple(ERRORS)
+
+
+def moved_away(exc: BaseException | None) -> bool:
+    """The server no longer takes this cluster's writes: ``MOVED`` (the Redis Cluster slot has another
+    owner) or ``READONLY`` (a demoted master; inside a Lua script's error too)."""
+    if isinstance(exc, MovedError | ReadOnlyError):
+        return True
+    return isinstance(exc, ResponseError) and "READONLY" in str(exc)
 
 
 def reason(exc: BaseException) -> str:

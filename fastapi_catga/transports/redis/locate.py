@@ -15,19 +15,26 @@ Redis Cluster that owns the catga cluster's slot.
 
 A `LocatedConnection` asks its `Locator` for the address before each socket connect, so every path
 that reconnects (the subscriber, the writer, the pools, the durable readers) follows a failover.
+A failover that leaves the old server up and its clients connected (a manual one, a partition's
+end) is seen by `follow`, which asks again every few seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
-__all__ = ["LocatedConnection", "Locator", "PubSubCommands", "SentinelLocator", "located"]
+__all__ = ["LocatedConnection", "Locator", "PubSubCommands", "SentinelLocator", "follow", "located"]
+
+logger = logging.getLogger(__name__)
 
 # redis-py leaves these without types: typed here, once.
 _socket_connect: Callable[[Connection], Awaitable[None]] = Connection._connect
@@ -69,6 +76,30 @@ def located(connection: object) -> str:
     return ""
 
 
+async def follow(connection: LocatedConnection, every: float, moved: Callable[[], Awaitable[None]]) -> None:
+    """Every ``every`` s, ask ``connection``'s locator where the server is; when the connection is
+    connected elsewhere, await ``moved()`` (which reconnects it). Runs until cancelled.
+
+    Sentinel closes the clients of a master it demotes, but some 10 s after a manual failover;
+    until then the old master takes writes that its demotion throws away.
+    """
+    while True:
+        await asyncio.sleep(every)
+        if not connection.is_connected:
+            continue  # reconnecting, which asks the locator anyway
+        try:
+            async with asyncio.timeout(every):
+                address = await connection.locator.locate(connection)
+        except (RedisError, OSError) as exc:  # the timeout too; the connection may be fine: ask again later
+            logger.debug("cannot check where Redis is now: %s", exc)
+            continue
+        if connection.is_connected and address != (connection.host, connection.port):
+            logger.warning(
+                "Redis moved from %s:%s to %s:%s; reconnecting", connection.host, connection.port, *address
+            )
+            await moved()
+
+
 class PubSubCommands:
     """The pub/sub commands in use: plain, or sharded when the locator says so."""
 
@@ -85,19 +116,43 @@ class PubSubCommands:
 
 
 class SentinelLocator(Locator):
-    """The master that the Sentinels name for ``service`` (redis-py's `Sentinel`), asked at each connect."""
+    """The master that the Sentinels name for ``service``, asked at each connect.
+
+    Every Sentinel is asked at once (redis-py's `Sentinel` holds a client of each); of the masters
+    named up, the one of the highest config epoch wins: right after a failover, a Sentinel that has
+    not heard of it yet still names the old master, at the old epoch.
+    """
 
     def __init__(self, sentinels: list[tuple[str, int]], service: str, *, timeout: float) -> None:
         self.service = service
-        # Sentinels are asked in turn: each gets a share of the connect timeout, so that a frozen
-        # one first in line leaves time for the next. No retries: a dead one is skipped at once.
-        share = timeout / (len(sentinels) + 1)
+        # Half the connect timeout for the question, half for the connection. No retries: a
+        # dead Sentinel does not answer, the others do.
+        share = timeout / 2
         options = {"socket_timeout": share, "socket_connect_timeout": share, "retry": Retry(NoBackoff(), 0)}
         self._sentinel = _new_sentinel(sentinels, sentinel_kwargs=options)
 
     async def locate(self, connection: LocatedConnection) -> tuple[str, int]:
-        host, port = await self._sentinel.discover_master(self.service)
-        return str(host), int(port)
+        clients = self._sentinel.sentinels
+        answers = await asyncio.gather(*(self._ask(client) for client in clients))
+        named = [answer for answer in answers if answer is not None]
+        if not named:
+            raise MasterNotFoundError(
+                f"none of {len(clients)} Sentinel(s) names a master {self.service!r} up"
+            )
+        _, host, port = max(named)
+        return host, port
+
+    async def _ask(self, sentinel: Any) -> tuple[int, str, int] | None:
+        """``(config epoch, host, port)`` of the master this Sentinel names up, or None."""
+        try:
+            masters = await sentinel.sentinel_masters()
+        except (RedisError, OSError) as exc:
+            logger.debug("Sentinel %s did not answer: %s", sentinel, exc)
+            return None
+        state = masters.get(self.service)
+        if not state or not state["is_master"] or state["is_sdown"] or state["is_odown"]:
+            return None
+        return int(state["config-epoch"]), str(state["ip"]), int(state["port"])
 
     async def aclose(self) -> None:
         await self._sentinel.aclose()

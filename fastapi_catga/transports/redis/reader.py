@@ -10,6 +10,7 @@ On a Redis Cluster of 7.0 or later the commands are the sharded ones (``SSUBSCRI
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -101,15 +102,28 @@ class ChannelReader:
         await self._connection.send_command(self._commands.name(command), channel, check_health=False)
         await done
 
+    @property
+    def connection(self) -> AbstractConnection:
+        """The subscriber connection (the reader task owns it: read only its address)."""
+        return self._connection
+
     def fail_confirmations(self, error: TransportError) -> None:
         """Fail every (UN)SUBSCRIBE still waiting for its confirmation."""
         for done in self._confirming.values():
             fail(done, error)
         self._confirming.clear()
 
-    def relocate(self) -> None:
-        """A command was answered ``MOVED``: reconnect (to where the locator says) at the next read."""
+    async def relocate(self) -> None:
+        """A command was answered ``MOVED`` or ``READONLY``, or the locator names another server now:
+        reconnect, to where the locator says.
+
+        The reader checks after each read; a PING makes that read come now, not after the idle wait.
+        """
         self._relocate = True
+        if self._connection.is_connected:
+            with contextlib.suppress(*BROKER_ERRORS):  # a broken connection is noticed by the reader
+                async with asyncio.timeout(self._timeout):
+                    await self._connection.send_command("PING", check_health=False)
 
     async def aclose(self) -> None:
         """Close the connection (once `run` has ended)."""
@@ -136,7 +150,9 @@ class ChannelReader:
             response = await self._connection.read_response(timeout=self._idle)
             if self._relocate:
                 self._relocate = False
-                raise RedisConnectionError("the slot moved to another Redis Cluster node")
+                raise RedisConnectionError(
+                    "the server no longer takes this cluster's writes (moved or demoted)"
+                )
             if response is not None:
                 pinged = False
                 self._handle(response)

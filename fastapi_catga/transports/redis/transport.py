@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import MovedError
 
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, unpack
 from fastapi_catga.core.logs import redact_url
@@ -38,8 +37,8 @@ from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver,
 from fastapi_catga.transports.base import ConnectionListener, ConnectionState, Delivery, DeliveryCallback
 from fastapi_catga.transports.redis.connections import command_pool, private_connection
 from fastapi_catga.transports.redis.durable import RedisDurable
-from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason, redis_errors
-from fastapi_catga.transports.redis.locate import PubSubCommands
+from fastapi_catga.transports.redis.errors import BROKER_ERRORS, moved_away, reason, redis_errors
+from fastapi_catga.transports.redis.locate import LocatedConnection, PubSubCommands, follow
 from fastapi_catga.transports.redis.membership import RedisMembers
 from fastapi_catga.transports.redis.reader import ChannelReader
 from fastapi_catga.transports.redis.routes import end_with, take_route, with_route
@@ -102,6 +101,7 @@ class RedisTransport:
             raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]{{1,64}}")
         self._where = where = redact_url(url)
         self._timeout = connect_timeout
+        self._idle = health_check_interval
         found = target(url, cluster=cluster, timeout=connect_timeout)
         self._locator = found.locator
         commands = PubSubCommands(found.locator)
@@ -181,14 +181,15 @@ class RedisTransport:
     async def _command(self, what: str, extra: float = 0.0) -> AsyncIterator[None]:
         """Check the connection, then bound the block by the command timeout (plus ``extra`` seconds,
         for a blocking read) and translate errors. ``MOVED`` (the Redis Cluster slot has another
-        owner now) makes the subscriber reconnect, which locates the owner for every connection."""
+        owner now) or ``READONLY`` (the master was demoted: Sentinel does not close subscribers'
+        connections) makes the subscriber reconnect, which locates the server for every connection."""
         self._check()
         try:
             async with redis_errors(what, self._where, self._timeout + extra):
                 yield
         except TransportError as exc:
-            if isinstance(exc.__cause__, MovedError):
-                self._reader.relocate()
+            if moved_away(exc.__cause__):
+                await self._reader.relocate()
             raise
 
     async def connect(self) -> None:
@@ -209,6 +210,9 @@ class RedisTransport:
             raise TransportError(f"cannot connect to Redis at {self._where}: {reason(exc)}") from exc
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reader.run()), loop.create_task(self._writer.run())]
+        if isinstance(subscriber := self._reader.connection, LocatedConnection):
+            # Its reconnect makes the publisher reconnect too, to the same answer (the highest epoch).
+            self._tasks.append(loop.create_task(follow(subscriber, self._idle, self._reader.relocate)))
         self._state.tell(True)
 
     async def aclose(self) -> None:
