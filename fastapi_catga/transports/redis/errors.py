@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from redis.exceptions import MovedError, ReadOnlyError, RedisError, ResponseError
 
@@ -38,13 +38,18 @@ def reason(exc: BaseException) -> str:
 
 
 @contextlib.asynccontextmanager
-async def redis_errors(what: str, where: str, timeout: float) -> AsyncIterator[None]:
-    """Bound the block by the command ``timeout`` and raise redis-py's errors as ours (`ERRORS`)."""
+async def redis_errors(
+    what: str, where: str, timeout: float, moved: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[None]:
+    """Bound the block by the command ``timeout`` and raise redis-py's errors as ours (`ERRORS`);
+    await ``moved()`` first when the server no longer takes the cluster's writes (`moved_away`)."""
     try:
         async with asyncio.timeout(timeout):
             yield
     except BROKER_ERRORS as exc:
         if isinstance(exc, CatgaError):
             raise
+        if moved is not None and moved_away(exc):
+            await moved()
         ours = next(ours for theirs, ours in ERRORS.items() if isinstance(exc, theirs))
         raise ours(f"Redis at {where}: {what} failed: {reason(exc)}") from exc

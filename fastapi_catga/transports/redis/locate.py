@@ -32,13 +32,22 @@ from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-__all__ = ["LocatedConnection", "Locator", "PubSubCommands", "SentinelLocator", "follow", "located"]
+__all__ = [
+    "LocatedConnection",
+    "Locator",
+    "PubSubCommands",
+    "SentinelLocator",
+    "follow",
+    "located",
+    "outdated",
+]
 
 logger = logging.getLogger(__name__)
 
 # redis-py leaves these without types: typed here, once.
 _socket_connect: Callable[[Connection], Awaitable[None]] = Connection._connect
 _new_sentinel: Callable[..., Sentinel] = Sentinel
+_should_reconnect: Callable[[Connection], bool] = Connection.should_reconnect
 
 
 class Locator:
@@ -46,27 +55,58 @@ class Locator:
 
     #: Pub/sub is sharded (``SSUBSCRIBE``, ``SPUBLISH``): a Redis Cluster of 7.0 or later.
     sharded = False
+    #: Counts the times the answer changed: a connection made before the last change is stale.
+    generation = 0
+    _last: tuple[str, int] | None = None
 
     async def locate(self, connection: LocatedConnection) -> tuple[str, int]:
         """The address of the server that ``connection`` should connect to now."""
         raise NotImplementedError
+
+    def noted(self, address: tuple[str, int]) -> None:
+        """Remember the latest answer; a new one makes every connection made before it stale."""
+        if address != self._last:
+            self.generation += self._last is not None
+            self._last = address
 
     async def aclose(self) -> None:
         """Close the connections this locator keeps to ask its questions."""
 
 
 class LocatedConnection(Connection):
-    """A connection that asks its ``locator`` for the server's address before each socket connect."""
+    """A connection that asks its ``locator`` for the server's address before each socket connect.
+
+    Once the locator's answer changed, it is stale: a pool then closes it when it is released (an
+    in-use connection escapes ``pool.disconnect(inuse_connections=False)``), and the publisher
+    reopens it before its next batch.
+    """
 
     def __init__(self, *, locator: Locator, **kwargs: Any) -> None:
         self.locator = locator
         #: Its options, for the locator's own connections (credentials, timeouts).
         self.options = kwargs
+        self._generation = locator.generation
         super().__init__(**kwargs)
 
     async def _connect(self) -> None:
-        self.host, self.port = await self.locator.locate(self)
+        address = await self.locator.locate(self)
+        self.locator.noted(address)
+        self.host, self.port = address
+        self._generation = self.locator.generation
         await _socket_connect(self)
+
+    @property
+    def outdated(self) -> bool:
+        """The locator's answer changed since this connection was made."""
+        return self._generation != self.locator.generation
+
+    def should_reconnect(self) -> bool:
+        return _should_reconnect(self) or self.outdated
+
+
+def outdated(connection: object) -> bool:
+    """``connection`` is located, and the locator's answer changed since it was made."""
+    return isinstance(connection, LocatedConnection) and connection.outdated
 
 
 def located(connection: object) -> str:
@@ -93,6 +133,7 @@ async def follow(connection: LocatedConnection, every: float, moved: Callable[[]
         except (RedisError, OSError) as exc:  # the timeout too; the connection may be fine: ask again later
             logger.debug("cannot check where Redis is now: %s", exc)
             continue
+        connection.locator.noted(address)
         if connection.is_connected and address != (connection.host, connection.port):
             logger.warning(
                 "Redis moved from %s:%s to %s:%s; reconnecting", connection.host, connection.port, *address

@@ -24,7 +24,7 @@ from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports._shared import fail
 from fastapi_catga.transports.redis.connections import reopen
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason
-from fastapi_catga.transports.redis.locate import PubSubCommands, located
+from fastapi_catga.transports.redis.locate import LocatedConnection, PubSubCommands, located
 
 __all__ = ["RECONNECT_DELAYS", "ChannelReader"]
 
@@ -115,15 +115,23 @@ class ChannelReader:
 
     async def relocate(self) -> None:
         """A command was answered ``MOVED`` or ``READONLY``, or the locator names another server now:
-        reconnect, to where the locator says.
+        reconnect, to where the locator says, unless this connection is there already (the error
+        came late, from a connection to the old server).
 
         The reader checks after each read; a PING makes that read come now, not after the idle wait.
         """
-        self._relocate = True
-        if self._connection.is_connected:
-            with contextlib.suppress(*BROKER_ERRORS):  # a broken connection is noticed by the reader
-                async with asyncio.timeout(self._timeout):
-                    await self._connection.send_command("PING", check_health=False)
+        connection = self._connection
+        if not connection.is_connected:
+            return  # reconnecting already, which locates anew
+        with contextlib.suppress(*BROKER_ERRORS):  # a broken connection is noticed by the reader
+            async with asyncio.timeout(self._timeout):
+                if isinstance(connection, LocatedConnection):
+                    address = await connection.locator.locate(connection)
+                    connection.locator.noted(address)
+                    if address == (connection.host, connection.port):
+                        return
+                self._relocate = True
+                await connection.send_command("PING", check_health=False)
 
     async def aclose(self) -> None:
         """Close the connection (once `run` has ended)."""

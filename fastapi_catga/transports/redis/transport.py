@@ -20,7 +20,8 @@ import functools
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -37,7 +38,7 @@ from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver,
 from fastapi_catga.transports.base import ConnectionListener, ConnectionState, Delivery, DeliveryCallback
 from fastapi_catga.transports.redis.connections import command_pool, private_connection
 from fastapi_catga.transports.redis.durable import RedisDurable
-from fastapi_catga.transports.redis.errors import BROKER_ERRORS, moved_away, reason, redis_errors
+from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason, redis_errors
 from fastapi_catga.transports.redis.locate import LocatedConnection, PubSubCommands, follow
 from fastapi_catga.transports.redis.membership import RedisMembers
 from fastapi_catga.transports.redis.reader import ChannelReader
@@ -177,20 +178,12 @@ class RedisTransport:
             state = "closed" if self._state.closed else "not connected, or reconnecting"
             raise TransportError(f"Redis transport for {self._where} is {state}")
 
-    @contextlib.asynccontextmanager
-    async def _command(self, what: str, extra: float = 0.0) -> AsyncIterator[None]:
+    def _command(self, what: str, extra: float = 0.0) -> AbstractAsyncContextManager[None]:
         """Check the connection, then bound the block by the command timeout (plus ``extra`` seconds,
-        for a blocking read) and translate errors. ``MOVED`` (the Redis Cluster slot has another
-        owner now) or ``READONLY`` (the master was demoted: Sentinel does not close subscribers'
-        connections) makes the subscriber reconnect, which locates the server for every connection."""
+        for a blocking read) and translate errors. ``MOVED`` or ``READONLY`` (the slot moved, the
+        master was demoted) makes the subscriber reconnect: every connection then locates anew."""
         self._check()
-        try:
-            async with redis_errors(what, self._where, self._timeout + extra):
-                yield
-        except TransportError as exc:
-            if moved_away(exc.__cause__):
-                await self._reader.relocate()
-            raise
+        return redis_errors(what, self._where, self._timeout + extra, moved=self._reader.relocate)
 
     async def connect(self) -> None:
         """Connect, subscribe the reply and membership channels, start the reader and writer tasks.

@@ -14,7 +14,7 @@ from redis.asyncio.connection import AbstractConnection
 from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports._shared import fail
 from fastapi_catga.transports.redis.errors import reason
-from fastapi_catga.transports.redis.locate import PubSubCommands
+from fastapi_catga.transports.redis.locate import PubSubCommands, outdated
 
 __all__ = ["PublishWriter"]
 
@@ -87,7 +87,8 @@ class PublishWriter:
         """Send one batch of PUBLISHes in one write, then read their counts in order."""
         connection = self._connection
         try:
-            if self._stale:  # the server went away since the last batch: that socket is dead
+            # The server went away since the last batch (that socket is dead), or moved (a failover).
+            if self._stale or outdated(connection):
                 self._stale = False
                 await connection.disconnect()
             async with asyncio.timeout(self._timeout):
