@@ -103,9 +103,10 @@ def _knows_everyone(port: int) -> bool:
     return len(replicas) == 1 and len(sentinels) == 2
 
 
-def redis_cluster(binary: str, primaries: int = 3) -> list[RedisServer]:
-    """Start ``primaries`` cluster-enabled servers and join them (``redis-cli --cluster create``,
-    every slot assigned); return once each one says ``cluster_state:ok``."""
+def redis_cluster(binary: str, primaries: int = 3, replicas: int = 0) -> list[RedisServer]:
+    """Start ``primaries`` cluster-enabled servers, each with ``replicas`` replicas, and join them
+    (``redis-cli --cluster create``, every slot assigned); return once each one says
+    ``cluster_state:ok`` and every replica is in sync. The primaries come first in the list."""
     options = [
         "--cluster-enabled",
         "yes",
@@ -115,13 +116,14 @@ def redis_cluster(binary: str, primaries: int = 3) -> list[RedisServer]:
         "2000",
     ]
     servers = [
-        RedisServer(binary, port=_cluster_port(), extra_args=options).start() for _ in range(primaries)
+        RedisServer(binary, port=_cluster_port(), extra_args=options).start()
+        for _ in range(primaries * (1 + replicas))
     ]
     try:
         cli = _cli(binary)
         addresses = [f"127.0.0.1:{server.port}" for server in servers]
         done = subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-yes"],
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -131,11 +133,17 @@ def redis_cluster(binary: str, primaries: int = 3) -> list[RedisServer]:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}\n{done.stderr}")
         for server in servers:
             _wait(functools.partial(_cluster_ok, server.port), 30, f"cluster node {server.port} ok")
+        for server in servers[primaries:]:
+            _wait(functools.partial(_in_sync, server.port), 30, f"replica {server.port} in sync")
     except BaseException:
         for server in servers:
             server.close()
         raise
     return servers
+
+
+def _in_sync(port: int) -> bool:
+    return _info(port, "replication").get("master_link_status") == "up"
 
 
 def _cluster_ok(port: int) -> bool:

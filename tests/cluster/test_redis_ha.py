@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -265,6 +266,42 @@ async def test_a_catga_cluster_follows_its_slot_to_another_shard(
         assert len(await new.pubsub_shardchannels("catga:*")) >= 4  # two nodes, two inboxes, events
 
 
+async def test_a_redis_cluster_failover_moves_the_catga_cluster_to_the_promoted_replica(
+    start_nodes: StartNodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "fastapi_catga.transports.redis.reader")
+    servers = redis_cluster(debian_redis_7_binary(), replicas=1)
+    try:
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{server.port}" for server in servers)
+        a, b = await start_nodes(url, 2)
+        owner = owner_port(servers, "ha")
+        next(server for server in servers if server.port == owner).kill()  # kill -9
+        killed = time.monotonic()
+
+        moved = re.compile(r"\(now 127\.0\.0\.1:(\d+)\)")
+        await eventually(lambda: len(moved.findall(caplog.text)) >= 2, within=30, message="both nodes moved")
+        assert owner not in {int(port) for port in moved.findall(caplog.text)}
+        await eventually(lambda: connected([a, b]) and all_see_all([a, b]), within=10, message="views whole")
+        logger.warning(
+            "redis cluster failover: both nodes back %.2f s after kill -9", time.monotonic() - killed
+        )
+        assert await a.mediator.send_to_node(workload.Work(), "n1") == "n1"
+        assert await b.mediator.send_to_node(workload.Work(), "n0") == "n0"
+    finally:
+        for server in servers:
+            server.close()
+
+
+def owner_port(nodes: list[RedisServer], cluster: str) -> int:
+    """The port of the primary that owns ``cluster``'s slot (the others answer MOVED)."""
+    with redis.Redis(port=nodes[0].port) as client:
+        try:
+            client.get(f"catga:{{{cluster}}}:probe")
+        except MovedError as exc:
+            return int(exc.port)
+    return nodes[0].port
+
+
 #: redis-py leaves it without types.
 run: Callable[..., Any] = redis.Redis.execute_command
 
@@ -274,11 +311,7 @@ def move_slot(nodes: list[RedisServer], slot: int) -> tuple[int, int]:
     reshard`` does; return both ports."""
     clients = {node.port: redis.Redis(port=node.port, decode_responses=True) for node in nodes}
     try:
-        try:
-            clients[nodes[0].port].get("catga:{ha}:probe")
-            source = nodes[0].port
-        except MovedError as exc:
-            source = int(exc.port)
+        source = owner_port(nodes, "ha")
         target = next(port for port in clients if port != source)
         ids = {port: str(run(client, "CLUSTER", "MYID")) for port, client in clients.items()}
         run(clients[target], "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
