@@ -14,14 +14,15 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import MovedError
+from redis.exceptions import MovedError, ReadOnlyError, ResponseError
 
 from fastapi_catga.core.envelope import Envelope
 from fastapi_catga.exceptions import ConfigurationError
 from fastapi_catga.transports.base import Transport
 from fastapi_catga.transports.durable import DurableStore
 from fastapi_catga.transports.redis import RedisTransport
-from fastapi_catga.transports.redis.locate import SentinelLocator
+from fastapi_catga.transports.redis.errors import moved_away
+from fastapi_catga.transports.redis.locate import LocatedConnection, Locator, SentinelLocator, outdated
 from fastapi_catga.transports.redis.shard import ShardLocator
 from fastapi_catga.transports.redis.urls import target
 from tests.redis_ha import SentinelSetup, redis_cluster, sentinel_setup
@@ -72,6 +73,36 @@ def test_a_bad_ha_url_is_a_clear_error_without_the_password(url: str, says: str)
     with pytest.raises(ConfigurationError, match=says) as caught:
         RedisTransport(url)
     assert "secret" not in str(caught.value)
+
+
+def test_a_connection_made_before_the_answer_changed_is_outdated() -> None:
+    locator = Locator()
+    locator.noted(("a", 1))
+    before = LocatedConnection(locator=locator)
+    locator.noted(("a", 1))  # the same answer again
+    assert not before.outdated and not before.should_reconnect()
+    locator.noted(("b", 2))
+    after = LocatedConnection(locator=locator)
+    assert before.outdated and before.should_reconnect() and outdated(before)
+    assert not after.outdated and not outdated(object())
+
+
+@pytest.mark.parametrize(
+    ("error", "moved"),
+    [
+        (MovedError("12682 127.0.0.1:7001"), True),
+        (ReadOnlyError("You can't write against a read only replica."), True),
+        (
+            ResponseError("Error running script (call to f_1): @user_script:6: -READONLY You can't write"),
+            True,
+        ),
+        (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+        (OSError("connection refused"), False),
+        (None, False),
+    ],
+)
+def test_moved_away_knows_a_moved_slot_and_a_demoted_master(error: BaseException | None, moved: bool) -> None:
+    assert moved_away(error) is moved
 
 
 # -- Sentinel ------------------------------------------------------------------------------------
