@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,8 @@ from typing import Any
 import redis
 
 from tests.servers import RedisServer, ServerProcess, find_binary, free_port, port_is_bindable, probe_line
+
+__all__ = ["MASTER", "SentinelServer", "SentinelSetup", "redis_cluster", "sentinel_setup"]
 
 MASTER = "catga-primary"
 #: Sentinel timings for tests: a primary is down after 1 s without an answer.
@@ -184,6 +186,3 @@ def _wait(ready: Callable[[], bool], within: float, what: str) -> None:
             last = exc
         time.sleep(0.1)
     raise RuntimeError(f"not ready within {within} s: {what} (last error: {last!r})")
-
-
-__all__: Sequence[str] = ["MASTER", "SentinelServer", "SentinelSetup", "redis_cluster", "sentinel_setup"]
