@@ -17,6 +17,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
+from fastapi_catga.transports.redis.locate import LocatedConnection, Locator
 from fastapi_catga.transports.tls import TlsFiles
 
 __all__ = ["command_pool", "once_pool", "private_connection", "reopen", "security_options"]
@@ -65,8 +66,12 @@ def command_pool(
     timeout: float,
     health_check_interval: float,
     security: dict[str, Any] | None = None,
+    locator: Locator | None = None,
 ) -> BlockingConnectionPool:
     """The pool for membership commands: callers wait for a free connection, up to ``timeout``.
+
+    With a ``locator`` (Sentinel, Redis Cluster), every connection made from this pool, or copied
+    from its options (`once_pool`, `private_connection`), asks it for the server at each connect.
 
     Args:
         security: what `security_options` made (user, password, TLS files).
@@ -86,9 +91,14 @@ def command_pool(
             # Membership commands are safe to repeat: a few quick retries ride out a server restart.
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
             retry_on_error=[OSError],
+            **_located(locator),
         )
     except ValueError as exc:
         raise ConfigurationError(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
+
+
+def _located(locator: Locator | None) -> dict[str, Any]:
+    return {} if locator is None else {"connection_class": LocatedConnection, "locator": locator}
 
 
 def once_pool(
