@@ -69,17 +69,20 @@ class RedisMembers:
             await self._redis.ping()
 
     async def put(self, node_id: str, value: bytes, ttl: float) -> None:
-        await self._write(node_id, value, ttl, only_new=False)
+        await self._write(node_id, value, ttl)
 
-    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
-        return await self._write(node_id, value, ttl, only_new=True)
+    async def create(self, node_id: str, value: bytes, ttl: float, *, replacing: bytes | None = None) -> bool:
+        return await self._write(node_id, value, ttl, claim=True, replacing=replacing)
 
-    async def _write(self, node_id: str, value: bytes, ttl: float, *, only_new: bool) -> bool:
+    async def _write(
+        self, node_id: str, value: bytes, ttl: float, *, claim: bool = False, replacing: bytes | None = None
+    ) -> bool:
         notice = pack(Envelope({"kind": "put", "node": node_id}, value))
         ttl_ms = max(1, round(ttl * 1000))
         publish = self._commands.name("PUBLISH")
-        args: list[str | int | bytes] = [node_id, ttl_ms, value, self.events, notice, publish, int(only_new)]
-        async with self._command("member create" if only_new else "member put"):
+        args: list[str | int | bytes] = [node_id, ttl_ms, value, self.events, notice, publish]
+        args += [int(claim), replacing or b""]  # a record is never empty: b"" matches none
+        async with self._command("member create" if claim else "member put"):
             written = await self._put(keys=[self._prefix + node_id, self._index], args=args)
         return bool(written)
 

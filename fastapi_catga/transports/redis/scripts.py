@@ -10,13 +10,15 @@ tag keeps every key and channel in one slot.
 __all__ = ["DELETE", "LIST", "PUT"]
 
 #: Write a node's record, restart its TTL, and announce it: 1. With ARGV[7] = '1' only if no
-#: record is held now (a claim of the node id), else 0.
+#: record is held now, or the one held is ARGV[8] (a claim of the node id), else 0.
 PUT = """
 local record_key, index = KEYS[1], KEYS[2]
 local node_id, ttl_ms, record, events, notice, publish = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local only_new = ARGV[7] == '1'
-if only_new and redis.call('EXISTS', record_key) == 1 then
-  return 0
+if ARGV[7] == '1' then
+  local held = redis.call('GET', record_key)
+  if held and held ~= ARGV[8] then
+    return 0
+  end
 end
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
