@@ -104,12 +104,17 @@ class Membership:
         Raises: as `start`.
         """
         await self._until_ready(lambda: self._store.prepare(self.view.ttl), join_timeout)
-        await claim_node_id(
-            self._store,
-            self.view.self_info,
-            ttl=self.view.ttl,
-            poll=min(0.5, self.heartbeat_interval / 2),
-            clock=self._clock,
+        # Again from the top if the store fails meanwhile (a NATS cluster whose bucket has no stream
+        # leader yet): a create that went through but was not answered shows as our own record.
+        await self._until_ready(
+            lambda: claim_node_id(
+                self._store,
+                self.view.self_info,
+                ttl=self.view.ttl,
+                poll=min(0.5, self.heartbeat_interval / 2),
+                clock=self._clock,
+            ),
+            join_timeout,
         )
         self._claimed = True
 

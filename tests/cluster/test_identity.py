@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fastapi_catga import Catga, ConfigurationError
+from fastapi_catga import Catga, ConfigurationError, TransportError
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.testing import InMemoryBroker
@@ -64,6 +64,27 @@ def test_of_two_processes_starting_at_once_with_one_id_only_one_joins() -> None:
         assert [n.node_id for n in started.node.nodes()] == ["pod-0"]
         assert await started.mediator.send(workload.Work()) == "?"
         await started.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_claim_that_the_store_fails_is_tried_again_until_the_join_timeout() -> None:
+    async def scenario() -> None:
+        broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+        a = node(broker, "pod-0")
+        store = a.node.transport.members
+        real_create, failures = store.create, [TransportError("no response from stream")] * 2
+
+        async def create(node_id: str, value: bytes, ttl: float, *, replacing: bytes | None = None) -> bool:
+            if failures:
+                raise failures.pop()
+            return await real_create(node_id, value, ttl, replacing=replacing)
+
+        store.create = create  # type: ignore[method-assign]
+        await a.start()  # a NATS cluster whose bucket has no stream leader yet fails the first claims
+        assert not failures
+        assert [n.node_id for n in a.node.nodes()] == ["pod-0"]
+        await a.stop()
 
     run_virtual(scenario())
 
