@@ -30,6 +30,7 @@ from fastapi_catga import (
     TimeoutBehavior,
     build,
 )
+from fastapi_catga.core.idempotency import DoneRecords
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.testing import InMemoryTransport
 
@@ -69,8 +70,17 @@ async def timed(send: Send, messages: Sequence[Echo], seconds: float) -> float:
             return calls / (now - started)
 
 
-def builtin_behaviors() -> list[PipelineBehavior]:
-    return [LoggingBehavior(), IdempotencyBehavior(), RetryBehavior(), TimeoutBehavior(5.0)]
+class ProcessIdempotency(IdempotencyBehavior):
+    """`IdempotencyBehavior` that keeps its ids in this process only: not shared with the cluster's
+    done records (three store operations per new id: lookup, claim, commit)."""
+
+    def share(self, records: DoneRecords, holder: str) -> None:
+        pass
+
+
+def builtin_behaviors(idempotency: IdempotencyBehavior | None = None) -> list[PipelineBehavior]:
+    idempotency = idempotency or IdempotencyBehavior()
+    return [LoggingBehavior(), idempotency, RetryBehavior(), TimeoutBehavior(5.0)]
 
 
 def observers() -> list[Observer]:
@@ -104,15 +114,17 @@ async def main(args: argparse.Namespace) -> int:
     messages = [Echo(data=DATA) for _ in range(MESSAGES)]
     plain = await start_node([])
     full = await start_node(builtin_behaviors())
+    process = await start_node(builtin_behaviors(ProcessIdempotency()))
     watched = await start_node([], observers())
     try:
-        for catga in (plain, full, watched):
+        for catga in (plain, full, process, watched):
             if await catga.mediator.send(messages[0]) != REPLY_TEXT:
                 raise RuntimeError("send did not return the handler's result")
         variants = [
             Variant("direct: await handler(message)", echo),
             Variant("mediator.send, no behaviors", plain.mediator.send),
             Variant("mediator.send, 4 built-in behaviors", full.mediator.send),
+            Variant("  the same, ids in this process only", process.mediator.send),
             Variant("mediator.send, tracing + metrics on", watched.mediator.send),
         ]
         for variant in variants:  # warm-up
@@ -124,6 +136,7 @@ async def main(args: argparse.Namespace) -> int:
     finally:
         await plain.stop()
         await full.stop()
+        await process.stop()
         await watched.stop()
 
     direct = variants[0].median
@@ -144,7 +157,9 @@ async def main(args: argparse.Namespace) -> int:
     )
     print(
         "behaviors, outermost first: LoggingBehavior (DEBUG, not enabled), IdempotencyBehavior, "
-        "RetryBehavior(3), TimeoutBehavior(5 s); tracing + metrics: TracingObserver (SDK provider, "
+        "RetryBehavior(3), TimeoutBehavior(5 s) (IdempotencyBehavior keeps its results in the cluster's done "
+        "records, on the memory transport here, unless 'in this process only'); "
+        "tracing + metrics: TracingObserver (SDK provider, "
         "no exporter) and PrometheusObserver, no behaviors"
     )
     return 0
