@@ -172,7 +172,7 @@ class IdempotencyBehavior:
         while True:
             done = await records.done(key)
             if done is not None:
-                return None if adapter is None else adapter.validate_json(done)
+                return None if adapter is None else adapter.validator.validate_json(done)
             if await records.claim(key, holder, self._lease):
                 break
             await asyncio.sleep(0.05)  # another node runs it now: wait for its record, or its lease
@@ -182,7 +182,7 @@ class IdempotencyBehavior:
             with contextlib.suppress(Exception):
                 await asyncio.shield(records.release(key, holder))
             raise
-        encoded = b"null" if adapter is None else adapter.dump_json(result)
+        encoded = b"null" if adapter is None else adapter.serializer.to_json(result)
         await records.commit(key, holder, encoded, self._window)
         return result
 
