@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from fastapi_catga import Command
+from fastapi_catga.core.observe import Observer
 
 __all__ = [
     "CATGA_CLUSTER",
+    "CATGA_OBSERVED_CLUSTER",
     "DATA",
     "FS_REPLY",
     "LOOPS",
@@ -39,6 +41,7 @@ __all__ = [
     "kill_all_responders",
     "loadavg",
     "median_sample",
+    "observers",
     "payload_size",
     "run",
     "run_concurrent",
@@ -51,10 +54,21 @@ LoopName = Literal["asyncio", "uvloop"]
 LOOPS: tuple[LoopName, ...] = ("asyncio", "uvloop")
 
 CATGA_CLUSTER = "bench"
+CATGA_OBSERVED_CLUSTER = "bench-observed"  # its own cluster: plain callers never reach observed nodes
 DATA = "d" * 40  # the command's one field; every client sends a body of the same size
 REPLY_TEXT = "r" * 14  # catga's reply body is its JSON: '"rrrrrrrrrrrrrr"', 16 bytes
 RAW_REPLY = b"r" * 16  # the raw responders echo 16 bytes
 FS_REPLY = "r" * 16  # FastStream sends a str reply as its UTF-8 bytes: 16 bytes
+
+
+def observers() -> list[Observer]:
+    """Tracing (an SDK tracer provider that records every span, exporting none) and metrics."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from fastapi_catga.otel import TracingObserver
+    from fastapi_catga.prometheus import PrometheusObserver
+
+    return [TracingObserver(TracerProvider()), PrometheusObserver()]
 
 
 class Echo(Command[str]):

@@ -1,11 +1,12 @@
 """The answering side of the cluster benchmark, one process per responder.
 
-    python -m benchmarks._responder --kind catga|catga-durable|raw|raw-awaited|faststream \
+    python -m benchmarks._responder --kind catga|catga-observed|catga-durable|raw|raw-awaited|faststream \
         --broker nats|redis --url URL
 
 Prints ``ready`` once it serves, and serves until SIGTERM (or SIGINT). FastStream runs with
 ``logger=None`` (no log line per message), as catga runs without its LoggingBehavior.
 
+``catga-observed`` is ``catga`` with tracing and metrics on (`observers`), in a cluster of its own.
 ``catga-durable`` (for ``bench_durable``) is a catga node handling the plain `Echo` and the durable
 `DurableEcho`: its durable worker fetches ``DurableEcho`` commands from the broker's queue. Nothing
 handles `DurableJob` or `DurableNoted`: they are only stored.
@@ -25,7 +26,17 @@ from typing import ClassVar
 from pydantic import BaseModel
 
 from benchmarks import _raw
-from benchmarks._common import CATGA_CLUSTER, FS_REPLY, LOOPS, RAW_REPLY, REPLY_TEXT, echo, run
+from benchmarks._common import (
+    CATGA_CLUSTER,
+    CATGA_OBSERVED_CLUSTER,
+    FS_REPLY,
+    LOOPS,
+    RAW_REPLY,
+    REPLY_TEXT,
+    echo,
+    observers,
+    run,
+)
 from fastapi_catga import Command, Durable, Event
 
 FS_SUBJECT = "bench.fs.echo"
@@ -70,14 +81,21 @@ async def durable_echo(command: DurableEcho) -> str:
     return REPLY_TEXT
 
 
-async def serve_catga(stack: AsyncExitStack, broker: str, url: str, *, durable: bool = False) -> None:
+async def serve_catga(
+    stack: AsyncExitStack, broker: str, url: str, *, durable: bool = False, observed: bool = False
+) -> None:
     from fastapi_catga import CatgaSettings, build
 
+    cluster = CATGA_OBSERVED_CLUSTER if observed else CATGA_CLUSTER
     if broker == "nats":
-        settings = CatgaSettings(transport="nats", nats_url=url, cluster=CATGA_CLUSTER, node_id=_node_id())
+        settings = CatgaSettings(transport="nats", nats_url=url, cluster=cluster, node_id=_node_id())
     else:
-        settings = CatgaSettings(transport="redis", redis_url=url, cluster=CATGA_CLUSTER, node_id=_node_id())
-    catga = build(settings, handlers=[echo, durable_echo] if durable else [echo])
+        settings = CatgaSettings(transport="redis", redis_url=url, cluster=cluster, node_id=_node_id())
+    catga = build(
+        settings,
+        handlers=[echo, durable_echo] if durable else [echo],
+        observers=observers() if observed else (),
+    )
     await catga.start()
     stack.push_async_callback(catga.stop)
 
@@ -167,8 +185,10 @@ async def main(kind: str, broker: str, url: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
-        if kind in ("catga", "catga-durable"):
-            await serve_catga(stack, broker, url, durable=kind == "catga-durable")
+        if kind in ("catga", "catga-durable", "catga-observed"):
+            await serve_catga(
+                stack, broker, url, durable=kind == "catga-durable", observed=kind == "catga-observed"
+            )
         elif kind == "faststream":
             await serve_faststream(stack, broker, url)
         elif broker == "nats":
@@ -185,7 +205,9 @@ async def main(kind: str, broker: str, url: str) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument(
-        "--kind", choices=("catga", "catga-durable", "raw", "raw-awaited", "faststream"), required=True
+        "--kind",
+        choices=("catga", "catga-observed", "catga-durable", "raw", "raw-awaited", "faststream"),
+        required=True,
     )
     parser.add_argument("--broker", choices=("nats", "redis"), required=True)
     parser.add_argument("--url", required=True)

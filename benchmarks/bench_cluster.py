@@ -9,6 +9,8 @@ contender (``benchmarks._responder``), and measures from this process, over the 
 - raw:        nats-py ``nc.request`` / hand-rolled redis-py pub/sub request/reply;
 - catga:      ``mediator.send(Echo(...))`` from a node with no handlers (every send crosses the
               broker) to a node in another process;
+- catga, tracing + metrics: the same with `TracingObserver` (an SDK provider recording every span,
+              exporting none) and `PrometheusObserver` on both nodes (a cluster of their own);
 - FastStream: ``broker.request(...)`` to a FastStream subscriber in another process.
 
 Each at 1 in flight (rt/s, p50/p99 latency) and at 100 in flight (rt/s), after a warm-up, in
@@ -31,6 +33,7 @@ from typing import Literal
 from benchmarks import _raw
 from benchmarks._common import (
     CATGA_CLUSTER,
+    CATGA_OBSERVED_CLUSTER,
     DATA,
     FS_REPLY,
     RAW_REPLY,
@@ -43,6 +46,7 @@ from benchmarks._common import (
     fmt_rate,
     fmt_ratio,
     median_sample,
+    observers,
     payload_size,
     run_concurrent,
     run_sequential,
@@ -79,14 +83,16 @@ class Contender:
 # -- the callers ---------------------------------------------------------------------------------
 
 
-def catga_setup(broker: BrokerName, url: str) -> Setup:
+def catga_setup(broker: BrokerName, url: str, *, observed: bool = False) -> Setup:
     async def setup(stack: AsyncExitStack) -> Call:
-        node_id = f"bench-caller-{os.getpid()}"
+        node_id = f"bench-caller-{os.getpid()}{'-observed' if observed else ''}"
+        cluster = CATGA_OBSERVED_CLUSTER if observed else CATGA_CLUSTER
         if broker == "nats":
-            settings = CatgaSettings(transport="nats", nats_url=url, cluster=CATGA_CLUSTER, node_id=node_id)
+            settings = CatgaSettings(transport="nats", nats_url=url, cluster=cluster, node_id=node_id)
         else:
-            settings = CatgaSettings(transport="redis", redis_url=url, cluster=CATGA_CLUSTER, node_id=node_id)
-        catga = build(settings, handlers=[])  # handles nothing: every send crosses the broker
+            settings = CatgaSettings(transport="redis", redis_url=url, cluster=cluster, node_id=node_id)
+        # Handles nothing: every send crosses the broker.
+        catga = build(settings, handlers=[], observers=observers() if observed else ())
         await catga.start()
         stack.push_async_callback(catga.stop)
         async with asyncio.timeout(10):
@@ -176,6 +182,12 @@ def contenders(broker: BrokerName, url: str) -> list[Contender]:
     return [
         *raws,
         Contender("catga", "catga mediator.send", "catga", catga_setup(broker, url)),
+        Contender(
+            "catga-observed",
+            "catga, tracing + metrics on",
+            "catga-observed",
+            catga_setup(broker, url, observed=True),
+        ),
         Contender("faststream", "FastStream broker.request", "faststream", faststream_setup(broker, url)),
     ]
 
@@ -305,6 +317,11 @@ def print_table(
     print(
         f"{'catga / FastStream':36} {fmt_ratio(catga[0], fs[0]):>10} {'':9} {'':9}   "
         f"{fmt_ratio(catga[1], fs[1]):>14}   per round {per_round('faststream')}; goal > 1: {verdict(ok_fs)}"
+    )
+    observed = (rate("catga-observed", SEQUENTIAL), rate("catga-observed", inflight))
+    print(
+        f"{'catga tracing + metrics / catga':36} {fmt_ratio(observed[0], catga[0]):>10} {'':9} {'':9}   "
+        f"{fmt_ratio(observed[1], catga[1]):>14}   the cost of TracingObserver + PrometheusObserver"
     )
     print("  FastStream runs with logger=None (no log line per message; catga has no LoggingBehavior here)")
     if broker == "redis":

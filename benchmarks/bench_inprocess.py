@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from benchmarks._common import DATA, LOOPS, REPLY_TEXT, Echo, echo, fmt_rate, fmt_ratio, run
+from benchmarks._common import DATA, LOOPS, REPLY_TEXT, Echo, echo, fmt_rate, fmt_ratio, observers, run
 from fastapi_catga import (
     Catga,
     CatgaSettings,
@@ -81,16 +81,6 @@ class ProcessIdempotency(IdempotencyBehavior):
 def builtin_behaviors(idempotency: IdempotencyBehavior | None = None) -> list[PipelineBehavior]:
     idempotency = idempotency or IdempotencyBehavior()
     return [LoggingBehavior(), idempotency, RetryBehavior(), TimeoutBehavior(5.0)]
-
-
-def observers() -> list[Observer]:
-    """Tracing (an SDK tracer provider that records every span, exporting none) and metrics."""
-    from opentelemetry.sdk.trace import TracerProvider
-
-    from fastapi_catga.otel import TracingObserver
-    from fastapi_catga.prometheus import PrometheusObserver
-
-    return [TracingObserver(TracerProvider()), PrometheusObserver()]
 
 
 async def start_node(behaviors: Sequence[PipelineBehavior], watchers: Sequence[Observer] = ()) -> Catga:

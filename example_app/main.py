@@ -1,18 +1,24 @@
-"""The app: ``uvicorn example_app.main:app`` (in-memory transport; ``CATGA_TRANSPORT=nats`` for a cluster)."""
+"""The app: ``uvicorn example_app.main:app`` (in-memory transport; ``CATGA_TRANSPORT=nats`` for a cluster;
+``ORDERS_OBSERVE=1`` for traces, metrics and the live cluster page)."""
 
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI, HTTPException
 
-from example_app import orders
+from example_app import observability, orders
 from example_app.orders import GetOrder, GetStats, Order, OrderId, OrderPlaced, PlaceOrder
 from fastapi_catga import CatgaError, LoggingBehavior, Mediator, catga_lifespan, catga_router, get_mediator
 
 app = FastAPI(
     title="Orders",
-    lifespan=catga_lifespan(handlers=[orders], behaviors=[LoggingBehavior(), orders.CountAndTime()]),
+    lifespan=catga_lifespan(
+        handlers=[orders],
+        behaviors=[LoggingBehavior(), orders.CountAndTime()],
+        observers=observability.observers(),  # none unless ORDERS_OBSERVE=1 (docs/observability.md)
+    ),
 )
 app.include_router(catga_router)
+observability.instrument(app)  # ORDERS_OBSERVE=1: a trace per HTTP request, GET /catga/dashboard
 
 
 @app.post("/orders", status_code=201)

@@ -37,10 +37,12 @@ from fastapi_catga.core.messages import (
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.pipeline import CallNext, PipelineBehavior
 from fastapi_catga.exceptions import (
+    BusyError,
     CatgaError,
     ConfigurationError,
     DuplicateHandlerError,
     HandlerNotFoundError,
+    IncompatibleSchemaError,
     MessageTooLargeError,
     MessageValidationError,
     NodeUnavailableError,
@@ -58,16 +60,19 @@ from fastapi_catga.web.admin import catga_admin_router
 from fastapi_catga.web.dashboard import DashboardObserver, catga_dashboard_router
 from fastapi_catga.web.dependencies import MediatorDep, get_mediator
 from fastapi_catga.web.lifespan import catga_lifespan
-from fastapi_catga.web.router import catga_router
+from fastapi_catga.web.router import catga_cluster_router, catga_health_router, catga_router
 
 __all__ = [
     "__version__",
     "Accepted",
     "build",
+    "BusyError",
     "CallNext",
     "Catga",
     "catga_admin_router",
+    "catga_cluster_router",
     "catga_dashboard_router",
+    "catga_health_router",
     "catga_lifespan",
     "catga_router",
     "CatgaError",
@@ -83,6 +88,7 @@ __all__ = [
     "handler",
     "HandlerNotFoundError",
     "IdempotencyBehavior",
+    "IncompatibleSchemaError",
     "load_settings",
     "LoggingBehavior",
     "Mediator",

@@ -2,12 +2,14 @@
 
 ```
 CatgaError
+├── BusyError                              the node(s) had no room for another handler run: try later
 ├── ConfigurationError (ValueError)        bad settings, bad handler declarations
 │   └── DuplicateHandlerError              a second handler for a command or query
 ├── HandlerNotFoundError (LookupError)     no handler for this message type, here or anywhere
 ├── MessageValidationError (ValueError)    the message does not match its schema, or is not a message
 ├── MessageTooLargeError (ValueError)      the encoded message is over the payload limit; nothing sent
 ├── NodeUnavailableError (ConnectionError) no live node can take it, or the named node is unknown or dead
+│   └── IncompatibleSchemaError            the nodes that handle it run an incompatible schema of it
 ├── RequestTimeoutError (TimeoutError)     the deadline passed before an answer came
 ├── RemoteHandlerError                     the handler raised (on another node, or in this process)
 ├── RetryableError                         raised by a handler: another attempt (or node) may succeed
@@ -29,10 +31,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "BusyError",
     "CatgaError",
     "ConfigurationError",
     "DuplicateHandlerError",
     "HandlerNotFoundError",
+    "IncompatibleSchemaError",
     "MessageTooLargeError",
     "MessageValidationError",
     "NoResponderError",
@@ -82,6 +86,20 @@ class CatgaError(Exception):
         return self.message
 
 
+class BusyError(CatgaError):
+    """No room: the node (every node tried, for a ``send``) already runs as many handlers as its
+    ``CATGA_MAX_IN_FLIGHT*`` limits allow. Nothing ran; the web layer answers 503 with ``Retry-After``.
+
+    A node's own "busy" reply moves a ``send`` on to another node at once. A handler may raise it
+    too (say, for a downstream service that is full): that is the handler's answer, returned once.
+    """
+
+    code = "busy"
+    retryable = True  # later, or elsewhere: the retry behavior may try it again in place
+    #: Seconds after which trying again makes sense (the ``Retry-After`` of a 503 answer).
+    retry_after: ClassVar[int] = 1
+
+
 class ConfigurationError(CatgaError, ValueError):
     """Settings or handler declarations that cannot work; raised at start-up."""
 
@@ -116,6 +134,14 @@ class NodeUnavailableError(CatgaError, ConnectionError):
     """No live node can take the message, or the named node is unknown or dead."""
 
     code = "node_unavailable"
+
+
+class IncompatibleSchemaError(NodeUnavailableError):
+    """The only nodes that handle the type run a schema of it this node's message (or result)
+    does not fit: a rolling upgrade with an incompatible change. ``details`` maps each such node to
+    what differs; nothing was sent."""
+
+    code = "incompatible_schema"
 
 
 class RequestTimeoutError(CatgaError, TimeoutError):
@@ -193,12 +219,14 @@ _BY_CODE: dict[str, type[CatgaError]] = {
     cls.code: cls
     for cls in (
         CatgaError,
+        BusyError,
         ConfigurationError,
         DuplicateHandlerError,
         HandlerNotFoundError,
         MessageValidationError,
         MessageTooLargeError,
         NodeUnavailableError,
+        IncompatibleSchemaError,
         RequestTimeoutError,
         RemoteHandlerError,
         RetryableError,

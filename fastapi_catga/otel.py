@@ -62,6 +62,7 @@ class TracingBehavior:
 _Token = tuple[trace.Span, object]
 _KINDS = {
     "publish": trace.SpanKind.PRODUCER,
+    "enqueue": trace.SpanKind.PRODUCER,
     "broadcast": trace.SpanKind.CLIENT,
     "send": trace.SpanKind.CLIENT,
 }

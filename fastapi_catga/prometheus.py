@@ -81,6 +81,10 @@ class PrometheusObserver(Observer):
         self.stale = Counter(
             "catga_stale_dropped", "Requests dropped unrun: deadline passed", ["type"], registry=r
         )
+        self.overloads = Counter(
+            "catga_overloaded", "No handler slot here: requests refused busy, events dropped",
+            ["type", "outcome"], registry=r,
+        )  # fmt: skip
         self.bad = Counter(
             "catga_bad_messages", "Received messages refused unrun, by reason", ["reason"], registry=r
         )
@@ -160,6 +164,9 @@ class PrometheusObserver(Observer):
 
     def bad_message(self, kind: str) -> None:
         self._of(self.bad, kind).inc()
+
+    def overloaded(self, type_name: str, outcome: str) -> None:
+        self._of(self.overloads, type_name, outcome).inc()
 
     def member_joined(self, node_id: str, size: int) -> None:
         self.joins.inc()

@@ -7,7 +7,7 @@ import secrets
 import socket
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
@@ -19,6 +19,7 @@ __all__ = ["CatgaSettings", "load_settings", "new_node_id"]
 
 _NAME = r"^[A-Za-z0-9_-]{1,64}$"
 _URLS = frozenset({"nats_url", "redis_url"})  # may hold a password: never shown as they are
+_SECRETS = frozenset({"nats_password", "nats_token", "redis_password"})  # never shown at all
 
 
 def new_node_id() -> str:
@@ -37,11 +38,32 @@ class CatgaSettings(BaseSettings):
         "nats://localhost:4222", description="NATS server URL; comma-separated for a cluster"
     )
     redis_url: str = Field("redis://localhost:6379/0", description="Redis URL")
+    # Broker credentials and TLS (docs/production.md). Paths are PEM or NATS files; empty: not used.
+    nats_user: str = Field("", description="NATS user name, with CATGA_NATS_PASSWORD")
+    nats_password: SecretStr = Field(SecretStr(""), description="NATS password of CATGA_NATS_USER")
+    nats_token: SecretStr = Field(SecretStr(""), description="NATS authentication token")
+    nats_nkey_seed_file: str = Field("", description="File holding a NATS nkey user seed (SU...)")
+    nats_creds_file: str = Field("", description="NATS .creds file (user JWT and seed), for operator mode")
+    nats_tls_ca: str = Field("", description="CA certificate file that signed the NATS servers' certificates")
+    nats_tls_cert: str = Field("", description="Client certificate file for NATS (mutual TLS)")
+    nats_tls_key: str = Field("", description="Private key file of CATGA_NATS_TLS_CERT")
+    redis_username: str = Field("", description="Redis ACL user (empty: the default user)")
+    redis_password: SecretStr = Field(SecretStr(""), description="Redis password (ACL user or requirepass)")
+    redis_tls_ca: str = Field(
+        "", description="CA certificate file that signed the Redis server's certificate"
+    )
+    redis_tls_cert: str = Field("", description="Client certificate file for Redis (mutual TLS)")
+    redis_tls_key: str = Field("", description="Private key file of CATGA_REDIS_TLS_CERT")
     cluster: str = Field("catga", pattern=_NAME, description="Isolates clusters that share one broker")
     node_id: str = Field(default_factory=new_node_id, pattern=_NAME, description="Unique per process start")
     endpoint: str = Field("", description="The URL this node advertises (its HTTP address)")
     metadata: dict[str, str] = Field(
         default_factory=dict, description="JSON object of extra metadata strings"
+    )
+    app_version: str = Field(
+        "",
+        max_length=64,
+        description="Your app's version, shown in /catga/nodes and in logs (rolling upgrades)",
     )
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between heartbeats")
     node_ttl: float = Field(15.0, gt=0, description="Seconds without a heartbeat after which a node is dead")
@@ -79,6 +101,15 @@ class CatgaSettings(BaseSettings):
     )
     handler_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated modules whose @handler functions to register"
+    )
+    max_in_flight: int = Field(
+        1000, ge=0, description="Handler runs at once on this node; beyond it requests get busy (0: no limit)"
+    )
+    max_in_flight_per_type: int = Field(
+        0, ge=0, description="Handler runs of one message type at once on this node (0: the node's limit)"
+    )
+    max_queued_events: int = Field(
+        10_000, ge=0, description="Received events waiting for a handler slot; more are dropped and counted"
     )
 
     @field_validator("durable_backoff", mode="before")
@@ -144,5 +175,6 @@ def _describe(error: ErrorDetails) -> str:
     value = error["input"]
     if loc and loc[0] in _URLS and isinstance(value, str):
         value = redact_url(value)
-    got = "" if isinstance(value, dict) else f" (got {value!r})"
+    hidden = isinstance(value, dict) or bool(loc and loc[0] in _SECRETS)
+    got = "" if hidden else f" (got {value!r})"
     return f"{where}: {error['msg']}{got}"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import annotated_types
+from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from pydantic_settings import NoDecode
@@ -34,7 +35,7 @@ RULES = {
     "durable_backoff": "one or more, each ≥ 0",
 }
 _SUMMARY = "Write the CATGA_* reference in docs/configuration.md from CatgaSettings."
-_TYPES = {str: "string", float: "number", int: "integer", bool: "boolean"}
+_TYPES = {str: "string", float: "number", int: "integer", bool: "boolean", SecretStr: "secret string"}
 _BOUNDS: list[tuple[type, str, str]] = [
     (annotated_types.Gt, "gt", ">"),
     (annotated_types.Ge, "ge", "≥"),
@@ -103,6 +104,8 @@ def _default(field: FieldInfo) -> str:
 
 
 def _value(value: Any, description: str) -> str:
+    if isinstance(value, SecretStr):  # a default secret would be no secret: they are all empty
+        return "empty"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if isinstance(value, list):

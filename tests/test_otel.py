@@ -13,6 +13,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from fastapi_catga import Catga, CatgaSettings, Command, Event, RemoteHandlerError, build
 from fastapi_catga.otel import TracingBehavior, TracingObserver
+from fastapi_catga.prometheus import PrometheusObserver
 from fastapi_catga.testing import InMemoryTransport
 from tests.polling import eventually
 from tests.servers import NatsServer
@@ -200,3 +201,28 @@ async def test_a_local_send_is_traced_and_tracing_behavior_still_nests() -> None
     assert attempt.parent is not None and attempt.parent.span_id == send.context.span_id
     assert process.parent is not None and process.parent.span_id == attempt.context.span_id
     assert handler.parent is not None and handler.parent.span_id == process.context.span_id
+
+
+async def test_the_publishers_own_event_handlers_are_a_process_span_and_a_counted_run() -> None:
+    traced, metrics = Traced(), PrometheusObserver()
+
+    async def fails(event: Announced) -> None:
+        raise ValueError("no")
+
+    node = build(
+        CatgaSettings(),
+        handlers=[announce, fails],
+        observers=[TracingObserver(traced.provider), metrics],
+        transport=InMemoryTransport(),
+    )
+    await node.start()
+    try:
+        await node.mediator.publish(Announced(text="hi"))
+    finally:
+        await node.stop()
+    (publish,) = traced.spans("publish Announced")
+    (process,) = traced.spans("process Announced")
+    assert process.parent is not None and process.parent.span_id == publish.context.span_id
+    assert process.status.status_code == StatusCode.ERROR  # one of its two handlers failed
+    labels = {"type": "Announced", "kind": "event", "outcome": "handler_error"}
+    assert metrics.registry.get_sample_value("catga_messages_handled_total", labels) == 1

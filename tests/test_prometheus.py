@@ -108,3 +108,12 @@ async def test_counters_move_across_a_cluster_with_a_failure_and_a_failover(
     await b.stop()
     await eventually(lambda: value(metrics_a, "catga_cluster_size") == 1, within=5)
     assert value(metrics_a, "catga_leaves_total") == 1
+
+
+def test_overload_is_counted_by_type_and_outcome() -> None:
+    observer = PrometheusObserver()
+    observer.overloaded("Charge", "busy")
+    observer.overloaded("Charge", "busy")
+    observer.overloaded("Tick", "dropped")
+    assert value(observer, "catga_overloaded_total", type="Charge", outcome="busy") == 2
+    assert value(observer, "catga_overloaded_total", type="Tick", outcome="dropped") == 1

@@ -192,3 +192,13 @@ def test_settings_never_show_a_broker_password() -> None:
 )
 def test_redact_url_hides_passwords_and_tokens(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_a_bad_secret_is_named_but_never_shown() -> None:
+    with pytest.raises(ConfigurationError, match="CATGA_REDIS_PASSWORD") as raised:
+        load_settings(redis_password=987654321)
+    assert "987654321" not in str(raised.value)
+    settings = load_settings(nats_token="t0k3n", redis_password="pw-0f-redis")
+    shown = f"{settings!r} {settings} {settings.model_dump()} {settings.model_dump_json()}"
+    assert "t0k3n" not in shown and "pw-0f-redis" not in shown
+    assert settings.nats_token.get_secret_value() == "t0k3n"

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from fastapi_catga import Catga, CatgaSettings, PipelineBehavior, build
 from fastapi_catga.core.handlers import HandlerSource
 from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
+from fastapi_catga.transports.base import Transport
 
 __all__ = ["EPOCH", "VirtualTimeLoop", "run_virtual", "stall", "virtual_node"]
 
@@ -75,15 +76,17 @@ def virtual_node(
     *,
     handlers: Iterable[HandlerSource],
     behaviors: Sequence[PipelineBehavior] = (),
+    transport: Transport | None = None,
     **settings: Any,
 ) -> Catga:
-    """A node (not started) on ``broker`` whose clocks are the running virtual loop's."""
+    """A node (not started) on ``broker`` (through ``transport`` if given) whose clocks are the
+    running virtual loop's."""
     loop = asyncio.get_running_loop()
     return build(
         CatgaSettings(node_id=node_id, **settings),
         handlers=handlers,
         behaviors=behaviors,
-        transport=InMemoryTransport(broker),
+        transport=transport or InMemoryTransport(broker),
         clock=loop.time,
         wall_clock=lambda: EPOCH + loop.time(),
     )

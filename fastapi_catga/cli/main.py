@@ -30,6 +30,9 @@ exit codes:
 
 The broker and cluster come from the CATGA_* variables the app reads (CATGA_TRANSPORT,
 CATGA_NATS_URL, CATGA_REDIS_URL, CATGA_CLUSTER, ...); the broker options override them.
+Credentials and TLS files come from those variables only (CATGA_NATS_PASSWORD,
+CATGA_NATS_CREDS_FILE, CATGA_REDIS_PASSWORD, CATGA_REDIS_TLS_CA, ...): no option takes a secret,
+so none shows in the process list.
 """
 
 #: The options every command takes, before or after its name (absent ones set nothing, so a

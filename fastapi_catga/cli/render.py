@@ -54,13 +54,19 @@ def _listed(names: Sequence[str]) -> str:
     return ",".join(names) or "-"
 
 
+def _version(node: NodeInfo) -> str:
+    """The app's version with fastapi-catga's: ``2.4.1/catga-0.3.0`` (or only the latter)."""
+    catga = f"catga-{node.version}" if node.version else "-"
+    return f"{node.app_version}/{catga}" if node.app_version else catga
+
+
 def node_rows(nodes: Sequence[NodeInfo], now: datetime) -> list[list[str]]:
     """One `NODE_COLUMNS` row per node."""
     return [
         [
             node.node_id,
             node.endpoint or "-",
-            node.version or "-",
+            _version(node),
             _listed(node.handles),
             _listed(node.events),
             f"{age(node.last_seen, now)} ago",

@@ -2,7 +2,9 @@
 of a call across its attempts (`Call`, `final_error`).
 
 What this attempt's transport did (nobody listening, the attempt's deadline, a lost connection, a
-node without the handler) is raised as `AttemptFailed`; what the handler raised is raised as it is.
+node without the handler, a node with no handler slot free) is raised as `AttemptFailed`; what the
+handler raised is raised as it is, `BusyError` included: a node's own "busy" reply is marked
+``catga-origin: node``, a handler's is not.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.cluster.responder import node_subject, type_subject
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
@@ -27,6 +30,7 @@ from fastapi_catga.core.envelope import (
 from fastapi_catga.core.messages import Request
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import (
+    BusyError,
     CatgaError,
     HandlerNotFoundError,
     MessageTooLargeError,
@@ -83,8 +87,14 @@ def final_error(call: Call, now: float) -> CatgaError:
         error: CatgaError = RequestTimeoutError(
             f"{what}: no answer within {call.budget:g} s ({len(call.errors)} attempt(s))"
         )
-    elif isinstance(last, NoResponderError | HandlerNotFoundError):
-        error = NodeUnavailableError(f"{what}: no live node could take it ({len(call.errors)} attempt(s))")
+    elif isinstance(last, BusyError | NoResponderError | HandlerNotFoundError):
+        # Nobody could take it: "busy" if any node said so (come back later), else nobody is there.
+        if any(isinstance(error, BusyError) for error in call.errors):
+            error = BusyError(f"{what}: every node tried is busy or gone ({len(call.errors)} attempt(s))")
+        else:
+            error = NodeUnavailableError(
+                f"{what}: no live node could take it ({len(call.errors)} attempt(s))"
+            )
     else:
         return last  # a handler's retryable error, after the last attempt
     error.__cause__ = last
@@ -101,7 +111,9 @@ class Attempts:
         node_id: str,
         wall_clock: Callable[[], float],
         observer: Observer | None,
+        limits: HandlerLimits,
     ) -> None:
+        self._limits = limits
         self._transport = transport
         self._dispatcher = dispatcher
         self._node_id = node_id
@@ -130,13 +142,15 @@ class Attempts:
             raise AttemptFailed(exc) from None
         if reply.headers.get(STATUS) == "error" and made_by_node(reply):
             error = error_from_reply(reply)
-            if isinstance(error, HandlerNotFoundError):  # that node's record was out of date
+            if isinstance(error, HandlerNotFoundError | BusyError):  # out-of-date record; no slot free
                 raise AttemptFailed(error)
             raise error
         return decode_reply(reply, type(call.message).result_adapter())
 
     async def _here(self, call: Call, timeout: float) -> Any:
-        observer, message = self._observer, call.message
+        observer, message, limits = self._observer, call.message, self._limits
+        if not limits.enter(message.type_name):
+            raise AttemptFailed(limits.refused(message.type_name))  # like another node's "busy"
         token = None if observer is None else observer.handle_started(message, {})
         started = time.perf_counter()
         outcome: BaseException | None = None
@@ -152,5 +166,6 @@ class Attempts:
             outcome = exc
             raise
         finally:
+            limits.leave(message.type_name)
             if observer is not None:
                 observer.handle_ended(token, message, time.perf_counter() - started, outcome)

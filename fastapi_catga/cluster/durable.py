@@ -14,6 +14,9 @@ when it is fetched) and, for each delivery:
 6. `RetryLater`: hand it back after its delay; `Reject`, an invalid message, or a failure on the
    last attempt: dead-letter it (original bytes, reason, error, attempts, node, time); any other
    failure: hand it back after the backoff.
+
+An observer is told of each run of step 4 with the stored headers: the trace context its sender
+wrote there makes the run's ``process`` span a child of the send, wherever and whenever it runs.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fastapi_catga.cluster.durable_policy import (
     encode_result,
     event_runner,
     message_id_of,
+    observed_run,
     policy_for,
     result_subject,
 )
@@ -246,8 +250,7 @@ class DurableRunner:
             await asyncio.sleep(min(1.0, lease / 3))
         keeper = asyncio.get_running_loop().create_task(self._keep(key, holder, delivery, lease))
         try:
-            result = await work.run(message)
-            encoded = work.encode(message, result)
+            encoded = await observed_run(self._observer, message, envelope.headers, work.run, work.encode)
         except CatgaError as exc:
             keeper.cancel()
             await self._failed(work, delivery, key, holder, message, exc)

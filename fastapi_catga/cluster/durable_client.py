@@ -7,14 +7,19 @@
 - ``enqueue`` stores it and returns at once (an HTTP 202).
 - ``publish`` of a durable event stores it and returns: each handler group runs it from the broker,
   this node's handlers too (never inline as well).
+
+With an observer, each of them is a send (operation ``send``, ``enqueue`` or ``publish``) and the
+stored envelope carries its trace context: the node that runs the message, maybe much later,
+continues the trace (see `DurableRunner`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi_catga.cluster.durable_policy import COMMANDS, result_subject
 from fastapi_catga.core.envelope import (
@@ -26,6 +31,7 @@ from fastapi_catga.core.envelope import (
     encode_message,
 )
 from fastapi_catga.core.messages import Accepted, Event, Message, Request, new_message_id
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import NodeUnavailableError, RequestTimeoutError
 from fastapi_catga.transports.base import Delivery, Subscription, Transport
 from fastapi_catga.transports.durable import DeadLetter, Queue, QueueKind
@@ -35,6 +41,7 @@ __all__ = ["DeadLetters", "DurableClient", "is_durable"]
 logger = logging.getLogger(__name__)
 
 _DONE_POLL = 1.0  # s: how often a waiting send also reads the done record (an answer can be lost)
+_T = TypeVar("_T")
 
 
 class DurableClient:
@@ -44,12 +51,22 @@ class DurableClient:
         transport: the connection; its ``durable`` store keeps the messages.
         node_id: this node (where outcomes are sent).
         clock: monotonic seconds.
+        observer: told about each send, enqueue and publish; writes trace context into what is
+            stored (None: nothing is called).
     """
 
-    def __init__(self, transport: Transport, node_id: str, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        node_id: str,
+        clock: Callable[[], float],
+        *,
+        observer: Observer | None = None,
+    ) -> None:
         self._transport = transport
         self._node_id = node_id
         self._clock = clock
+        self._observer = observer
         self._waiting: dict[str, list[asyncio.Future[Envelope]]] = {}  # message id -> its waiting sends
         self._subscription: Subscription | None = None
         self.dead_letters = DeadLetters(transport)
@@ -81,19 +98,34 @@ class DurableClient:
         envelope = encode_message(message, source=self._node_id, max_payload=self._transport.max_payload)
         if wait:
             envelope.headers[REPLY_NODE] = self._node_id
+        if self._observer is not None:
+            self._observer.inject(envelope.headers)
         kind: QueueKind = "evt" if isinstance(message, Event) else "cmd"
         stored = await self._transport.durable.append(
             kind, message.type_name, envelope, dedup_id=dedup_id or message.message_id
         )
         return Accepted(message.message_id, stored.duplicate)
 
+    async def _observed(self, message: Message, operation: str, work: Callable[[], Awaitable[_T]]) -> _T:
+        if self._observer is None:
+            return await work()
+        token = self._observer.send_started(message, operation)
+        started = time.perf_counter()
+        try:
+            done = await work()
+        except BaseException as exc:
+            self._observer.send_ended(token, message, operation, time.perf_counter() - started, exc)
+            raise
+        self._observer.send_ended(token, message, operation, time.perf_counter() - started, None)
+        return done
+
     async def enqueue(self, message: Request[Any]) -> Accepted:
         """Store a durable command; return once the broker has it."""
-        return await self._append(message, wait=False)
+        return await self._observed(message, "enqueue", lambda: self._append(message, wait=False))
 
     async def publish(self, event: Event) -> None:
         """Store a durable event; return once the broker has it."""
-        await self._append(event, wait=False)
+        await self._observed(event, "publish", lambda: self._append(event, wait=False))
 
     async def send(self, message: Request[Any], budget: float) -> Any:
         """Store a durable command and wait up to ``budget`` seconds for its outcome.
@@ -103,6 +135,9 @@ class DurableClient:
                 and still runs.
             CatgaError: the error it was dead-lettered with.
         """
+        return await self._observed(message, "send", lambda: self._send(message, budget))
+
+    async def _send(self, message: Request[Any], budget: float) -> Any:
         deadline = self._clock() + budget
         key = f"{COMMANDS}:{message.message_id}"
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()

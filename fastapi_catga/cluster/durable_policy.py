@@ -4,7 +4,8 @@ command queue, where outcomes go, and reading what a stored envelope says about 
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,7 @@ from fastapi_catga.cluster.responder import node_subject
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import MESSAGE_ID, REPLAYS, Envelope
 from fastapi_catga.core.messages import Durable, Message, Request
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.pipeline import Pipeline
 from fastapi_catga.exceptions import CatgaError
 from fastapi_catga.settings import CatgaSettings
@@ -25,6 +27,7 @@ __all__ = [
     "encode_result",
     "event_runner",
     "message_id_of",
+    "observed_run",
     "policy_for",
     "replays_of",
     "result_subject",
@@ -100,6 +103,28 @@ def event_runner(dispatcher: LocalDispatcher, pipeline: Pipeline) -> Callable[[M
             raise dispatcher.handler_error(exc, event) from exc
 
     return run
+
+
+async def observed_run(
+    observer: Observer | None,
+    message: Message,
+    headers: Mapping[str, str],
+    run: Callable[[Message], Awaitable[Any]],
+    encode: Callable[[Message, Any], bytes],
+) -> bytes:
+    """Run a durable handler and encode its result; the observer (if any) is told of one handler
+    run, with the stored envelope's headers (its sender's trace context)."""
+    if observer is None:
+        return encode(message, await run(message))
+    token = observer.handle_started(message, headers)
+    started, error = time.perf_counter(), None
+    try:
+        return encode(message, await run(message))
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        observer.handle_ended(token, message, time.perf_counter() - started, error)
 
 
 def replays_of(envelope: Envelope) -> int:

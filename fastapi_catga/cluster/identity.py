@@ -27,14 +27,23 @@ logger = logging.getLogger(__name__)
 async def claim_node_id(
     store: MembershipStore, me: NodeInfo, *, ttl: float, poll: float, clock: Callable[[], float]
 ) -> None:
-    """Return once ``me.node_id`` is free to take: no record of it, or one nobody refreshed for ``ttl``.
+    """Return once ``me.node_id`` is this process's: its record written where none was held (an
+    atomic create, so of two processes starting at once only one gets it), or an earlier process's
+    record that nobody refreshed for ``ttl`` taken over.
 
     Raises:
-        ConfigurationError: another incarnation refreshed the record meanwhile: it is alive.
+        ConfigurationError: another incarnation holds the record and refreshes it: it is alive.
     """
+    record = me.model_dump_json().encode()
     held = (await store.list()).get(me.node_id)
-    if held is None or _incarnation(held) == me.incarnation:
+    if held is not None and _incarnation(held) == me.incarnation:
         return
+    if held is None:
+        if await store.create(me.node_id, record, ttl):
+            return
+        held = (await store.list()).get(me.node_id)  # another process took it just now
+        if held is None:
+            raise _taken(me.node_id)
     logger.warning(
         "node id %s is in the membership store from an earlier process; waiting up to %.1f s to see "
         "whether it is still alive",
@@ -45,14 +54,23 @@ async def claim_node_id(
     while clock() - since <= ttl:
         await asyncio.sleep(poll)
         current = (await store.list()).get(me.node_id)
-        if current is None:
-            break  # it expired: that process is gone
+        if current is None:  # it expired: that process is gone
+            if await store.create(me.node_id, record, ttl):
+                break
+            raise _taken(me.node_id)
         if current != held:
-            raise ConfigurationError(
-                f"node id {me.node_id!r} belongs to a live node (its record is still refreshed); "
-                "give this process another CATGA_NODE_ID, or stop the other one first"
-            )
+            raise _taken(me.node_id)
+    else:
+        await store.put(me.node_id, record, ttl)  # listed, but stale: a server without per-key TTLs
     logger.info("node id %s was free (its old record is gone or went stale): taking it", me.node_id)
+
+
+def _taken(node_id: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"node id {node_id!r} belongs to a live node (its record is still refreshed, or another "
+        "process took it as this one started); give this process another CATGA_NODE_ID, or stop "
+        "the other one first"
+    )
 
 
 def _incarnation(record: bytes) -> str | None:

@@ -76,6 +76,7 @@ class Membership:
         self._watch: MemberWatch | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._resync_task: asyncio.Task[None] | None = None
+        self._resync_again = False  # a resync was asked for while one ran
         self._loops: list[asyncio.Task[None]] = []
         self._claimed = False  # claim() found this node id free
         self._joined = False  # connection events matter only once start() has joined
@@ -254,23 +255,31 @@ class Membership:
     def _distrust_view(self, reason: str) -> None:
         """The silence of peers proves nothing now: freeze the view until a resync succeeds."""
         self._after_outage = True
-        if self._transport.connected and not self.view.stale:
+        if not self._transport.connected:
+            return  # the reconnect brings a resync
+        if not self.view.stale:
             logger.warning("node %s: %s; view frozen until a resync", self.node_id, reason)
             self.view.stale = True
-            self._schedule_resync()
+        self._schedule_resync()  # even while one runs: its snapshot may predate this
 
     def _schedule_resync(self) -> None:
         if self._stopping:
             return
         if self._resync_task is None or self._resync_task.done():
             self._resync_task = asyncio.get_running_loop().create_task(self._resync(), name="catga-resync")
+        else:
+            self._resync_again = True  # asked while one runs: it runs once more when done
 
     async def _resync(self) -> None:
         delay = 0.05
         while not self._stopping:
+            self._resync_again = False
             try:
                 async with asyncio.timeout(self._store_timeout):
                     await self._sync(after_outage=self._after_outage)
+                if self._resync_again:
+                    self.view.stale = True  # what asked for it came after this sync began
+                    continue
                 self._after_outage = False
                 logger.info("node %s resynced: %d member(s)", self.node_id, len(self.view.nodes()))
                 return

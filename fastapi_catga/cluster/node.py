@@ -10,8 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fastapi_catga.cluster.compat import SchemaCheck
 from fastapi_catga.cluster.durable import DurableRunner
 from fastapi_catga.cluster.durable_client import DeadLetters, DurableClient, is_durable
+from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.cluster.membership import Membership
 from fastapi_catga.cluster.responder import Responder, event_subject
 from fastapi_catga.cluster.routing import strategy_named
@@ -21,7 +23,8 @@ from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
 from fastapi_catga.core.envelope import encode_message
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
-from fastapi_catga.core.observe import Observer
+from fastapi_catga.core.observe import Observer, observed_events
+from fastapi_catga.core.schemas import advertised
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -67,6 +70,7 @@ class ClusterNode:
         self.settings = settings
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
+        types = [*dispatcher.requests, *dispatcher.registry.events]
         info = NodeInfo(
             node_id=settings.node_id,
             endpoint=settings.endpoint,
@@ -74,8 +78,11 @@ class ClusterNode:
             handles=sorted(t.type_name for t in dispatcher.requests),
             events=sorted(t.type_name for t in dispatcher.registry.events),
             version=version,
+            app_version=settings.app_version,
+            schemas=advertised(types),
         )
-        self.view = ClusterView(info, settings.node_ttl, on_change=self._update_local_routes)
+        schemas = SchemaCheck(types)
+        self.view = ClusterView(info, settings.node_ttl, on_change=self._update_local_routes, schemas=schemas)
         self.membership = Membership(
             transport,
             self.view,
@@ -84,8 +91,23 @@ class ClusterNode:
             wall_clock=wall_clock,
             observer=observer,
         )
+        #: Handler slots: every path that runs a handler here takes one (durable runs excepted:
+        #: ``CATGA_DURABLE_CONCURRENCY`` bounds them).
+        self.limits = HandlerLimits(
+            settings.max_in_flight,
+            settings.max_in_flight_per_type,
+            settings.max_queued_events,
+            dispatcher.types.values(),
+            node_id=settings.node_id,
+            observer=observer,
+        )
         self.responder = Responder(
-            transport, dispatcher, max_payload=transport.max_payload, wall_clock=wall_clock, observer=observer
+            transport,
+            dispatcher,
+            max_payload=transport.max_payload,
+            limits=self.limits,
+            wall_clock=wall_clock,
+            observer=observer,
         )
         self._connected = asyncio.Event()
         self.sender = Sender(
@@ -98,13 +120,15 @@ class ClusterNode:
             connected=self._connected,
             clock=clock,
             wall_clock=wall_clock,
+            limits=self.limits,
             observer=observer,
         )
         self.durable_runner = DurableRunner(transport, dispatcher, settings, observer=observer)
-        self.durable = DurableClient(transport, settings.node_id, clock)
+        self.durable = DurableClient(transport, settings.node_id, clock, observer=observer)
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.
         self.local_routes: dict[type[Message], Pipeline] = {}
+        self._limited = {t: self.limits.guard(p, t.type_name) for t, p in dispatcher.requests.items()}
         self._update_local_routes()
         transport.add_connection_listener(self._on_connection)
 
@@ -186,9 +210,9 @@ class ClusterNode:
         for node in self.view.nodes()[1:]:
             remote.update(node.handles)
         self.local_routes.clear()
-        for message_type, pipeline in self.dispatcher.requests.items():
+        for message_type in self.dispatcher.requests:
             if message_type.type_name not in remote and not is_durable(message_type):
-                self.local_routes[message_type] = pipeline
+                self.local_routes[message_type] = self._limited[message_type]  # same limit, same "busy"
 
     # -- the mediator's port ----------------------------------------------------------------------
 
@@ -230,6 +254,7 @@ class ClusterNode:
                 f"publish() takes an Event, not {type(event).__name__}; send() requests"
             )
         self.sender.budget(None)
+        self.view.learn(type(event))
         if is_durable(type(event)):
             await self.durable.publish(event)  # every handler group runs it from the broker, this node's too
             return
@@ -262,7 +287,10 @@ class ClusterNode:
                     f"within {self.settings.request_timeout:g} s"
                 )
         if self.dispatcher.handles(type(event)):
-            await self.dispatcher.handle_event(event)
+            if self.observer is None:
+                await self.dispatcher.handle_event(event)
+            else:  # in the publisher's context, as an attempt routed to this node
+                await observed_events(self.observer, event, {}, lambda: self.dispatcher.handle_event(event))
         if failure is not None:
             raise failure
 
@@ -289,5 +317,11 @@ class ClusterNode:
             "node_id": self.node_id,
             "members": len(self.view.nodes()),
             "view_stale": self.view.stale,
-            "stats": {**self.responder.stats, "bad_frames": self.transport.bad_frames},
+            "stats": {
+                **self.responder.stats,
+                **self.limits.stats,
+                "in_flight": self.limits.in_flight,
+                "events_waiting": self.limits.events_waiting,
+                "bad_frames": self.transport.bad_frames,
+            },
         }

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
     MESSAGE_ID,
@@ -33,6 +34,10 @@ __all__ = ["Responder", "event_subject", "node_subject", "type_subject"]
 logger = logging.getLogger(__name__)
 
 QUEUE_GROUP = "catga"
+# "Busy" replies not yet handed to the broker; more means the broker takes no replies either, and a
+# request is then dropped unanswered (its caller times out) rather than let tasks pile up.
+_MAX_BUSY_REPLIES = 1000
+_CANCEL_GRACE = 1.0  # s a stopping node waits for cancelled handler runs to end before abandoning them
 
 
 def node_subject(node_id: str) -> str:
@@ -59,6 +64,11 @@ class Responder:
     handler still running at the deadline is cancelled. Malformed input is answered with a typed
     error where there is a reply address, counted in ``stats``, and logged at most once per
     interval per kind. An ``observer``, if any, is told about each run, drop and refusal.
+
+    Each run takes a slot of ``limits``. A request with no slot free is answered "busy" at once,
+    by a small reply task and nothing else (the caller moves on to another node); at most a
+    thousand such replies are outstanding, beyond that a request is dropped unanswered (its
+    caller times out) rather than let memory grow. Events wait in the limits' bounded queue.
     """
 
     def __init__(
@@ -67,6 +77,7 @@ class Responder:
         dispatcher: LocalDispatcher,
         *,
         max_payload: int,
+        limits: HandlerLimits,
         wall_clock: Callable[[], float] = time.time,
         observer: Observer | None = None,
     ) -> None:
@@ -77,6 +88,8 @@ class Responder:
         self._max_payload = max_payload
         self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._limits = limits
+        self._busy_replies = 0  # "busy" answers not yet handed to the broker
         self._log_limit = LogLimiter()
         self.stats: Counter[str] = Counter()
 
@@ -96,29 +109,48 @@ class Responder:
             self._subscriptions.append(await subscribe(event_subject(message_type.type_name), self._on_event))
 
     async def stop(self, drain_timeout: float) -> None:
-        """Unsubscribe, then wait up to ``drain_timeout`` for work in flight; cancel what is left
-        and wait for it to end."""
+        """Unsubscribe, then wait up to ``drain_timeout`` for work in flight (events still waiting
+        for a slot are dropped and counted); cancel what is left and wait at most one second more
+        for it to end. A run that ignores its cancellation is abandoned, and named in the log."""
         for subscription in self._subscriptions:
             try:
                 await subscription.unsubscribe()
             except CatgaError as exc:
                 logger.debug("unsubscribe failed: %s", exc)
         self._subscriptions.clear()
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + drain_timeout
+        while self._tasks and (left := ends - loop.time()) > 0:  # runs that free a slot start events
+            await asyncio.wait(set(self._tasks), timeout=left)
+        if dropped := self._limits.drop_waiting():
+            logger.warning("dropped %d received event(s) still waiting for a handler slot", dropped)
         if not self._tasks:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=drain_timeout)
+        pending = set(self._tasks)
         for task in pending:
             task.cancel()
-        if pending:
-            logger.warning(
-                "cancelled %d handler run(s) still going after %.1f s", len(pending), drain_timeout
-            )
-            await asyncio.wait(pending)
+        logger.warning("cancelled %d handler run(s) still going after %.1f s", len(pending), drain_timeout)
+        _, stuck = await asyncio.wait(pending, timeout=_CANCEL_GRACE)
+        if stuck:
+            names = sorted(task.get_name() for task in stuck)
+            logger.error(
+                "abandoned %d handler run(s) that did not end when cancelled: %s%s",
+                len(stuck), ", ".join(names[:10]), " ..." if len(names) > 10 else "",
+            )  # fmt: skip
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+    def _spawn(self, work: Coroutine[Any, Any, None], what: str, slot: str | None = None) -> None:
+        """Run ``work`` in a task named ``what``; ``slot``: the type whose slot it holds, freed at its end."""
+        task = asyncio.get_running_loop().create_task(work, name=what)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if slot is not None:
+            limits = self._limits
+            task.add_done_callback(lambda _: limits.leave(slot))
+
+    def _type_of(self, envelope: Envelope) -> str:
+        """The message type's name, when this node knows it ("?" otherwise: a bounded label)."""
+        name = envelope.headers.get(MESSAGE_TYPE)
+        return name if type(name) is str and name in self._dispatcher.types else "?"
 
     def _on_request(self, delivery: Delivery) -> None:
         try:
@@ -128,7 +160,11 @@ class Responder:
             return
         remaining = None if deadline is None else deadline - self._wall_clock()
         if remaining is None or remaining > 0:
-            self._spawn(self._answer(delivery, remaining))
+            type_name = self._type_of(delivery.envelope)
+            if self._limits.enter(type_name):
+                self._spawn(self._answer(delivery, remaining), _describe(delivery.envelope), type_name)
+            else:
+                self._busy(delivery, type_name)
         else:
             self.stats["expired_dropped"] += 1
             if self._observer is not None:
@@ -136,15 +172,42 @@ class Responder:
             self._log("expired", "dropped %s: its caller's deadline passed before it ran", delivery.envelope)
 
     def _on_event(self, delivery: Delivery) -> None:
-        if delivery.envelope.headers.get(SOURCE) != self.node_id:  # local handlers ran at publish
-            self._spawn(self._run_event(delivery.envelope))
+        envelope = delivery.envelope
+        if envelope.headers.get(SOURCE) == self.node_id:  # local handlers ran at publish
+            return
+        type_name = self._type_of(envelope)
+
+        def start() -> None:  # called with the slot taken, now or once one is free
+            self._spawn(self._run_event(envelope), _describe(envelope), type_name)
+
+        self._limits.run_event(type_name, start)
+
+    def _busy(self, delivery: Delivery, type_name: str) -> None:
+        """No slot: say "busy" at once (the handler never ran: the caller may go elsewhere)."""
+        error = self._limits.refused(type_name)
+        if delivery.reply is None:
+            return
+        if self._busy_replies >= _MAX_BUSY_REPLIES:  # the broker takes no replies: keep memory flat
+            self.stats["busy_unanswered"] += 1
+            return
+        self._busy_replies += 1
+        self._spawn(
+            self._send_busy(delivery, encode_error(error, node_id=self.node_id, by_node=True)), "busy"
+        )
+
+    async def _send_busy(self, delivery: Delivery, reply: Envelope) -> None:
+        try:
+            await self._send_reply(delivery, reply)
+        finally:
+            self._busy_replies -= 1
 
     def _refuse(self, exc: CatgaError, delivery: Delivery) -> None:
         """Malformed input this node will not run: count it, answer it, log it (not too often)."""
         self._count_bad("bad_requests", exc.code)
         self._log(type(exc).__name__, "refused %s: %s", delivery.envelope, exc)
         if delivery.reply is not None:
-            self._spawn(self._send_reply(delivery, encode_error(exc, node_id=self.node_id, by_node=True)))
+            reply = encode_error(exc, node_id=self.node_id, by_node=True)
+            self._spawn(self._send_reply(delivery, reply), "refusal")
 
     async def _answer(self, delivery: Delivery, remaining: float | None) -> None:
         reply = await self._run_request(delivery.envelope, remaining)

@@ -1,10 +1,11 @@
 """The sending side of a node: pick a node, attempt, retry, fail over; broadcast.
 
 The error rule, on every path: an error that describes *this attempt's transport* (nobody
-listening, the attempt's deadline, a lost connection, a node without the handler) may be retried
-on another node. An error the *handler* raised is the caller's answer, returned once, unless it is
-a `RetryableError` (or wraps an exception that says ``retryable = True``). The two kinds are told
-apart by where they arise, never by their class: a handler may itself raise `TransportError`.
+listening, the attempt's deadline, a lost connection, a node without the handler, a node that
+answered "busy" itself) may be retried on another node. An error the *handler* raised is the
+caller's answer, returned once, unless it is a `RetryableError` (or wraps an exception that says
+``retryable = True``). The two kinds are told apart by where they arise, never by their class: a
+handler may itself raise `TransportError` or `BusyError`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi_catga.cluster.attempts import AttemptFailed, Attempts, Call, final_error
+from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.cluster.routing import RoutingStrategy, choose_node
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.dispatch import LocalDispatcher
@@ -24,6 +26,7 @@ from fastapi_catga.core.messages import Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import (
+    BusyError,
     CatgaError,
     HandlerNotFoundError,
     MessageValidationError,
@@ -50,6 +53,7 @@ class Sender:
         retry_attempts: attempts in all, each on another node where one exists.
         connected: set while the broker connection is up (a send waits for it, within its deadline).
         clock: monotonic seconds; wall_clock: UNIX seconds, for deadlines that travel.
+        limits: this node's handler slots (a send routed here takes one, or fails over as "busy").
         observer: told about each send and attempt (None: nothing is called).
     """
 
@@ -65,6 +69,7 @@ class Sender:
         connected: asyncio.Event,
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
+        limits: HandlerLimits,
         observer: Observer | None = None,
     ) -> None:
         self.transport = transport
@@ -77,7 +82,7 @@ class Sender:
         self._connected = connected
         self._clock = clock
         self.observer = observer
-        self._attempter = Attempts(transport, dispatcher, view.node_id, wall_clock, observer)
+        self._attempter = Attempts(transport, dispatcher, view.node_id, wall_clock, observer, limits)
         self._node_id = view.node_id
 
     @property
@@ -107,6 +112,7 @@ class Sender:
                 f"send() takes a Command or Query, not {type(message).__name__}; publish() events"
             )
         budget = self.budget(timeout)
+        self.view.learn(type(message))
         call = Call(message, self._clock() + budget, budget)
         if self.observer is not None:
             return await self._observed_send(call, node_id)
@@ -134,6 +140,8 @@ class Sender:
             raise NodeUnavailableError(f"node {node_id!r} is unknown or dead; live nodes: {known}")
         if call.message.type_name not in node.handles:
             raise HandlerNotFoundError(f"node {node_id} has no handler for {call.message.type_name}")
+        if (refused := self.view.incompatible(call.message.type_name, node_id)) is not None:
+            raise refused
         try:
             return await self._patient_attempt(call, node_id, 1, math.inf)
         except AttemptFailed as failed:
@@ -147,6 +155,8 @@ class Sender:
     async def _send_any(self, call: Call) -> Any:
         me, type_name = self._node_id, call.message.type_name
         candidates = self.view.capable(type_name)
+        if not candidates and (refused := self.view.incompatible(type_name)) is not None:
+            raise refused  # rather than a decode error over there, or a wait for the queue group
         if len(candidates) > 1 or (candidates and candidates[0].node_id != me):
             # The same size rule wherever the router lands: encode now, once, for every attempt.
             call.envelope(me, self.transport.max_payload)
@@ -239,7 +249,7 @@ class Sender:
         return sum(1 for node in self.view.capable(message.type_name) if node.node_id not in tried)
 
     async def _backoff(self, error: CatgaError, deadline: float) -> None:
-        if isinstance(error, NoResponderError | HandlerNotFoundError):
+        if isinstance(error, NoResponderError | HandlerNotFoundError | BusyError):
             return  # the broker (or the node) answered at once: switch now
         delay = min(random.uniform(0.05, 0.2), max(0.0, deadline - self._clock()))
         await asyncio.sleep(delay)
@@ -251,6 +261,7 @@ class Sender:
                 f"broadcast() takes a Command or Query, not {type(message).__name__}"
             )
         budget = self.budget(timeout)
+        self.view.learn(type(message))
         call = Call(message, self._clock() + budget, budget)
         if self.observer is None:
             return await self._broadcast(call)

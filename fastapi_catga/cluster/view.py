@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fastapi_catga.cluster.compat import SchemaCheck
+from fastapi_catga.core.messages import Message
 from fastapi_catga.core.nodes import NodeInfo
+from fastapi_catga.exceptions import IncompatibleSchemaError
 
 __all__ = ["ClusterView", "Member"]
 
@@ -30,10 +33,18 @@ class ClusterView:
         self_info: this node, always in the view.
         ttl: seconds without a heartbeat after which a member is dead.
         on_change: called after a member joins, leaves or changes what it handles.
+        schemas: this node's message schemas, to leave out peers that run incompatible ones.
     """
 
-    def __init__(self, self_info: NodeInfo, ttl: float, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        self_info: NodeInfo,
+        ttl: float,
+        on_change: Callable[[], None] = lambda: None,
+        schemas: SchemaCheck | None = None,
+    ) -> None:
         self.self_info = self_info
+        self.schemas = schemas or SchemaCheck()
         self.ttl = ttl
         self.stale = False
         self._on_change = on_change
@@ -79,13 +90,15 @@ class ClusterView:
             return
         self._members[info.node_id] = Member(info, now)
         self._touch()
-        if known is None or (known.info.handles, known.info.events) != (info.handles, info.events):
+        if known is None or _routes(known.info) != _routes(info):
+            self.schemas.incompatibilities(info)  # each incompatible type is logged, once
             self._on_change()
 
     def remove(self, node_id: str) -> bool:
         """Drop a member (it left, or its record expired); True when it was there."""
         if self._members.pop(node_id, None) is None:
             return False
+        self.schemas.forget(node_id)
         self._touch()
         self._on_change()
         return True
@@ -106,6 +119,7 @@ class ClusterView:
         ]
         for node_id in dead:
             del self._members[node_id]
+            self.schemas.forget(node_id)
         if dead:
             self._touch()
             self._on_change()
@@ -128,10 +142,31 @@ class ClusterView:
         return member is not None and member.suspect_since is not None
 
     def capable(self, type_name: str, *, events: bool = False) -> list[NodeInfo]:
-        """Live nodes with a handler for the type, suspects last (do not modify the list)."""
+        """Live nodes with a handler for the type and a schema of it compatible with this node's,
+        suspects last (do not modify the list)."""
         key = (type_name, events)
         nodes = self._capable.get(key)
         if nodes is None:
-            nodes = [n for n in self.nodes() if type_name in (n.events if events else n.handles)]
+            nodes = [
+                n
+                for n in self.nodes()
+                if type_name in (n.events if events else n.handles)
+                and (n is self.self_info or not self.schemas.problems(n, type_name))
+            ]
             self._capable[key] = nodes = sorted(nodes, key=lambda n: self.is_suspect(n.node_id))
         return nodes
+
+    def learn(self, message_type: type[Message]) -> None:
+        """Note the class of a message this node sends, so peers are checked against its schema."""
+        if self.schemas.learn(message_type):
+            self._capable.clear()
+
+    def incompatible(self, type_name: str, node_id: str | None = None) -> IncompatibleSchemaError | None:
+        """The error for a send of the type when every peer that handles it (or the one named) runs
+        an incompatible schema of it; None when one does not."""
+        peers = [n for n in self.nodes()[1:] if type_name in n.handles and node_id in (None, n.node_id)]
+        return self.schemas.error(type_name, peers)
+
+
+def _routes(info: NodeInfo) -> tuple[list[str], list[str], dict[str, str]]:
+    return info.handles, info.events, info.schemas

@@ -82,6 +82,9 @@ class Message(BaseModel):
     type_name: ClassVar[str] = "Message"
     #: `Durable` options (or True for the defaults): stored on the broker and run at least once.
     durable: ClassVar[Durable | bool] = False
+    #: Handler runs of this type at once on one node (None: ``CATGA_MAX_IN_FLIGHT_PER_TYPE``); the
+    #: node's ``CATGA_MAX_IN_FLIGHT`` still applies. Beyond it a node answers "busy" (`BusyError`).
+    max_in_flight: ClassVar[int | None] = None
 
     message_id: str = Field(default_factory=new_message_id, min_length=1, max_length=200)
 

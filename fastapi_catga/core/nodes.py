@@ -26,6 +26,11 @@ class NodeInfo(BaseModel):
     handles: list[str] = Field(default_factory=list, description="Command and query types it handles")
     events: list[str] = Field(default_factory=list, description="Event types it has handlers for")
     version: str = Field("", description="fastapi-catga version the node runs")
+    app_version: str = Field("", description="The app's own version (CATGA_APP_VERSION)")
+    schemas: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per message type it handles: schema fingerprint and field shapes (rolling upgrades)",
+    )
     incarnation: str = Field(
         default_factory=lambda: os.urandom(8).hex(),
         description="Random per process start: tells a restarted process from a live one with the same id",

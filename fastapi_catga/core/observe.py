@@ -16,13 +16,14 @@ same task, so a tracer may make its span current in between.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
-from fastapi_catga.core.messages import Message
-from fastapi_catga.exceptions import CatgaError
+from fastapi_catga.core.messages import Event, Message
+from fastapi_catga.exceptions import CatgaError, RemoteHandlerError
 
-__all__ = ["MetricsSource", "Observer", "combine", "outcome_of"]
+__all__ = ["MetricsSource", "Observer", "combine", "observed_events", "outcome_of"]
 
 
 def outcome_of(error: BaseException | None) -> str:
@@ -67,11 +68,13 @@ class Observer:
         """A send moves on from ``node_id`` to another node after ``error``."""
 
     def inject(self, headers: dict[str, str]) -> None:
-        """Add trace context to the headers of a message about to leave (the current attempt's)."""
+        """Add trace context to the headers of a message about to leave (the current attempt's), or
+        to be stored (a durable message's: its runs get them back in `handle_started`)."""
 
     def handle_started(self, message: Message, headers: Mapping[str, str]) -> object:
-        """A handler is about to run here for a received message (``headers`` are its envelope's;
-        empty for an attempt routed to this node, which runs in the sender's context)."""
+        """A handler is about to run here for a received message (``headers`` are its envelope's, as
+        stored for a durable one; empty for an attempt routed to this node or this node's own
+        handlers of an event it publishes, which run in the sender's context)."""
         return None
 
     def handle_ended(
@@ -84,6 +87,10 @@ class Observer:
 
     def bad_message(self, kind: str) -> None:
         """A received message could not be run (malformed, unknown type, wrong kind): ``kind`` names why."""
+
+    def overloaded(self, type_name: str, outcome: str) -> None:
+        """This node had no handler slot (``CATGA_MAX_IN_FLIGHT*``): ``outcome`` is ``busy`` (a
+        request was refused, its caller moves on) or ``dropped`` (an event overflowed the queue)."""
 
     def member_joined(self, node_id: str, size: int) -> None:
         """A node joined this node's view; ``size`` members now."""
@@ -166,6 +173,10 @@ class _Fanout(Observer):
         for observer in self.observers:
             observer.bad_message(kind)
 
+    def overloaded(self, type_name: str, outcome: str) -> None:
+        for observer in self.observers:
+            observer.overloaded(type_name, outcome)
+
     def member_joined(self, node_id: str, size: int) -> None:
         for observer in self.observers:
             observer.member_joined(node_id, size)
@@ -185,6 +196,22 @@ class _Fanout(Observer):
     def dead_lettered(self, type_name: str, reason: str) -> None:
         for observer in self.observers:
             observer.dead_lettered(type_name, reason)
+
+
+async def observed_events(
+    observer: Observer, event: Event, headers: Mapping[str, str], run: Callable[[], Awaitable[int]]
+) -> int:
+    """Run an event's handlers here (``run`` returns how many failed), told as one handler run."""
+    token = observer.handle_started(event, headers)
+    started = time.perf_counter()
+    try:
+        failed = await run()
+    except BaseException as exc:  # cancelled at shutdown
+        observer.handle_ended(token, event, time.perf_counter() - started, exc)
+        raise
+    error = RemoteHandlerError(f"{failed} handler(s) of {event.type_name} failed") if failed else None
+    observer.handle_ended(token, event, time.perf_counter() - started, error)
+    return failed
 
 
 def combine(observers: Iterable[Observer]) -> Observer | None:

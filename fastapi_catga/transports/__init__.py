@@ -25,15 +25,38 @@ def _memory(settings: CatgaSettings) -> Transport:
 
 
 def _nats(settings: CatgaSettings) -> Transport:
-    from fastapi_catga.transports.nats import NatsTransport  # here, so nats-py loads only when chosen
+    from fastapi_catga.transports.nats import NatsAuth, NatsTransport  # here: nats-py loads when chosen
+    from fastapi_catga.transports.tls import TlsFiles
 
-    return NatsTransport(settings.nats_url, cluster=settings.cluster, max_payload=settings.max_payload)
+    auth = NatsAuth(
+        user=settings.nats_user,
+        password=settings.nats_password,
+        token=settings.nats_token,
+        nkey_seed_file=settings.nats_nkey_seed_file,
+        creds_file=settings.nats_creds_file,
+        tls=TlsFiles(
+            settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key, setting="CATGA_NATS_TLS"
+        ),
+    )
+    return NatsTransport(
+        settings.nats_url, cluster=settings.cluster, max_payload=settings.max_payload, auth=auth
+    )
 
 
 def _redis(settings: CatgaSettings) -> Transport:
     from fastapi_catga.transports.redis import RedisTransport  # here, so redis-py loads only when chosen
+    from fastapi_catga.transports.tls import TlsFiles
 
-    return RedisTransport(settings.redis_url, cluster=settings.cluster, max_payload=settings.max_payload)
+    return RedisTransport(
+        settings.redis_url,
+        cluster=settings.cluster,
+        max_payload=settings.max_payload,
+        username=settings.redis_username,
+        password=settings.redis_password,
+        tls=TlsFiles(
+            settings.redis_tls_ca, settings.redis_tls_cert, settings.redis_tls_key, setting="CATGA_REDIS_TLS"
+        ),
+    )
 
 
 #: ``CATGA_TRANSPORT`` value -> the factory of that transport, configured from the settings.

@@ -119,6 +119,10 @@ class MembershipStore(Protocol):
         """Write (register or heartbeat) a node's record, restarting its expiry."""
         ...
 
+    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
+        """Write a node's record only if none is held now (atomically); whether it was written."""
+        ...
+
     async def delete(self, node_id: str) -> None:
         """Remove a node's record and tell the watchers at once."""
         ...

@@ -34,6 +34,13 @@ class MemberTable:
         self._records[(namespace, node_id)] = (value, self.clock() + ttl)
         self._notify(namespace, MemberEvent("put", node_id, value))
 
+    def create(self, namespace: str, node_id: str, value: bytes, ttl: float) -> bool:
+        held = self._records.get((namespace, node_id))
+        if held is not None and held[1] > self.clock():
+            return False
+        self.put(namespace, node_id, value, ttl)
+        return True
+
     def delete(self, namespace: str, node_id: str) -> None:
         if self._records.pop((namespace, node_id), None) is not None:
             self._notify(namespace, MemberEvent("delete", node_id))
@@ -83,6 +90,10 @@ class MemoryMembers:
     async def put(self, node_id: str, value: bytes, ttl: float) -> None:
         await self._reachable()
         self._table.put(self._cluster, node_id, value, ttl)
+
+    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
+        await self._reachable()
+        return self._table.create(self._cluster, node_id, value, ttl)
 
     async def delete(self, node_id: str) -> None:
         await self._reachable()

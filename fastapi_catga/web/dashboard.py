@@ -72,7 +72,7 @@ def _find_observer(catga: Catga) -> DashboardObserver | None:
     return next((o for o in catga.observers if isinstance(o, DashboardObserver)), None)
 
 
-def _node_row(node: NodeInfo, now: datetime) -> dict[str, Any]:
+def _node_row(node: NodeInfo, now: datetime, incompatible: dict[str, str]) -> dict[str, Any]:
     return {
         "node_id": node.node_id,
         "endpoint": node.endpoint,
@@ -80,6 +80,8 @@ def _node_row(node: NodeInfo, now: datetime) -> dict[str, Any]:
         "handles": node.handles,
         "events": node.events,
         "version": node.version,
+        "app_version": node.app_version,
+        "incompatible": incompatible,
         "uptime": round((now - node.started_at).total_seconds(), 1),
         "heartbeat_age": round(max(0.0, (now - node.last_seen).total_seconds()), 1),
     }
@@ -128,7 +130,7 @@ def snapshot(
             "connected": node.transport.connected,
             "view_stale": node.view.stale,
         },
-        "nodes": [_node_row(info, at) for info in node.nodes()],
+        "nodes": [_node_row(info, at, node.view.schemas.incompatibilities(info)) for info in node.nodes()],
         "types": None if observer is None else _type_rows(observer.counts, previous or {}, seconds),
     }
 

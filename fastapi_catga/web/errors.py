@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from fastapi_catga.exceptions import (
+    BusyError,
     CatgaError,
     ConfigurationError,
     HandlerNotFoundError,
@@ -28,6 +29,7 @@ _STATUS: list[tuple[type[CatgaError], int, str]] = [
     (HandlerNotFoundError, 404, "No handler"),
     (MessageValidationError, 422, "Invalid message"),
     (MessageTooLargeError, 413, "Message too large"),
+    (BusyError, 503, "Busy"),
     (NodeUnavailableError, 503, "No node available"),
     (TransportError, 503, "Broker unavailable"),
     (RequestTimeoutError, 504, "Timed out"),
@@ -65,4 +67,6 @@ async def problem_response(request: Request, exc: Exception) -> JSONResponse:
         # Details may hold what JSON cannot (pydantic's errors() keeps the exception in ctx).
         details = json.loads(json.dumps(exc.details, default=str))
         body["errors" if isinstance(exc, MessageValidationError) else "details"] = details
-    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+    # Busy: the node(s) had no room now; say when trying again makes sense (RFC 9110, seconds).
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, BusyError) else None
+    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")

@@ -65,6 +65,10 @@ class _Store:
         await self._process.round_trip()
         await self._inner.put(node_id, value, ttl)
 
+    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
+        await self._process.round_trip()
+        return await self._inner.create(node_id, value, ttl)
+
     async def delete(self, node_id: str) -> None:
         await self._process.round_trip()
         await self._inner.delete(node_id)

@@ -13,6 +13,7 @@ from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.testing import InMemoryBroker
 from fastapi_catga.transports.base import MemberEvent
 from tests.cluster import workload
+from tests.cluster.process_transport import ProcessTransport
 from tests.virtual_time import run_virtual, virtual_node
 
 TIMING: dict[str, Any] = {"heartbeat_interval": 1.0, "node_ttl": 3.0}
@@ -35,6 +36,34 @@ def test_a_second_process_with_a_live_nodes_id_is_refused_at_start() -> None:
         assert [n.node_id for n in first.node.nodes()] == ["pod-0"]
         assert await first.mediator.send(workload.Work()) == "?"  # the first one goes on serving
         await first.stop()
+
+    run_virtual(scenario())
+
+
+def test_of_two_processes_starting_at_once_with_one_id_only_one_joins() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        # Each membership call takes a millisecond, so both look before either writes.
+        twins = [
+            virtual_node(
+                broker,
+                "pod-0",
+                handlers=[workload],
+                transport=ProcessTransport(broker, latency=0.001),
+                **TIMING,
+            )
+            for _ in range(2)
+        ]
+        results = await asyncio.gather(*(twin.start() for twin in twins), return_exceptions=True)
+        assert [r is None for r in results].count(True) == 1, results
+        refused = next(r for r in results if r is not None)
+        assert isinstance(refused, ConfigurationError)
+        assert "'pod-0' belongs to a live node" in str(refused)
+        started = twins[results.index(None)]
+        assert [n.node_id for n in started.node.nodes()] == ["pod-0"]
+        assert await started.mediator.send(workload.Work()) == "?"
+        await started.stop()
 
     run_virtual(scenario())
 

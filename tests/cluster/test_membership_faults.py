@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from fastapi_catga import Catga
 from fastapi_catga.testing import InMemoryBroker
 from tests.cluster import workload
+from tests.cluster.process_transport import ProcessTransport
 from tests.virtual_time import run_virtual, stall, virtual_node
 
 TIMING: dict[str, Any] = {"heartbeat_interval": 1.0, "node_ttl": 3.0}
@@ -65,3 +67,31 @@ def test_a_membership_loop_survives_an_unexpected_error(caplog: pytest.LogCaptur
 
     run_virtual(scenario())
     assert "the heartbeat loop failed" in caplog.text
+
+
+def test_a_distrust_that_comes_while_a_resync_runs_gets_a_resync_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="fastapi_catga.cluster.membership")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        # Each membership call of a takes 50 ms, so a resync takes about 0.2 s.
+        a = virtual_node(
+            broker, "a", handlers=[workload], transport=ProcessTransport(broker, latency=0.05), **TIMING
+        )
+        await a.start()
+        membership = a.node.membership
+        membership._distrust_view("the first reason")
+        await asyncio.sleep(0.1)
+        membership._distrust_view("a second reason, after the resync read some of the store")
+        await asyncio.sleep(0.15)  # the first resync is done by now...
+        assert a.node.health()["view_stale"], "...but it began before the second reason: still frozen"
+        await asyncio.sleep(0.5)
+        assert not a.node.health()["view_stale"]
+        await a.stop()
+
+    run_virtual(scenario())
+    assert caplog.text.count("view frozen until a resync") == 1
+    assert caplog.text.count("node a resynced") == 1

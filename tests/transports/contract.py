@@ -131,6 +131,35 @@ class TransportContract:
         await store.delete("node-b")
         assert await store.list() == {"node-a": b'{"node_id":"node-a","v":2}'}
 
+    async def test_members_create_writes_only_where_no_record_is_held(self, connect: Connect) -> None:
+        first, second = await connect(), await connect()
+        await first.members.prepare(10)
+        await second.members.prepare(10)
+        claims = [
+            store.create("node-c", name.encode(), 10)
+            for store, name in [(first.members, "1"), (second.members, "2")] * 3
+        ]
+        won = await asyncio.gather(*claims)
+        assert won.count(True) == 1, "of six claims at once, exactly one is written"
+        held = (await first.members.list())["node-c"]
+        assert not await second.members.create("node-c", b"late", 10)
+        assert (await first.members.list())["node-c"] == held
+        await first.members.delete("node-c")
+        assert await second.members.create("node-c", b"after a delete", 10)
+        assert (await first.members.list())["node-c"] == b"after a delete"
+
+    async def test_members_create_succeeds_once_the_record_expired(self, connect: Connect) -> None:
+        transport = await connect()
+        await transport.members.prepare(1)
+        assert await transport.members.create("node-x", b"old", 1)
+
+        async def gone() -> bool:
+            return "node-x" not in await transport.members.list()
+
+        await eventually(gone, within=4)
+        assert await transport.members.create("node-x", b"new", 1)
+        assert (await transport.members.list())["node-x"] == b"new"
+
     async def test_members_watch_sees_puts_and_deletes(self, connect: Connect) -> None:
         watcher, writer = await connect(), await connect()
         await watcher.members.prepare(10)

@@ -3,34 +3,26 @@ three-node cluster over a real nats-server, sees a node killed grey out and go, 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 
+from tests.browser import chromium_page, handled, shown_nodes
 from tests.multiprocess.harness import AppNode
 from tests.polling import wait_until
 from tests.servers import NatsServer
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.nats]
 
-CHROMIUM = "/usr/bin/chromium"
 APP = "tests.multiprocess.dashboard_app:app"
 
 
 @pytest.fixture
 def page() -> Iterator[Page]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run .ci/run, which installs Debian's chromium")
-    with sync_playwright() as playwright:
-        # Never `playwright install`: the browser is the system's, nothing downloads one.
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield browser.new_page(viewport={"width": 1280, "height": 720})
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        yield page
 
 
 @pytest.fixture
@@ -46,27 +38,6 @@ def cluster(nats_server: NatsServer) -> Iterator[dict[str, AppNode]]:
     finally:
         for node in nodes.values():
             node.close()
-
-
-def shown_nodes(page: Page) -> dict[str, bool]:
-    """Node id -> greyed out, as the nodes table shows them now (read in one go: the page
-    redraws its tables every second)."""
-    rows: list[list[object]] = page.eval_on_selector_all(
-        "#nodes tbody tr", "rows => rows.map(r => [r.dataset.node, r.classList.contains('gone')])"
-    )
-    return {str(node): bool(gone) for node, gone in rows}
-
-
-def handled(page: Page, type_name: str) -> int:
-    """The handled count of a type in the types table (0 while it has no row)."""
-    count: int = page.evaluate(
-        """name => {
-            const cell = document.querySelector(`#types tr[data-type="${name}"] td.handled`);
-            return cell ? Number(cell.textContent) : 0;
-        }""",
-        type_name,
-    )
-    return count
 
 
 def test_the_dashboard_follows_the_cluster(page: Page, cluster: dict[str, AppNode], tmp_path: Path) -> None:

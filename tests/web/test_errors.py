@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, ValidationError, field_validator
 
 from fastapi_catga import (
+    BusyError,
     CatgaError,
     Command,
     ConfigurationError,
@@ -50,6 +51,7 @@ ERRORS: dict[str, tuple[Callable[[], CatgaError], int]] = {
     "invalid": (lambda: MessageValidationError("bad", details=[{"loc": ["sku"], "msg": "too short"}]), 422),
     "too-large": (lambda: MessageTooLargeError("too big", details={"size": 2048, "limit": 1024}), 413),
     "no-node": (lambda: NodeUnavailableError("nobody"), 503),
+    "busy": (lambda: BusyError("every node tried is busy", node_id="n9"), 503),
     "transport": (lambda: TransportError("broker gone"), 503),
     "no-responder": (lambda: NoResponderError("nobody listens"), 503),
     "timeout": (lambda: RequestTimeoutError("too slow", node_id="n9"), 504),
@@ -116,6 +118,15 @@ def test_status_for_goes_by_the_nearest_error_family(
     error_type: type[CatgaError], status: int, title: str
 ) -> None:
     assert status_for(error_type("x")) == (status, title)
+
+
+def test_busy_says_when_to_try_again_and_no_other_error_does() -> None:
+    with TestClient(errors_app()) as client:
+        busy = client.get("/raise/busy")
+        gone = client.get("/raise/no-node")
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert busy.json()["title"] == "Busy" and busy.json()["type"] == "urn:catga:error:busy"
+    assert gone.status_code == 503 and "retry-after" not in gone.headers
 
 
 def test_server_errors_are_logged_and_client_errors_are_not(caplog: pytest.LogCaptureFixture) -> None:

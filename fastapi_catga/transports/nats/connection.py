@@ -1,12 +1,15 @@
 """`NatsConnection`: one node's nats-py client, which reconnects forever and says when it is up.
 
-The first connect is bounded by ``connect_timeout``; from then on nats-py reconnects without end.
+The first connect is bounded by ``connect_timeout``, and ends at once when the server refuses the
+credentials or the TLS handshake fails: retrying would not help. From then on nats-py reconnects
+without end.
 Each loss and each return is told to the listeners of the `ConnectionState`, once and in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -18,10 +21,17 @@ from nats.js import JetStreamContext
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError, TransportError
 from fastapi_catga.transports.base import ConnectionState
+from fastapi_catga.transports.nats.auth import NatsAuth, refusal
 
 __all__ = ["NatsConnection"]
 
 logger = logging.getLogger(__name__)
+
+_CLOSE_TIMEOUT = 1.0  # s, for closing a client whose first connect failed
+
+
+class _Refused(Exception):
+    """Raised from nats-py's error callback to end the first connect: the server said no."""
 
 
 class NatsConnection:
@@ -34,6 +44,7 @@ class NatsConnection:
         reconnect_wait: seconds between reconnect attempts to one server (they never stop).
         connection_name: the connection's name in the server's monitoring.
         on_lost: awaited at a disconnect, before the listeners hear of it.
+        auth: credentials and TLS files (none: the URLs' own, if any).
     """
 
     def __init__(
@@ -45,6 +56,7 @@ class NatsConnection:
         reconnect_wait: float,
         connection_name: str | None,
         on_lost: Callable[[], Awaitable[None]],
+        auth: NatsAuth | None = None,
     ) -> None:
         urls = servers.split(",") if isinstance(servers, str) else servers
         self.servers = [url.strip() for url in urls if url.strip()]
@@ -63,9 +75,11 @@ class NatsConnection:
             "connect_timeout": connect_timeout,
             "ping_interval": ping_interval,
             "reconnect_time_wait": reconnect_wait,
+            **(auth or NatsAuth()).options(self.servers),
         }
         self._on_lost = on_lost
         self._last_error = ""
+        self._opening = False
 
     @property
     def up(self) -> bool:
@@ -83,11 +97,13 @@ class NatsConnection:
         """Connect, retrying until ``connect_timeout``; from then on reconnect forever.
 
         Raises:
-            TransportError: no server answered within ``connect_timeout``; the message names them.
+            TransportError: no server answered within ``connect_timeout``, or one refused the
+                credentials or the TLS handshake; the message says which, never the secret.
         """
         if self.state.closed or self.nc is not None:
             raise TransportError("connect() works once per NatsTransport; make a new one")
         self.nc = nc = Client()
+        self._opening = True
         try:
             # With unlimited reconnects nats-py retries the first connect forever too: bound it.
             async with asyncio.timeout(self.connect_timeout):
@@ -102,20 +118,39 @@ class NatsConnection:
                     closed_cb=self._on_closed,
                     **self._options,
                 )
+        except _Refused as exc:
+            await self._fail()
+            raise TransportError(f"NATS at {self.where}: {exc}") from exc.__cause__
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            self.state.close()
-            await nc.close()
+            await self._fail()
+            last = f" (last error: {self._last_error})" if self._last_error else ""
             raise TransportError(
-                f"cannot reach NATS at {self.where} within {self.connect_timeout} s"
+                f"cannot reach NATS at {self.where} within {self.connect_timeout} s{last}"
             ) from exc
+        finally:
+            self._opening = False
         self.js = nc.jetstream(timeout=self.connect_timeout)
         return nc
+
+    async def _fail(self) -> None:
+        self.state.close()
+        if self.nc is not None:
+            # After a failed TLS handshake asyncio's stream never finishes closing: bound the wait.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await self.nc.close()
 
     # -- nats-py's callbacks (it wants them async) ---------------------------------------------------
 
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             self.slow_consumers += 1
+        refused = refusal(exc)
+        if self._opening and refused is not None:
+            # nats-py would try again and again until connect_timeout: end the first connect now
+            # (once: closing the client may report the same error again).
+            self._opening = False
+            raise _Refused(refused) from exc
         text = f"{type(exc).__name__}: {exc}"
         # The same error again (each reconnect attempt while the server is down) is only DEBUG.
         level = logging.DEBUG if text == self._last_error else logging.WARNING

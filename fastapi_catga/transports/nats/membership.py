@@ -34,6 +34,7 @@ _KEY = re.compile(r"[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]+)*")  # a KV key: no leadin
 _CONSUMER_IDLE = 5.0  # s: the server deletes a KV consumer this long after its subscriber went
 # Expiry markers written by the server (2.11+) carry a reason instead of KV-Operation.
 _REMOVED_REASONS = frozenset({"MaxAge", "Purge", "Remove"})
+_WRONG_LAST_SEQUENCE = frozenset({10071, 10164})  # JetStream's error codes for a failed expectation
 
 
 def _key(node_id: str) -> str:
@@ -138,6 +139,40 @@ class NatsMembers:
         msg_ttl = max(1, math.ceil(ttl)) if self._per_key_ttl else None
         with NatsErrors(f"KV put {self.bucket}.{key}"):
             await js.publish(self._prefix + key, value, msg_ttl=msg_ttl)
+
+    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
+        js, key = self._ready()[0], _key(node_id)
+        msg_ttl = max(1, math.ceil(ttl)) if self._per_key_ttl else None
+        with NatsErrors(f"KV create {self.bucket}.{key}"):
+            last: int | None = 0  # no entry: the publish expects the key's last sequence to be 0
+            for _ in range(3):  # again only if the key changed between the publish and the read
+                if last is None:
+                    break
+                expect = {"Nats-Expected-Last-Subject-Sequence": str(last)}
+                try:
+                    await js.publish(self._prefix + key, value, headers=expect, msg_ttl=msg_ttl)
+                    return True
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                        raise
+                    last = await self._removed_at(key)
+        return False
+
+    async def _removed_at(self, key: str) -> int | None:
+        """The sequence of the key's last entry when that is a removal (delete, purge, expiry marker);
+        0 when there is no entry; None when it holds a record."""
+        js = self._ready()[0]
+        try:
+            msg = await js.get_last_msg(f"KV_{self.bucket}", self._prefix + key)
+        except nats.js.errors.NotFoundError:
+            return 0
+        headers = msg.headers or {}
+        if (
+            headers.get("KV-Operation") in ("DEL", "PURGE")
+            or headers.get("Nats-Marker-Reason") in _REMOVED_REASONS
+        ):
+            return msg.seq
+        return None
 
     async def delete(self, node_id: str) -> None:
         kv, key = self._ready()[1], _key(node_id)

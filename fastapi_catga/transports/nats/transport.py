@@ -31,6 +31,7 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver, frame
 from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, Reply
+from fastapi_catga.transports.nats.auth import NatsAuth
 from fastapi_catga.transports.nats.connection import NatsConnection
 from fastapi_catga.transports.nats.durable import NatsDurable
 from fastapi_catga.transports.nats.errors import NatsErrors
@@ -42,8 +43,11 @@ logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")  # a bucket name, and a single subject token
 _NO_RESPONDERS = "503"  # the status the server sends to a request's inbox when nobody listens
-_PENDING_MSGS = 1_000_000  # per subscription, before nats-py drops messages as a slow consumer
-_PENDING_BYTES = 512 * 1024 * 1024
+# Per subscription, before nats-py drops messages as a slow consumer (counted, logged): a bound on
+# what a node holds unread when its event loop falls behind. A node that only has no handler slot
+# free still reads at full speed; it answers "busy" (see `cluster.responder`).
+_PENDING_MSGS = 65_536
+_PENDING_BYTES = 64 * 1024 * 1024
 _FLUSH_TIMEOUT = 2  # s, for the PING round trips that confirm a (un)subscribe
 
 
@@ -85,6 +89,7 @@ class NatsTransport:
         ping_interval: seconds between pings; two unanswered pings count as a lost connection.
         reconnect_wait: seconds between reconnect attempts to one server (they never stop).
         connection_name: the connection's name in the server's monitoring.
+        auth: credentials (user and password, token, nkey seed or .creds file) and TLS files.
     """
 
     name = "nats"
@@ -100,6 +105,7 @@ class NatsTransport:
         ping_interval: float = 5.0,
         reconnect_wait: float = 0.5,
         connection_name: str | None = None,
+        auth: NatsAuth | None = None,
     ) -> None:
         if not _NAME.fullmatch(cluster):
             raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]+ for NATS")
@@ -110,6 +116,7 @@ class NatsTransport:
             reconnect_wait=reconnect_wait,
             connection_name=connection_name,
             on_lost=self._on_lost,
+            auth=auth,
         )
         self.servers = self._connection.servers
         self.cluster = cluster

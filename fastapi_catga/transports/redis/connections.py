@@ -1,10 +1,15 @@
 """The transport's connections to Redis: a pool for membership commands, two private ones for pub/sub,
-and for durable queues a pool without retries plus a private connection per blocking reader."""
+and for durable queues a pool without retries plus a private connection per blocking reader.
+
+Every one of them copies the first pool's options, so the ACL user, password and TLS files that
+`security_options` adds there reach them all."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
+from pydantic import SecretStr
 from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -12,14 +17,59 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
+from fastapi_catga.transports.tls import TlsFiles
 
-__all__ = ["command_pool", "once_pool", "private_connection", "reopen"]
+__all__ = ["command_pool", "once_pool", "private_connection", "reopen", "security_options"]
+
+
+def security_options(
+    url: str, *, username: str = "", password: SecretStr | None = None, tls: TlsFiles | None = None
+) -> dict[str, Any]:
+    """redis-py's connection options for an ACL user and password, and TLS files, beside the URL.
+
+    Raises:
+        ConfigurationError: the user or password is given both in the URL and apart (the URL would
+            win silently), TLS files with a URL that is not ``rediss://``, or a missing file.
+    """
+    parts = urlsplit(url)
+    secret = password.get_secret_value() if password is not None else ""
+    options: dict[str, Any] = {}
+    if username:
+        if parts.username:
+            raise ConfigurationError(
+                "the Redis user is given twice: in CATGA_REDIS_URL and CATGA_REDIS_USERNAME"
+            )
+        options["username"] = username
+    if secret:
+        if parts.password or "password=" in parts.query:
+            raise ConfigurationError(
+                "the Redis password is given twice: in CATGA_REDIS_URL and CATGA_REDIS_PASSWORD; keep one"
+            )
+        options["password"] = secret
+    if tls is not None and tls.given:
+        if parts.scheme != "rediss":
+            raise ConfigurationError(
+                f"{tls.setting}_* are set but CATGA_REDIS_URL is {parts.scheme}://: use rediss:// for TLS"
+            )
+        tls.check()
+        options.update(
+            ssl_ca_certs=tls.ca or None, ssl_certfile=tls.cert or None, ssl_keyfile=tls.key or None
+        )
+    return options
 
 
 def command_pool(
-    url: str, *, max_connections: int, timeout: float, health_check_interval: float
+    url: str,
+    *,
+    max_connections: int,
+    timeout: float,
+    health_check_interval: float,
+    security: dict[str, Any] | None = None,
 ) -> BlockingConnectionPool:
     """The pool for membership commands: callers wait for a free connection, up to ``timeout``.
+
+    Args:
+        security: what `security_options` made (user, password, TLS files).
 
     Raises:
         ConfigurationError: ``url`` is no Redis URL.
@@ -27,6 +77,7 @@ def command_pool(
     try:
         return BlockingConnectionPool.from_url(
             url,
+            **(security or {}),
             max_connections=max_connections,
             timeout=timeout,
             socket_connect_timeout=timeout,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from fastapi_catga.exceptions import CatgaError, TransportError
 
-__all__ = ["BROKER_ERRORS", "ERRORS", "reason", "redis_errors"]
+__all__ = ["BROKER_ERRORS", "ERRORS", "connect_failure", "reason", "redis_errors"]
 
 #: What redis-py (and the socket under it) raises -> ours; the first entry that matches wins. Each
 #: means Redis or the connection to it failed; the message names the command and the cause.
@@ -27,6 +28,29 @@ BROKER_ERRORS = tuple(ERRORS)
 def reason(exc: BaseException) -> str:
     """An error's message, or its class name when it has none (asyncio's TimeoutError)."""
     return str(exc) or type(exc).__name__
+
+
+def connect_failure(exc: BaseException, *, tls: bool) -> str:
+    """Why the first connection failed, with the settings to check when the server refused us."""
+    if isinstance(exc, AuthenticationError):
+        return (
+            f"the server refused the credentials ({reason(exc)}); check CATGA_REDIS_USERNAME and "
+            "CATGA_REDIS_PASSWORD, or the user and password in CATGA_REDIS_URL"
+        )
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"the TLS handshake failed ({cause.reason}: {cause.verify_message}); {_CHECK_TLS}"
+    if isinstance(cause, ssl.SSLError):
+        return f"the TLS handshake failed ({cause.reason or cause}); {_CHECK_TLS}"
+    if tls and isinstance(exc, RedisError | ConnectionError) and "reset by peer" in str(exc):
+        # A server that refuses the client's certificate (TLS 1.3) often just closes the connection.
+        return f"{reason(exc)}; did the server refuse the client certificate? {_CHECK_TLS}"
+    return reason(exc)
+
+
+_CHECK_TLS = "check CATGA_REDIS_TLS_CA, CATGA_REDIS_TLS_CERT and CATGA_REDIS_TLS_KEY"
 
 
 @contextlib.asynccontextmanager

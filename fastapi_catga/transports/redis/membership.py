@@ -64,12 +64,18 @@ class RedisMembers:
             await self._redis.ping()
 
     async def put(self, node_id: str, value: bytes, ttl: float) -> None:
+        await self._write(node_id, value, ttl, only_new=False)
+
+    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
+        return await self._write(node_id, value, ttl, only_new=True)
+
+    async def _write(self, node_id: str, value: bytes, ttl: float, *, only_new: bool) -> bool:
         notice = pack(Envelope({"kind": "put", "node": node_id}, value))
         ttl_ms = max(1, round(ttl * 1000))
-        async with self._command("member put"):
-            await self._put(
-                keys=[self._prefix + node_id, self._index], args=[node_id, ttl_ms, value, self.events, notice]
-            )
+        args: list[str | int | bytes] = [node_id, ttl_ms, value, self.events, notice, int(only_new)]
+        async with self._command("member create" if only_new else "member put"):
+            written = await self._put(keys=[self._prefix + node_id, self._index], args=args)
+        return bool(written)
 
     async def delete(self, node_id: str) -> None:
         notice = pack(Envelope({"kind": "delete", "node": node_id}))

@@ -7,15 +7,21 @@ time (ms), so the nodes' clocks never matter. Each change is announced on the ev
 
 __all__ = ["DELETE", "LIST", "PUT"]
 
-#: Write a node's record, restart its TTL, and announce it.
+#: Write a node's record, restart its TTL, and announce it: 1. With ARGV[6] = '1' only if no
+#: record is held now (a claim of the node id), else 0.
 PUT = """
 local record_key, index = KEYS[1], KEYS[2]
 local node_id, ttl_ms, record, events, notice = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local only_new = ARGV[6] == '1'
+if only_new and redis.call('EXISTS', record_key) == 1 then
+  return 0
+end
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 redis.call('SET', record_key, record, 'PX', ttl_ms)
 redis.call('ZADD', index, now_ms + tonumber(ttl_ms), node_id)
 redis.call('PUBLISH', events, notice)
+return 1
 """
 
 #: Remove a node's record, and announce it.

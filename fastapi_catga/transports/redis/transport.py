@@ -23,6 +23,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, unpack
@@ -35,13 +36,14 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver, frame
 from fastapi_catga.transports.base import ConnectionListener, ConnectionState, Delivery, DeliveryCallback
-from fastapi_catga.transports.redis.connections import command_pool, private_connection
+from fastapi_catga.transports.redis.connections import command_pool, private_connection, security_options
 from fastapi_catga.transports.redis.durable import RedisDurable
-from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason, redis_errors
+from fastapi_catga.transports.redis.errors import BROKER_ERRORS, connect_failure, redis_errors
 from fastapi_catga.transports.redis.membership import RedisMembers
 from fastapi_catga.transports.redis.reader import ChannelReader
 from fastapi_catga.transports.redis.routes import end_with, take_route, with_route
 from fastapi_catga.transports.redis.writer import PublishWriter
+from fastapi_catga.transports.tls import TlsFiles
 
 __all__ = ["RedisTransport"]
 
@@ -75,6 +77,9 @@ class RedisTransport:
         health_check_interval: the subscriber connection is PINGed after this many idle seconds, and
             declared lost when the PING gets no answer within as many more (a frozen server).
         max_connections: the pool for membership commands; callers wait for a free connection.
+        username: an ACL user (``AUTH <username> <password>``); empty: ``default``.
+        password: its password, or ``requirepass``'s; or give either in the URL, not both.
+        tls: CA, client certificate and key, for a ``rediss://`` URL.
     """
 
     name = "redis"
@@ -89,6 +94,9 @@ class RedisTransport:
         connect_timeout: float = 5.0,
         health_check_interval: float = 5.0,
         max_connections: int = 50,
+        username: str = "",
+        password: SecretStr | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.url = url
         self.cluster = cluster
@@ -102,6 +110,7 @@ class RedisTransport:
             max_connections=max_connections,
             timeout=connect_timeout,
             health_check_interval=health_check_interval,
+            security=security_options(url, username=username, password=password, tls=tls),
         )
         self._state = ConnectionState()
         self._members = RedisMembers(Redis(connection_pool=self._pool), cluster, self._command)
@@ -175,7 +184,8 @@ class RedisTransport:
         """Connect, subscribe the reply and membership channels, start the reader and writer tasks.
 
         Raises:
-            TransportError: nothing answered at the URL within ``connect_timeout``.
+            TransportError: nothing answered at the URL within ``connect_timeout``, or the server
+                refused the credentials or the TLS handshake (the message says which).
         """
         if self._state.closed:
             raise TransportError("this Redis transport was closed; create a new one")
@@ -186,7 +196,8 @@ class RedisTransport:
                 await self._reader.open()
         except BROKER_ERRORS as exc:
             await self._reader.aclose()
-            raise TransportError(f"cannot connect to Redis at {self._where}: {reason(exc)}") from exc
+            why = connect_failure(exc, tls=self.url.startswith("rediss:"))
+            raise TransportError(f"cannot connect to Redis at {self._where}: {why}") from exc
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reader.run()), loop.create_task(self._writer.run())]
         self._state.tell(True)

@@ -1,0 +1,220 @@
+"""Message schemas as nodes advertise and compare them, so a rolling upgrade never routes a message
+to a node that could not read it.
+
+Each node puts, per message type it handles, one short string in its membership record::
+
+    <fingerprint>|<message fields>|<result>
+
+- the fingerprint is 12 hex digits of a SHA-256 over the canonical JSON schema of the message and
+  of its result (titles, descriptions, examples and defaults left out: they change nothing on the
+  wire);
+- the message fields are ``name:hash`` (``name?:hash`` when the field has a default), ``message_id``
+  left out, with a leading ``!`` when the model forbids unknown fields; each hash is 6 hex digits of
+  that field's own canonical schema, nested models inlined;
+- the result is the same for a pydantic model result, or ``=hash`` for any other type (one hash for
+  the whole type); events have none.
+
+The rule (`problems`), for a node that sends a message to a peer: equal fingerprints are
+compatible. Otherwise the *reader* of each direction must be able to take what the *writer* sends:
+the peer reads the message this node writes, and this node reads the result the peer writes. A
+reader can take it when every field it requires is among the writer's fields, every field both
+have has the same schema, and (for a reader that forbids unknown fields) the writer has no field
+the reader lacks. So adding a field with a default is compatible both ways; adding a required
+field, removing or renaming a required field, or changing a field's type is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+from urllib.parse import quote, unquote
+
+from pydantic.errors import PydanticInvalidForJsonSchema
+
+from fastapi_catga.core.messages import Message, Request
+
+__all__ = ["Shape", "TypeSchema", "advertised", "problems", "schema_of"]
+
+#: Keywords that document a schema but change nothing about what validates.
+_NOTES = frozenset({"title", "description", "examples", "default", "deprecated", "$comment"})
+_FINGERPRINT = 12
+_FIELD_HASH = 6
+
+
+def _digest(value: Any, size: int) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:size]
+
+
+def _canonical(schema: Any, defs: dict[str, Any], stack: tuple[str, ...] = ()) -> Any:
+    """The schema with its notes dropped and its ``$ref``s inlined (a recursive one by depth, so a
+    nested class keeps its hash when renamed)."""
+    if isinstance(schema, list):
+        return [_canonical(item, defs, stack) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        name = ref.removeprefix("#/$defs/")
+        if name in stack:
+            return {"$recursive": len(stack) - stack.index(name)}
+        return _canonical(defs.get(name, {}), defs, (*stack, name))
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _NOTES or key == "$defs":
+            continue
+        if key == "properties" and isinstance(value, dict):
+            out[key] = {name: _canonical(sub, defs, stack) for name, sub in value.items()}
+        elif key == "required" and isinstance(value, list):
+            out[key] = sorted(value)
+        else:
+            out[key] = _canonical(value, defs, stack)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What one side of an exchange looks like: a model's fields, or one hash for another type."""
+
+    #: Field name -> (hash of its schema, required); None for a type that is not a model.
+    fields: dict[str, tuple[str, bool]] | None = None
+    #: The hash of the whole type, when it is not a model.
+    value: str = ""
+    #: The model forbids fields it does not know (``extra="forbid"``).
+    closed: bool = False
+
+    @classmethod
+    def of(cls, schema: dict[str, Any], *, skip: frozenset[str] = frozenset()) -> Shape:
+        defs = schema.get("$defs", {})
+        top = _canonical(schema, defs)
+        properties = top.get("properties") if top.get("type") == "object" else None
+        if not isinstance(properties, dict):
+            return cls(value=_digest(top, _FIELD_HASH))
+        required = set(top.get("required", ()))
+        fields = {
+            name: (_digest(sub, _FIELD_HASH), name in required)
+            for name, sub in properties.items()
+            if name not in skip
+        }
+        return cls(fields=fields, closed=top.get("additionalProperties") is False)
+
+    def encode(self) -> str:
+        if self.fields is None:
+            return f"={self.value}"
+        parts = (
+            f"{quote(name, safe='')}{'' if required else '?'}:{digest}"
+            for name, (digest, required) in self.fields.items()
+        )
+        return ("!" if self.closed else "") + ",".join(parts)
+
+    @classmethod
+    def decode(cls, text: str) -> Shape:
+        if text.startswith("="):
+            return cls(value=text[1:])
+        closed = text.startswith("!")
+        fields: dict[str, tuple[str, bool]] = {}
+        for part in filter(None, text.removeprefix("!").split(",")):
+            name, _, digest = part.rpartition(":")
+            if not name or not digest:
+                raise ValueError(f"bad field {part!r}")
+            optional = name.endswith("?")
+            fields[unquote(name.removesuffix("?"))] = (digest, not optional)
+        return cls(fields=fields, closed=closed)
+
+
+@dataclass(frozen=True, slots=True)
+class TypeSchema:
+    """One message type's fingerprint and shapes, as a membership record carries them."""
+
+    fingerprint: str
+    message: Shape
+    #: None for an event (it has no result).
+    result: Shape | None = None
+    text: str = field(default="", compare=False)
+
+    def encode(self) -> str:
+        result = "" if self.result is None else self.result.encode()
+        return f"{self.fingerprint}|{self.message.encode()}|{result}"
+
+    @classmethod
+    def decode(cls, text: str) -> TypeSchema:
+        """Read a record's string.
+
+        Raises:
+            ValueError: it is not one `encode` writes.
+        """
+        parts = text.split("|")
+        if len(parts) != 3 or not parts[0]:
+            raise ValueError(f"not a message schema: {text[:80]!r}")
+        result = Shape.decode(parts[2]) if parts[2] else None
+        return cls(parts[0], Shape.decode(parts[1]), result, text)
+
+
+@cache
+def schema_of(message_type: type[Message]) -> TypeSchema | None:
+    """The schema a node advertises for a message type (computed once per class); None when
+    pydantic has no JSON schema for it (an arbitrary type inside): such a type is not compared."""
+    try:
+        message = message_type.model_json_schema(mode="validation")
+        result: dict[str, Any] | None = None
+        if issubclass(message_type, Request):
+            result = message_type.result_adapter().json_schema(mode="validation")
+    except PydanticInvalidForJsonSchema:
+        return None
+    canonical = [_canonical(message, message.get("$defs", {}))]
+    if result is not None:
+        canonical.append(_canonical(result, result.get("$defs", {})))
+    schema = TypeSchema(
+        _digest(canonical, _FINGERPRINT),
+        Shape.of(message, skip=frozenset({"message_id"})),
+        None if result is None else Shape.of(result),
+    )
+    return TypeSchema(schema.fingerprint, schema.message, schema.result, schema.encode())
+
+
+def advertised(message_types: Iterable[type[Message]]) -> dict[str, str]:
+    """What a membership record carries: each type's schema string, by type name."""
+    schemas = ((t.type_name, schema_of(t)) for t in message_types)
+    return {name: schema.text for name, schema in sorted(schemas, key=lambda pair: pair[0]) if schema}
+
+
+def problems(mine: TypeSchema, theirs: TypeSchema, peer: str) -> list[str]:
+    """What keeps this node from sending the type to ``peer`` (empty: compatible).
+
+    ``peer`` names the other node in the sentences (``"node b (app 2.0)"``).
+    """
+    if mine.fingerprint == theirs.fingerprint:
+        return []
+    found = [f"message {text}" for text in _unreadable(theirs.message, mine.message, peer, "this node")]
+    if mine.result is not None and theirs.result is not None:
+        found += [f"result {text}" for text in _unreadable(mine.result, theirs.result, "this node", peer)]
+    elif (mine.result is None) != (theirs.result is None):
+        found.append("is an event on one side and a command or query on the other")
+    return found
+
+
+def _unreadable(reader: Shape, writer: Shape, reader_name: str, writer_name: str) -> list[str]:
+    """Why ``reader_name`` could not validate what ``writer_name`` encodes (empty: it could)."""
+    if reader.fields is None or writer.fields is None:
+        if reader.fields is None and writer.fields is None and reader.value == writer.value:
+            return []
+        return [f"type differs between {reader_name} and {writer_name}"]
+    found: list[str] = []
+    for name, (digest, required) in reader.fields.items():
+        theirs = writer.fields.get(name)
+        if theirs is None:
+            if required:
+                found.append(f"field {name!r}: required on {reader_name}, absent on {writer_name}")
+        elif theirs[0] != digest:
+            found.append(f"field {name!r}: its type differs between {reader_name} and {writer_name}")
+    if reader.closed:
+        found += [
+            f"field {name!r}: sent by {writer_name}, forbidden on {reader_name} (extra='forbid')"
+            for name in writer.fields
+            if name not in reader.fields
+        ]
+    return found

@@ -1,0 +1,237 @@
+"""NATS with credentials and TLS: a real nats-server (2.15, from pip) per test, in each auth mode.
+
+For every mode a node joins a cluster and a send round-trips with the right settings, and the wrong
+ones stop start-up at once (not after the connect timeout) with an error that says what was refused
+and shows no secret, in the error or in the logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nkeys
+import pytest
+from pydantic import SecretStr
+
+from fastapi_catga.exceptions import ConfigurationError
+from fastapi_catga.settings import CatgaSettings
+from fastapi_catga.transports import create_transport
+from fastapi_catga.transports.nats import NatsAuth, NatsTransport
+from fastapi_catga.transports.tls import TlsFiles
+from tests.secure import Operator, Pki, make_pki, new_nkey
+from tests.servers import NatsServer
+from tests.transports.security import join_and_round_trip, refused_at_start
+
+pytestmark = pytest.mark.nats
+
+PASSWORD = "n4ts-Pa55-w0rd"
+TOKEN = "t0ken-0f-the-n0des"
+MODES = ["password", "url-password", "token", "nkey", "creds", "mutual-tls"]
+
+
+@dataclass
+class Secured:
+    """A nats-server that asks for one kind of credentials, and settings with right and wrong ones."""
+
+    server: NatsServer
+    right: dict[str, Any]
+    wrong: dict[str, Any]
+    secrets: list[str] = field(default_factory=list)
+    refusal: str = "refused the credentials"
+
+
+def _server(directory: Path, config: str) -> NatsServer:
+    path = directory / "nats.conf"
+    path.write_text(config)
+    return NatsServer(extra_args=["-c", str(path)])
+
+
+def _seed_file(path: Path, prefix: int = nkeys.PREFIX_BYTE_USER) -> tuple[str, str, str]:
+    seed, public = new_nkey(prefix)
+    path.write_bytes(seed + b"\n")
+    return str(path), public, seed.decode()
+
+
+def _secured(mode: str, directory: Path, pki: Pki) -> Secured:
+    made = _unstarted(mode, directory, pki)
+    made.server.start()
+    return made
+
+
+def _unstarted(mode: str, directory: Path, pki: Pki) -> Secured:
+    if mode in ("password", "url-password"):
+        server = _server(directory, f'authorization {{ user: catga, password: "{PASSWORD}" }}\n')
+        wrong_password = "Wr0ng-" + PASSWORD
+        if mode == "url-password":
+            url = f"nats://catga:{{}}@127.0.0.1:{server.port}"
+            right = {"nats_url": url.format(PASSWORD)}
+            wrong = {"nats_url": url.format(wrong_password)}
+        else:
+            right = {"nats_url": server.url, "nats_user": "catga", "nats_password": PASSWORD}
+            wrong = {**right, "nats_password": wrong_password}
+        return Secured(server, right, wrong, [PASSWORD, wrong_password])
+    if mode == "token":
+        server = _server(directory, f'authorization {{ token: "{TOKEN}" }}\n')
+        right = {"nats_url": server.url, "nats_token": TOKEN}
+        return Secured(server, right, {**right, "nats_token": TOKEN[::-1]}, [TOKEN, TOKEN[::-1]])
+    if mode == "nkey":
+        seed_file, public, seed = _seed_file(directory / "user.nk")
+        stranger_file, _, stranger = _seed_file(directory / "stranger.nk")
+        server = _server(directory, f"authorization {{ users: [ {{ nkey: {public} }} ] }}\n")
+        right = {"nats_url": server.url, "nats_nkey_seed_file": seed_file}
+        return Secured(server, right, {**right, "nats_nkey_seed_file": stranger_file}, [seed, stranger])
+    if mode == "creds":
+        operator = Operator.new()
+        server = _server(directory, operator.config(directory))
+        creds = operator.creds(directory / "node.creds")
+        rogue_account, _ = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)  # an account the operator never signed
+        rogue = operator.creds(directory / "rogue.creds", signer=rogue_account)
+        right = {"nats_url": server.url, "nats_creds_file": creds}
+        secrets = [_creds_seed(creds), _creds_seed(rogue)]
+        return Secured(server, right, {**right, "nats_creds_file": rogue}, secrets)
+    assert mode == "mutual-tls"
+    server = _server(
+        directory,
+        f'tls {{ cert_file: "{pki.server_cert}", key_file: "{pki.server_key}", '
+        f'ca_file: "{pki.ca}", verify: true, timeout: 5 }}\n',
+    )
+    right = {
+        "nats_url": f"tls://127.0.0.1:{server.port}",
+        "nats_tls_ca": pki.ca,
+        "nats_tls_cert": pki.client_cert,
+        "nats_tls_key": pki.client_key,
+    }
+    # A client certificate from a CA the server does not trust: the server ends the handshake.
+    wrong = {**right, "nats_tls_cert": pki.other_client_cert, "nats_tls_key": pki.other_client_key}
+    key_body = Path(pki.other_client_key).read_text().splitlines()[1]
+    return Secured(server, right, wrong, [key_body], refusal="TLS")
+
+
+def _creds_seed(path: str) -> str:
+    return next(line for line in Path(path).read_text().splitlines() if line.startswith("SU"))
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path)
+
+
+@pytest.fixture(params=MODES)
+def secured(request: pytest.FixtureRequest, tmp_path: Path, pki: Pki) -> Iterator[Secured]:
+    made = _secured(request.param, tmp_path, pki)
+    try:
+        yield made
+    finally:
+        made.server.close()
+
+
+async def test_a_node_with_the_right_credentials_joins_and_round_trips(
+    secured: Secured, cluster: str
+) -> None:
+    await join_and_round_trip(cluster, {"transport": "nats", **secured.right})
+
+
+async def test_wrong_credentials_stop_start_up_at_once_without_the_secret(
+    secured: Secured, cluster: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The connect timeout is 5 s: failing well before it shows the refusal ended the retry loop.
+    error = await refused_at_start(
+        cluster, {"transport": "nats", **secured.wrong}, secured.secrets, caplog, within=4
+    )
+    assert secured.refusal in str(error)
+    assert f"127.0.0.1:{secured.server.port}" in str(error)
+
+
+async def test_no_credentials_at_all_are_refused_too(
+    secured: Secured, cluster: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = secured.right["nats_url"]
+    bare = url.split("@")[-1] if "@" in url else url
+    fields: dict[str, Any] = {"transport": "nats", "nats_url": bare}
+    if bare.startswith("tls://"):
+        fields["nats_tls_ca"] = secured.right["nats_tls_ca"]  # trusts the server, shows no certificate
+    error = await refused_at_start(cluster, fields, secured.secrets, caplog, within=4)
+    assert "refused" in str(error) or "TLS" in str(error)
+
+
+async def test_a_server_certificate_from_an_unknown_ca_is_refused(
+    tmp_path: Path, pki: Pki, cluster: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _server(
+        tmp_path, f'tls {{ cert_file: "{pki.server_cert}", key_file: "{pki.server_key}" }}\n'
+    ) as server:
+        fields = {"transport": "nats", "nats_url": server.url, "nats_tls_ca": pki.other_ca}
+        error = await refused_at_start(cluster, fields, [], caplog, within=4)
+        assert "TLS handshake failed" in str(error) and "CERTIFICATE_VERIFY_FAILED" in str(error)
+
+
+async def test_server_only_tls_with_a_password(tmp_path: Path, pki: Pki, cluster: str) -> None:
+    config = (
+        f'tls {{ cert_file: "{pki.server_cert}", key_file: "{pki.server_key}" }}\n'
+        f'authorization {{ user: catga, password: "{PASSWORD}" }}\n'
+    )
+    with _server(tmp_path, config) as server:
+        await join_and_round_trip(
+            cluster,
+            {
+                "transport": "nats",
+                "nats_url": f"tls://localhost:{server.port}",
+                "nats_tls_ca": pki.ca,
+                "nats_user": "catga",
+                "nats_password": PASSWORD,
+            },
+        )
+
+
+# -- settings that cannot work fail before any connection --------------------------------------------
+
+
+def _transport(**fields: Any) -> NatsTransport:
+    transport = create_transport(CatgaSettings.model_validate({"transport": "nats", **fields}))
+    assert isinstance(transport, NatsTransport)
+    return transport
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"nats_user": "catga", "nats_token": TOKEN}, "not several"),
+        ({"nats_password": PASSWORD}, "CATGA_NATS_USER and CATGA_NATS_PASSWORD go together"),
+        ({"nats_url": f"nats://catga:{PASSWORD}@h:4222", "nats_token": TOKEN}, "given twice"),
+        ({"nats_nkey_seed_file": "/nonexistent/user.nk"}, "CATGA_NATS_NKEY_SEED_FILE: cannot read"),
+        ({"nats_creds_file": "/nonexistent/node.creds"}, "CATGA_NATS_CREDS_FILE: cannot read"),
+        ({"nats_tls_ca": "/nonexistent/ca.pem"}, "CATGA_NATS_TLS_CA: no such file"),
+        (
+            {"nats_tls_cert": "/nonexistent/client.pem"},
+            "CATGA_NATS_TLS_CERT and CATGA_NATS_TLS_KEY go together",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_connecting(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        _transport(**fields)
+    assert PASSWORD not in str(raised.value) and TOKEN not in str(raised.value)
+
+
+def test_files_that_are_not_what_they_should_be(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage"
+    garbage.write_text("SUnot-a-seed-at-all\n")
+    with pytest.raises(ConfigurationError, match="holds no nkey seed") as raised:
+        _transport(nats_nkey_seed_file=str(garbage))
+    assert "SUnot" not in str(raised.value)
+    with pytest.raises(ConfigurationError, match="is no .creds file"):
+        _transport(nats_creds_file=str(garbage))
+    with pytest.raises(ConfigurationError, match="cannot load the TLS files"):
+        _transport(nats_tls_ca=str(garbage))
+
+
+def test_the_auth_never_shows_its_secrets() -> None:
+    auth = NatsAuth(user="catga", password=SecretStr(PASSWORD), tls=TlsFiles(ca="/etc/ca.pem"))
+    assert PASSWORD not in repr(auth) and "catga" in repr(auth)
+    settings = CatgaSettings(nats_password=PASSWORD, nats_token=TOKEN)
+    assert PASSWORD not in repr(settings) and TOKEN not in settings.model_dump_json()
