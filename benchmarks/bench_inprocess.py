@@ -1,6 +1,6 @@
 """In-process ``mediator.send`` on one node (memory transport) vs calling the handler directly.
 
-    python -m benchmarks.bench_inprocess [--seconds N] [--runs N] [--loop asyncio|uvloop]
+    python -m benchmarks.bench_inprocess [--seconds N] [--runs N] [--loop asyncio|uvloop] [--each]
 
 Every variant runs the same handler over the same pre-built messages (all distinct, so the
 idempotency behavior never answers from its cache), in interleaved runs; the median run is shown.
@@ -106,6 +106,16 @@ async def main(args: argparse.Namespace) -> int:
     full = await start_node(builtin_behaviors())
     process = await start_node(builtin_behaviors(ProcessIdempotency()))
     watched = await start_node([], observers())
+    alone: list[tuple[str, Catga]] = []
+    if args.each:  # each built-in behavior on a node of its own
+        for label, behavior in (
+            ("  LoggingBehavior alone", LoggingBehavior()),
+            ("  IdempotencyBehavior alone", IdempotencyBehavior()),
+            ("  the same, ids in this process only", ProcessIdempotency()),
+            ("  RetryBehavior alone", RetryBehavior()),
+            ("  TimeoutBehavior(5 s) alone", TimeoutBehavior(5.0)),
+        ):
+            alone.append((label, await start_node([behavior])))
     try:
         for catga in (plain, full, process, watched):
             if await catga.mediator.send(messages[0]) != REPLY_TEXT:
@@ -116,6 +126,7 @@ async def main(args: argparse.Namespace) -> int:
             Variant("mediator.send, 4 built-in behaviors", full.mediator.send),
             Variant("  the same, ids in this process only", process.mediator.send),
             Variant("mediator.send, tracing + metrics on", watched.mediator.send),
+            *(Variant(label, catga.mediator.send) for label, catga in alone),
         ]
         for variant in variants:  # warm-up
             await timed(variant.send, messages, min(0.5, args.seconds))
@@ -128,6 +139,8 @@ async def main(args: argparse.Namespace) -> int:
         await full.stop()
         await process.stop()
         await watched.stop()
+        for _, catga in alone:
+            await catga.stop()
 
     direct = variants[0].median
     print()
@@ -162,6 +175,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one timed run (default 2)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per variant; the median is shown")
     parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop")
+    parser.add_argument("--each", action="store_true", help="also a row per built-in behavior, alone")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.runs < 1:
         parser.error("--seconds must be > 0 and --runs >= 1")
