@@ -1,7 +1,7 @@
 """CPU per cross-node round trip, caller and responder apart, and (with py-spy) where it goes.
 
     python -m benchmarks.profile_cluster [--broker nats|redis] [--kind catga|raw] [--seconds N]
-        [--inflight N] [--loop asyncio|uvloop] [--spy DIR]
+        [--inflight N] [--loop asyncio|uvloop] [--spy DIR] [--eager-tasks]
 
 Starts a fresh server, one responder process (``benchmarks._responder``) and the caller in this
 process, as bench_cluster does, warms up, then runs ``--inflight`` concurrent loops for
@@ -65,6 +65,8 @@ async def profile(args: argparse.Namespace, server: ServerProcess) -> None:
     broker: BrokerName = args.broker
     command = [sys.executable, "-m", "benchmarks._responder", "--broker", broker, "--url", server.url]
     command += ["--loop", args.loop, "--kind", "catga" if args.kind == "catga" else "raw"]
+    if args.eager_tasks:
+        command.append("--eager-tasks")
     if args.spy is not None:
         out = Path(args.spy) / "responder.txt"
         command = [
@@ -129,6 +131,9 @@ def main() -> int:
     parser.add_argument("--loop", choices=LOOPS, default="asyncio")
     parser.add_argument("--spy", metavar="DIR", help="run the responder under py-spy, stacks in DIR")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument(
+        "--eager-tasks", action="store_true", help="the responder on asyncio.eager_task_factory (3.12+)"
+    )
     args = parser.parse_args()
     if args.spy is not None:
         Path(args.spy).mkdir(parents=True, exist_ok=True)
