@@ -45,8 +45,9 @@ def write_plot(path: Path, curves: Mapping[str, Sequence[Curve]], title: str) ->
                 [s.p50_us / 1e3 if s.p50_us else None for _, s in points],
                 [s.p99_us / 1e3 if s.p99_us else None for _, s in points],
             )
+            color, style = _look(curve.label)
             for ax, values in zip(axes[row], columns, strict=True):
-                ax.plot(levels, values, marker="o", label=curve.label)
+                ax.plot(levels, values, marker="o", color=color, linestyle=style, label=curve.label)
         names = ("round trips / s", "p50 latency (ms)", "p99 latency (ms)")
         for ax, name in zip(axes[row], names, strict=True):
             ax.set_xscale("log")
@@ -60,3 +61,16 @@ def write_plot(path: Path, curves: Mapping[str, Sequence[Curve]], title: str) ->
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _look(label: str) -> tuple[str, str]:
+    """The same colour for a contender on every broker's row."""
+    if "FastStream" in label:
+        return "tab:red", "-"
+    if "tracing" in label:
+        return "tab:green", "-"
+    if "catga" in label:
+        return "tab:orange", "-"
+    if "awaited" in label:
+        return "tab:gray", "--"
+    return "tab:blue", "-"
