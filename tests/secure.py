@@ -43,8 +43,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Pki:
-    """PEM files: a CA, a server certificate for 127.0.0.1 and localhost, a client certificate, and
-    a second CA that signed neither (the wrong CA)."""
+    """PEM files: a CA, a server certificate for 127.0.0.1 and localhost, one for localhost only (not
+    valid for 127.0.0.1), a client certificate, and a second CA that signed neither (the wrong CA)."""
 
     ca: str
     server_cert: str
@@ -54,6 +54,8 @@ class Pki:
     other_ca: str
     other_client_cert: str
     other_client_key: str
+    localhost_cert: str
+    localhost_key: str
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -114,7 +116,11 @@ def _ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 
 
 def _leaf(
-    name: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], *, server: bool
+    name: str,
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    *,
+    server: bool,
+    with_ip: bool = True,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_cert, ca_key = ca
     key = _key()
@@ -128,10 +134,9 @@ def _leaf(
         )
     )
     if server:
-        names: list[x509.GeneralName] = [
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        ]
+        names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+        if with_ip:
+            names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder.sign(ca_key, hashes.SHA256()), key
 
@@ -139,10 +144,11 @@ def _leaf(
 def make_pki(directory: Path) -> Pki:
     """Fresh keys and certificates in ``directory`` (EC P-256, valid for a day)."""
     ca, other = _ca("catga test CA"), _ca("another CA")
-    server, client, stranger = (
+    server, client, stranger, named = (
         _leaf("localhost", ca, server=True),
         _leaf("catga-node", ca, server=False),
         _leaf("stranger", other, server=False),
+        _leaf("localhost", ca, server=True, with_ip=False),
     )
     return Pki(
         ca=_write_cert(ca[0], directory / "ca.pem"),
@@ -153,6 +159,8 @@ def make_pki(directory: Path) -> Pki:
         other_ca=_write_cert(other[0], directory / "other-ca.pem"),
         other_client_cert=_write_cert(stranger[0], directory / "stranger.pem"),
         other_client_key=_write_key(stranger[1], directory / "stranger-key.pem"),
+        localhost_cert=_write_cert(named[0], directory / "localhost.pem"),
+        localhost_key=_write_key(named[1], directory / "localhost-key.pem"),
     )
 
 
@@ -271,14 +279,25 @@ def tls_redis_binary() -> str:
 
 class TlsRedisServer(RedisServer):
     """redis-server with only a TLS port (``--port 0 --tls-port N``), which asks for client
-    certificates when ``mutual``. Needs a binary built with TLS: `tls_redis_binary()`."""
+    certificates when ``mutual``, and shows ``pki.server_cert`` or, when ``localhost_only``, a
+    certificate that names localhost only. Needs a binary built with TLS: `tls_redis_binary()`."""
 
-    def __init__(self, pki: Pki, *, mutual: bool = True, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        pki: Pki,
+        *,
+        mutual: bool = True,
+        localhost_only: bool = False,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.pki = pki
+        cert, key = (
+            (pki.localhost_cert, pki.localhost_key) if localhost_only else (pki.server_cert, pki.server_key)
+        )
         tls = [
             *("--port", "0", "--tls-port"),
             "{port}",
-            *("--tls-cert-file", pki.server_cert, "--tls-key-file", pki.server_key),
+            *("--tls-cert-file", cert, "--tls-key-file", key),
             *("--tls-ca-cert-file", pki.ca, "--tls-auth-clients", "yes" if mutual else "no"),
         ]
         super().__init__(tls_redis_binary(), extra_args=[*tls, *(extra_args or [])])
@@ -292,6 +311,7 @@ class TlsRedisServer(RedisServer):
 
     def answers(self, timeout: float = 0.5) -> bool:
         context = ssl.create_default_context(cafile=self.pki.ca)
+        context.check_hostname = False  # up or not: the localhost-only certificate is fine here
         context.load_cert_chain(self.pki.client_cert, self.pki.client_key)
         try:
             with (

@@ -148,24 +148,28 @@ class Attempts:
         return decode_reply(reply, type(call.message).result_adapter())
 
     async def _here(self, call: Call, timeout: float) -> Any:
-        observer, message, limits = self._observer, call.message, self._limits
+        message, limits = call.message, self._limits
         if not limits.enter(message.type_name):
             raise AttemptFailed(limits.refused(message.type_name))  # like another node's "busy"
-        token = None if observer is None else observer.handle_started(message, {})
-        started = time.perf_counter()
-        outcome: BaseException | None = None
-        try:
-            return await self._dispatcher.handle_request(message, timeout)
+        try:  # at once: whatever raises from here on (an observer's hook too) gives the slot back
+            if self._observer is None:
+                return await self._dispatcher.handle_request(message, timeout)
+            return await self._observed_here(self._observer, message, timeout)
         except TimeoutError as exc:
-            outcome = exc
             if isinstance(exc, CatgaError):
                 raise  # a handler's own RequestTimeoutError
             error = RequestTimeoutError(f"{message.type_name} ran over {timeout:.3f} s here")
             raise AttemptFailed(error) from None
-        except BaseException as exc:
-            outcome = exc
-            raise
         finally:
             limits.leave(message.type_name)
-            if observer is not None:
-                observer.handle_ended(token, message, time.perf_counter() - started, outcome)
+
+    async def _observed_here(self, observer: Observer, message: Request[Any], timeout: float) -> Any:
+        token = observer.handle_started(message, {})
+        started = time.perf_counter()
+        try:
+            result = await self._dispatcher.handle_request(message, timeout)
+        except BaseException as exc:
+            observer.handle_ended(token, message, time.perf_counter() - started, exc)
+            raise
+        observer.handle_ended(token, message, time.perf_counter() - started, None)
+        return result

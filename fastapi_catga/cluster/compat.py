@@ -15,6 +15,10 @@ __all__ = ["SchemaCheck"]
 
 logger = logging.getLogger(__name__)
 
+#: How a cached verdict names the peer, replaced by the peer's name when read. A field name shows
+#: in a reason only by its ``repr``, which never holds a raw NUL, so nothing else can match it.
+_PEER = "\0"
+
 
 class SchemaCheck:
     """This node's message schemas, and their comparison with each peer's.
@@ -32,9 +36,11 @@ class SchemaCheck:
         self._classes: dict[str, type[Message]] = {}
         for message_type in local:
             self.learn(message_type)
-        # Comparisons are pure: cached by what was compared (few distinct schemas per type).
-        self._verdicts: dict[tuple[str, str], tuple[str, ...]] = {}
-        self._warned: set[tuple[str, str, str]] = set()
+        # Comparisons are pure: cached by both schemas compared (few distinct ones per type), with
+        # the peer named by `_PEER`, so every peer that runs the same schema shares one verdict.
+        self._verdicts: dict[tuple[str, str, str], tuple[str, ...]] = {}
+        # (peer, type, its schema there, this node's): each incompatible pair is logged once.
+        self._warned: set[tuple[str, str, str, str]] = set()
 
     def learn(self, message_type: type[Message]) -> bool:
         """Note a class this node sends; True when its schema is new here (routes must be redone)."""
@@ -55,12 +61,17 @@ class SchemaCheck:
         text = node.schemas.get(type_name)
         if mine is None or text is None or text == mine.text:
             return ()
-        key = (type_name, text)
-        verdict = self._verdicts.get(key)
-        if verdict is None:
-            verdict = self._verdicts[key] = self._compare(mine, text, node)
-        if verdict and (node.node_id, type_name, text) not in self._warned:
-            self._warned.add((node.node_id, type_name, text))
+        key = (type_name, mine.text, text)
+        cached = self._verdicts.get(key)
+        if cached is None:
+            cached = self._verdicts[key] = _compare(mine, text)
+        if not cached:
+            return ()
+        peer = f"node {node.node_id}"
+        verdict = tuple(reason.replace(_PEER, peer) for reason in cached)
+        warned = (node.node_id, type_name, text, mine.text)
+        if warned not in self._warned:
+            self._warned.add(warned)
             consequence = (
                 "events of it published here may fail to decode there"
                 if issubclass(self._classes[type_name], Event)
@@ -75,15 +86,6 @@ class SchemaCheck:
                 "; ".join(verdict),
             )
         return verdict
-
-    @staticmethod
-    def _compare(mine: TypeSchema, text: str, node: NodeInfo) -> tuple[str, ...]:
-        peer = f"node {node.node_id}"
-        try:
-            theirs = TypeSchema.decode(text)
-        except ValueError:  # a record this version cannot read: let the far side judge the message
-            return ()
-        return tuple(problems(mine, theirs, peer))
 
     def incompatibilities(self, node: NodeInfo) -> dict[str, str]:
         """Every type both nodes know whose schemas are incompatible, with what differs."""
@@ -111,6 +113,16 @@ class SchemaCheck:
             node_id=next(iter(refused)),
             details={node_id: list(reasons) for node_id, reasons in refused.items()},
         )
+
+
+def _compare(mine: TypeSchema, text: str) -> tuple[str, ...]:
+    """The reasons this node's schema and the peer's ``text`` are incompatible, the peer named by
+    `_PEER`; empty when compatible."""
+    try:
+        theirs = TypeSchema.decode(text)
+    except ValueError:  # a record this version cannot read: let the far side judge the message
+        return ()
+    return tuple(problems(mine, theirs, _PEER))
 
 
 def _version(app_version: str) -> str:

@@ -60,8 +60,9 @@ async def claim_node_id(
             raise _taken(me.node_id)
         if current != held:
             raise _taken(me.node_id)
-    else:
-        await store.put(me.node_id, record, ttl)  # listed, but stale: a server without per-key TTLs
+    else:  # listed, but stale (a server without per-key TTLs): replace it unless another did first
+        if not await store.create(me.node_id, record, ttl, replacing=held):
+            raise _taken(me.node_id)
     logger.info("node id %s was free (its old record is gone or went stale): taking it", me.node_id)
 
 

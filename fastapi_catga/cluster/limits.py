@@ -3,9 +3,16 @@ and the bounded queue where received events wait for room.
 
 A command or query beyond a limit is refused at once with `BusyError` (the caller moves on to
 another node); an event waits in the queue, and what overflows the queue is dropped, counted and
-logged (plain events are at-most-once anyway). Every path that runs a handler here takes its
-slot from the one `HandlerLimits` of the node: a request from another node, a ``send`` routed to
-this node, and the in-process fast path, so the same call meets the same limit on every path.
+logged (plain events are at-most-once anyway). The queue keeps each type's events first in first
+out, and the types with events waiting take turns: an event whose type is at its own limit never
+holds back events of other types.
+
+Every request this node runs takes its slot from the one `HandlerLimits` of the node: a request
+from another node, a ``send`` routed to this node, and the in-process fast path, so the same call
+meets the same limit on every path; so does every event received from another node. Two kinds of
+run take no slot: this node's own handlers of an event it publishes (a plain ``publish`` runs them
+in the publisher's task, and the publisher waiting for them is its own backpressure), and durable
+handlers, which ``CATGA_DURABLE_CONCURRENCY`` bounds.
 """
 
 from __future__ import annotations
@@ -75,7 +82,13 @@ class HandlerLimits:
         #: ``busy``: requests refused; ``events_dropped``: events the full queue could not take.
         self.stats: Counter[str] = Counter()
         self._running: dict[str, int] = {}
-        self._waiting: deque[tuple[str, Callable[[], None]]] = deque()
+        # Events waiting, per type and first in first out within it; ``_ready`` holds, in turn, the
+        # types among them with room under their own cap (only the node's limit holds them back).
+        # A waiting type is in ``_ready`` exactly when it is below its cap, so that starting one is
+        # O(1) and a type at its cap is never looked at until one of its runs ends.
+        self._waiting: dict[str, deque[Callable[[], None]]] = {}
+        self._ready: deque[str] = deque()
+        self._queued = 0
         self._observer = observer
         self._log_limit = log_limit or LogLimiter()
 
@@ -86,7 +99,7 @@ class HandlerLimits:
     @property
     def events_waiting(self) -> int:
         """Received events waiting for a slot."""
-        return len(self._waiting)
+        return self._queued
 
     def enter(self, type_name: str) -> bool:
         """Take a slot for one run of ``type_name``; False when a limit is reached. Whoever got
@@ -99,14 +112,9 @@ class HandlerLimits:
         return True
 
     def leave(self, type_name: str) -> None:
-        """Give a slot back; an event waiting for one starts now if it fits."""
-        self.in_flight -= 1
-        running = self._running[type_name] - 1
-        if running:
-            self._running[type_name] = running
-        else:
-            del self._running[type_name]  # the dict stays as small as what runs
-        if self._waiting:
+        """Give a slot back; events waiting for one start now if they fit."""
+        self._release(type_name)
+        if self._ready:
             self._start_waiting()
 
     def refused(self, type_name: str) -> BusyError:
@@ -128,28 +136,40 @@ class HandlerLimits:
 
     def run_event(self, type_name: str, start: Callable[[], None]) -> None:
         """Call ``start`` with a slot taken for ``type_name`` (it must `leave` when its run ends):
-        now if there is room and nothing waits before it, later otherwise; when the queue is full
-        the event is dropped, counted and logged."""
-        if not self._waiting and self.enter(type_name):
-            start()
+        now if there is room and no event of its type waits before it, later otherwise; when the
+        queue is full the event is dropped, counted and logged."""
+        if type_name not in self._waiting and self.enter(type_name):
+            try:
+                start()
+            except BaseException:
+                self.leave(type_name)
+                raise
             return
-        if len(self._waiting) >= self.max_queued_events:
+        if self._queued >= self.max_queued_events:
             self.stats["events_dropped"] += 1
             if self._observer is not None:
                 self._observer.overloaded(type_name, "dropped")
             self._log_limit.log(
                 logger, logging.WARNING, "events_dropped", "node %s dropped a %s event: %d events already "
                 "wait for a handler slot (CATGA_MAX_QUEUED_EVENTS)",
-                self.node_id, type_name, len(self._waiting),
+                self.node_id, type_name, self._queued,
             )  # fmt: skip
             return
-        self._waiting.append((type_name, start))
+        queue = self._waiting.get(type_name)
+        if queue is None:
+            queue = self._waiting[type_name] = deque()
+            if self._running.get(type_name, 0) < self._caps.get(type_name, self._default_cap):
+                self._ready.append(type_name)  # only the node's limit holds it back
+        queue.append(start)
+        self._queued += 1
 
     def drop_waiting(self) -> int:
         """Forget the events still waiting (the node is stopping); how many there were."""
-        dropped = len(self._waiting)
+        dropped = self._queued
         self.stats["events_dropped"] += dropped
         self._waiting.clear()
+        self._ready.clear()
+        self._queued = 0
         return dropped
 
     def guard(self, pipeline: Pipeline, type_name: str) -> Pipeline:
@@ -177,9 +197,33 @@ class HandlerLimits:
 
         return limited
 
+    def _release(self, type_name: str) -> None:
+        self.in_flight -= 1
+        running = self._running[type_name] - 1
+        if running:
+            self._running[type_name] = running
+        else:
+            del self._running[type_name]  # the dict stays as small as what runs
+        if type_name in self._waiting and running == self._caps.get(type_name, self._default_cap) - 1:
+            self._ready.append(type_name)  # it was at its cap: its waiting events may go again
+
     def _start_waiting(self) -> None:
-        # First in, first out: an event whose type is at its own cap holds back those behind it
-        # until one of its type ends (events of a capped type are expected to be few).
-        waiting = self._waiting
-        while waiting and self.enter(waiting[0][0]):
-            waiting.popleft()[1]()
+        # Ready types take turns, one event each, while the node has room: a type with many events
+        # waiting cannot starve one with few.
+        ready, waiting = self._ready, self._waiting
+        while ready and self.in_flight < self.limit:
+            type_name = ready.popleft()
+            queue = waiting[type_name]
+            start = queue.popleft()
+            self._queued -= 1
+            self.in_flight += 1  # room is certain: it was ready, and the node is below its limit
+            running = self._running[type_name] = self._running.get(type_name, 0) + 1
+            if not queue:
+                del waiting[type_name]
+            elif running < self._caps.get(type_name, self._default_cap):
+                ready.append(type_name)
+            try:
+                start()
+            except Exception:  # called from another run's end: log it, and start the rest
+                self._release(type_name)
+                logger.exception("node %s could not start a waiting %s event", self.node_id, type_name)

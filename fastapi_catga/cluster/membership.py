@@ -280,6 +280,8 @@ class Membership:
                 if self._resync_again:
                     self.view.stale = True  # what asked for it came after this sync began
                     continue
+                if not self._transport.connected:
+                    return  # lost again as it ended: the reconnect's resync keeps the outage's grace
                 self._after_outage = False
                 logger.info("node %s resynced: %d member(s)", self.node_id, len(self.view.nodes()))
                 return

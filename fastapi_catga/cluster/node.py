@@ -91,8 +91,9 @@ class ClusterNode:
             wall_clock=wall_clock,
             observer=observer,
         )
-        #: Handler slots: every path that runs a handler here takes one (durable runs excepted:
-        #: ``CATGA_DURABLE_CONCURRENCY`` bounds them).
+        #: Handler slots: every request run here and every event received takes one (not this
+        #: node's handlers of an event it publishes, which run in the publisher's task, nor durable
+        #: runs, which ``CATGA_DURABLE_CONCURRENCY`` bounds).
         self.limits = HandlerLimits(
             settings.max_in_flight,
             settings.max_in_flight_per_type,

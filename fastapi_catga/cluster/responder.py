@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from fastapi_catga.cluster.limits import HandlerLimits
+from fastapi_catga.cluster.runs import Runs
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
     MESSAGE_ID,
@@ -27,17 +27,13 @@ from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Request
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError
-from fastapi_catga.transports.base import Delivery, Subscription, Transport
+from fastapi_catga.transports.base import Delivery, Reply, Subscription, Transport
 
 __all__ = ["Responder", "event_subject", "node_subject", "type_subject"]
 
 logger = logging.getLogger(__name__)
 
 QUEUE_GROUP = "catga"
-# "Busy" replies not yet handed to the broker; more means the broker takes no replies either, and a
-# request is then dropped unanswered (its caller times out) rather than let tasks pile up.
-_MAX_BUSY_REPLIES = 1000
-_CANCEL_GRACE = 1.0  # s a stopping node waits for cancelled handler runs to end before abandoning them
 
 
 def node_subject(node_id: str) -> str:
@@ -66,9 +62,10 @@ class Responder:
     interval per kind. An ``observer``, if any, is told about each run, drop and refusal.
 
     Each run takes a slot of ``limits``. A request with no slot free is answered "busy" at once,
-    by a small reply task and nothing else (the caller moves on to another node); at most a
-    thousand such replies are outstanding, beyond that a request is dropped unanswered (its
-    caller times out) rather than let memory grow. Events wait in the limits' bounded queue.
+    by a small reply task holding nothing of the request (the caller moves on to another node);
+    at most a thousand such replies are outstanding, beyond that a request is dropped unanswered
+    (its caller times out) rather than let memory grow (see `Runs`). Events wait in the limits'
+    bounded queue.
     """
 
     def __init__(
@@ -87,10 +84,9 @@ class Responder:
         self._dispatcher = dispatcher
         self._max_payload = max_payload
         self._subscriptions: list[Subscription] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self._limits = limits
-        self._busy_replies = 0  # "busy" answers not yet handed to the broker
         self._log_limit = LogLimiter()
+        self._runs = Runs(limits, dispatcher.node_id, self._log_limit)
         self.stats: Counter[str] = Counter()
 
     @property
@@ -118,34 +114,7 @@ class Responder:
             except CatgaError as exc:
                 logger.debug("unsubscribe failed: %s", exc)
         self._subscriptions.clear()
-        loop = asyncio.get_running_loop()
-        ends = loop.time() + drain_timeout
-        while self._tasks and (left := ends - loop.time()) > 0:  # runs that free a slot start events
-            await asyncio.wait(set(self._tasks), timeout=left)
-        if dropped := self._limits.drop_waiting():
-            logger.warning("dropped %d received event(s) still waiting for a handler slot", dropped)
-        if not self._tasks:
-            return
-        pending = set(self._tasks)
-        for task in pending:
-            task.cancel()
-        logger.warning("cancelled %d handler run(s) still going after %.1f s", len(pending), drain_timeout)
-        _, stuck = await asyncio.wait(pending, timeout=_CANCEL_GRACE)
-        if stuck:
-            names = sorted(task.get_name() for task in stuck)
-            logger.error(
-                "abandoned %d handler run(s) that did not end when cancelled: %s%s",
-                len(stuck), ", ".join(names[:10]), " ..." if len(names) > 10 else "",
-            )  # fmt: skip
-
-    def _spawn(self, work: Coroutine[Any, Any, None], what: str, slot: str | None = None) -> None:
-        """Run ``work`` in a task named ``what``; ``slot``: the type whose slot it holds, freed at its end."""
-        task = asyncio.get_running_loop().create_task(work, name=what)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        if slot is not None:
-            limits = self._limits
-            task.add_done_callback(lambda _: limits.leave(slot))
+        await self._runs.stop(drain_timeout)
 
     def _type_of(self, envelope: Envelope) -> str:
         """The message type's name, when this node knows it ("?" otherwise: a bounded label)."""
@@ -160,11 +129,11 @@ class Responder:
             return
         remaining = None if deadline is None else deadline - self._wall_clock()
         if remaining is None or remaining > 0:
-            type_name = self._type_of(delivery.envelope)
-            if self._limits.enter(type_name):
-                self._spawn(self._answer(delivery, remaining), _describe(delivery.envelope), type_name)
+            type_name, what = self._type_of(delivery.envelope), _describe(delivery.envelope)
+            if self._limits.enter(type_name):  # the slot is given back when the task ends
+                self._runs.spawn(self._answer(delivery, remaining), what, type_name)
             else:
-                self._busy(delivery, type_name)
+                self._busy(delivery.reply, type_name, what)
         else:
             self.stats["expired_dropped"] += 1
             if self._observer is not None:
@@ -175,51 +144,37 @@ class Responder:
         envelope = delivery.envelope
         if envelope.headers.get(SOURCE) == self.node_id:  # local handlers ran at publish
             return
-        type_name = self._type_of(envelope)
+        type_name, what = self._type_of(envelope), _describe(envelope)
 
         def start() -> None:  # called with the slot taken, now or once one is free
-            self._spawn(self._run_event(envelope), _describe(envelope), type_name)
+            self._runs.spawn(self._run_event(envelope), what, type_name)
 
         self._limits.run_event(type_name, start)
 
-    def _busy(self, delivery: Delivery, type_name: str) -> None:
+    def _busy(self, reply: Reply | None, type_name: str, what: str) -> None:
         """No slot: say "busy" at once (the handler never ran: the caller may go elsewhere)."""
         error = self._limits.refused(type_name)
-        if delivery.reply is None:
-            return
-        if self._busy_replies >= _MAX_BUSY_REPLIES:  # the broker takes no replies: keep memory flat
+        if reply is not None and not self._runs.busy(reply, error, what):
             self.stats["busy_unanswered"] += 1
-            return
-        self._busy_replies += 1
-        self._spawn(
-            self._send_busy(delivery, encode_error(error, node_id=self.node_id, by_node=True)), "busy"
-        )
-
-    async def _send_busy(self, delivery: Delivery, reply: Envelope) -> None:
-        try:
-            await self._send_reply(delivery, reply)
-        finally:
-            self._busy_replies -= 1
 
     def _refuse(self, exc: CatgaError, delivery: Delivery) -> None:
         """Malformed input this node will not run: count it, answer it, log it (not too often)."""
         self._count_bad("bad_requests", exc.code)
         self._log(type(exc).__name__, "refused %s: %s", delivery.envelope, exc)
         if delivery.reply is not None:
-            reply = encode_error(exc, node_id=self.node_id, by_node=True)
-            self._spawn(self._send_reply(delivery, reply), "refusal")
+            reply = encode_error(exc, node_id=self.node_id, by_node=True)  # the task holds no request
+            self._runs.spawn(self._send_reply(delivery.reply, reply, _describe(delivery.envelope)), "refusal")
 
     async def _answer(self, delivery: Delivery, remaining: float | None) -> None:
         reply = await self._run_request(delivery.envelope, remaining)
         if reply is not None and delivery.reply is not None:
-            await self._send_reply(delivery, reply)
+            await self._send_reply(delivery.reply, reply, _describe(delivery.envelope))
 
-    async def _send_reply(self, delivery: Delivery, reply: Envelope) -> None:
-        assert delivery.reply is not None
+    async def _send_reply(self, send: Reply, reply: Envelope, what: str) -> None:
         try:
-            await delivery.reply(reply)
+            await send(reply)
         except CatgaError as exc:
-            self._log("reply", "could not answer %s: %s", delivery.envelope, exc)
+            self._log_limit.log(logger, logging.WARNING, "reply", "could not answer %s: %s", what, exc)
 
     async def _run_request(self, envelope: Envelope, remaining: float | None) -> Envelope | None:
         try:

@@ -119,8 +119,9 @@ class MembershipStore(Protocol):
         """Write (register or heartbeat) a node's record, restarting its expiry."""
         ...
 
-    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
-        """Write a node's record only if none is held now (atomically); whether it was written."""
+    async def create(self, node_id: str, value: bytes, ttl: float, *, replacing: bytes | None = None) -> bool:
+        """Write a node's record only if none is held now, or the one held is ``replacing`` (a stale
+        record taken over), atomically; whether it was written."""
         ...
 
     async def delete(self, node_id: str) -> None:

@@ -34,9 +34,9 @@ class MemberTable:
         self._records[(namespace, node_id)] = (value, self.clock() + ttl)
         self._notify(namespace, MemberEvent("put", node_id, value))
 
-    def create(self, namespace: str, node_id: str, value: bytes, ttl: float) -> bool:
+    def create(self, namespace: str, node_id: str, value: bytes, ttl: float, replacing: bytes | None) -> bool:
         held = self._records.get((namespace, node_id))
-        if held is not None and held[1] > self.clock():
+        if held is not None and held[1] > self.clock() and held[0] != replacing:
             return False
         self.put(namespace, node_id, value, ttl)
         return True
@@ -91,9 +91,9 @@ class MemoryMembers:
         await self._reachable()
         self._table.put(self._cluster, node_id, value, ttl)
 
-    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
+    async def create(self, node_id: str, value: bytes, ttl: float, *, replacing: bytes | None = None) -> bool:
         await self._reachable()
-        return self._table.create(self._cluster, node_id, value, ttl)
+        return self._table.create(self._cluster, node_id, value, ttl, replacing)
 
     async def delete(self, node_id: str) -> None:
         await self._reachable()

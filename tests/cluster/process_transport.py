@@ -65,9 +65,9 @@ class _Store:
         await self._process.round_trip()
         await self._inner.put(node_id, value, ttl)
 
-    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
+    async def create(self, node_id: str, value: bytes, ttl: float, *, replacing: bytes | None = None) -> bool:
         await self._process.round_trip()
-        return await self._inner.create(node_id, value, ttl)
+        return await self._inner.create(node_id, value, ttl, replacing=replacing)
 
     async def delete(self, node_id: str) -> None:
         await self._process.round_trip()

@@ -119,13 +119,13 @@ async def test_bad_requests_over_redis_get_a_typed_error(redis_server: RedisServ
         await pubsub.subscribe("reply-here")
         await pubsub.get_message(timeout=1)  # the subscribe confirmation
         request = {MESSAGE_TYPE: "Work", "catga-reply-to": "reply-here", "catga-corr": "1"}
-        assert await client.publish("catga:bad:node.target", frame(request, b'{"delay": "soon"}')) == 1
+        assert await client.publish("catga:{bad}:node.target", frame(request, b'{"delay": "soon"}')) == 1
         message = await pubsub.get_message(timeout=2)
         assert message is not None
         envelope = unpack(message["data"])
         assert json.loads(envelope.body)["code"] == "invalid_message"
         assert (
-            await client.publish("catga:bad:node.target", b"\xff garbage") == 1
+            await client.publish("catga:{bad}:node.target", b"\xff garbage") == 1
         )  # no reply channel: dropped
         assert await catga.mediator.send_to_node(Work(), "target") == "?"
     finally:

@@ -24,6 +24,13 @@ class PayV2(Command[str]):
     currency: str
 
 
+class PayV2Noted(Command[str]):  # PayV2 and an optional field: another schema, compatible with it
+    type_name: ClassVar[str] = "pay"
+    amount: int
+    currency: str
+    note: str = ""
+
+
 def peer(node_id: str, schemas: dict[str, str] | None, app_version: str = "") -> NodeInfo:
     return NodeInfo(node_id=node_id, handles=["pay"], schemas=schemas or {}, app_version=app_version)
 
@@ -77,3 +84,42 @@ def test_each_peer_and_type_is_logged_once_until_it_leaves(caplog: pytest.LogCap
     view.remove("newer")
     view.observe(newer, now=10.0)
     assert len(caplog.records) == 2
+
+
+def test_each_peer_is_named_in_its_own_reasons(caplog: pytest.LogCaptureFixture) -> None:
+    # Peers running the same schema share one cached comparison, but not each other's names.
+    caplog.set_level(logging.WARNING, logger="fastapi_catga.cluster.compat")
+    b, c = peer("b", advertised([PayV2])), peer("c", advertised([PayV2]), "2.0")
+    view = view_with(b, c)
+    reason = "message field 'currency': required on node {}, absent on this node"
+    assert view.schemas.incompatibilities(c) == {"pay": reason.format("c")}
+    assert view.schemas.incompatibilities(b) == {"pay": reason.format("b")}
+    refused = view.incompatible("pay")
+    assert isinstance(refused, IncompatibleSchemaError)
+    assert refused.details == {"b": [reason.format("b")], "c": [reason.format("c")]}
+    assert f"c (app 2.0): {reason.format('c')}" in str(refused)
+    logged = sorted(r.getMessage() for r in caplog.records)
+    assert [m.split(" has ")[0] for m in logged] == ["node b", "node c (app 2.0)"]  # once each
+    assert logged[0].endswith(reason.format("b"))
+    assert logged[1].endswith(reason.format("c"))
+
+
+def test_a_class_learned_later_is_judged_by_its_own_schema(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fastapi_catga.cluster.compat")
+    view = view_with(peer("newer", advertised([PayV2])))
+    assert view.capable("pay") == [view.self_info]  # PayV1 here: it lacks the required currency
+    view.learn(PayV2Noted)  # sent under the same type name: compatible with PayV2
+    assert [n.node_id for n in view.capable("pay")] == ["me", "newer"]
+    assert view.incompatible("pay", "newer") is None
+    view.learn(PayV1)
+    assert view.incompatible("pay", "newer") is not None
+    assert len(caplog.records) == 1  # the same pair of schemas again: already said
+
+
+def test_a_field_name_cannot_pass_for_the_peer_name() -> None:
+    # The cached reasons mark the peer with a NUL; a field name is shown by repr, NUL escaped.
+    fingerprint, fields, result = advertised([PayV1])["pay"].split("|")
+    odd = peer("odd", {"pay": f"0{fingerprint[1:]}|{fields},a%00b:abcdef|{result}"})
+    assert view_with(odd).schemas.incompatibilities(odd) == {
+        "pay": r"message field 'a\x00b': required on node odd, absent on this node"
+    }

@@ -95,3 +95,39 @@ def test_a_distrust_that_comes_while_a_resync_runs_gets_a_resync_of_its_own(
     run_virtual(scenario())
     assert caplog.text.count("view frozen until a resync") == 1
     assert caplog.text.count("node a resynced") == 1
+
+
+def test_a_connection_lost_as_a_resync_ends_keeps_the_outages_grace_for_the_next_one() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        a = node(broker, "a")
+        # b is slow to come back: each of its membership calls takes 0.4 s
+        b = virtual_node(
+            broker, "b", handlers=[workload], transport=ProcessTransport(broker, latency=0.4), **TIMING
+        )
+        await a.start()
+        await b.start()
+        store = a.node.transport.members
+        real_list = store.list
+
+        async def list_then_lose_the_broker() -> dict[str, bytes]:
+            records = await real_list()
+            store.list = real_list  # type: ignore[method-assign]
+            broker.outage()  # the answer was in; the connection drops before the resync returns
+            return records
+
+        store.list = list_then_lose_the_broker  # type: ignore[method-assign]
+        a.node.membership._distrust_view("a test asks for a resync")
+        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.8 * TIMING["node_ttl"])  # nobody heartbeats through the outage
+        broker.restore()
+        await asyncio.sleep(0.5)  # a resynced; b gets a full TTL to show up, and does
+        assert not a.node.health()["view_stale"]
+        for _ in range(40):
+            await asyncio.sleep(0.1)
+            assert {n.node_id for n in a.node.nodes()} == {"a", "b"}, "b was not evicted for the outage"
+        for catga in (a, b):
+            await catga.stop()
+
+    run_virtual(scenario())

@@ -1,13 +1,16 @@
 """Handler limits on a virtual clock: "busy" at once, failover at once, the same limit on the
-in-process path, events queued and dropped within bounds, a stop that cannot hang."""
+in-process path, events queued and dropped within bounds, a slot given back whatever raises, a
+"busy" answer that holds no request, a stop that cannot hang. `HandlerLimits` alone: test_limits."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import gc
+import inspect
 import logging
 import sys
+import weakref
 from collections import Counter
 from typing import Any, ClassVar
 
@@ -19,16 +22,18 @@ from fastapi_catga import (
     CatgaError,
     CatgaSettings,
     Command,
-    ConfigurationError,
     Event,
     build,
     handler,
 )
 from fastapi_catga.cluster.limits import HandlerLimits
+from fastapi_catga.cluster.runs import MAX_BUSY_REPLIES, Runs
+from fastapi_catga.core.envelope import Envelope, encode_message, error_from_reply
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Message
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
+from fastapi_catga.transports.base import Delivery
 from tests.cluster.conftest import NodeTag
 from tests.cluster.workload import current_node
 from tests.virtual_time import EPOCH, run_virtual
@@ -136,51 +141,6 @@ async def until(condition: Any, within: float = 5.0) -> None:
 def fresh() -> None:
     runs.clear()
     ticks.clear()
-
-
-def test_limits_count_per_node_and_per_type_and_a_class_sets_its_own() -> None:
-    limits = HandlerLimits(3, 2, 10, [Hold, Capped], node_id="n")
-    assert limits.cap("Hold") == 2 and limits.cap("Capped") == 1 and limits.cap("Other") == 2
-    assert limits.enter("Capped") and not limits.enter("Capped")  # its own cap: 1
-    assert limits.enter("Hold") and limits.enter("Hold") and not limits.enter("Hold")  # per type: 2
-    assert not limits.enter("Other")  # the node's 3 are taken
-    assert limits.in_flight == 3
-    limits.leave("Hold")
-    assert limits.enter("Other") and limits.in_flight == 3
-    for name in ("Capped", "Hold", "Other"):
-        limits.leave(name)
-    assert limits.in_flight == 0 and limits._running == {}
-    unlimited = HandlerLimits(0, 0, 10, [], node_id="n")
-    assert all(unlimited.enter("Hold") for _ in range(10_000))
-
-
-def test_a_bad_max_in_flight_on_a_class_is_refused_at_start() -> None:
-    class Zero(Command[None]):
-        max_in_flight: ClassVar[int | None] = 0
-
-    with pytest.raises(ConfigurationError, match=r"Zero.max_in_flight must be a positive int"):
-        HandlerLimits(10, 0, 10, [Zero], node_id="n")
-
-
-def test_events_wait_first_in_first_out_and_overflow_is_counted_and_logged_once_per_interval(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    now = [0.0]
-    seen = Seen()
-    limits = HandlerLimits(1, 0, 2, [], node_id="n", observer=seen, log_limit=LogLimiter(5.0, lambda: now[0]))
-    started_: list[int] = []
-    for number in range(5):
-        limits.run_event("Tick", functools.partial(started_.append, number))
-    assert started_ == [0] and limits.events_waiting == 2
-    assert limits.stats["events_dropped"] == 2 and seen.overloads == [("Tick", "dropped")] * 2
-    assert len([r for r in caplog.records if "dropped a Tick event" in r.getMessage()]) == 1
-    limits.leave("Tick")  # the first one ends: the next starts with its slot
-    assert started_ == [0, 1] and limits.in_flight == 1
-    now[0] = 5.0
-    limits.run_event("Tick", lambda: None)  # waits (the queue holds 2 again)
-    limits.run_event("Tick", lambda: None)  # dropped, and logged again: the interval passed
-    lines = [r.getMessage() for r in caplog.records if "dropped a Tick event" in r.getMessage()]
-    assert len(lines) == 2 and "1 more since the last report" in lines[1]
 
 
 def test_a_node_without_a_free_slot_answers_busy_at_once() -> None:
@@ -340,3 +300,80 @@ def test_stop_is_bounded_even_when_a_handler_swallows_its_cancellation(
 
     caplog.set_level(logging.WARNING)
     run_virtual(scenario())
+
+
+class BrokenObserver(Observer):
+    def handle_started(self, message: Message, headers: Any) -> object:
+        raise RuntimeError("the observer broke")
+
+
+def test_an_observer_that_raises_as_a_run_starts_here_gives_its_slot_back() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        a, b = await started(
+            node(broker, "a", max_in_flight=1, routing="local_first", observer=BrokenObserver()),
+            node(broker, "b"),
+        )
+        assert Hold not in a.node.local_routes  # b handles it too: an attempt routed to a, run here
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="the observer broke"):
+                await a.mediator.send(Hold(seconds=0))
+            assert a.node.limits.in_flight == 0, "the slot leaked: the node would stay busy for good"
+        for each in (a, b):
+            await each.stop()
+
+    run_virtual(scenario())
+
+
+class Tracked(Envelope):
+    """An envelope a weak reference can follow (`Envelope` has slots; a plain subclass does not)."""
+
+
+def test_a_busy_answer_waiting_for_the_broker_holds_no_request_and_their_number_is_bounded() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        (a,) = await started(node(broker, "a", max_in_flight=1))
+        assert a.node.limits.enter("Hold")  # the node is full
+        taking = asyncio.Event()
+        answers: list[Envelope] = []
+
+        async def reply(answer: Envelope) -> None:  # a broker that takes no reply until told
+            await taking.wait()
+            answers.append(answer)
+
+        sent = encode_message(Hold(), source="caller", max_payload=2**20)
+        request = Tracked(sent.headers, b"x" * 2**20)  # as large as a request may be
+        held = weakref.ref(request)
+        a.node.responder._on_request(Delivery(request, reply))
+        del request
+        gc.collect()
+        assert a.node.limits.stats["busy"] == 1
+        assert held() is None, "a pending busy answer keeps the whole request in memory"
+        for _ in range(MAX_BUSY_REPLIES):  # 999 more wait, then one is left unanswered
+            a.node.responder._on_request(Delivery(Envelope(sent.headers, b"x"), reply))
+        assert a.node.health()["stats"]["busy_unanswered"] == 1
+        taking.set()
+        await until(lambda: len(answers) == MAX_BUSY_REPLIES)
+        assert isinstance(error_from_reply(answers[0]), BusyError)
+        a.node.responder._on_request(Delivery(Envelope(sent.headers, b"x"), reply))  # room again
+        await until(lambda: len(answers) == MAX_BUSY_REPLIES + 1)
+        a.node.limits.leave("Hold")
+        await a.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_run_whose_task_cannot_start_gives_its_slot_back() -> None:
+    limits = HandlerLimits(1, 0, 10, [], node_id="n")
+    runs = Runs(limits, "n", LogLimiter())
+
+    async def work() -> None:
+        pass
+
+    assert limits.enter("Hold")
+    run = work()
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        runs.spawn(run, "Hold 1 from caller", "Hold")
+    assert limits.in_flight == 0 and inspect.getcoroutinestate(run) == "CORO_CLOSED"  # never "never awaited"

@@ -148,6 +148,20 @@ class TransportContract:
         assert await second.members.create("node-c", b"after a delete", 10)
         assert (await first.members.list())["node-c"] == b"after a delete"
 
+    async def test_members_create_replaces_only_the_record_it_names(self, connect: Connect) -> None:
+        first, second = await connect(), await connect()
+        await first.members.prepare(10)
+        await second.members.prepare(10)
+        await first.members.put("node-s", b"stale", 10)
+        assert not await first.members.create("node-s", b"mine", 10, replacing=b"something else")
+        claims = [
+            store.create("node-s", name, 10, replacing=b"stale")
+            for store, name in [(first.members, b"1"), (second.members, b"2")] * 3
+        ]
+        won = await asyncio.gather(*claims)
+        assert won.count(True) == 1, "of six takeovers of one stale record, exactly one is written"
+        assert (await first.members.list())["node-s"] in (b"1", b"2")
+
     async def test_members_create_succeeds_once_the_record_expired(self, connect: Connect) -> None:
         transport = await connect()
         await transport.members.prepare(1)

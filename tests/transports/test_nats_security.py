@@ -7,6 +7,7 @@ and shows no secret, in the error or in the logs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports import create_transport
 from fastapi_catga.transports.nats import NatsAuth, NatsTransport
 from fastapi_catga.transports.tls import TlsFiles
+from tests.polling import eventually
 from tests.secure import Operator, Pki, make_pki, new_nkey
 from tests.servers import NatsServer
 from tests.transports.security import join_and_round_trip, refused_at_start
@@ -235,3 +237,76 @@ def test_the_auth_never_shows_its_secrets() -> None:
     assert PASSWORD not in repr(auth) and "catga" in repr(auth)
     settings = CatgaSettings(nats_password=PASSWORD, nats_token=TOKEN)
     assert PASSWORD not in repr(settings) and TOKEN not in settings.model_dump_json()
+
+
+# -- asking for TLS: a server without it gets no CONNECT, so no credentials ----------------------------
+
+
+def _plaintext_server(directory: Path, *, port: int | None = None) -> tuple[NatsServer, Path]:
+    """A nats-server with a password and no TLS, tracing each protocol line (CONNECT too) to a log."""
+    config = directory / "plain.conf"
+    config.write_text(f'authorization {{ user: catga, password: "{PASSWORD}" }}\n')
+    log = directory / "plain.log"
+    args = ["-c", str(config), "-DV", "-l", str(log)]
+    return NatsServer(port=port, extra_args=args), log
+
+
+def _connects(log: Path) -> int:
+    return log.read_text().count("CONNECT {") if log.exists() else 0
+
+
+@pytest.mark.parametrize(
+    ("scheme", "files"), [("tls", True), ("tls", False), ("nats", True)], ids=["tls-url+ca", "tls-url", "ca"]
+)
+async def test_asking_for_tls_of_a_server_without_it_stops_start_up_before_the_credentials_go(
+    scheme: str, files: bool, tmp_path: Path, pki: Pki, cluster: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, log = _plaintext_server(tmp_path)
+    with server:
+        fields: dict[str, Any] = {
+            "transport": "nats",
+            "nats_url": f"{scheme}://127.0.0.1:{server.port}",
+            "nats_user": "catga",
+            "nats_password": PASSWORD,
+        }
+        if files:
+            fields["nats_tls_ca"] = pki.ca
+        error = await refused_at_start(cluster, fields, [PASSWORD], caplog, within=4)
+        assert "did not offer TLS" in str(error) and f"127.0.0.1:{server.port}" in str(error)
+        assert _connects(log) == 0, "the node sent its CONNECT (and password) over plaintext"
+        # The server's trace does show a CONNECT when one is sent: the check above can fail.
+        plain = NatsTransport(server.url, auth=NatsAuth(user="catga", password=SecretStr(PASSWORD)))
+        await plain.connect()
+        await plain.aclose()
+        assert _connects(log) == 1
+
+
+async def test_a_reconnect_to_a_server_that_lost_its_tls_sends_no_credentials(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = (
+        f'tls {{ cert_file: "{pki.server_cert}", key_file: "{pki.server_key}" }}\n'
+        f'authorization {{ user: catga, password: "{PASSWORD}" }}\n'
+    )
+    secure = _server(tmp_path, config).start()
+    auth = NatsAuth(user="catga", password=SecretStr(PASSWORD), tls=TlsFiles(ca=pki.ca))
+    transport = NatsTransport(f"tls://127.0.0.1:{secure.port}", auth=auth, reconnect_wait=0.1)
+    caplog.set_level(logging.DEBUG)
+    try:
+        await transport.connect()
+        secure.close()
+        await eventually(lambda: not transport.connected, within=10, message="the loss was not seen")
+        # The same address comes back without TLS (a misconfigured restart, or someone in between).
+        plain, log = _plaintext_server(tmp_path, port=secure.port)
+        with plain:
+            await eventually(
+                lambda: "did not offer TLS" in caplog.text,
+                within=10,
+                message="the node never tried the plaintext server",
+            )
+            assert not transport.connected
+            assert _connects(log) == 0, "the node sent its CONNECT (and password) over plaintext"
+            assert PASSWORD not in caplog.text
+    finally:
+        await transport.aclose()
+        secure.close()

@@ -180,18 +180,18 @@ async def test_member_expires_without_keyspace_events(make: Make, raw: aioredis.
         return await transport.members.list() == {}
 
     assert await eventually(gone, within=2) > 0.2
-    assert await raw.zcard(f"catga:{cluster}:members") == 0  # the index was pruned too
+    assert await raw.zcard(f"catga:{{{cluster}}}:members") == 0  # the index was pruned too
 
 
 async def test_member_record_is_readable_json(make: Make, raw: aioredis.Redis, cluster: str) -> None:
     transport = await make()
     record = {"node_id": "node-j", "endpoint": "http://10.0.0.1:8000"}
     await transport.members.put("node-j", json.dumps(record).encode(), 10)
-    assert json.loads(await raw.get(f"catga:{cluster}:node:node-j") or b"") == record
-    assert 9000 < await raw.pttl(f"catga:{cluster}:node:node-j") <= 10000
-    assert await raw.zscore(f"catga:{cluster}:members", "node-j") is not None
+    assert json.loads(await raw.get(f"catga:{{{cluster}}}:node:node-j") or b"") == record
+    assert 9000 < await raw.pttl(f"catga:{{{cluster}}}:node:node-j") <= 10000
+    assert await raw.zscore(f"catga:{{{cluster}}}:members", "node-j") is not None
     await transport.members.delete("node-j")
-    assert await raw.exists(f"catga:{cluster}:node:node-j") == 0
+    assert await raw.exists(f"catga:{{{cluster}}}:node:node-j") == 0
 
 
 async def test_garbage_on_any_channel_is_dropped(make: Make, raw: aioredis.Redis, cluster: str) -> None:
@@ -202,13 +202,13 @@ async def test_garbage_on_any_channel_is_dropped(make: Make, raw: aioredis.Redis
     watch = await server.members.watch()
     events: list[MemberEvent] = []
     collecting = asyncio.create_task(collect(watch, events))
-    inboxes = await raw.pubsub_channels(f"catga:{cluster}:reply.*")  # each transport's reply channel
+    inboxes = await raw.pubsub_channels(f"catga:{{{cluster}}}:reply.*")  # each transport's reply channel
     assert len(inboxes) == 2
     garbage = [b"\xff\x00\xfe", b"no newline", b"[1]\nbody", b"5\n", b'"text"\nbody']
-    for channel in [f"catga:{cluster}:node.g", f"catga:{cluster}:members:events", *inboxes]:
+    for channel in [f"catga:{{{cluster}}}:node.g", f"catga:{{{cluster}}}:members:events", *inboxes]:
         for data in garbage:
             await raw.publish(channel, data)
-    await raw.publish(f"catga:{cluster}:members:events", b'{"headers": {"kind": "boom"}}\n')
+    await raw.publish(f"catga:{{{cluster}}}:members:events", b'{"headers": {"kind": "boom"}}\n')
 
     assert await works(client, "node.s")
     await client.members.put("node-after", b"{}", 10)

@@ -160,6 +160,24 @@ async def test_tls_without_a_client_certificate_where_none_is_asked(pki: Pki, cl
         await join_and_round_trip(cluster, _tls_fields(server, cert="", key=""))
 
 
+@pytest.mark.parametrize("ca_file", [True, False], ids=["ca-file", "system-cas"])
+async def test_a_server_certificate_for_another_host_name_is_refused(
+    ca_file: bool, pki: Pki, cluster: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The certificate names localhost only: rediss://127.0.0.1 must fail on the host name alone, with
+    # the CA given in CATGA_REDIS_TLS_CA or trusted as the "system's" (redis-py < 6 skips the check).
+    if not ca_file:
+        monkeypatch.setenv("SSL_CERT_FILE", pki.ca)
+    with TlsRedisServer(pki, mutual=False, localhost_only=True) as server:
+        fields = _tls_fields(server, ca=pki.ca if ca_file else "", cert="", key="")
+        error = await refused_at_start(cluster, fields, [], caplog, within=4)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(error), str(error)
+        assert "mismatch, certificate is not valid for '127.0.0.1'" in str(error), str(error)
+        # The same server and CA by the name its certificate carries: the node starts.
+        fields["redis_url"] = server.url.replace("127.0.0.1", "localhost")
+        await join_and_round_trip(cluster, fields)
+
+
 # -- settings that cannot work fail before any connection --------------------------------------------
 
 
@@ -171,6 +189,8 @@ async def test_tls_without_a_client_certificate_where_none_is_asked(pki: Pki, cl
         ({"redis_tls_ca": "/etc/ca.pem"}, "use rediss:// for TLS"),
         ({"redis_url": "rediss://h:6379/0", "redis_tls_ca": "/nonexistent/ca.pem"}, "no such file"),
         ({"redis_url": "rediss://h:6379/0", "redis_tls_key": "/etc/hostname"}, "go together"),
+        ({"redis_url": "rediss://h:6379/0?ssl_cert_reqs=none"}, "turns off TLS verification"),
+        ({"redis_url": "rediss://h:6379/0?ssl_check_hostname=false"}, "turns off TLS verification"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_before_connecting(
@@ -190,5 +210,11 @@ def test_the_security_options_reach_redis_py() -> None:
         "ssl_ca_certs": __file__,
         "ssl_certfile": __file__,
         "ssl_keyfile": __file__,
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
     }
     assert security_options("redis://h/0") == {}
+    # redis-py 5.x would not check the host name: rediss:// always asks for it, files or not.
+    verify = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    assert security_options("rediss://h/0") == verify
+    assert security_options("rediss://h/0?ssl_check_hostname=true&ssl_cert_reqs=required") == verify

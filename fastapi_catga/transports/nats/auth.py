@@ -18,6 +18,7 @@ import nats.errors
 from pydantic import SecretStr
 
 from fastapi_catga.exceptions import ConfigurationError
+from fastapi_catga.transports.nats.tls_only import PlaintextRefused
 from fastapi_catga.transports.tls import TlsFiles
 
 __all__ = ["NatsAuth", "refusal"]
@@ -44,7 +45,8 @@ class NatsAuth:
         token: a token (the server's ``authorization { token: ... }``).
         nkey_seed_file: a file holding an nkey user seed (``SU...``); the server knows its public key.
         creds_file: a ``.creds`` file (a user JWT and its seed), for servers run with operator JWTs.
-        tls: CA, client certificate and key; ``tls://`` URLs or a server that requires TLS use it.
+        tls: CA, client certificate and key. Given, the node insists on TLS, as for ``tls://``
+            URLs; a server that requires TLS gets it from ``nats://`` URLs too.
     """
 
     user: str = ""
@@ -103,6 +105,8 @@ def refusal(exc: BaseException) -> str | None:
         return f"the TLS handshake failed ({exc.reason}: {exc.verify_message}); {_CHECK_TLS}"
     if isinstance(exc, ssl.SSLError):
         return f"the TLS handshake failed ({exc.reason or exc}); {_CHECK_TLS}"
+    if isinstance(exc, PlaintextRefused):
+        return str(exc)
     if isinstance(exc, nats.errors.AuthorizationError):
         return f"the server refused the credentials (authorization violation); {_CHECK_AUTH}"
     if isinstance(exc, nats.errors.Error):

@@ -2,7 +2,8 @@
 
 The first connect is bounded by ``connect_timeout``, and ends at once when the server refuses the
 credentials or the TLS handshake fails: retrying would not help. From then on nats-py reconnects
-without end.
+without end. When the node asks for TLS (`tls_asked`), no connection, first or later, carries
+the credentials unless it is TLS (`TlsOnlyClient`).
 Each loss and each return is told to the listeners of the `ConnectionState`, once and in order.
 """
 
@@ -22,6 +23,7 @@ from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError, TransportError
 from fastapi_catga.transports.base import ConnectionState
 from fastapi_catga.transports.nats.auth import NatsAuth, refusal
+from fastapi_catga.transports.nats.tls_only import TlsOnlyClient, tls_asked
 
 __all__ = ["NatsConnection"]
 
@@ -69,13 +71,16 @@ class NatsConnection:
         self.slow_consumers = 0
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
+        auth = auth or NatsAuth()
+        #: Whether every connection must be TLS before the CONNECT (and credentials) go out.
+        self.tls_required = tls_asked(self.servers, auth.tls.given)
         # nats-py annotates the durations as int; they are float seconds.
         self._options: dict[str, Any] = {
             "name": connection_name,
             "connect_timeout": connect_timeout,
             "ping_interval": ping_interval,
             "reconnect_time_wait": reconnect_wait,
-            **(auth or NatsAuth()).options(self.servers),
+            **auth.options(self.servers),
         }
         self._on_lost = on_lost
         self._last_error = ""
@@ -102,7 +107,7 @@ class NatsConnection:
         """
         if self.state.closed or self.nc is not None:
             raise TransportError("connect() works once per NatsTransport; make a new one")
-        self.nc = nc = Client()
+        self.nc = nc = TlsOnlyClient() if self.tls_required else Client()
         self._opening = True
         try:
             # With unlimited reconnects nats-py retries the first connect forever too: bound it.
@@ -129,6 +134,10 @@ class NatsConnection:
             ) from exc
         finally:
             self._opening = False
+        if isinstance(nc, TlsOnlyClient) and not nc.tls_checked:
+            # nats-py connected without asking for the CONNECT line: the check cannot be trusted.
+            await self._fail()
+            raise TransportError(f"NATS at {self.where}: cannot confirm that the connection is TLS")
         self.js = nc.jetstream(timeout=self.connect_timeout)
         return nc
 

@@ -140,7 +140,7 @@ class NatsMembers:
         with NatsErrors(f"KV put {self.bucket}.{key}"):
             await js.publish(self._prefix + key, value, msg_ttl=msg_ttl)
 
-    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
+    async def create(self, node_id: str, value: bytes, ttl: float, *, replacing: bytes | None = None) -> bool:
         js, key = self._ready()[0], _key(node_id)
         msg_ttl = max(1, math.ceil(ttl)) if self._per_key_ttl else None
         with NatsErrors(f"KV create {self.bucket}.{key}"):
@@ -155,12 +155,12 @@ class NatsMembers:
                 except nats.js.errors.APIError as exc:
                     if exc.err_code not in _WRONG_LAST_SEQUENCE:
                         raise
-                    last = await self._removed_at(key)
+                    last = await self._replaceable_at(key, replacing)
         return False
 
-    async def _removed_at(self, key: str) -> int | None:
-        """The sequence of the key's last entry when that is a removal (delete, purge, expiry marker);
-        0 when there is no entry; None when it holds a record."""
+    async def _replaceable_at(self, key: str, replacing: bytes | None) -> int | None:
+        """The sequence of the key's last entry when that is a removal (delete, purge, expiry marker)
+        or the record ``replacing``; 0 when there is no entry; None when it holds another record."""
         js = self._ready()[0]
         try:
             msg = await js.get_last_msg(f"KV_{self.bucket}", self._prefix + key)
@@ -170,6 +170,7 @@ class NatsMembers:
         if (
             headers.get("KV-Operation") in ("DEL", "PURGE")
             or headers.get("Nats-Marker-Reason") in _REMOVED_REASONS
+            or (replacing is not None and msg.data == replacing)
         ):
             return msg.seq
         return None

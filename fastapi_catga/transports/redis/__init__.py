@@ -7,6 +7,8 @@
 - `reader`: the subscriber connection and the task that reads it, reconnecting when it breaks.
 - `writer`: every PUBLISH, auto-pipelined over one connection.
 - `connections`: the pool for membership commands and the two private pub/sub connections.
+- `urls`, `locate`, `shard`: ``redis+sentinel://`` and ``redis+cluster://`` URLs; connections that
+  ask a Sentinel or a Redis Cluster where the server is at each connect, and follow a failover.
 - `membership`: the membership store, a TTL key per node indexed by a sorted set.
 - `scripts`: the Lua scripts that membership runs on the server.
 - `durable`, `durable_consumer`, `durable_scripts`: durable queues on Redis Streams (`transport.durable`).

@@ -7,7 +7,7 @@ Every one of them copies the first pool's options, so the ACL user, password and
 from __future__ import annotations
 
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import SecretStr
 from redis.asyncio import BlockingConnectionPool
@@ -17,6 +17,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
+from fastapi_catga.transports.redis.locate import LocatedConnection, Locator
 from fastapi_catga.transports.tls import TlsFiles
 
 __all__ = ["command_pool", "once_pool", "private_connection", "reopen", "security_options"]
@@ -27,9 +28,12 @@ def security_options(
 ) -> dict[str, Any]:
     """redis-py's connection options for an ACL user and password, and TLS files, beside the URL.
 
+    A ``rediss://`` URL always gets the server's certificate and host name checked.
+
     Raises:
         ConfigurationError: the user or password is given both in the URL and apart (the URL would
-            win silently), TLS files with a URL that is not ``rediss://``, or a missing file.
+            win silently), TLS files with a URL that is not ``rediss://``, a missing file, or a
+            ``rediss://`` URL whose options turn off the check of the certificate or host name.
     """
     parts = urlsplit(url)
     secret = password.get_secret_value() if password is not None else ""
@@ -55,7 +59,23 @@ def security_options(
         options.update(
             ssl_ca_certs=tls.ca or None, ssl_certfile=tls.cert or None, ssl_keyfile=tls.key or None
         )
+    if parts.scheme == "rediss":
+        _refuse_weakened(parts.query)
+        # redis-py before 6.0 does not check the host name unless told to.
+        options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
     return options
+
+
+def _refuse_weakened(query: str) -> None:
+    """Raise `ConfigurationError` when the URL turns off TLS verification (its options would win)."""
+    given = {name: values[-1] for name, values in parse_qs(query).items()}
+    reqs = given.get("ssl_cert_reqs", "required")
+    hostname = given.get("ssl_check_hostname", "true")
+    if reqs.lower() != "required" or hostname.upper() in ("", "0", "F", "FALSE", "N", "NO"):
+        raise ConfigurationError(
+            "CATGA_REDIS_URL turns off TLS verification (ssl_cert_reqs or ssl_check_hostname): catga "
+            "always verifies the Redis server's certificate and host name; remove the option"
+        )
 
 
 def command_pool(
@@ -65,8 +85,12 @@ def command_pool(
     timeout: float,
     health_check_interval: float,
     security: dict[str, Any] | None = None,
+    locator: Locator | None = None,
 ) -> BlockingConnectionPool:
     """The pool for membership commands: callers wait for a free connection, up to ``timeout``.
+
+    With a ``locator`` (Sentinel, Redis Cluster), every connection made from this pool, or copied
+    from its options (`once_pool`, `private_connection`), asks it for the server at each connect.
 
     Args:
         security: what `security_options` made (user, password, TLS files).
@@ -86,9 +110,14 @@ def command_pool(
             # Membership commands are safe to repeat: a few quick retries ride out a server restart.
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
             retry_on_error=[OSError],
+            **_located(locator),
         )
     except ValueError as exc:
         raise ConfigurationError(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
+
+
+def _located(locator: Locator | None) -> dict[str, Any]:
+    return {} if locator is None else {"connection_class": LocatedConnection, "locator": locator}
 
 
 def once_pool(

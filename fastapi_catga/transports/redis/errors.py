@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import AuthenticationError, MovedError, ReadOnlyError, RedisError, ResponseError
 
 from fastapi_catga.exceptions import CatgaError, TransportError
 
-__all__ = ["BROKER_ERRORS", "ERRORS", "connect_failure", "reason", "redis_errors"]
+__all__ = ["BROKER_ERRORS", "ERRORS", "connect_failure", "moved_away", "reason", "redis_errors"]
 
 #: What redis-py (and the socket under it) raises -> ours; the first entry that matches wins. Each
 #: means Redis or the connection to it failed; the message names the command and the cause.
@@ -23,6 +23,14 @@ ERRORS: dict[type[Exception], type[CatgaError]] = {
 }
 #: Every error that means Redis or the connection failed, rather than a bug of ours.
 BROKER_ERRORS = tuple(ERRORS)
+
+
+def moved_away(exc: BaseException | None) -> bool:
+    """The server no longer takes this cluster's writes: ``MOVED`` (the Redis Cluster slot has another
+    owner) or ``READONLY`` (a demoted master; inside a Lua script's error too)."""
+    if isinstance(exc, MovedError | ReadOnlyError):
+        return True
+    return isinstance(exc, ResponseError) and "READONLY" in str(exc)
 
 
 def reason(exc: BaseException) -> str:
@@ -54,13 +62,18 @@ _CHECK_TLS = "check CATGA_REDIS_TLS_CA, CATGA_REDIS_TLS_CERT and CATGA_REDIS_TLS
 
 
 @contextlib.asynccontextmanager
-async def redis_errors(what: str, where: str, timeout: float) -> AsyncIterator[None]:
-    """Bound the block by the command ``timeout`` and raise redis-py's errors as ours (`ERRORS`)."""
+async def redis_errors(
+    what: str, where: str, timeout: float, moved: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[None]:
+    """Bound the block by the command ``timeout`` and raise redis-py's errors as ours (`ERRORS`);
+    await ``moved()`` first when the server no longer takes the cluster's writes (`moved_away`)."""
     try:
         async with asyncio.timeout(timeout):
             yield
     except BROKER_ERRORS as exc:
         if isinstance(exc, CatgaError):
             raise
+        if moved is not None and moved_away(exc):
+            await moved()
         ours = next(ours for theirs, ours in ERRORS.items() if isinstance(exc, theirs))
         raise ours(f"Redis at {where}: {what} failed: {reason(exc)}") from exc

@@ -1,7 +1,7 @@
 """The Redis membership store: a TTL key per node, a sorted set to index them, Lua to keep both.
 
 The scripts (`scripts`) change record and index together and announce each change on
-``catga:<cluster>:members:events``; the transport hands those notices to `RedisMembers.on_notice`,
+``catga:{<cluster>}:members:events``; the transport hands those notices to `RedisMembers.on_notice`,
 which feeds the watches. Keyspace notifications are not used: they can come tens of seconds late.
 """
 
@@ -17,6 +17,7 @@ from fastapi_catga.core.envelope import Envelope, pack
 from fastapi_catga.transports._shared import WatchQueue
 from fastapi_catga.transports.base import MemberEvent
 from fastapi_catga.transports.redis import scripts
+from fastapi_catga.transports.redis.locate import PubSubCommands
 
 __all__ = ["RedisMembers"]
 
@@ -45,15 +46,19 @@ class RedisMembers:
         redis: the client of the transport's pool.
         cluster: the cluster name, which namespaces the keys and the events channel.
         command: the transport's guard around each command.
+        commands: plain or sharded pub/sub, for the scripts' announcements.
     """
 
-    def __init__(self, redis: Redis, cluster: str, command: Command) -> None:
+    def __init__(
+        self, redis: Redis, cluster: str, command: Command, commands: PubSubCommands | None = None
+    ) -> None:
         self._redis = redis
         self._command = command
-        self._prefix = f"catga:{cluster}:node:"
-        self._index = f"catga:{cluster}:members"
+        self._commands = commands or PubSubCommands(None)
+        self._prefix = f"catga:{{{cluster}}}:node:"
+        self._index = f"catga:{{{cluster}}}:members"
         #: The channel the scripts announce every put and delete on.
-        self.events = f"catga:{cluster}:members:events"
+        self.events = f"catga:{{{cluster}}}:members:events"
         self._put = redis.register_script(scripts.PUT)
         self._delete = redis.register_script(scripts.DELETE)
         self._list = redis.register_script(scripts.LIST)
@@ -64,16 +69,20 @@ class RedisMembers:
             await self._redis.ping()
 
     async def put(self, node_id: str, value: bytes, ttl: float) -> None:
-        await self._write(node_id, value, ttl, only_new=False)
+        await self._write(node_id, value, ttl)
 
-    async def create(self, node_id: str, value: bytes, ttl: float) -> bool:
-        return await self._write(node_id, value, ttl, only_new=True)
+    async def create(self, node_id: str, value: bytes, ttl: float, *, replacing: bytes | None = None) -> bool:
+        return await self._write(node_id, value, ttl, claim=True, replacing=replacing)
 
-    async def _write(self, node_id: str, value: bytes, ttl: float, *, only_new: bool) -> bool:
+    async def _write(
+        self, node_id: str, value: bytes, ttl: float, *, claim: bool = False, replacing: bytes | None = None
+    ) -> bool:
         notice = pack(Envelope({"kind": "put", "node": node_id}, value))
         ttl_ms = max(1, round(ttl * 1000))
-        args: list[str | int | bytes] = [node_id, ttl_ms, value, self.events, notice, int(only_new)]
-        async with self._command("member create" if only_new else "member put"):
+        publish = self._commands.name("PUBLISH")
+        args: list[str | int | bytes] = [node_id, ttl_ms, value, self.events, notice, publish]
+        args += [int(claim), replacing or b""]  # a record is never empty: b"" matches none
+        async with self._command("member create" if claim else "member put"):
             written = await self._put(keys=[self._prefix + node_id, self._index], args=args)
         return bool(written)
 
@@ -81,7 +90,8 @@ class RedisMembers:
         notice = pack(Envelope({"kind": "delete", "node": node_id}))
         async with self._command("member delete"):
             await self._delete(
-                keys=[self._prefix + node_id, self._index], args=[node_id, self.events, notice]
+                keys=[self._prefix + node_id, self._index],
+                args=[node_id, self.events, notice, self._commands.name("PUBLISH")],
             )
 
     async def list(self) -> dict[str, bytes]:

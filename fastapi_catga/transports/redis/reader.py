@@ -3,11 +3,14 @@
 It holds every subscription and PINGs when idle, to notice a frozen server. When the connection
 breaks it calls ``on_lost``, reconnects, subscribes every channel again and calls ``on_back``.
 (UN)SUBSCRIBE commands are written by the tasks that ask for them and confirmed by the reader.
+On a Redis Cluster of 7.0 or later the commands are the sharded ones (``SSUBSCRIBE``...); a
+``sunsubscribe`` nobody asked for means the slot moved: the reader reconnects, to its new owner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -21,6 +24,7 @@ from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports._shared import fail
 from fastapi_catga.transports.redis.connections import reopen
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason
+from fastapi_catga.transports.redis.locate import LocatedConnection, PubSubCommands, located
 
 __all__ = ["RECONNECT_DELAYS", "ChannelReader"]
 
@@ -28,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 #: Pauses between reconnect attempts; the last one repeats, so a returning server is seen within ~0.5 s.
 RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5)
+
+# The replies of sharded pub/sub, as their plain kinds.
+_KINDS = {b"ssubscribe": b"subscribe", b"sunsubscribe": b"unsubscribe", b"smessage": b"message"}
 
 
 class ChannelReader:
@@ -43,6 +50,7 @@ class ChannelReader:
         on_message: called with the channel and data of each message, on the reader's task.
         on_lost: called when the connection broke, before reconnecting.
         on_back: called once reconnected with every channel subscribed.
+        commands: plain or sharded pub/sub.
     """
 
     def __init__(
@@ -57,6 +65,7 @@ class ChannelReader:
         on_message: Callable[[bytes, bytes], None],
         on_lost: Callable[[], None],
         on_back: Callable[[], None],
+        commands: PubSubCommands | None = None,
     ) -> None:
         self._connection = connection
         self._pool = pool
@@ -67,6 +76,8 @@ class ChannelReader:
         self._on_message = on_message
         self._on_lost = on_lost
         self._on_back = on_back
+        self._commands = commands or PubSubCommands(None)
+        self._relocate = False
         self._confirming: dict[tuple[bytes, bytes], asyncio.Future[None]] = {}  # (b"subscribe", channel)
 
     async def open(self) -> None:
@@ -74,11 +85,11 @@ class ChannelReader:
         connection = self._connection
         await reopen(connection)
         channels = list(self._channels())
-        await connection.send_command("SUBSCRIBE", *channels, check_health=False)
+        await connection.send_command(self._commands.name("SUBSCRIBE"), *channels, check_health=False)
         unconfirmed = len(channels)
         while unconfirmed:
             response = await connection.read_response()
-            unconfirmed -= response[0] == b"subscribe"
+            unconfirmed -= _KINDS.get(response[0], response[0]) == b"subscribe"
             self._handle(response)
 
     async def confirmed(self, command: Literal["SUBSCRIBE", "UNSUBSCRIBE"], channel: bytes) -> None:
@@ -88,14 +99,39 @@ class ChannelReader:
         done = self._confirming[(command.lower().encode(), channel)] = (
             asyncio.get_running_loop().create_future()
         )
-        await self._connection.send_command(command, channel, check_health=False)
+        await self._connection.send_command(self._commands.name(command), channel, check_health=False)
         await done
+
+    @property
+    def connection(self) -> AbstractConnection:
+        """The subscriber connection (the reader task owns it: read only its address)."""
+        return self._connection
 
     def fail_confirmations(self, error: TransportError) -> None:
         """Fail every (UN)SUBSCRIBE still waiting for its confirmation."""
         for done in self._confirming.values():
             fail(done, error)
         self._confirming.clear()
+
+    async def relocate(self) -> None:
+        """A command was answered ``MOVED`` or ``READONLY``, or the locator names another server now:
+        reconnect, to where the locator says, unless this connection is there already (the error
+        came late, from a connection to the old server).
+
+        The reader checks after each read; a PING makes that read come now, not after the idle wait.
+        """
+        connection = self._connection
+        if not connection.is_connected:
+            return  # reconnecting already, which locates anew
+        with contextlib.suppress(*BROKER_ERRORS):  # a broken connection is noticed by the reader
+            async with asyncio.timeout(self._timeout):
+                if isinstance(connection, LocatedConnection):
+                    address = await connection.locator.locate(connection)
+                    connection.locator.noted(address)
+                    if address == (connection.host, connection.port):
+                        return
+                self._relocate = True
+                await connection.send_command("PING", check_health=False)
 
     async def aclose(self) -> None:
         """Close the connection (once `run` has ended)."""
@@ -120,6 +156,11 @@ class ChannelReader:
         pinged = False
         while True:
             response = await self._connection.read_response(timeout=self._idle)
+            if self._relocate:
+                self._relocate = False
+                raise RedisConnectionError(
+                    "the server no longer takes this cluster's writes (moved or demoted)"
+                )
             if response is not None:
                 pinged = False
                 self._handle(response)
@@ -140,13 +181,21 @@ class ChannelReader:
             except BROKER_ERRORS as exc:
                 logger.debug("reconnecting to Redis at %s failed: %s", self._where, reason(exc))
             else:
-                logger.info("reconnected to Redis at %s after %d attempt(s)", self._where, attempt + 1)
+                logger.info(
+                    "reconnected to Redis at %s%s after %d attempt(s)",
+                    self._where,
+                    located(self._connection),
+                    attempt + 1,
+                )
                 return
 
     def _handle(self, response: Any) -> None:
         match response:
-            case [b"message", channel, data]:
+            case [bytes() as kind, channel, data] if _KINDS.get(kind, kind) == b"message":
                 self._on_message(channel, data)
-            case [b"subscribe" | b"unsubscribe" as kind, channel, _]:
-                if (done := self._confirming.pop((kind, channel), None)) and not done.done():
+            case [b"subscribe" | b"unsubscribe" | b"ssubscribe" | b"sunsubscribe" as kind, channel, _]:
+                done = self._confirming.pop((_KINDS.get(kind, kind), channel), None)
+                if done is None and kind == b"sunsubscribe":  # Redis dropped it: the slot moved
+                    raise RedisConnectionError(f"Redis dropped the shard channel {channel!r}: the slot moved")
+                if done and not done.done():
                     done.set_result(None)

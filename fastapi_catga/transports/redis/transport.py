@@ -1,9 +1,10 @@
 """`RedisTransport`: messaging over Redis pub/sub, and the membership store on the same server.
 
-Subjects map to channels ``catga:<cluster>:<subject>``. Pub/sub has no headers: a message is the
-envelope as `core.envelope.pack` frames it, one JSON line of headers, a newline, the body; a request
-also carries the requester's reply channel and a correlation id in those headers. ``PUBLISH``
-answering 0 means nobody listens: `NoResponderError` at once.
+Subjects map to channels ``catga:{<cluster>}:<subject>``: the hash tag puts every key and channel
+of a cluster in one Redis Cluster slot (`urls` says how the URL picks the server). Pub/sub has no
+headers: a message is the envelope as `core.envelope.pack` frames it, one JSON line of headers, a
+newline, the body; a request also carries the requester's reply channel and a correlation id in
+those headers. ``PUBLISH`` answering 0 means nobody listens: `NoResponderError` at once.
 
 Two private connections carry the messaging, each owned by one task: the `ChannelReader` holds
 every subscription, the `PublishWriter` sends every ``PUBLISH``. Membership commands
@@ -39,9 +40,11 @@ from fastapi_catga.transports.base import ConnectionListener, ConnectionState, D
 from fastapi_catga.transports.redis.connections import command_pool, private_connection, security_options
 from fastapi_catga.transports.redis.durable import RedisDurable
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, connect_failure, redis_errors
+from fastapi_catga.transports.redis.locate import LocatedConnection, PubSubCommands, follow
 from fastapi_catga.transports.redis.membership import RedisMembers
 from fastapi_catga.transports.redis.reader import ChannelReader
 from fastapi_catga.transports.redis.routes import end_with, take_route, with_route
+from fastapi_catga.transports.redis.urls import target
 from fastapi_catga.transports.redis.writer import PublishWriter
 from fastapi_catga.transports.tls import TlsFiles
 
@@ -69,7 +72,9 @@ class RedisTransport:
     layer picks a node by its own view and sends to that node's direct subject.
 
     Args:
-        url: a ``redis://`` (or ``rediss://``, ``unix://``) URL; its password never shows in messages.
+        url: a ``redis://`` (or ``rediss://``, ``unix://``) URL; ``redis+sentinel://`` for the master
+            that Sentinels name, ``redis+cluster://`` for a Redis Cluster (see `urls`). Its password
+            never shows in messages.
         cluster: namespaces every channel and key, so clusters can share one server.
         max_payload: the largest envelope sent, in bytes; a larger one is refused before sending.
         connect_timeout: the bound on connecting, and on every single command (nested retries in
@@ -105,15 +110,20 @@ class RedisTransport:
             raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]{{1,64}}")
         self._where = where = redact_url(url)
         self._timeout = connect_timeout
+        self._idle = health_check_interval
+        found = target(url, cluster=cluster, timeout=connect_timeout)
+        self._locator = found.locator
+        commands = PubSubCommands(found.locator)
         self._pool = command_pool(
-            url,
+            found.url,
             max_connections=max_connections,
             timeout=connect_timeout,
             health_check_interval=health_check_interval,
             security=security_options(url, username=username, password=password, tls=tls),
+            locator=found.locator,
         )
         self._state = ConnectionState()
-        self._members = RedisMembers(Redis(connection_pool=self._pool), cluster, self._command)
+        self._members = RedisMembers(Redis(connection_pool=self._pool), cluster, self._command, commands)
         self._durable = RedisDurable(
             self._pool,
             cluster,
@@ -122,7 +132,7 @@ class RedisTransport:
             max_connections=max_connections,
             timeout=connect_timeout,
         )
-        self._prefix = f"catga:{cluster}:"
+        self._prefix = f"catga:{{{cluster}}}:"
         self._inbox = f"{self._prefix}reply.{uuid.uuid4().hex}"
         self._internal: dict[bytes, Callable[[Envelope], None]] = {
             self._inbox.encode(): self._on_reply,
@@ -141,8 +151,11 @@ class RedisTransport:
             on_message=self._on_message,
             on_lost=self._on_lost,
             on_back=functools.partial(self._state.tell, True),
+            commands=commands,
         )
-        self._writer = PublishWriter(private_connection(self._pool), where=where, timeout=connect_timeout)
+        self._writer = PublishWriter(
+            private_connection(self._pool), where=where, timeout=connect_timeout, commands=commands
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -176,9 +189,10 @@ class RedisTransport:
 
     def _command(self, what: str, extra: float = 0.0) -> AbstractAsyncContextManager[None]:
         """Check the connection, then bound the block by the command timeout (plus ``extra`` seconds,
-        for a blocking read) and translate errors."""
+        for a blocking read) and translate errors. ``MOVED`` or ``READONLY`` (the slot moved, the
+        master was demoted) makes the subscriber reconnect: every connection then locates anew."""
         self._check()
-        return redis_errors(what, self._where, self._timeout + extra)
+        return redis_errors(what, self._where, self._timeout + extra, moved=self._reader.relocate)
 
     async def connect(self) -> None:
         """Connect, subscribe the reply and membership channels, start the reader and writer tasks.
@@ -200,6 +214,9 @@ class RedisTransport:
             raise TransportError(f"cannot connect to Redis at {self._where}: {why}") from exc
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reader.run()), loop.create_task(self._writer.run())]
+        if isinstance(subscriber := self._reader.connection, LocatedConnection):
+            # Its reconnect makes the publisher reconnect too, to the same answer (the highest epoch).
+            self._tasks.append(loop.create_task(follow(subscriber, self._idle, self._reader.relocate)))
         self._state.tell(True)
 
     async def aclose(self) -> None:
@@ -216,6 +233,8 @@ class RedisTransport:
         await self._reader.aclose()
         await self._durable.aclose()
         await self._pool.aclose()
+        if self._locator is not None:
+            await self._locator.aclose()
 
     def _lost(self, error: TransportError) -> None:
         """Fail what waits on the subscriber connection, end the watches, tell the listeners."""

@@ -14,6 +14,7 @@ from redis.asyncio.connection import AbstractConnection
 from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports._shared import fail
 from fastapi_catga.transports.redis.errors import reason
+from fastapi_catga.transports.redis.locate import PubSubCommands, outdated
 
 __all__ = ["PublishWriter"]
 
@@ -27,10 +28,19 @@ class PublishWriter:
         connection: a connection of its own; only the writer task uses it.
         where: the server, for error messages (no password).
         timeout: the bound on one batch; past it, the whole batch fails.
+        commands: plain or sharded pub/sub (``SPUBLISH`` on a Redis Cluster of 7.0 or later).
     """
 
-    def __init__(self, connection: AbstractConnection, *, where: str, timeout: float) -> None:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        *,
+        where: str,
+        timeout: float,
+        commands: PubSubCommands | None = None,
+    ) -> None:
         self._connection = connection
+        self._commands = commands or PubSubCommands(None)
         self._where = where
         self._timeout = timeout
         self._outbox: list[_Publish] = []  # PUBLISHes for the next batch
@@ -77,11 +87,13 @@ class PublishWriter:
         """Send one batch of PUBLISHes in one write, then read their counts in order."""
         connection = self._connection
         try:
-            if self._stale:  # the server went away since the last batch: that socket is dead
+            # The server went away since the last batch (that socket is dead), or moved (a failover).
+            if self._stale or outdated(connection):
                 self._stale = False
                 await connection.disconnect()
             async with asyncio.timeout(self._timeout):
-                commands = [("PUBLISH", channel, data) for channel, data, _ in batch]
+                publish = self._commands.name("PUBLISH")
+                commands = [(publish, channel, data) for channel, data, _ in batch]
                 await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
                 counts = [await connection.read_response() for _ in batch]
         except Exception as exc:  # whatever it was, each caller gets a TransportError; the writer lives on

@@ -1,0 +1,84 @@
+"""``CATGA_REDIS_URL`` parsed: which server(s), and who locates the one to connect to (`locate`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from redis.crc import key_slot
+
+from fastapi_catga.core.logs import redact_url
+from fastapi_catga.exceptions import ConfigurationError
+from fastapi_catga.transports.redis.locate import Locator, SentinelLocator
+from fastapi_catga.transports.redis.shard import ShardLocator
+
+__all__ = ["Target", "target"]
+
+_SENTINEL_PORT = 26379
+_REDIS_PORT = 6379
+
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed ``CATGA_REDIS_URL``: the URL the pools are made from, and who locates the server."""
+
+    #: A ``redis://`` URL with the credentials, database and options (its host is replaced at connect).
+    url: str
+    locator: Locator | None
+
+
+def target(url: str, *, cluster: str, timeout: float) -> Target:
+    """Parse ``url`` (see the module docstring).
+
+    Raises:
+        ConfigurationError: a ``redis+sentinel://`` or ``redis+cluster://`` URL without its parts.
+    """
+    scheme = url.partition("://")[0].lower()
+    if scheme == "redis+sentinel":
+        return _sentinel_target(url, timeout)
+    if scheme == "redis+cluster":
+        userinfo, hosts, path, query = _split(url, _REDIS_PORT)
+        if path.strip("/") not in ("", "0"):
+            raise ConfigurationError(f"a Redis Cluster has only database 0: {redact_url(url)}")
+        slot = key_slot(f"{{{cluster}}}".encode())
+        return Target(_plain(userinfo, hosts[0], "0", query), ShardLocator(hosts, slot, timeout=timeout))
+    return Target(url, None)
+
+
+def _sentinel_target(url: str, timeout: float) -> Target:
+    userinfo, hosts, path, query = _split(url, _SENTINEL_PORT)
+    service, _, db = path.strip("/").partition("/")
+    if not service or (db and not db.isdigit()):
+        raise ConfigurationError(
+            f"a Sentinel URL names the master: redis+sentinel://host:26379,host:26379/<master-name>[/db], "
+            f"got {redact_url(url)}"
+        )
+    return Target(
+        _plain(userinfo, hosts[0], db or "0", query),
+        SentinelLocator(hosts, unquote(service), timeout=timeout),
+    )
+
+
+def _split(url: str, default_port: int) -> tuple[str, list[tuple[str, int]], str, str]:
+    """``(userinfo with its @, [(host, port)...], path, query)`` of a URL with comma-separated hosts."""
+    parts = urlsplit(url)
+    userinfo, _, netloc = parts.netloc.rpartition("@")
+    hosts = [_host(part, default_port, url) for part in netloc.split(",")]
+    return (userinfo + "@" if userinfo else ""), hosts, parts.path, parts.query
+
+
+def _host(part: str, default_port: int, url: str) -> tuple[str, int]:
+    host, port = part, ""
+    if part.startswith("["):  # [IPv6]:port
+        host, _, rest = part[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif ":" in part:
+        host, _, port = part.rpartition(":")
+    if not host or port and not port.isdigit():
+        raise ConfigurationError(f"bad host:port {part!r} in the Redis URL {redact_url(url)}")
+    return host, int(port) if port else default_port
+
+
+def _plain(userinfo: str, host: tuple[str, int], db: str, query: str) -> str:
+    name = f"[{host[0]}]" if ":" in host[0] else host[0]
+    return f"redis://{userinfo}{name}:{host[1]}/{db}" + (f"?{query}" if query else "")
