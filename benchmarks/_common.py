@@ -121,22 +121,28 @@ async def run_sequential(call: Callable[[], Awaitable[object]], seconds: float) 
 
 
 async def run_concurrent(call: Callable[[], Awaitable[object]], seconds: float, inflight: int) -> Sample:
-    """``inflight`` loops, each calling ``call`` one after another, for ``seconds``; total rt/s."""
-    counts = [0] * inflight
-    stop = time.perf_counter() + seconds
+    """``inflight`` loops, each calling ``call`` one after another, for ``seconds``; total rt/s and
+    the p50/p99 latency of all their calls."""
+    clock = time.perf_counter_ns
+    latencies: list[int] = []
+    stop = clock() + int(seconds * 1e9)
 
-    async def loop(index: int) -> None:
-        done = 0
-        while time.perf_counter() < stop:
+    async def loop() -> None:
+        now = clock()
+        while now < stop:
+            before = now
             await call()
-            done += 1
-        counts[index] = done
+            now = clock()
+            latencies.append(now - before)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(loop(i) for i in range(inflight)))
-    elapsed = time.perf_counter() - started
-    total = sum(counts)
-    return Sample(total / elapsed, total)
+    started = clock()
+    await asyncio.gather(*(loop() for _ in range(inflight)))
+    elapsed = (clock() - started) / 1e9
+    latencies.sort()
+    n = len(latencies)
+    if n == 0:
+        return Sample(0.0, 0)
+    return Sample(n / elapsed, n, latencies[n // 2] / 1e3, latencies[min(n - 1, int(n * 0.99))] / 1e3)
 
 
 def median_sample(samples: Sequence[Sample]) -> Sample:
@@ -282,10 +288,15 @@ def bench_cli(
     bench_broker: BenchBroker,
     print_table: PrintTable,
     header: str = "",
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+    finish: Callable[[dict[BrokerName, Any], argparse.Namespace], None] | None = None,
 ) -> None:
-    """Parse ``--broker/--seconds/--runs/--inflight/--loop``, measure each broker on a server of its
-    own, print its table, and stop every server and responder, on Ctrl-C and SIGTERM too."""
+    """Parse ``--broker/--seconds/--runs/--inflight/--loop`` (and what ``options`` adds), measure
+    each broker on a server of its own, print its table, and stop every server and responder, on
+    Ctrl-C and SIGTERM too; then ``finish`` gets every broker's entries."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if options is not None:
+        options(parser)
     parser.add_argument("--broker", choices=("nats", "redis", "all"), default="all")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one timed run (default 3)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement; the median is shown")
@@ -297,6 +308,7 @@ def bench_cli(
 
     async def main() -> int:
         brokers: list[BrokerName] = ["nats", "redis"] if args.broker == "all" else [args.broker]
+        results: dict[BrokerName, Any] = {}
         print(
             f"{name}: Python {platform.python_version()}, {os.cpu_count()} CPUs, {header}loadavg {loadavg()}",
             flush=True,
@@ -309,9 +321,12 @@ def bench_cli(
                 entries = await bench_broker(broker, server, args)
                 print(f"  {broker} took {time.perf_counter() - started:.0f} s; loadavg now {loadavg()}")
                 print_table(broker, server, entries, args)
+                results[broker] = entries
             finally:
                 kill_all_responders()
                 server.close()
+        if finish is not None:
+            finish(results, args)
         return 0
 
     atexit.register(kill_all_responders)  # a safety net; main() stops what it started itself

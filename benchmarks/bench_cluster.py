@@ -1,6 +1,7 @@
 """Cross-node ``mediator.send`` vs the raw client and FastStream, on one real broker, side by side.
 
     python -m benchmarks.bench_cluster [--broker nats|redis|all] [--seconds N] [--loop asyncio|uvloop]
+        [--plot PNG]
 
 For each broker it starts a fresh server (``tests.servers``), then one responder process per
 contender (``benchmarks._responder``), and measures from this process, over the same server:
@@ -21,10 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import platform
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from benchmarks import _raw
@@ -48,6 +51,7 @@ from benchmarks._common import (
     run_concurrent,
     run_sequential,
 )
+from benchmarks._plot import PLOT_LEVELS, write_plot
 from benchmarks._responder import FS_SUBJECT, FsEcho
 from fastapi_catga import CatgaSettings, build, new_message_id
 from tests.servers import NatsServer, RedisServer, ServerProcess
@@ -57,7 +61,7 @@ Call = Callable[[], Awaitable[object]]
 Setup = Callable[[AsyncExitStack], Awaitable[Call]]
 
 SEQUENTIAL = 1
-FS_REDIS_CONNECTIONS = 512
+FS_REDIS_CONNECTIONS = 1024  # a pub/sub connection per request in flight (--plot goes to 500)
 GOAL_RAW = 0.8
 
 
@@ -69,6 +73,7 @@ class Contender:
     setup: Setup
     call: Call | None = None
     error: str | None = None
+    failed_at: set[int] = field(default_factory=set)
     samples: dict[int, list[Sample]] = field(default_factory=dict)
 
     def median(self, inflight: int) -> Sample | None:
@@ -212,7 +217,7 @@ async def prepare(
 
 async def measure(contender: Contender, inflight: int, seconds: float) -> None:
     call = contender.call
-    if call is None or contender.error is not None:
+    if call is None or inflight in contender.failed_at:
         return
     try:
         async with asyncio.timeout(seconds + 30):
@@ -220,21 +225,28 @@ async def measure(contender: Contender, inflight: int, seconds: float) -> None:
                 sample = await run_sequential(call, seconds)
             else:
                 sample = await run_concurrent(call, seconds, inflight)
-    except Exception as exc:
+    except Exception as exc:  # this number in flight is out; the others go on
+        contender.failed_at.add(inflight)
         contender.error = f"failed at {inflight} in flight: {type(exc).__name__}: {exc}"[:300]
         return
     contender.samples.setdefault(inflight, []).append(sample)
 
 
 async def bench_broker(
-    broker: BrokerName, server: ServerProcess, seconds: float, runs: int, inflight: int, loop: LoopName
+    broker: BrokerName,
+    server: ServerProcess,
+    seconds: float,
+    runs: int,
+    inflight: int,
+    loop: LoopName,
+    plot: bool = False,
 ) -> list[Contender]:
     url = server.url
     entries = contenders(broker, url)
     async with AsyncExitStack() as stack:
         for contender in entries:
             await prepare(contender, broker, url, loop, stack)
-        modes = (SEQUENTIAL, inflight)
+        modes = tuple(sorted({SEQUENTIAL, inflight, *(PLOT_LEVELS if plot else ())}))
         warmup = min(1.0, seconds)
         for contender in entries:  # warm-up: connections, caches, the JIT-less interpreter's dicts
             for mode in modes:
@@ -334,13 +346,35 @@ def start_server(broker: BrokerName) -> ServerProcess:
     return server.start()
 
 
+def plot_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        type=Path,
+        help=f"also measure at {', '.join(map(str, PLOT_LEVELS))} in flight and draw rt/s, p50 and p99 there",
+    )
+
+
+def write_png(results: dict[BrokerName, list[Contender]], args: argparse.Namespace) -> None:
+    if args.plot is None:
+        return
+    title = (
+        f"bench_cluster: {platform.python_version()}, {args.loop} loop, {os.cpu_count()} CPUs, "
+        f"median of {args.runs} x {args.seconds:g} s"
+    )
+    write_plot(args.plot, dict(results.items()), title)
+    print(f"plot written to {args.plot}")
+
+
 if __name__ == "__main__":
     bench_cli(
         "bench_cluster",
         __doc__,
         start_server=start_server,
         bench_broker=lambda broker, server, args: bench_broker(
-            broker, server, args.seconds, args.runs, args.inflight, args.loop
+            broker, server, args.seconds, args.runs, args.inflight, args.loop, args.plot is not None
         ),
         print_table=print_table,
+        options=plot_option,
+        finish=write_png,
     )

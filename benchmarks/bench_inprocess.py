@@ -1,6 +1,6 @@
 """In-process ``mediator.send`` on one node (memory transport) vs calling the handler directly.
 
-    python -m benchmarks.bench_inprocess [--seconds N] [--runs N] [--loop asyncio|uvloop]
+    python -m benchmarks.bench_inprocess [--seconds N] [--runs N] [--loop asyncio|uvloop] [--each]
 
 Every variant runs the same handler over the same pre-built messages (all distinct, so the
 idempotency behavior never answers from its cache), in interleaved runs; the median run is shown.
@@ -30,6 +30,7 @@ from fastapi_catga import (
     TimeoutBehavior,
     build,
 )
+from fastapi_catga.core.idempotency import DoneRecords
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.testing import InMemoryTransport
 
@@ -69,8 +70,17 @@ async def timed(send: Send, messages: Sequence[Echo], seconds: float) -> float:
             return calls / (now - started)
 
 
-def builtin_behaviors() -> list[PipelineBehavior]:
-    return [LoggingBehavior(), IdempotencyBehavior(), RetryBehavior(), TimeoutBehavior(5.0)]
+class ProcessIdempotency(IdempotencyBehavior):
+    """`IdempotencyBehavior` that keeps its ids in this process only: not shared with the cluster's
+    done records (three store operations per new id: lookup, claim, commit)."""
+
+    def share(self, records: DoneRecords, holder: str) -> None:
+        pass
+
+
+def builtin_behaviors(idempotency: IdempotencyBehavior | None = None) -> list[PipelineBehavior]:
+    idempotency = idempotency or IdempotencyBehavior()
+    return [LoggingBehavior(), idempotency, RetryBehavior(), TimeoutBehavior(5.0)]
 
 
 async def start_node(behaviors: Sequence[PipelineBehavior], watchers: Sequence[Observer] = ()) -> Catga:
@@ -94,16 +104,29 @@ async def main(args: argparse.Namespace) -> int:
     messages = [Echo(data=DATA) for _ in range(MESSAGES)]
     plain = await start_node([])
     full = await start_node(builtin_behaviors())
+    process = await start_node(builtin_behaviors(ProcessIdempotency()))
     watched = await start_node([], observers())
+    alone: list[tuple[str, Catga]] = []
+    if args.each:  # each built-in behavior on a node of its own
+        for label, behavior in (
+            ("  LoggingBehavior alone", LoggingBehavior()),
+            ("  IdempotencyBehavior alone", IdempotencyBehavior()),
+            ("  the same, ids in this process only", ProcessIdempotency()),
+            ("  RetryBehavior alone", RetryBehavior()),
+            ("  TimeoutBehavior(5 s) alone", TimeoutBehavior(5.0)),
+        ):
+            alone.append((label, await start_node([behavior])))
     try:
-        for catga in (plain, full, watched):
+        for catga in (plain, full, process, watched):
             if await catga.mediator.send(messages[0]) != REPLY_TEXT:
                 raise RuntimeError("send did not return the handler's result")
         variants = [
             Variant("direct: await handler(message)", echo),
             Variant("mediator.send, no behaviors", plain.mediator.send),
             Variant("mediator.send, 4 built-in behaviors", full.mediator.send),
+            Variant("  the same, ids in this process only", process.mediator.send),
             Variant("mediator.send, tracing + metrics on", watched.mediator.send),
+            *(Variant(label, catga.mediator.send) for label, catga in alone),
         ]
         for variant in variants:  # warm-up
             await timed(variant.send, messages, min(0.5, args.seconds))
@@ -114,7 +137,10 @@ async def main(args: argparse.Namespace) -> int:
     finally:
         await plain.stop()
         await full.stop()
+        await process.stop()
         await watched.stop()
+        for _, catga in alone:
+            await catga.stop()
 
     direct = variants[0].median
     print()
@@ -134,7 +160,9 @@ async def main(args: argparse.Namespace) -> int:
     )
     print(
         "behaviors, outermost first: LoggingBehavior (DEBUG, not enabled), IdempotencyBehavior, "
-        "RetryBehavior(3), TimeoutBehavior(5 s); tracing + metrics: TracingObserver (SDK provider, "
+        "RetryBehavior(3), TimeoutBehavior(5 s) (IdempotencyBehavior keeps its results in the cluster's done "
+        "records, on the memory transport here, unless 'in this process only'); "
+        "tracing + metrics: TracingObserver (SDK provider, "
         "no exporter) and PrometheusObserver, no behaviors"
     )
     return 0
@@ -147,6 +175,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one timed run (default 2)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per variant; the median is shown")
     parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="event loop")
+    parser.add_argument("--each", action="store_true", help="also a row per built-in behavior, alone")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.runs < 1:
         parser.error("--seconds must be > 0 and --runs >= 1")

@@ -175,13 +175,25 @@ class HandlerLimits:
     def guard(self, pipeline: Pipeline, type_name: str) -> Pipeline:
         """``pipeline`` run within a slot: `BusyError` at once when there is none."""
 
+        cap, running = self._caps.get(type_name, self._default_cap), self._running
+
         async def limited(message: Any) -> Any:
-            if not self.enter(type_name):
+            # `enter` and `leave`, inline: this runs on every request, in-process sends included.
+            count = running.get(type_name, 0)
+            if self.in_flight >= self.limit or count >= cap:
                 raise self.refused(type_name)
+            self.in_flight += 1
+            running[type_name] = count + 1
             try:
                 return await pipeline(message)
             finally:
-                self.leave(type_name)
+                self.in_flight -= 1
+                if (count := running[type_name] - 1) > 0:
+                    running[type_name] = count
+                else:
+                    del running[type_name]
+                if self._waiting:
+                    self._start_waiting()
 
         return limited
 

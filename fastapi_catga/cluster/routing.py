@@ -23,6 +23,7 @@ __all__ = [
     "RoundRobin",
     "RoutingName",
     "RoutingStrategy",
+    "by_key",
     "choose_node",
     "strategy_named",
 ]
@@ -70,12 +71,25 @@ class ConsistentHash:
     """Rendezvous hashing on the message's routing key (same key, same node while it lives)."""
 
     def choose(self, candidates: Sequence[NodeInfo], message: Message, local_id: str) -> NodeInfo:
-        key = message.routing_key() or message.message_id
-        return max(candidates, key=lambda node: _weight(key, node.node_id))
+        return by_key(candidates, message.routing_key() or message.message_id)
 
 
-def _weight(key: str, node_id: str) -> bytes:
-    return hashlib.blake2b(f"{key}\x00{node_id}".encode(), digest_size=8).digest()
+def by_key(candidates: Sequence[NodeInfo], key: str) -> NodeInfo:
+    """The candidate with the highest weight for ``key``: blake2b-64 of ``key NUL node_id``.
+
+    The key is hashed once; each node's weight continues from a copy of that state (what hashing
+    the whole string would give, for a copy and a short update instead of a new hash each).
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    keyed = hashlib.blake2b(key.encode() + b"\x00", digest_size=8)
+
+    def weight(node: NodeInfo) -> bytes:
+        state = keyed.copy()
+        state.update(node.node_id.encode())
+        return state.digest()
+
+    return max(candidates, key=weight)
 
 
 def strategy_named(name: RoutingName) -> RoutingStrategy:
@@ -88,13 +102,11 @@ def strategy_named(name: RoutingName) -> RoutingStrategy:
     return strategies[name]()
 
 
-_consistent = ConsistentHash()
-
-
 def choose_node(
     strategy: RoutingStrategy, candidates: Sequence[NodeInfo], message: Message, local_id: str
 ) -> NodeInfo:
     """Route ``message``: by its routing key when it declares one, else by ``strategy``."""
-    if message.routing_key() is not None:
-        return _consistent.choose(candidates, message, local_id)
+    key = message.routing_key()
+    if key is not None:
+        return by_key(candidates, key or message.message_id)  # as ConsistentHash: "" is no key
     return strategy.choose(candidates, message, local_id)

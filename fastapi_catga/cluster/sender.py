@@ -83,10 +83,11 @@ class Sender:
         self._clock = clock
         self.observer = observer
         self._attempter = Attempts(transport, dispatcher, view.node_id, wall_clock, observer, limits)
+        self._node_id = view.node_id
 
     @property
     def node_id(self) -> str:
-        return self.view.node_id
+        return self._node_id
 
     def budget(self, timeout: float | None) -> float:
         """The deadline of one call, seconds from now; a stopped node takes no more calls.
@@ -152,16 +153,18 @@ class Sender:
             raise failed.error from None
 
     async def _send_any(self, call: Call) -> Any:
-        candidates = self.view.capable(call.message.type_name)
-        if not candidates and (refused := self.view.incompatible(call.message.type_name)) is not None:
+        me, type_name = self._node_id, call.message.type_name
+        candidates = self.view.capable(type_name)
+        if not candidates and (refused := self.view.incompatible(type_name)) is not None:
             raise refused  # rather than a decode error over there, or a wait for the queue group
-        if any(node.node_id != self.node_id for node in candidates):
+        if len(candidates) > 1 or (candidates and candidates[0].node_id != me):
             # The same size rule wherever the router lands: encode now, once, for every attempt.
-            call.envelope(self.node_id, self.transport.max_payload)
+            call.envelope(me, self.transport.max_payload)
         tried: set[str] = set()
         for attempt in range(1, self._attempts + 1):
             remaining = call.deadline - self._clock()
-            target = self._pick(call.message, tried)
+            candidates = self.view.capable(type_name)  # the view may have changed while the last one ran
+            target = self._pick(call.message, tried, candidates)
             if remaining <= 0 or target is None:
                 break
             if call.errors and self.observer is not None:
@@ -169,7 +172,8 @@ class Sender:
             # Each attempt gets its share of the time left, so one dead or paused node cannot eat the
             # whole budget; with no other node left to try, a retry would only run a slow handler
             # again, so the last candidate gets all of it.
-            share = remaining / max(1, min(self._attempts - attempt + 1, self._untried(call.message, tried)))
+            untried = len(candidates) if not tried else self._untried(call.message, tried)
+            share = remaining / max(1, min(self._attempts - attempt + 1, untried))
             try:
                 return await self._patient_attempt(call, target, attempt, share)
             except AttemptFailed as failed:
@@ -228,12 +232,15 @@ class Sender:
             return False
         return not self.closed and self._clock() < deadline - 0.01
 
-    def _pick(self, message: Request[Any], tried: set[str]) -> str | None:
-        candidates = self.view.capable(message.type_name)
-        fresh = [n for n in candidates if n.node_id not in tried and not self.view.is_suspect(n.node_id)]
-        pool = fresh or [n for n in candidates if n.node_id not in tried] or candidates
+    def _pick(self, message: Request[Any], tried: set[str], candidates: list[NodeInfo]) -> str | None:
+        view = self.view
+        if not tried and candidates and not view.is_suspect(candidates[-1].node_id):
+            pool = candidates  # the usual first attempt: suspects come last, so there is none
+        else:
+            fresh = [n for n in candidates if n.node_id not in tried and not view.is_suspect(n.node_id)]
+            pool = fresh or [n for n in candidates if n.node_id not in tried] or candidates
         if pool:
-            return choose_node(self._strategy, pool, message, self.node_id).node_id
+            return choose_node(self._strategy, pool, message, self._node_id).node_id
         if self.transport.supports_queue_groups and not tried:
             return ""  # nobody known: let the broker pick from the type's queue group
         return None

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import random
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-from fastapi_catga.core.messages import Message, Request
-from fastapi_catga.core.pipeline import CallNext
-from fastapi_catga.exceptions import CatgaError, RequestTimeoutError
+from fastapi_catga.core.bounded import DeadlinePassed, finish
+from fastapi_catga.core.idempotency import DoneRecords, IdempotencyBehavior
+from fastapi_catga.core.messages import Message
+from fastapi_catga.core.pipeline import CallNext, Pipeline, as_pipeline
+from fastapi_catga.exceptions import RequestTimeoutError
 
 __all__ = [
     "DoneRecords",
@@ -41,25 +39,35 @@ class LoggingBehavior:
         self._level = level
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any:
-        started = time.perf_counter()
-        try:
-            result = await call_next()
-        except Exception:
-            self._logger.exception(
-                "%s %s failed after %.1f ms",
-                message.type_name,
-                message.message_id,
-                (time.perf_counter() - started) * 1e3,
-            )
-            raise
-        self._logger.log(
-            self._level,
-            "%s %s handled in %.1f ms",
-            message.type_name,
-            message.message_id,
-            (time.perf_counter() - started) * 1e3,
-        )
-        return result
+        return await self.compose(as_pipeline(call_next))(message)
+
+    def compose(self, inner: Pipeline) -> Pipeline:
+        """The behavior around ``inner``, one coroutine per call (see `PipelineBehavior`)."""
+        log, level, clock = self._logger, self._level, time.perf_counter
+
+        async def logged(message: Message) -> Any:
+            started = clock()
+            try:
+                result = await inner(message)
+            except Exception:
+                log.exception(
+                    "%s %s failed after %.1f ms",
+                    message.type_name,
+                    message.message_id,
+                    (clock() - started) * 1e3,
+                )
+                raise
+            if log.isEnabledFor(level):  # the check `log.log` makes, without formatting the args
+                log.log(
+                    level,
+                    "%s %s handled in %.1f ms",
+                    message.type_name,
+                    message.message_id,
+                    (clock() - started) * 1e3,
+                )
+            return result
+
+        return logged
 
 
 class TimeoutBehavior:
@@ -71,15 +79,33 @@ class TimeoutBehavior:
         self._seconds = seconds
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any:
-        try:
-            async with asyncio.timeout(self._seconds) as deadline:
-                return await call_next()
-        except TimeoutError as exc:
-            if isinstance(exc, CatgaError) or not deadline.expired():
-                raise  # a timeout of the handler's own (or a Catga one), not this behavior's
-            raise RequestTimeoutError(
-                f"{message.type_name} handler ran over its {self._seconds:g} s timeout"
-            ) from exc
+        return await self.compose(as_pipeline(call_next))(message)
+
+    def compose(self, inner: Pipeline) -> Pipeline:
+        """The behavior around ``inner``, one coroutine per call (see `PipelineBehavior`).
+
+        The handler's first step runs here, with no timer: one that returns without suspending
+        (most in-process handlers) cannot pass a deadline, as nothing could cancel it before it
+        returns anyway. One that suspends is bounded by what is left of ``seconds`` (`finish`).
+        """
+        seconds = self._seconds
+
+        async def bounded(message: Message) -> Any:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            coro = inner(message)
+            try:
+                suspended_on = coro.send(None)
+            except StopIteration as done:
+                return done.value
+            try:
+                return await finish(coro, suspended_on, seconds - (loop.time() - started))
+            except DeadlinePassed:
+                raise RequestTimeoutError(
+                    f"{message.type_name} handler ran over its {seconds:g} s timeout"
+                ) from TimeoutError()
+
+        return bounded
 
 
 class RetryBehavior:
@@ -97,125 +123,40 @@ class RetryBehavior:
         self._max_backoff = max_backoff
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any:
-        for attempt in range(1, self._attempts + 1):
+        return await self.compose(as_pipeline(call_next))(message)
+
+    def compose(self, inner: Pipeline) -> Pipeline:
+        """The behavior around ``inner``, one coroutine per call (see `PipelineBehavior`)."""
+        retry = self._retry
+
+        async def retried(message: Message) -> Any:
             try:
-                return await call_next()
+                return await inner(message)
             except Exception as exc:
-                if attempt == self._attempts or not is_retryable(exc):
+                if self._attempts == 1 or not is_retryable(exc):
                     raise
-                delay = min(self._max_backoff, self._backoff * 2 ** (attempt - 1))
-                logger.info(
-                    "%s %s: attempt %d failed (%s), retrying in %.3f s",
-                    message.type_name,
-                    message.message_id,
-                    attempt,
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-        raise AssertionError("unreachable")  # pragma: no cover
+                return await retry(message, inner, exc)
 
+        return retried
 
-class DoneRecords(Protocol):
-    """Cluster-wide done records and leases (a transport's ``durable`` store is one)."""
-
-    async def done(self, key: str) -> bytes | None: ...
-
-    async def claim(self, key: str, holder: str, ttl: float) -> bool: ...
-
-    async def release(self, key: str, holder: str) -> None: ...
-
-    async def commit(self, key: str, holder: str, result: bytes, ttl: float) -> bool: ...
-
-
-class IdempotencyBehavior:
-    """Runs a handler at most once per message id within ``window`` seconds, across the cluster.
-
-    A duplicate gets the first run's result without running the handler again; a duplicate that
-    arrives while the first run is still going waits for it. A run that raised is forgotten, so a
-    retry can succeed. In a running node the first run's result is kept as a done record on the
-    broker, so a duplicate handled by another node is answered from it too (a run that outlasts
-    ``lease`` seconds may be started again elsewhere). In this process, at most ``max_entries``
-    ids are remembered, oldest dropped first.
-    """
-
-    def __init__(
-        self,
-        window: float = 120.0,
-        max_entries: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-        lease: float = 30.0,
-    ) -> None:
-        self._window = window
-        self._max_entries = max_entries
-        self._clock = clock
-        self._lease = lease
-        self._seen: OrderedDict[tuple[str, str], tuple[float, asyncio.Future[Any]]] = OrderedDict()
-        self._records: DoneRecords | None = None
-        self._holder = ""
-
-    def share(self, records: DoneRecords, holder: str) -> None:
-        """Keep results in the cluster's done records (the node does this at start-up)."""
-        self._records, self._holder = records, holder
-
-    async def __call__(self, message: Message, call_next: CallNext) -> Any:
-        key = (message.type_name, message.message_id)
+    async def _retry(self, message: Message, inner: Pipeline, exc: Exception) -> Any:
+        """The attempts after a first one that raised the retryable ``exc``."""
+        attempt = 1
         while True:
-            now = self._clock()
-            self._expire(now)
-            entry = self._seen.get(key)
-            if entry is None:
-                break
-            try:
-                return await asyncio.shield(entry[1])
-            except asyncio.CancelledError:
-                if not entry[1].cancelled():
-                    raise  # this caller was cancelled, not the run it waited for
-                # The run it waited for was cancelled (its caller gave up): run it here instead.
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._seen[key] = (now, future)
-        try:
-            result = await (
-                call_next() if self._records is None else self._once_in_cluster(message, call_next)
+            delay = min(self._max_backoff, self._backoff * 2 ** (attempt - 1))
+            logger.info(
+                "%s %s: attempt %d failed (%s), retrying in %.3f s",
+                message.type_name,
+                message.message_id,
+                attempt,
+                exc,
+                delay,
             )
-        except asyncio.CancelledError:
-            self._seen.pop(key, None)
-            future.cancel()
-            raise
-        except Exception as exc:
-            self._seen.pop(key, None)
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters re-raise it, nobody else needs to
-            raise
-        future.set_result(result)
-        return result
-
-    async def _once_in_cluster(self, message: Message, call_next: CallNext) -> Any:
-        records, holder = self._records, f"{self._holder}:{os.urandom(6).hex()}"  # this run's own claim
-        assert records is not None
-        key = f"idempotency:{message.type_name}:{message.message_id}"
-        adapter = type(message).result_adapter() if isinstance(message, Request) else None
-        while True:
-            done = await records.done(key)
-            if done is not None:
-                return None if adapter is None else adapter.validate_json(done)
-            if await records.claim(key, holder, self._lease):
-                break
-            await asyncio.sleep(0.05)  # another node runs it now: wait for its record, or its lease
-        try:
-            result = await call_next()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(records.release(key, holder))
-            raise
-        encoded = b"null" if adapter is None else adapter.dump_json(result)
-        await records.commit(key, holder, encoded, self._window)
-        return result
-
-    def _expire(self, now: float) -> None:
-        while self._seen:
-            stamp, future = next(iter(self._seen.values()))
-            expired = future.done() and now - stamp > self._window
-            if not expired and len(self._seen) <= self._max_entries:
-                return
-            self._seen.popitem(last=False)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            attempt += 1
+            try:
+                return await inner(message)
+            except Exception as error:
+                if attempt == self._attempts or not is_retryable(error):
+                    raise
+                exc = error

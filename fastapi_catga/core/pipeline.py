@@ -7,7 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from fastapi_catga.core.messages import Message
 
-__all__ = ["CallNext", "Pipeline", "PipelineBehavior", "build_pipeline"]
+__all__ = ["CallNext", "Pipeline", "PipelineBehavior", "as_pipeline", "build_pipeline"]
 
 #: Runs the rest of the pipeline (the next behaviors, then the handler) and returns its result.
 CallNext = Callable[[], Awaitable[Any]]
@@ -31,7 +31,9 @@ class PipelineBehavior(Protocol):
                     log.info("%s took %.1f ms", message.type_name, (time.perf_counter() - started) * 1e3)
 
     A behavior may also define ``applies_to(message_type) -> bool`` to skip some message types;
-    it is asked once, when the pipeline is built.
+    it is asked once, when the pipeline is built. And it may define ``compose(inner) -> Pipeline``,
+    a coroutine function that does what ``__call__`` does around ``inner(message)``: the pipeline
+    then calls that, one coroutine per call instead of three (the built-in behaviors do).
     """
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any: ...
@@ -48,7 +50,8 @@ def build_pipeline(
     for behavior in reversed(behaviors):
         applies_to: Callable[[type[Message]], bool] | None = getattr(behavior, "applies_to", None)
         if applies_to is None or applies_to(message_type):
-            step = _wrap(behavior, step)
+            compose: Callable[[Pipeline], Pipeline] | None = getattr(behavior, "compose", None)
+            step = _wrap(behavior, step) if compose is None else compose(step)
     return step
 
 
@@ -57,3 +60,13 @@ def _wrap(behavior: PipelineBehavior, inner: Pipeline) -> Pipeline:
         return await behavior(message, lambda: inner(message))
 
     return step
+
+
+def as_pipeline(call_next: CallNext) -> Pipeline:
+    """``call_next`` as a pipeline step (ignores the message it is given): how a behavior that
+    has ``compose`` runs its ``__call__``."""
+
+    async def inner(message: Any) -> Any:
+        return await call_next()
+
+    return inner

@@ -4,8 +4,8 @@
 - `frame`: an envelope packed for the wire, refused over the payload limit before anything is sent.
 - `deliver`: hands a delivery to a subscriber's callback; a callback that raises is logged and the
   broker client's reader goes on.
-- `PendingReplies`: requests waiting for their reply, each with a timer; a lost connection fails
-  them all at once.
+- `PendingReplies` (in `_replies`): requests waiting for their reply, each with its deadline; a
+  lost connection fails them all at once.
 - `WatchQueue`: the member events of one watch, until the watch stops or the connection drops.
 - `BadFrames`: unreadable frames received, counted and logged at most once per interval.
 """
@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from fastapi_catga.core.envelope import Envelope, pack
 from fastapi_catga.core.logs import LogLimiter
-from fastapi_catga.exceptions import MessageTooLargeError, RequestTimeoutError
+from fastapi_catga.exceptions import MessageTooLargeError
+from fastapi_catga.transports._replies import PendingReplies
 from fastapi_catga.transports.base import Delivery, DeliveryCallback, MemberEvent
 
 __all__ = ["BadFrames", "PendingReplies", "WatchQueue", "deliver", "fail", "frame", "import_guard"]
-
-T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -77,49 +75,6 @@ def fail(future: asyncio.Future[Any], error: BaseException) -> None:
     """Fail ``future`` with ``error`` unless it is done already."""
     if not future.done():
         future.set_exception(error)
-
-
-def _time_out(reply: asyncio.Future[Any], subject: str, timeout: float) -> None:
-    fail(reply, RequestTimeoutError(f"no reply on {subject} within {timeout:.3f} s"))
-
-
-class PendingReplies(Generic[T]):
-    """Requests waiting for their reply (a ``T``: whatever the broker client hands over), by token.
-
-    A timer per request rather than ``asyncio.timeout()``: a third of the cost, on every request.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: dict[str, tuple[asyncio.Future[T], asyncio.TimerHandle]] = {}
-        self._tokens = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._waiting)
-
-    def add(self, subject: str, timeout: float) -> tuple[str, asyncio.Future[T]]:
-        """A new token and the future its reply resolves; `RequestTimeoutError` after ``timeout`` s.
-
-        Call `discard` with the token once the request is over, however it ended.
-        """
-        loop = asyncio.get_running_loop()
-        token, reply = str(next(self._tokens)), loop.create_future()
-        self._waiting[token] = (reply, loop.call_later(timeout, _time_out, reply, subject, timeout))
-        return token, reply
-
-    def discard(self, token: str) -> None:
-        """Forget a request and stop its timer."""
-        self._waiting.pop(token)[1].cancel()
-
-    def resolve(self, token: str, reply: T) -> None:
-        """Hand a reply to its request; a reply to a request already over is dropped."""
-        waiting = self._waiting.get(token)
-        if waiting is not None and not waiting[0].done():
-            waiting[0].set_result(reply)
-
-    def fail_all(self, error: Exception) -> None:
-        """Fail every request still waiting: its reply would go where nobody listens any more."""
-        for reply, _ in self._waiting.values():
-            fail(reply, error)
 
 
 class WatchQueue:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 
 from fastapi_catga import NodeInfo
-from fastapi_catga.cluster.routing import ConsistentHash, LocalFirst, choose_node, strategy_named
+from fastapi_catga.cluster.routing import ConsistentHash, LocalFirst, by_key, choose_node, strategy_named
 from tests.cluster.conftest import StartNode
 from tests.cluster.workload import Sticky, Work
 from tests.polling import eventually
@@ -41,6 +42,18 @@ def test_a_routing_key_always_hashes_and_only_a_leaving_nodes_keys_move() -> Non
     after = {key: ConsistentHash().choose(NODES[:2], Sticky(key=key), "a").node_id for key in keys}
     moved = [key for key in keys if before[key] != after[key]]
     assert moved and all(before[key] == "c" for key in moved)
+
+
+def test_rendezvous_weights_are_blake2b_of_key_nul_node_id() -> None:
+    """The wire-visible rule nodes of every version agree on: the same key, the same node."""
+
+    def weight(key: str, node_id: str) -> bytes:
+        return hashlib.blake2b(f"{key}\x00{node_id}".encode(), digest_size=8).digest()
+
+    for key in ("order-1", "ünïcode-kéy", "x" * 300, "7"):
+        expected = max(NODES, key=lambda node: weight(key, node.node_id))
+        assert by_key(NODES, key) is expected
+        assert by_key(NODES[:1], key) is NODES[0]
 
 
 async def test_local_first_runs_every_send_here_when_this_node_can(start_node: StartNode) -> None:

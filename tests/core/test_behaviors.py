@@ -259,3 +259,38 @@ async def test_idempotency_remembers_at_most_max_entries() -> None:
     assert handle.calls == 3
     await pipeline(PPing(message_id="a"))  # the oldest was dropped to keep two
     assert handle.calls == 4
+
+
+# -- called directly ----------------------------------------------------------------------------------
+
+
+async def test_each_builtin_behavior_called_directly_does_what_its_composed_step_does() -> None:
+    """A behavior called as ``behavior(message, call_next)`` (by a custom pipeline) behaves as the
+    step `build_pipeline` composes from it."""
+    message = PPing(message_id="direct")
+    handle = Counter(RetryableError("busy"), result="ok")
+    assert await RetryBehavior(backoff=0)(message, lambda: handle(message)) == "ok"
+    assert handle.calls == 2
+    assert await LoggingBehavior()(message, lambda: echo(message)) == "handled ping"
+    assert await TimeoutBehavior(5)(message, lambda: echo(message)) == "handled ping"
+    with pytest.raises(RequestTimeoutError, match="ran over its 0.01 s timeout"):
+        await TimeoutBehavior(0.01)(message, lambda: asyncio.sleep(5))
+    idempotent, once = IdempotencyBehavior(), Counter(result="first")
+    assert await idempotent(message, lambda: once(message)) == "first"
+    assert await idempotent(message, lambda: once(message)) == "first"
+    assert once.calls == 1
+
+
+async def test_timeout_behavior_counts_the_first_step_in_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler's first step runs before any timer, but the time it took is part of the budget."""
+    loop = asyncio.get_running_loop()
+    real_time = loop.time
+
+    async def slow_start(message: PPing) -> str:
+        # A synchronous first step that takes 1.5 s of the loop's time, more than the whole timeout.
+        monkeypatch.setattr(loop, "time", lambda: real_time() + 1.5)
+        await asyncio.sleep(0.01)
+        return "in time only if the first step were free"
+
+    with pytest.raises(RequestTimeoutError):
+        await build_pipeline(slow_start, [TimeoutBehavior(1.0)], PPing)(PPing())
