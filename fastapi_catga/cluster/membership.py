@@ -34,6 +34,7 @@ from fastapi_catga.cluster.supervised import supervised
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.observe import Observer
+from fastapi_catga.core.tasks import cancel_and_wait
 from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports.base import MemberEvent, MemberWatch, Transport
 
@@ -155,7 +156,9 @@ class Membership:
         tasks = [task for task in (*self._loops, self._watch_task, self._resync_task) if task is not None]
         for task in tasks:
             task.cancel()
-        await self._stop_watch()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._stop_watch()
         if self._transport.connected:
             try:
                 async with asyncio.timeout(timeout):
@@ -164,9 +167,7 @@ class Membership:
                 logger.warning(
                     "node %s could not deregister (%s); peers evict it after the TTL", self.node_id, exc
                 )
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks, what="membership", logger=logger, grace=timeout)
 
     async def _sync(self, *, after_outage: bool = False) -> None:
         await self._stop_watch()

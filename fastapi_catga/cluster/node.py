@@ -25,6 +25,7 @@ from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer, observed_events
 from fastapi_catga.core.schemas import advertised
+from fastapi_catga.core.tasks import CANCEL_GRACE, cancel_and_wait
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -175,15 +176,21 @@ class ClusterNode:
         """Leave gracefully: deregister, drain work in flight (its handlers may still send), then
         refuse further calls and close the connection."""
         await self.membership.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks, what="node", logger=logger)
         drain = self.settings.drain_timeout
         await asyncio.gather(self.durable_runner.stop(drain), self.responder.stop(drain))
         self._stopped = self.sender.closed = True
         self.local_routes.clear()
         await self.durable.stop()
-        await self.transport.aclose()
+        try:
+            async with asyncio.timeout(2 * CANCEL_GRACE):
+                await self.transport.aclose()
+        except TimeoutError:
+            logger.error(
+                "node %s: closing the %s connection took too long; going on",
+                self.node_id,
+                self.transport.name,
+            )
         logger.info("node %s stopped", self.node_id)
 
     def _on_connection(self, connected: bool) -> None:

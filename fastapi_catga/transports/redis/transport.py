@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, unpack
 from fastapi_catga.core.logs import redact_url
+from fastapi_catga.core.tasks import cancel_and_wait
 from fastapi_catga.exceptions import (
     ConfigurationError,
     MessageValidationError,
@@ -224,9 +225,7 @@ class RedisTransport:
         if self._state.closed:
             return
         self._state.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks, what="Redis transport", logger=logger)
         error = TransportError(f"the Redis transport for {self._where} was closed")
         self._lost(error)
         await self._writer.aclose(error)
