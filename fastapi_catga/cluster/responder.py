@@ -9,10 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi_catga.cluster.limits import HandlerLimits
-from fastapi_catga.cluster.runs import Runs
+from fastapi_catga.cluster.runs import Runs, describe
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
-    MESSAGE_ID,
     MESSAGE_TYPE,
     SOURCE,
     STATUS,
@@ -129,11 +128,11 @@ class Responder:
             return
         remaining = None if deadline is None else deadline - self._wall_clock()
         if remaining is None or remaining > 0:
-            type_name, what = self._type_of(delivery.envelope), _describe(delivery.envelope)
+            type_name = self._type_of(delivery.envelope)
             if self._limits.enter(type_name):  # the slot is given back when the task ends
-                self._runs.spawn(self._answer(delivery, remaining), what, type_name)
+                self._runs.spawn(self._answer(delivery, remaining), delivery.envelope, type_name, eager=True)
             else:
-                self._busy(delivery.reply, type_name, what)
+                self._busy(delivery.reply, type_name, describe(delivery.envelope))
         else:
             self.stats["expired_dropped"] += 1
             if self._observer is not None:
@@ -144,10 +143,10 @@ class Responder:
         envelope = delivery.envelope
         if envelope.headers.get(SOURCE) == self.node_id:  # local handlers ran at publish
             return
-        type_name, what = self._type_of(envelope), _describe(envelope)
+        type_name = self._type_of(envelope)
 
         def start() -> None:  # called with the slot taken, now or once one is free
-            self._runs.spawn(self._run_event(envelope), what, type_name)
+            self._runs.spawn(self._run_event(envelope), envelope, type_name)
 
         self._limits.run_event(type_name, start)
 
@@ -163,17 +162,18 @@ class Responder:
         self._log(type(exc).__name__, "refused %s: %s", delivery.envelope, exc)
         if delivery.reply is not None:
             reply = encode_error(exc, node_id=self.node_id, by_node=True)  # the task holds no request
-            self._runs.spawn(self._send_reply(delivery.reply, reply, _describe(delivery.envelope)), "refusal")
+            self._runs.spawn(self._send_reply(delivery.reply, reply, describe(delivery.envelope)), "refusal")
 
     async def _answer(self, delivery: Delivery, remaining: float | None) -> None:
         reply = await self._run_request(delivery.envelope, remaining)
         if reply is not None and delivery.reply is not None:
-            await self._send_reply(delivery.reply, reply, _describe(delivery.envelope))
+            await self._send_reply(delivery.reply, reply, delivery.envelope)
 
-    async def _send_reply(self, send: Reply, reply: Envelope, what: str) -> None:
+    async def _send_reply(self, send: Reply, reply: Envelope, what: str | Envelope) -> None:
         try:
             await send(reply)
         except CatgaError as exc:
+            what = what if isinstance(what, str) else describe(what)  # described only when logged
             self._log_limit.log(logger, logging.WARNING, "reply", "could not answer %s: %s", what, exc)
 
     async def _run_request(self, envelope: Envelope, remaining: float | None) -> Envelope | None:
@@ -270,11 +270,4 @@ class Responder:
             self._observer.bad_message(kind)
 
     def _log(self, kind: str, text: str, envelope: Envelope, *args: Any) -> None:
-        self._log_limit.log(logger, logging.WARNING, kind, text, _describe(envelope), *args)
-
-
-def _describe(envelope: Envelope) -> str:
-    headers = envelope.headers
-    parts = (headers.get(MESSAGE_TYPE, "?"), headers.get(MESSAGE_ID, "?"), headers.get(SOURCE, "?"))
-    type_name, message_id, source = (str(part)[:80] for part in parts)
-    return f"{type_name} {message_id} from {source}"
+        self._log_limit.log(logger, logging.WARNING, kind, text, describe(envelope), *args)
