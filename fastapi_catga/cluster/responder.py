@@ -165,18 +165,30 @@ class Responder:
             self._runs.spawn(self._send_reply(delivery.reply, reply, describe(delivery.envelope)), "refusal")
 
     async def _answer(self, delivery: Delivery, remaining: float | None) -> None:
-        reply = await self._run_request(delivery.envelope, remaining)
+        # One coroutine for the usual path (decode, run, reply): each level of the chain costs a
+        # frame on every request.
+        envelope = delivery.envelope
+        message = self._decode_request(envelope)
+        if isinstance(message, Envelope):
+            reply: Envelope | None = message  # refused: the error says why
+        elif self._observer is not None:
+            reply = await self._observed_request(envelope, message, remaining)
+        else:
+            reply = await self._run_handler(envelope, message, remaining)
         if reply is not None and delivery.reply is not None:
-            await self._send_reply(delivery.reply, reply, delivery.envelope)
+            try:
+                await delivery.reply(reply)
+            except CatgaError as exc:
+                self._log("reply", "could not answer %s: %s", envelope, exc)
 
-    async def _send_reply(self, send: Reply, reply: Envelope, what: str | Envelope) -> None:
+    async def _send_reply(self, send: Reply, reply: Envelope, what: str) -> None:
         try:
             await send(reply)
         except CatgaError as exc:
-            what = what if isinstance(what, str) else describe(what)  # described only when logged
             self._log_limit.log(logger, logging.WARNING, "reply", "could not answer %s: %s", what, exc)
 
-    async def _run_request(self, envelope: Envelope, remaining: float | None) -> Envelope | None:
+    def _decode_request(self, envelope: Envelope) -> Request[Any] | Envelope:
+        """The command or query, or the error to answer when it is none this node can run."""
         try:
             message = decode_message(envelope, self._dispatcher.types)
             if not isinstance(message, Request):
@@ -185,9 +197,7 @@ class Responder:
             self._count_bad("bad_requests", exc.code)
             self._log(type(exc).__name__, "refused %s: %s", envelope, exc)
             return encode_error(exc, node_id=self.node_id, by_node=True)
-        if self._observer is not None:
-            return await self._observed_request(envelope, message, remaining)
-        return await self._run_handler(envelope, message, remaining)
+        return message
 
     async def _observed_request(
         self, envelope: Envelope, message: Request[Any], remaining: float | None
@@ -214,8 +224,12 @@ class Responder:
     async def _run_handler(
         self, envelope: Envelope, message: Request[Any], remaining: float | None
     ) -> Envelope | None:
+        dispatcher = self._dispatcher
         try:
-            result = await self._dispatcher.handle_request(message, remaining)
+            pipeline = dispatcher.requests.get(type(message))
+            if pipeline is None:  # `handle_request`, without its own coroutine
+                raise HandlerNotFoundError(f"no handler for {message.type_name} on node {self.node_id}")
+            result = await dispatcher.run_request(pipeline, message, remaining)
         except TimeoutError as exc:
             if not isinstance(exc, CatgaError):  # the caller's deadline: it has moved on, answer nobody
                 self.stats["deadline_cancelled"] += 1
