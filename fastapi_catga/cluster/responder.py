@@ -9,10 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi_catga.cluster.limits import HandlerLimits
-from fastapi_catga.cluster.runs import Runs
+from fastapi_catga.cluster.runs import Runs, describe
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
-    MESSAGE_ID,
     MESSAGE_TYPE,
     SOURCE,
     STATUS,
@@ -129,11 +128,11 @@ class Responder:
             return
         remaining = None if deadline is None else deadline - self._wall_clock()
         if remaining is None or remaining > 0:
-            type_name, what = self._type_of(delivery.envelope), _describe(delivery.envelope)
+            type_name = self._type_of(delivery.envelope)
             if self._limits.enter(type_name):  # the slot is given back when the task ends
-                self._runs.spawn(self._answer(delivery, remaining), what, type_name)
+                self._runs.spawn(self._answer(delivery, remaining), delivery.envelope, type_name, eager=True)
             else:
-                self._busy(delivery.reply, type_name, what)
+                self._busy(delivery.reply, type_name, describe(delivery.envelope))
         else:
             self.stats["expired_dropped"] += 1
             if self._observer is not None:
@@ -144,10 +143,10 @@ class Responder:
         envelope = delivery.envelope
         if envelope.headers.get(SOURCE) == self.node_id:  # local handlers ran at publish
             return
-        type_name, what = self._type_of(envelope), _describe(envelope)
+        type_name = self._type_of(envelope)
 
         def start() -> None:  # called with the slot taken, now or once one is free
-            self._runs.spawn(self._run_event(envelope), what, type_name)
+            self._runs.spawn(self._run_event(envelope), envelope, type_name)
 
         self._limits.run_event(type_name, start)
 
@@ -163,12 +162,24 @@ class Responder:
         self._log(type(exc).__name__, "refused %s: %s", delivery.envelope, exc)
         if delivery.reply is not None:
             reply = encode_error(exc, node_id=self.node_id, by_node=True)  # the task holds no request
-            self._runs.spawn(self._send_reply(delivery.reply, reply, _describe(delivery.envelope)), "refusal")
+            self._runs.spawn(self._send_reply(delivery.reply, reply, describe(delivery.envelope)), "refusal")
 
     async def _answer(self, delivery: Delivery, remaining: float | None) -> None:
-        reply = await self._run_request(delivery.envelope, remaining)
+        # One coroutine for the usual path (decode, run, reply): each level of the chain costs a
+        # frame on every request.
+        envelope = delivery.envelope
+        message = self._decode_request(envelope)
+        if isinstance(message, Envelope):
+            reply: Envelope | None = message  # refused: the error says why
+        elif self._observer is not None:
+            reply = await self._observed_request(envelope, message, remaining)
+        else:
+            reply = await self._run_handler(envelope, message, remaining)
         if reply is not None and delivery.reply is not None:
-            await self._send_reply(delivery.reply, reply, _describe(delivery.envelope))
+            try:
+                await delivery.reply(reply)
+            except CatgaError as exc:
+                self._log("reply", "could not answer %s: %s", envelope, exc)
 
     async def _send_reply(self, send: Reply, reply: Envelope, what: str) -> None:
         try:
@@ -176,7 +187,8 @@ class Responder:
         except CatgaError as exc:
             self._log_limit.log(logger, logging.WARNING, "reply", "could not answer %s: %s", what, exc)
 
-    async def _run_request(self, envelope: Envelope, remaining: float | None) -> Envelope | None:
+    def _decode_request(self, envelope: Envelope) -> Request[Any] | Envelope:
+        """The command or query, or the error to answer when it is none this node can run."""
         try:
             message = decode_message(envelope, self._dispatcher.types)
             if not isinstance(message, Request):
@@ -185,9 +197,7 @@ class Responder:
             self._count_bad("bad_requests", exc.code)
             self._log(type(exc).__name__, "refused %s: %s", envelope, exc)
             return encode_error(exc, node_id=self.node_id, by_node=True)
-        if self._observer is not None:
-            return await self._observed_request(envelope, message, remaining)
-        return await self._run_handler(envelope, message, remaining)
+        return message
 
     async def _observed_request(
         self, envelope: Envelope, message: Request[Any], remaining: float | None
@@ -214,8 +224,12 @@ class Responder:
     async def _run_handler(
         self, envelope: Envelope, message: Request[Any], remaining: float | None
     ) -> Envelope | None:
+        dispatcher = self._dispatcher
         try:
-            result = await self._dispatcher.handle_request(message, remaining)
+            pipeline = dispatcher.requests.get(type(message))
+            if pipeline is None:  # `handle_request`, without its own coroutine
+                raise HandlerNotFoundError(f"no handler for {message.type_name} on node {self.node_id}")
+            result = await dispatcher.run_request(pipeline, message, remaining)
         except TimeoutError as exc:
             if not isinstance(exc, CatgaError):  # the caller's deadline: it has moved on, answer nobody
                 self.stats["deadline_cancelled"] += 1
@@ -270,11 +284,4 @@ class Responder:
             self._observer.bad_message(kind)
 
     def _log(self, kind: str, text: str, envelope: Envelope, *args: Any) -> None:
-        self._log_limit.log(logger, logging.WARNING, kind, text, _describe(envelope), *args)
-
-
-def _describe(envelope: Envelope) -> str:
-    headers = envelope.headers
-    parts = (headers.get(MESSAGE_TYPE, "?"), headers.get(MESSAGE_ID, "?"), headers.get(SOURCE, "?"))
-    type_name, message_id, source = (str(part)[:80] for part in parts)
-    return f"{type_name} {message_id} from {source}"
+        self._log_limit.log(logger, logging.WARNING, kind, text, describe(envelope), *args)
