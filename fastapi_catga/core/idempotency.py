@@ -80,7 +80,6 @@ class IdempotencyBehavior:
         and the oldest ones every eighth of a window.
         """
         done, running, window, clock = self._done, self._running, self._window, self._clock
-        max_entries = self._max_entries
 
         async def once(message: Message) -> Any:
             key = (message.type_name, message.message_id)
@@ -99,12 +98,7 @@ class IdempotencyBehavior:
             except BaseException as exc:
                 self._failed(key, exc)
                 raise
-            future = running.pop(key)
-            done[key] = (now, result)
-            if len(done) > max_entries:
-                done.popitem(last=False)
-            if future is not None:
-                future.set_result(result)
+            self._finished(key, now, result)
             return result
 
         return once
