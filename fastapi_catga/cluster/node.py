@@ -19,8 +19,9 @@ from fastapi_catga.cluster.responder import Responder, event_subject
 from fastapi_catga.cluster.routing import strategy_named
 from fastapi_catga.cluster.sender import Sender
 from fastapi_catga.cluster.view import ClusterView
-from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
+from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import encode_message
+from fastapi_catga.core.mediator import LocalRoute
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer, observed_events
@@ -129,8 +130,7 @@ class ClusterNode:
         self.durable = DurableClient(transport, settings.node_id, clock, observer=observer)
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.
-        self.local_routes: dict[type[Message], Pipeline] = {}
-        self._limited = {t: self.limits.guard(p, t.type_name) for t, p in dispatcher.requests.items()}
+        self.local_routes: dict[type[Message], LocalRoute] = {}
         self._update_local_routes()
         transport.add_connection_listener(self._on_connection)
 
@@ -220,7 +220,16 @@ class ClusterNode:
         self.local_routes.clear()
         for message_type in self.dispatcher.requests:
             if message_type.type_name not in remote and not is_durable(message_type):
-                self.local_routes[message_type] = self._limited[message_type]  # same limit, same "busy"
+                self.local_routes[message_type] = self._local_route(message_type)
+
+    def _local_route(self, message_type: type[Message]) -> LocalRoute:
+        dispatcher, type_name = self.dispatcher, message_type.type_name
+        return (
+            self.limits.within_cap(dispatcher.requests[message_type], type_name),
+            type_name,
+            dispatcher.exact_results.get(message_type),
+            dispatcher.check_of(message_type),
+        )
 
     # -- the mediator's port ----------------------------------------------------------------------
 
