@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
@@ -132,9 +131,8 @@ class Deadlines:
             due.append(self.current)
             self.current = None
         if due:
-            started = time.perf_counter()
             self._cancel(due)
-            self._not_before = now + max(_MIN_GAP, 10 * (time.perf_counter() - started))
+            self._not_before = now + max(_MIN_GAP, 10 * (self.clock() - now))  # the look-up's time
         nearest = min(parked.values(), default=math.inf)
         if self.current is not None:
             nearest = min(nearest, self.current_deadline)
