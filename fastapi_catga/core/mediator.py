@@ -128,41 +128,38 @@ class Mediator:
         budget = self._timeout if timeout is None else timeout
         if not budget > 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
-        pipeline, type_name, exact, check = route
         slots, deadlines = self._slots, self._deadlines
         if slots.in_flight >= slots.limit:
-            raise slots.refused(type_name)
+            raise slots.refused(route[1])
+        coro = route[0](message)  # an async def's call: it only makes the coroutine
+        deadline = deadlines.clock() + budget
+        if deadlines.current is not None:
+            deadlines.park()
+        deadlines.current, deadlines.current_deadline = coro, deadline
+        if deadline < deadlines.timer_at:
+            deadlines.arm(deadline)
         slots.in_flight += 1
         try:
-            coro = pipeline(message)
-            deadline = deadlines.clock() + budget
-            if deadlines.current is not None:
-                deadlines.park()
-            deadlines.current, deadlines.current_deadline = coro, deadline
-            if deadline < deadlines.timer_at:
-                deadlines.arm(deadline)
-            try:
-                result = await coro
-            except Exception as exc:
-                raise self._dispatcher.handler_error(exc, message) from exc
-            except asyncio.CancelledError:
-                if deadlines.timed_out(coro):
-                    raise RequestTimeoutError(
-                        f"{type_name} {message.message_id}: no answer within {budget:g} s"
-                    ) from None
-                raise
-            finally:
-                if deadlines.current is coro:
-                    deadlines.current = None
-                else:
-                    deadlines.ended(coro)
+            result = await coro
+        except Exception as exc:
+            raise self._dispatcher.handler_error(exc, message) from exc
+        except asyncio.CancelledError:
+            if deadlines.timed_out(coro):
+                raise RequestTimeoutError(
+                    f"{route[1]} {message.message_id}: no answer within {budget:g} s"
+                ) from None
+            raise
         finally:
             slots.in_flight -= 1
+            if deadlines.current is coro:
+                deadlines.current = None
+            else:
+                deadlines.ended(coro)
             if slots.ready:
                 slots.start_waiting()
-        if type(result) is exact:
+        if type(result) is route[2]:
             return result
-        checked: R = check(message, result)
+        checked: R = route[3](message, result)
         return checked
 
     async def enqueue(self, message: Request[Any]) -> Accepted:
