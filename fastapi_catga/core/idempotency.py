@@ -16,7 +16,9 @@ from fastapi_catga.core.pipeline import CallNext, Pipeline, as_pipeline
 
 __all__ = ["DoneRecords", "IdempotencyBehavior"]
 
-_Key = tuple[str, str]
+#: A message's type name and id in one string: its hash is computed once and kept by the string
+#: (a tuple's is computed again on each of the four dict operations of a run, ~400 instructions each).
+_Key = str
 _UNKNOWN: Any = object()
 
 
@@ -82,7 +84,7 @@ class IdempotencyBehavior:
         done, running, window, clock = self._done, self._running, self._window, self._clock
 
         async def once(message: Message) -> Any:
-            key = (message.type_name, message.message_id)
+            key = f"{message.type_name}\x00{message.message_id}"
             now = clock()
             if now >= self._sweep_at:
                 self._sweep(now)
