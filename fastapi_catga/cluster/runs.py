@@ -12,9 +12,11 @@ out) rather than let tasks pile up.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sys
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 from fastapi_catga.cluster.limits import HandlerLimits
@@ -40,6 +42,10 @@ def describe(envelope: Envelope) -> str:
     return f"{type_name} {message_id} from {source}"
 
 
+#: Python 3.12+ starts a task eagerly (its first step now, in the caller); 3.11 cannot, and an
+#: `Intake` stands in for it (see there).
+EAGER_TASKS = sys.version_info >= (3, 12)
+
 if sys.version_info >= (3, 12):
 
     def _start(
@@ -57,6 +63,34 @@ else:
         return loop.create_task(work)
 
 
+class _Continue:
+    """Awaits the rest of a coroutine whose first step ran in ``context`` (each step runs there)."""
+
+    __slots__ = ("_context", "_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any, context: contextvars.Context) -> None:
+        self._coro = coro
+        self._first = first
+        self._context = context
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, context, signal = self._coro, self._context, self._first
+        while True:
+            thrown: BaseException | None = None
+            sent: Any = None
+            try:
+                sent = yield signal  # hand the awaited future to the task, as `await` would
+            except GeneratorExit:
+                context.run(coro.close)
+                raise
+            except BaseException as exc:  # a cancellation, thrown in by the task
+                thrown = exc
+            try:
+                signal = context.run(coro.send, sent) if thrown is None else context.run(coro.throw, thrown)
+            except StopIteration:
+                return
+
+
 class Runs:
     """The responder's tasks; ``limits`` gets each run's slot back when its task ends."""
 
@@ -68,6 +102,10 @@ class Runs:
         self._tasks: dict[asyncio.Task[None], tuple[str | None, str | Envelope]] = {}
         #: "busy" answers not yet handed to the broker.
         self.busy_replies = 0
+        #: 3.11: eager runs whose first step the intake has not taken yet, and the intake's task.
+        self._queue: deque[tuple[Coroutine[Any, Any, None], str | Envelope, str | None]] = deque()
+        self._intake: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def spawn(
         self,
@@ -79,11 +117,20 @@ class Runs:
     ) -> None:
         """Run ``work`` in a task; ``what`` names it in the log (an envelope: the message it runs,
         described only if it must be). ``slot``: the type whose slot the caller took for it; it is
-        given back when the task ends, or here if no task could be started. ``eager`` (3.12+): its
-        first step runs now; not for runs started by a slot given back (`HandlerLimits.leave`
-        starts waiting events: eager ones ending at once would nest one call per event)."""
+        given back when the run ends, or here if it could not be started.
+
+        ``eager``: its first step runs before anything else is scheduled, and a run that ends in
+        it (most) costs no task of its own (3.12+: an eager task; 3.11: the intake, see `_take`).
+        Not for runs started by a slot given back (`HandlerLimits.leave` starts waiting events:
+        eager ones ending at once would nest one call per event)."""
         try:
-            task = _start(asyncio.get_running_loop(), work, eager)
+            loop = asyncio.get_running_loop()
+            if eager and not EAGER_TASKS:
+                if self._intake is None:
+                    self._start_intake(loop)
+                self._queue.append((work, what, slot))
+                return
+            task = _start(loop, work, eager)
         except BaseException:
             work.close()
             if slot is not None:
@@ -100,6 +147,76 @@ class Runs:
         slot, _ = self._tasks.pop(task)
         if slot is not None:
             self._limits.leave(slot)
+
+    # -- 3.11: the intake, in place of eager tasks ------------------------------------------------
+
+    def _start_intake(self, loop: asyncio.AbstractEventLoop) -> None:
+        take = self._take()
+        try:
+            intake = loop.create_task(take)
+        except BaseException:
+            take.close()
+            raise
+        self._intake = intake
+        self._tasks[intake] = (None, "the intake of requests")
+        intake.add_done_callback(self._intake_ended)
+
+    async def _take(self) -> None:
+        """Take the first step of each queued run in turn, each in its own copy of the context, as
+        an eager task would: a run that ends in it (most) costs no task and no loop turn of its own.
+
+        The first run that suspends keeps this task, which sees it to its end: a timeout, a task
+        group or anything else its first step tied to the current task is tied to the task that
+        goes on running it. A new intake takes the rest of the queue.
+        """
+        queue, limits = self._queue, self._limits
+        while queue:
+            work, what, slot = queue.popleft()
+            context = contextvars.copy_context()
+            try:
+                signal = context.run(work.send, None)
+            except StopIteration:
+                if slot is not None:
+                    limits.leave(slot)
+                continue
+            except Exception:  # what a task would hold as its exception: said in the log instead
+                if slot is not None:
+                    limits.leave(slot)
+                logger.exception("a run of %s failed", what if isinstance(what, str) else describe(what))
+                continue
+            except BaseException:
+                if slot is not None:
+                    limits.leave(slot)
+                raise
+            # It suspended: this task is the run's from now on.
+            me = self._intake
+            assert me is not None
+            self._intake = None
+            self._tasks[me] = (slot, what)
+            if queue:
+                self._start_intake(asyncio.get_running_loop())
+            try:
+                await _Continue(work, signal, context)
+            finally:
+                if slot is not None:
+                    limits.leave(slot)
+            return
+
+    def _intake_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        if self._intake is not task:
+            return  # it went on to run one that suspended; another intake took the queue
+        self._intake = None  # cancelled (a stop), or ended by an error that was no Exception
+        if not self._queue:
+            return
+        if not self._stopping:
+            self._start_intake(asyncio.get_running_loop())
+            return
+        while self._queue:  # a stopping node runs no more of them: never started, their slots back
+            work, _, slot = self._queue.popleft()
+            work.close()
+            if slot is not None:
+                self._limits.leave(slot)
 
     def busy(self, reply: Reply, error: BusyError, what: str) -> bool:
         """Answer ``error`` through ``reply`` in a small task (``what`` names the request in the
@@ -139,6 +256,7 @@ class Runs:
             logger.warning("dropped %d received event(s) still waiting for a handler slot", dropped)
         if not self._tasks:
             return
+        self._stopping = True
         pending = set(self._tasks)
         for task in pending:
             task.cancel()
