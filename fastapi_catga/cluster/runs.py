@@ -63,6 +63,11 @@ else:
         return loop.create_task(work)
 
 
+def _log_failure(what: str | Envelope, error: BaseException | None) -> None:
+    """A run that raised (its own errors are answers: this is a bug, in catga or a behavior)."""
+    logger.error("a run of %s failed", what if isinstance(what, str) else describe(what), exc_info=error)
+
+
 class _Continue:
     """Awaits the rest of a coroutine whose first step ran in ``context`` (each step runs there)."""
 
@@ -139,6 +144,8 @@ class Runs:
         if task.done():  # it ended in its first step (eager start, 3.12+): nothing to track
             if slot is not None:
                 self._limits.leave(slot)
+            if not task.cancelled() and (error := task.exception()) is not None:
+                _log_failure(what, error)  # as the intake does, not whenever the task is collected
             return
         self._tasks[task] = (slot, what)
         task.add_done_callback(self._ended)  # one callback: slot and bookkeeping together
@@ -182,7 +189,7 @@ class Runs:
             except Exception:  # what a task would hold as its exception: said in the log instead
                 if slot is not None:
                     limits.leave(slot)
-                logger.exception("a run of %s failed", what if isinstance(what, str) else describe(what))
+                _log_failure(what, sys.exception())
                 continue
             except BaseException:
                 if slot is not None:
