@@ -19,8 +19,9 @@ from fastapi_catga.cluster.responder import Responder, event_subject
 from fastapi_catga.cluster.routing import strategy_named
 from fastapi_catga.cluster.sender import Sender
 from fastapi_catga.cluster.view import ClusterView
+from fastapi_catga.core.bounded import DeadlinePassed, finish
 from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
-from fastapi_catga.core.envelope import encode_message
+from fastapi_catga.core.envelope import Envelope, encode_message
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer, observed_events
@@ -285,11 +286,10 @@ class ClusterNode:
             if self.observer is not None:
                 self.observer.inject(envelope.headers)
             try:  # bounded like a send: a frozen broker must not hold the publisher
-                async with asyncio.timeout(self.settings.request_timeout):
-                    await self.transport.publish(event_subject(event.type_name), envelope)
+                await self._hand_over(event_subject(event.type_name), envelope)
             except TransportError as exc:
                 failure = exc
-            except TimeoutError:
+            except (TimeoutError, DeadlinePassed):
                 failure = TransportError(
                     f"the broker did not take {event.type_name} {event.message_id} "
                     f"within {self.settings.request_timeout:g} s"
@@ -301,6 +301,20 @@ class ClusterNode:
                 await observed_events(self.observer, event, {}, lambda: self.dispatcher.handle_event(event))
         if failure is not None:
             raise failure
+
+    async def _hand_over(self, subject: str, envelope: Envelope) -> None:
+        """Publish, within ``CATGA_REQUEST_TIMEOUT``. The broker client takes most messages
+        without suspending (it queues them for its writer): then no timer is armed at all.
+
+        Raises:
+            DeadlinePassed: the broker did not take it in time.
+        """
+        publish = self.transport.publish(subject, envelope)
+        try:
+            suspended_on = publish.send(None)
+        except StopIteration:
+            return
+        await finish(publish, suspended_on, self.settings.request_timeout)
 
     @property
     def dead_letters(self) -> DeadLetters:

@@ -144,11 +144,14 @@ class Responder:
         if envelope.headers.get(SOURCE) == self.node_id:  # local handlers ran at publish
             return
         type_name = self._type_of(envelope)
+        now = True
 
         def start() -> None:  # called with the slot taken, now or once one is free
-            self._runs.spawn(self._run_event(envelope), envelope, type_name)
+            # Eager only now: a slot given back starts waiting events from `HandlerLimits.leave`.
+            self._runs.spawn(self._run_event(envelope), envelope, type_name, eager=now)
 
         self._limits.run_event(type_name, start)
+        now = False
 
     def _busy(self, reply: Reply | None, type_name: str, what: str) -> None:
         """No slot: say "busy" at once (the handler never ran: the caller may go elsewhere)."""
