@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 #: "Busy" replies not yet handed to the broker, at most.
 MAX_BUSY_REPLIES = 1000
+_PLAIN_TASKS = 64  # eager runs started as plain tasks after one suspended in the intake (3.11)
 _CANCEL_GRACE = 1.0  # s a stopping node waits for cancelled handler runs to end before abandoning them
 
 
@@ -111,6 +112,8 @@ class Runs:
         self._queue: deque[tuple[Coroutine[Any, Any, None], str | Envelope, str | None]] = deque()
         self._intake: asyncio.Task[None] | None = None
         self._stopping = False
+        #: Eager runs still to start as plain tasks because a run lately suspended in the intake.
+        self._plain_tasks = 0
 
     def spawn(
         self,
@@ -130,7 +133,7 @@ class Runs:
         eager ones ending at once would nest one call per event)."""
         try:
             loop = asyncio.get_running_loop()
-            if eager and not EAGER_TASKS:
+            if eager and not EAGER_TASKS and self._tasks_for() == 0:
                 if self._intake is None:
                     self._start_intake(loop)
                 self._queue.append((work, what, slot))
@@ -157,6 +160,13 @@ class Runs:
 
     # -- 3.11: the intake, in place of eager tasks ------------------------------------------------
 
+    def _tasks_for(self) -> int:
+        """How many more eager runs start as plain tasks (0: this one goes to the intake)."""
+        left = self._plain_tasks
+        if left:
+            self._plain_tasks = left - 1
+        return left
+
     def _start_intake(self, loop: asyncio.AbstractEventLoop) -> None:
         take = self._take()
         try:
@@ -174,7 +184,7 @@ class Runs:
 
         The first run that suspends keeps this task, which sees it to its end: a timeout, a task
         group or anything else its first step tied to the current task is tied to the task that
-        goes on running it. A new intake takes the rest of the queue.
+        goes on running it. The runs still queued then get a task each; later ones a new intake.
         """
         queue, limits = self._queue, self._limits
         while queue:
@@ -200,8 +210,15 @@ class Runs:
             assert me is not None
             self._intake = None
             self._tasks[me] = (slot, what)
-            if queue:
-                self._start_intake(asyncio.get_running_loop())
+            # The rest of the queue gets a task each, as without the intake, all started in this
+            # loop turn: a new intake would take one run per turn while each suspends (a Redis
+            # reply waits for its PUBLISH), and what they send would no longer go out together.
+            # So do the next runs: where runs suspend, the intake only costs (one in
+            # `_PLAIN_TASKS` + 1 still goes to it, to notice when they stop suspending).
+            self._plain_tasks = _PLAIN_TASKS
+            while queue:
+                rest, rest_what, rest_slot = queue.popleft()
+                self.spawn(rest, rest_what, rest_slot)
             try:
                 await _Continue(work, signal, context)
             finally:

@@ -46,11 +46,30 @@ async def test_a_run_that_suspends_keeps_its_timeout_and_the_others_run_meanwhil
     spawn(limits, runs, slow())
     for name in ("a", "b"):
         spawn(limits, runs, quick(name))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
     assert done == ["a", "b"] and limits.in_flight == 1
     await asyncio.sleep(0.2)
     assert done == ["a", "b", "slow timed out"] and limits.in_flight == 0
+
+
+async def test_runs_queued_behind_one_that_suspends_all_start_in_the_next_loop_turn() -> None:
+    # What they send then goes out together (a Redis reply waits for its PUBLISH: every run suspends).
+    limits, runs = make_runs()
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def waits(number: int) -> None:
+        started.append(number)
+        await release.wait()
+
+    for number in range(4):
+        spawn(limits, runs, waits(number))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert started == [0, 1, 2, 3]
+    release.set()
+    await asyncio.sleep(0.01)
+    assert limits.in_flight == 0
 
 
 async def test_each_run_has_its_own_context_and_a_task_of_its_own_when_it_suspends() -> None:
