@@ -25,7 +25,7 @@ from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.exceptions import BusyError, CatgaError
 from fastapi_catga.transports.base import Reply
 
-__all__ = ["MAX_BUSY_REPLIES", "Runs", "describe"]
+__all__ = ["EAGER_TASKS", "MAX_BUSY_REPLIES", "Runs", "describe"]
 
 logger = logging.getLogger(__name__)
 
