@@ -7,6 +7,10 @@ the log, never the refused request itself (whose body may be as large as the bro
 most `MAX_BUSY_REPLIES` may wait for the broker at once, so they hold a few hundred KiB at most.
 Past that the broker takes no replies anyway, and a request is left unanswered (its caller times
 out) rather than let tasks pile up.
+
+Most handlers end in their first step. On 3.12+ a request's run is an eager task; on 3.11 the
+intake (`Runs._take`) takes such first steps in turn, in one task, and only a run that suspends
+keeps a task of its own.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ def describe(envelope: Envelope) -> str:
     return f"{type_name} {message_id} from {source}"
 
 
-#: Python 3.12+ starts a task eagerly (its first step now, in the caller); 3.11 cannot, and an
-#: `Intake` stands in for it (see there).
+#: Python 3.12+ starts a task eagerly (its first step now, in the caller); 3.11 cannot, and the
+#: intake stands in for it (`Runs._take`).
 EAGER_TASKS = sys.version_info >= (3, 12)
 
 if sys.version_info >= (3, 12):
