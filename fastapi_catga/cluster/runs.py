@@ -229,11 +229,12 @@ class Runs:
                 if slot is not None:
                     limits.leave(slot)
             return
+        self._intake = None  # now: a run spawned before the done callback needs a new intake at once
 
     def _intake_ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
         if self._intake is not task:
-            return  # it went on to run one that suspended; another intake took the queue
+            return  # it took the whole queue, or went on to run one that suspended
         self._intake = None  # cancelled (a stop), or ended by an error that was no Exception
         if not self._queue:
             return
