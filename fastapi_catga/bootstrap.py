@@ -78,7 +78,9 @@ def build(
     if handlers is None and settings.handler_modules:
         handlers = settings.handler_modules
     registry = HandlerRegistry.from_declared() if handlers is None else HandlerRegistry.from_sources(handlers)
-    dispatcher = LocalDispatcher(registry, behaviors, settings.node_id, expose_errors=settings.expose_errors)
+    dispatcher = LocalDispatcher(
+        registry, behaviors, settings.node_id, expose_errors=settings.expose_errors, clock=clock
+    )
     transport = transport or create_transport(settings)
     for behavior in behaviors:
         if isinstance(behavior, IdempotencyBehavior):
@@ -93,4 +95,4 @@ def build(
         wall_clock=wall_clock,
         observer=combine(observers),
     )
-    return Catga(settings, node, Mediator(dispatcher, node), observers)
+    return Catga(settings, node, Mediator(dispatcher, node, clock), observers)

@@ -82,12 +82,12 @@ class HandlerLimits:
         #: ``busy``: requests refused; ``events_dropped``: events the full queue could not take.
         self.stats: Counter[str] = Counter()
         self._running: dict[str, int] = {}
-        # Events waiting, per type and first in first out within it; ``_ready`` holds, in turn, the
+        # Events waiting, per type and first in first out within it; ``ready`` holds, in turn, the
         # types among them with room under their own cap (only the node's limit holds them back).
-        # A waiting type is in ``_ready`` exactly when it is below its cap, so that starting one is
+        # A waiting type is in ``ready`` exactly when it is below its cap, so that starting one is
         # O(1) and a type at its cap is never looked at until one of its runs ends.
         self._waiting: dict[str, deque[Callable[[], None]]] = {}
-        self._ready: deque[str] = deque()
+        self.ready: deque[str] = deque()
         self._queued = 0
         self._observer = observer
         self._log_limit = log_limit or LogLimiter()
@@ -95,6 +95,28 @@ class HandlerLimits:
     def cap(self, type_name: str) -> int:
         """How many runs of this type may go on at once here."""
         return min(self.limit, self._caps.get(type_name, self._default_cap))
+
+    def within_cap(self, pipeline: Pipeline, type_name: str) -> Pipeline:
+        """``pipeline`` for a caller that takes the node's share of a slot itself, inline, as the
+        in-process ``send`` does (``in_flight += 1`` below ``limit``; when the run ends,
+        ``in_flight -= 1``, then `start_waiting` if `ready`): as it is for a type with no cap of
+        its own, else within that cap (`BusyError` at once when it is reached)."""
+        cap = self._caps.get(type_name, self._default_cap)
+        if cap >= self.limit:
+            return pipeline
+        running = self._running
+
+        async def capped(message: Any) -> Any:
+            count = running.get(type_name, 0)
+            if count >= cap:
+                raise self.refused(type_name)
+            running[type_name] = count + 1
+            try:
+                return await pipeline(message)
+            finally:
+                self._release_type(type_name)
+
+        return capped
 
     @property
     def events_waiting(self) -> int:
@@ -114,8 +136,8 @@ class HandlerLimits:
     def leave(self, type_name: str) -> None:
         """Give a slot back; events waiting for one start now if they fit."""
         self._release(type_name)
-        if self._ready:
-            self._start_waiting()
+        if self.ready:
+            self.start_waiting()
 
     def refused(self, type_name: str) -> BusyError:
         """Count a request refused for want of a slot; the error that says so."""
@@ -159,7 +181,7 @@ class HandlerLimits:
         if queue is None:
             queue = self._waiting[type_name] = deque()
             if self._running.get(type_name, 0) < self._caps.get(type_name, self._default_cap):
-                self._ready.append(type_name)  # only the node's limit holds it back
+                self.ready.append(type_name)  # only the node's limit holds it back
         queue.append(start)
         self._queued += 1
 
@@ -168,49 +190,27 @@ class HandlerLimits:
         dropped = self._queued
         self.stats["events_dropped"] += dropped
         self._waiting.clear()
-        self._ready.clear()
+        self.ready.clear()
         self._queued = 0
         return dropped
 
-    def guard(self, pipeline: Pipeline, type_name: str) -> Pipeline:
-        """``pipeline`` run within a slot: `BusyError` at once when there is none."""
-
-        cap, running = self._caps.get(type_name, self._default_cap), self._running
-
-        async def limited(message: Any) -> Any:
-            # `enter` and `leave`, inline: this runs on every request, in-process sends included.
-            count = running.get(type_name, 0)
-            if self.in_flight >= self.limit or count >= cap:
-                raise self.refused(type_name)
-            self.in_flight += 1
-            running[type_name] = count + 1
-            try:
-                return await pipeline(message)
-            finally:
-                self.in_flight -= 1
-                if (count := running[type_name] - 1) > 0:
-                    running[type_name] = count
-                else:
-                    del running[type_name]
-                if self._waiting:
-                    self._start_waiting()
-
-        return limited
-
     def _release(self, type_name: str) -> None:
         self.in_flight -= 1
+        self._release_type(type_name)
+
+    def _release_type(self, type_name: str) -> None:
         running = self._running[type_name] - 1
         if running:
             self._running[type_name] = running
         else:
             del self._running[type_name]  # the dict stays as small as what runs
         if type_name in self._waiting and running == self._caps.get(type_name, self._default_cap) - 1:
-            self._ready.append(type_name)  # it was at its cap: its waiting events may go again
+            self.ready.append(type_name)  # it was at its cap: its waiting events may go again
 
-    def _start_waiting(self) -> None:
+    def start_waiting(self) -> None:
         # Ready types take turns, one event each, while the node has room: a type with many events
         # waiting cannot starve one with few.
-        ready, waiting = self._ready, self._waiting
+        ready, waiting = self.ready, self._waiting
         while ready and self.in_flight < self.limit:
             type_name = ready.popleft()
             queue = waiting[type_name]

@@ -19,9 +19,10 @@ from fastapi_catga.cluster.responder import Responder, event_subject
 from fastapi_catga.cluster.routing import strategy_named
 from fastapi_catga.cluster.sender import Sender
 from fastapi_catga.cluster.view import ClusterView
-from fastapi_catga.core.bounded import DeadlinePassed, finish
-from fastapi_catga.core.dispatch import LocalDispatcher, Pipeline
-from fastapi_catga.core.envelope import Envelope, encode_message
+from fastapi_catga.core.deadlines import DeadlinePassed, Deadlines
+from fastapi_catga.core.dispatch import LocalDispatcher
+from fastapi_catga.core.envelope import encode_message
+from fastapi_catga.core.mediator import LocalRoute
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer, observed_events
@@ -128,10 +129,10 @@ class ClusterNode:
         )
         self.durable_runner = DurableRunner(transport, dispatcher, settings, observer=observer)
         self.durable = DurableClient(transport, settings.node_id, clock, observer=observer)
+        self._publishes = Deadlines(clock)  # bounds the broker publish of events
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.
-        self.local_routes: dict[type[Message], Pipeline] = {}
-        self._limited = {t: self.limits.guard(p, t.type_name) for t, p in dispatcher.requests.items()}
+        self.local_routes: dict[type[Message], LocalRoute] = {}
         self._update_local_routes()
         transport.add_connection_listener(self._on_connection)
 
@@ -221,7 +222,16 @@ class ClusterNode:
         self.local_routes.clear()
         for message_type in self.dispatcher.requests:
             if message_type.type_name not in remote and not is_durable(message_type):
-                self.local_routes[message_type] = self._limited[message_type]  # same limit, same "busy"
+                self.local_routes[message_type] = self._local_route(message_type)
+
+    def _local_route(self, message_type: type[Message]) -> LocalRoute:
+        dispatcher, type_name = self.dispatcher, message_type.type_name
+        return (
+            self.limits.within_cap(dispatcher.requests[message_type], type_name),
+            type_name,
+            dispatcher.exact_results.get(message_type),
+            dispatcher.check_of(message_type),
+        )
 
     # -- the mediator's port ----------------------------------------------------------------------
 
@@ -286,7 +296,10 @@ class ClusterNode:
             if self.observer is not None:
                 self.observer.inject(envelope.headers)
             try:  # bounded like a send: a frozen broker must not hold the publisher
-                await self._hand_over(event_subject(event.type_name), envelope)
+                # One timer for every publish, armed about once per timeout (`core.deadlines`):
+                # the broker client takes most messages without suspending.
+                publish = self.transport.publish(event_subject(event.type_name), envelope)
+                await self._publishes.run(publish, self.settings.request_timeout)
             except TransportError as exc:
                 failure = exc
             except (TimeoutError, DeadlinePassed):
@@ -301,20 +314,6 @@ class ClusterNode:
                 await observed_events(self.observer, event, {}, lambda: self.dispatcher.handle_event(event))
         if failure is not None:
             raise failure
-
-    async def _hand_over(self, subject: str, envelope: Envelope) -> None:
-        """Publish, within ``CATGA_REQUEST_TIMEOUT``. The broker client takes most messages
-        without suspending (it queues them for its writer): then no timer is armed at all.
-
-        Raises:
-            DeadlinePassed: the broker did not take it in time.
-        """
-        publish = self.transport.publish(subject, envelope)
-        try:
-            suspended_on = publish.send(None)
-        except StopIteration:
-            return
-        await finish(publish, suspended_on, self.settings.request_timeout)
 
     @property
     def dead_letters(self) -> DeadLetters:

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
-from fastapi_catga.core.bounded import DeadlinePassed, finish
+from fastapi_catga.core.deadlines import DeadlinePassed, Deadlines
 from fastapi_catga.core.idempotency import DoneRecords, IdempotencyBehavior
 from fastapi_catga.core.messages import Message
 from fastapi_catga.core.pipeline import CallNext, Pipeline, as_pipeline
@@ -71,35 +72,30 @@ class LoggingBehavior:
 
 
 class TimeoutBehavior:
-    """Cancels a handler that runs longer than ``seconds`` and raises `RequestTimeoutError`."""
+    """Cancels a handler that runs longer than ``seconds`` and raises `RequestTimeoutError`.
 
-    def __init__(self, seconds: float) -> None:
+    Args:
+        seconds: the handler's budget.
+        clock: seconds, monotonic, at the event loop's pace (a virtual loop's ``loop.time``).
+    """
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         if seconds <= 0:
             raise ValueError("TimeoutBehavior needs a positive number of seconds")
         self._seconds = seconds
+        self._clock = clock
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any:
         return await self.compose(as_pipeline(call_next))(message)
 
     def compose(self, inner: Pipeline) -> Pipeline:
-        """The behavior around ``inner``, one coroutine per call (see `PipelineBehavior`).
-
-        The handler's first step runs here, with no timer: one that returns without suspending
-        (most in-process handlers) cannot pass a deadline, as nothing could cancel it before it
-        returns anyway. One that suspends is bounded by what is left of ``seconds`` (`finish`).
-        """
-        seconds = self._seconds
+        """The behavior around ``inner``, one coroutine per call (see `PipelineBehavior`): no
+        timer per call, one per pipeline (`Deadlines`)."""
+        seconds, deadlines = self._seconds, Deadlines(self._clock)
 
         async def bounded(message: Message) -> Any:
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            coro = inner(message)
             try:
-                suspended_on = coro.send(None)
-            except StopIteration as done:
-                return done.value
-            try:
-                return await finish(coro, suspended_on, seconds - (loop.time() - started))
+                return await deadlines.run(inner(message), seconds)
             except DeadlinePassed:
                 raise RequestTimeoutError(
                     f"{message.type_name} handler ran over its {seconds:g} s timeout"

@@ -1,19 +1,21 @@
 """Local dispatch: the composed pipelines of one node's handlers, and how their outcomes surface.
 
-Every path that runs a command or query on this node (an in-process `send`, a `send` routed to
-this node, a request from another node) runs it through `LocalDispatcher.run_request`, so each
-gets the same deadline, the same result validation and the same errors.
+Every path that runs a command or query on this node (a `send` routed to this node, a request
+from another node) runs it through `LocalDispatcher.run_request`, so each gets the same deadline,
+the same result validation and the same errors; the in-process `send` (`Mediator.send`) takes the
+same steps inline, with this dispatcher's result checks and errors.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from fastapi_catga.core.bounded import DeadlinePassed, finish
+from fastapi_catga.core.deadlines import DeadlinePassed, Deadlines
 from fastapi_catga.core.envelope import validation_details
 from fastapi_catga.core.handlers import HandlerRegistry
 from fastapi_catga.core.logs import LogLimiter
@@ -36,6 +38,7 @@ class LocalDispatcher:
         expose_errors: put a failing handler's exception text in the error the caller gets
             (development only: the text may hold data the caller should not see). Either way it
             is logged here, with its traceback.
+        clock: seconds, monotonic, at the event loop's pace: runs' deadlines (`Deadlines`).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class LocalDispatcher:
         node_id: str,
         *,
         expose_errors: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
         self.node_id = node_id
@@ -61,6 +65,7 @@ class LocalDispatcher:
             message_type.type_name: message_type for message_type in [*self.requests, *self._events]
         }
         self._log_limit = LogLimiter()
+        self._deadlines = Deadlines(clock)
         #: Per request type, the class a result can be as it is (its exact instances pass unchecked).
         self.exact_results: dict[type[Message], type] = {}
         #: Per request type, the check of a handler's result against the declared type.
@@ -89,32 +94,25 @@ class LocalDispatcher:
         return await self.run_request(pipeline, message, timeout)
 
     async def run_request(self, pipeline: Pipeline, message: Request[Any], timeout: float | None) -> Any:
-        """`handle_request` for a pipeline already looked up."""
-        coro = pipeline(message)
-        try:
-            suspended_on = coro.send(None)  # the first step, here: most handlers end in it
-        except StopIteration as done:
-            return self.checked(message, done.value)
-        except Exception as exc:
-            raise self.handler_error(exc, message) from exc
-        return await self.finish(coro, suspended_on, message, timeout)
-
-    async def finish(
-        self, coro: Coroutine[Any, Any, Any], suspended_on: Any, message: Request[Any], timeout: float | None
-    ) -> Any:
-        """The rest of a run whose first step suspended on ``suspended_on``: bounded, errors as
-        the caller gets them, result checked.
+        """`handle_request` for a pipeline already looked up.
 
         Raises:
             TimeoutError: the builtin one, never a handler's: ``timeout`` passed and the run was cancelled.
         """
         try:
-            result = await finish(coro, suspended_on, timeout)
+            if timeout is None:
+                result = await pipeline(message)
+            else:
+                result = await self._deadlines.run(pipeline(message), timeout)
         except DeadlinePassed:
             raise TimeoutError from None
         except Exception as exc:
             raise self.handler_error(exc, message) from exc
         return self.checked(message, result)
+
+    def check_of(self, message_type: type[Message]) -> Callable[[Request[Any], Any], Any]:
+        """How a result of ``message_type``'s handler is checked (`checked`, for one type)."""
+        return self.result_checks.get(message_type, _unchecked)
 
     def checked(self, message: Request[Any], result: Any) -> Any:
         """The result as the declared result type, or `RemoteHandlerError` when it is not one."""
@@ -176,6 +174,10 @@ class LocalDispatcher:
                     name, event.type_name, event.message_id, exc_info=exc,
                 )  # fmt: skip
         return failed
+
+
+def _unchecked(message: Request[Any], result: Any) -> Any:
+    return result  # declared ``Any``
 
 
 # Result types whose exact instances validation returns unchanged.

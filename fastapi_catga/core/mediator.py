@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable, Sized
 from typing import Any, Protocol, TypeVar
 
 from fastapi_catga.core.dead_letter import DeadLetter
+from fastapi_catga.core.deadlines import Deadlines
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.pipeline import Pipeline
-from fastapi_catga.exceptions import CatgaError, RequestTimeoutError
+from fastapi_catga.exceptions import BusyError, CatgaError, RequestTimeoutError
 
-__all__ = ["ClusterPort", "DeadLetterStore", "Mediator"]
+__all__ = ["ClusterPort", "DeadLetterStore", "HandlerSlots", "LocalRoute", "Mediator"]
 
 R = TypeVar("R")
 
@@ -28,10 +32,36 @@ class DeadLetterStore(Protocol):
     async def discard(self, letter_id: str) -> bool: ...
 
 
+class HandlerSlots(Protocol):
+    """The node's limit of handler runs at once (implemented by `cluster.limits.HandlerLimits`)."""
+
+    in_flight: int
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def ready(self) -> Sized: ...
+
+    def refused(self, type_name: str) -> BusyError: ...
+
+    def start_waiting(self) -> None: ...
+
+
+#: A request type run in-process: its pipeline (within the type's own cap, if any: see
+#: `HandlerLimits.within_cap`), its type name, the class its results pass unchecked as
+#: (`LocalDispatcher.exact_results`) and the check of other results (`LocalDispatcher.check_of`).
+LocalRoute = tuple[Pipeline, str, type | None, Callable[[Request[Any], Any], Any]]
+
+
 class ClusterPort(Protocol):
     """What the mediator needs from the cluster layer (implemented by `ClusterNode`)."""
 
-    local_routes: dict[type[Message], Pipeline]
+    #: The request types only this node runs (sent in-process).
+    local_routes: dict[type[Message], LocalRoute]
+
+    @property
+    def limits(self) -> HandlerSlots: ...
 
     @property
     def request_timeout(self) -> float: ...
@@ -60,12 +90,14 @@ class Mediator:
     Get it in a route with ``mediator: Mediator = Depends(get_mediator)``.
     """
 
-    def __init__(self, dispatcher: LocalDispatcher, cluster: ClusterPort) -> None:
+    def __init__(
+        self, dispatcher: LocalDispatcher, cluster: ClusterPort, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._dispatcher = dispatcher
         self._cluster = cluster
         self._local = cluster.local_routes  # kept current by the cluster as nodes come and go
-        self._checks = dispatcher.result_checks
-        self._exact = dispatcher.exact_results
+        self._slots = cluster.limits
+        self._deadlines = Deadlines(clock)
         self._timeout = cluster.request_timeout
 
     async def send(self, message: Request[R], *, timeout: float | None = None) -> R:
@@ -86,35 +118,52 @@ class Mediator:
             MessageTooLargeError: over the payload limit; nothing was sent.
             CatgaError: any `CatgaError` the handler raised, as its own class.
         """
-        run = self._local.get(message.__class__)
-        if run is None:
+        route = self._local.get(type(message))
+        if route is None:
             result: R = await self._cluster.send(message, timeout=timeout)
             return result
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
-        # The hot path of an in-process send: the handler's first step right here (most handlers
-        # end in it); only one that suspends gets the deadline's timer (`LocalDispatcher.finish`).
-        coro = run(message)
-        try:
-            suspended_on = coro.send(None)
-        except StopIteration as done:
-            result = done.value
-            if type(result) is self._exact.get(message.__class__):
-                return result
-            check = self._checks.get(message.__class__)
-            return result if check is None else check(message, result)
-        except Exception as exc:
-            raise self._dispatcher.handler_error(exc, message) from exc
+        # The hot path of an in-process send, written inline (each call or attribute costs on
+        # every send): the pipeline awaited in the caller's task, its deadline kept by
+        # `Deadlines` (no timer per call), a slot of the node's limit taken as a remote run takes it.
         budget = self._timeout if timeout is None else timeout
+        if not budget > 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        pipeline, type_name, exact, check = route
+        slots, deadlines = self._slots, self._deadlines
+        if slots.in_flight >= slots.limit:
+            raise slots.refused(type_name)
+        slots.in_flight += 1
         try:
-            result = await self._dispatcher.finish(coro, suspended_on, message, budget)
-        except TimeoutError as exc:
-            if isinstance(exc, CatgaError):
-                raise  # the handler's own
-            raise RequestTimeoutError(
-                f"{message.type_name} {message.message_id}: no answer within {budget:g} s"
-            ) from None
-        return result
+            coro = pipeline(message)
+            deadline = deadlines.clock() + budget
+            if deadlines.current is not None:
+                deadlines.park()
+            deadlines.current, deadlines.current_deadline = coro, deadline
+            if deadline < deadlines.timer_at:
+                deadlines.arm(deadline)
+            try:
+                result = await coro
+            except Exception as exc:
+                raise self._dispatcher.handler_error(exc, message) from exc
+            except asyncio.CancelledError:
+                if deadlines.timed_out(coro):
+                    raise RequestTimeoutError(
+                        f"{type_name} {message.message_id}: no answer within {budget:g} s"
+                    ) from None
+                raise
+            finally:
+                if deadlines.current is coro:
+                    deadlines.current = None
+                else:
+                    deadlines.ended(coro)
+        finally:
+            slots.in_flight -= 1
+            if slots.ready:
+                slots.start_waiting()
+        if type(result) is exact:
+            return result
+        checked: R = check(message, result)
+        return checked
 
     async def enqueue(self, message: Request[Any]) -> Accepted:
         """Store a durable command on the broker and return as soon as the broker has it (the HTTP 202

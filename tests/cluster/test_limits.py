@@ -113,7 +113,7 @@ def test_types_waiting_for_the_nodes_limit_take_turns_first_in_first_out_within_
     assert started[3:] == ["A1", "B", "C", "A2", "A3"]  # B and C did not wait behind A's backlog
     for name in ("A", "A", "A"):
         limits.leave(name)
-    assert limits.in_flight == 0 and limits.events_waiting == 0 and limits._ready == deque()
+    assert limits.in_flight == 0 and limits.events_waiting == 0 and limits.ready == deque()
 
 
 def test_a_start_that_raises_gives_its_slot_back(caplog: pytest.LogCaptureFixture) -> None:

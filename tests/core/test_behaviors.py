@@ -293,4 +293,4 @@ async def test_timeout_behavior_counts_the_first_step_in_the_budget(monkeypatch:
         return "in time only if the first step were free"
 
     with pytest.raises(RequestTimeoutError):
-        await build_pipeline(slow_start, [TimeoutBehavior(1.0)], PPing)(PPing())
+        await build_pipeline(slow_start, [TimeoutBehavior(1.0, clock=lambda: loop.time())], PPing)(PPing())
