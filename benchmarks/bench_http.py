@@ -12,7 +12,9 @@ Starts a nats-server (``tests.servers``), then two uvicorn processes per contend
 The load comes from ``wrk`` in its own process (Debian: ``apt-get install wrk``), ``--connections``
 keep-alive connections to the first node, the same body every time (``{"sku": ..., "quantity": 1}``:
 each order gets a fresh id). Runs are interleaved (raw, catga, raw, catga, ...); the median run is
-shown with its p50/p99 latency, and the ratio catga / raw. Every process started is stopped at the end.
+shown with its p50/p99 latency and the median CPU time the two nodes spent per request (user + system,
+from the kernel: the figure that holds on a shared box), and the ratios catga / raw. Every process
+started is stopped at the end.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks._common import LOOPS, REPO_ROOT, fmt_rate, fmt_ratio, loadavg
+from benchmarks.profile_cluster import cpu_seconds
 from tests.servers import NatsServer
 
 BODY = '{"sku": "sku-1", "quantity": 1}'
@@ -46,6 +49,7 @@ class Run:
     p50_us: float
     p99_us: float
     errors: int
+    cpu_us: float = 0.0  # the nodes' CPU time (user + system, all of them) per request
 
 
 @dataclass
@@ -125,6 +129,16 @@ def wrk(port: int, seconds: float, connections: int, script: str) -> Run:
     return Run(float(rate[1]), latency("50"), latency("99"), int(errors[1]) if errors else 0)
 
 
+def measure(contender: Contender, seconds: float, connections: int, script: str) -> Run:
+    """A wrk run, with the CPU time the contender's nodes spent per request (from the kernel: it
+    holds on a shared box, where requests per second do not)."""
+    before = sum(cpu_seconds(proc.pid) for proc in contender.procs)
+    run = wrk(contender.ports[0], seconds, connections, script)
+    after = sum(cpu_seconds(proc.pid) for proc in contender.procs)
+    run.cpu_us = (after - before) / max(1.0, run.rate * seconds) * 1e6
+    return run
+
+
 def stop(contender: Contender) -> None:
     for proc in contender.procs:
         if proc.poll() is None:
@@ -180,7 +194,7 @@ def main() -> int:
             wrk(contender.ports[0], min(1.0, args.seconds), args.connections, script.name)  # warm-up
         for round_no in range(1, args.runs + 1):
             for contender in contenders:
-                contender.runs.append(wrk(contender.ports[0], args.seconds, args.connections, script.name))
+                contender.runs.append(measure(contender, args.seconds, args.connections, script.name))
             print(f"  round {round_no}/{args.runs} done", flush=True)
     finally:
         for contender in contenders:
@@ -198,17 +212,20 @@ def print_table(contenders: list[Contender], args: argparse.Namespace) -> None:
         f"== POST /orders over HTTP, 2 uvicorn nodes each ({args.loop}), nats-server, "
         f"wrk -c{args.connections}: median of {args.runs} runs x {args.seconds:g} s =="
     )
-    print(f"{'':34} {'req/s':>10} {'p50 us':>9} {'p99 us':>9} {'errors':>7}   runs (req/s)")
+    print(f"{'':34} {'req/s':>10} {'p50 us':>9} {'p99 us':>9} {'errors':>7} {'CPU us':>7}   runs (req/s)")
     for contender in contenders:
         run = contender.median()
         runs = " / ".join(fmt_rate(r.rate) for r in contender.runs)
         errors = sum(r.errors for r in contender.runs)
         latency = f"{run.p50_us:9,.0f} {run.p99_us:9,.0f}"
-        print(f"{contender.label:34} {fmt_rate(run.rate):>10} {latency} {errors:7}   {runs}")
+        cpu = sorted(r.cpu_us for r in contender.runs)[len(contender.runs) // 2]
+        print(f"{contender.label:34} {fmt_rate(run.rate):>10} {latency} {errors:7} {cpu:7,.0f}   {runs}")
     per_round = " / ".join(fmt_ratio(c.rate, r.rate) for c, r in zip(catga.runs, raw.runs, strict=True))
     print(
         f"{'catga / raw':34} {fmt_ratio(catga.median().rate, raw.median().rate):>10}   per round {per_round}"
     )
+    cpu_ratios = " / ".join(fmt_ratio(r.cpu_us, c.cpu_us) for c, r in zip(catga.runs, raw.runs, strict=True))
+    print(f"{'raw CPU / catga CPU per request':34} {'':>10}   per round {cpu_ratios}")
     print(f"  loadavg at the end {loadavg()}")
 
 

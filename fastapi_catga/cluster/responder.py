@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi_catga.cluster.limits import HandlerLimits
-from fastapi_catga.cluster.runs import Runs, describe
+from fastapi_catga.cluster.runs import EAGER_TASKS, Runs, describe
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
     MESSAGE_TYPE,
@@ -144,11 +144,16 @@ class Responder:
         if envelope.headers.get(SOURCE) == self.node_id:  # local handlers ran at publish
             return
         type_name = self._type_of(envelope)
+        now = True
 
         def start() -> None:  # called with the slot taken, now or once one is free
-            self._runs.spawn(self._run_event(envelope), envelope, type_name)
+            # Through 3.11's intake when started now (not from `HandlerLimits.leave`, which starts
+            # waiting events as slots come back); not eagerly on 3.12+, where the handlers would
+            # run inside the publisher's call on the memory transport.
+            self._runs.spawn(self._run_event(envelope), envelope, type_name, eager=now and not EAGER_TASKS)
 
         self._limits.run_event(type_name, start)
+        now = False
 
     def _busy(self, reply: Reply | None, type_name: str, what: str) -> None:
         """No slot: say "busy" at once (the handler never ran: the caller may go elsewhere)."""

@@ -7,14 +7,20 @@ the log, never the refused request itself (whose body may be as large as the bro
 most `MAX_BUSY_REPLIES` may wait for the broker at once, so they hold a few hundred KiB at most.
 Past that the broker takes no replies anyway, and a request is left unanswered (its caller times
 out) rather than let tasks pile up.
+
+Most handlers end in their first step. On 3.12+ a request's run is an eager task; on 3.11 the
+intake (`Runs._take`) takes such first steps in turn, in one task, and only a run that suspends
+keeps a task of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sys
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 from fastapi_catga.cluster.limits import HandlerLimits
@@ -23,12 +29,13 @@ from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.exceptions import BusyError, CatgaError
 from fastapi_catga.transports.base import Reply
 
-__all__ = ["MAX_BUSY_REPLIES", "Runs", "describe"]
+__all__ = ["EAGER_TASKS", "MAX_BUSY_REPLIES", "Runs", "describe"]
 
 logger = logging.getLogger(__name__)
 
 #: "Busy" replies not yet handed to the broker, at most.
 MAX_BUSY_REPLIES = 1000
+_PLAIN_TASKS = 64  # eager runs started as plain tasks after one suspended in the intake (3.11)
 _CANCEL_GRACE = 1.0  # s a stopping node waits for cancelled handler runs to end before abandoning them
 
 
@@ -39,6 +46,10 @@ def describe(envelope: Envelope) -> str:
     type_name, message_id, source = (str(part)[:80] for part in parts)
     return f"{type_name} {message_id} from {source}"
 
+
+#: Python 3.12+ starts a task eagerly (its first step now, in the caller); 3.11 cannot, and the
+#: intake stands in for it (`Runs._take`).
+EAGER_TASKS = sys.version_info >= (3, 12)
 
 if sys.version_info >= (3, 12):
 
@@ -57,6 +68,39 @@ else:
         return loop.create_task(work)
 
 
+def _log_failure(what: str | Envelope, error: BaseException | None) -> None:
+    """A run that raised (its own errors are answers: this is a bug, in catga or a behavior)."""
+    logger.error("a run of %s failed", what if isinstance(what, str) else describe(what), exc_info=error)
+
+
+class _Continue:
+    """Awaits the rest of a coroutine whose first step ran in ``context`` (each step runs there)."""
+
+    __slots__ = ("_context", "_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any, context: contextvars.Context) -> None:
+        self._coro = coro
+        self._first = first
+        self._context = context
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, context, signal = self._coro, self._context, self._first
+        while True:
+            thrown: BaseException | None = None
+            sent: Any = None
+            try:
+                sent = yield signal  # hand the awaited future to the task, as `await` would
+            except GeneratorExit:
+                context.run(coro.close)
+                raise
+            except BaseException as exc:  # a cancellation, thrown in by the task
+                thrown = exc
+            try:
+                signal = context.run(coro.send, sent) if thrown is None else context.run(coro.throw, thrown)
+            except StopIteration:
+                return
+
+
 class Runs:
     """The responder's tasks; ``limits`` gets each run's slot back when its task ends."""
 
@@ -68,6 +112,12 @@ class Runs:
         self._tasks: dict[asyncio.Task[None], tuple[str | None, str | Envelope]] = {}
         #: "busy" answers not yet handed to the broker.
         self.busy_replies = 0
+        #: 3.11: eager runs whose first step the intake has not taken yet, and the intake's task.
+        self._queue: deque[tuple[Coroutine[Any, Any, None], str | Envelope, str | None]] = deque()
+        self._intake: asyncio.Task[None] | None = None
+        self._stopping = False
+        #: Eager runs still to start as plain tasks because a run lately suspended in the intake.
+        self._plain_tasks = 0
 
     def spawn(
         self,
@@ -79,11 +129,20 @@ class Runs:
     ) -> None:
         """Run ``work`` in a task; ``what`` names it in the log (an envelope: the message it runs,
         described only if it must be). ``slot``: the type whose slot the caller took for it; it is
-        given back when the task ends, or here if no task could be started. ``eager`` (3.12+): its
-        first step runs now; not for runs started by a slot given back (`HandlerLimits.leave`
-        starts waiting events: eager ones ending at once would nest one call per event)."""
+        given back when the run ends, or here if it could not be started.
+
+        ``eager``: its first step runs before anything else is scheduled, and a run that ends in
+        it (most) costs no task of its own (3.12+: an eager task; 3.11: the intake, see `_take`).
+        Not for runs started by a slot given back (`HandlerLimits.leave` starts waiting events:
+        eager ones ending at once would nest one call per event)."""
         try:
-            task = _start(asyncio.get_running_loop(), work, eager)
+            loop = asyncio.get_running_loop()
+            if eager and not EAGER_TASKS and self._tasks_for() == 0:
+                if self._intake is None:
+                    self._start_intake(loop)
+                self._queue.append((work, what, slot))
+                return
+            task = _start(loop, work, eager)
         except BaseException:
             work.close()
             if slot is not None:
@@ -92,6 +151,8 @@ class Runs:
         if task.done():  # it ended in its first step (eager start, 3.12+): nothing to track
             if slot is not None:
                 self._limits.leave(slot)
+            if not task.cancelled() and (error := task.exception()) is not None:
+                _log_failure(what, error)  # as the intake does, not whenever the task is collected
             return
         self._tasks[task] = (slot, what)
         task.add_done_callback(self._ended)  # one callback: slot and bookkeeping together
@@ -100,6 +161,91 @@ class Runs:
         slot, _ = self._tasks.pop(task)
         if slot is not None:
             self._limits.leave(slot)
+
+    # -- 3.11: the intake, in place of eager tasks ------------------------------------------------
+
+    def _tasks_for(self) -> int:
+        """How many more eager runs start as plain tasks (0: this one goes to the intake)."""
+        left = self._plain_tasks
+        if left:
+            self._plain_tasks = left - 1
+        return left
+
+    def _start_intake(self, loop: asyncio.AbstractEventLoop) -> None:
+        take = self._take()
+        try:
+            intake = loop.create_task(take)
+        except BaseException:
+            take.close()
+            raise
+        self._intake = intake
+        self._tasks[intake] = (None, "the intake of requests")
+        intake.add_done_callback(self._intake_ended)
+
+    async def _take(self) -> None:
+        """Take the first step of each queued run in turn, each in its own copy of the context, as
+        an eager task would: a run that ends in it (most) costs no task and no loop turn of its own.
+
+        The first run that suspends keeps this task, which sees it to its end: a timeout, a task
+        group or anything else its first step tied to the current task is tied to the task that
+        goes on running it. The runs still queued then get a task each; later ones a new intake.
+        """
+        queue, limits = self._queue, self._limits
+        while queue:
+            work, what, slot = queue.popleft()
+            context = contextvars.copy_context()
+            try:
+                signal = context.run(work.send, None)
+            except StopIteration:
+                if slot is not None:
+                    limits.leave(slot)
+                continue
+            except Exception:  # what a task would hold as its exception: said in the log instead
+                if slot is not None:
+                    limits.leave(slot)
+                _log_failure(what, sys.exception())
+                continue
+            except BaseException:
+                if slot is not None:
+                    limits.leave(slot)
+                raise
+            # It suspended: this task is the run's from now on.
+            me = self._intake
+            assert me is not None
+            self._intake = None
+            self._tasks[me] = (slot, what)
+            # The rest of the queue gets a task each, as without the intake, all started in this
+            # loop turn: a new intake would take one run per turn while each suspends (a Redis
+            # reply waits for its PUBLISH), and what they send would no longer go out together.
+            # So do the next runs: where runs suspend, the intake only costs (one in
+            # `_PLAIN_TASKS` + 1 still goes to it, to notice when they stop suspending).
+            self._plain_tasks = _PLAIN_TASKS
+            while queue:
+                rest, rest_what, rest_slot = queue.popleft()
+                self.spawn(rest, rest_what, rest_slot)
+            try:
+                await _Continue(work, signal, context)
+            finally:
+                if slot is not None:
+                    limits.leave(slot)
+            return
+        self._intake = None  # now: a run spawned before the done callback needs a new intake at once
+
+    def _intake_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        if self._intake is not task:
+            return  # it took the whole queue, or went on to run one that suspended
+        self._intake = None  # cancelled (a stop), or ended by an error that was no Exception
+        if not self._queue:
+            return
+        if not self._stopping:
+            self._start_intake(asyncio.get_running_loop())
+            return
+        while self._queue:  # a stopping node runs no more of them: never started, their slots back
+            work, _, slot = self._queue.popleft()
+            work.close()
+            if slot is not None:
+                self._limits.leave(slot)
 
     def busy(self, reply: Reply, error: BusyError, what: str) -> bool:
         """Answer ``error`` through ``reply`` in a small task (``what`` names the request in the
@@ -139,6 +285,7 @@ class Runs:
             logger.warning("dropped %d received event(s) still waiting for a handler slot", dropped)
         if not self._tasks:
             return
+        self._stopping = True
         pending = set(self._tasks)
         for task in pending:
             task.cancel()

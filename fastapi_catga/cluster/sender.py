@@ -163,7 +163,8 @@ class Sender:
         tried: set[str] = set()
         for attempt in range(1, self._attempts + 1):
             remaining = call.deadline - self._clock()
-            candidates = self.view.capable(type_name)  # the view may have changed while the last one ran
+            if attempt > 1:
+                candidates = self.view.capable(type_name)  # the view may have changed while the last one ran
             target = self._pick(call.message, tried, candidates)
             if remaining <= 0 or target is None:
                 break

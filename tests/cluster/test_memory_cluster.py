@@ -85,6 +85,24 @@ async def test_publish_runs_every_handler_on_every_node(start_node: StartNode) -
     assert Counter(e for e in workload.events_seen if e[1] == event.message_id) == Counter(expected)
 
 
+async def test_a_broker_that_does_not_take_an_event_fails_the_publish_at_the_deadline(
+    start_node: StartNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = await start_node("a", request_timeout=0.2), await start_node("b")
+    await eventually(lambda: len(a.node.nodes()) == 2, within=1)
+
+    async def stuck(subject: str, envelope: object) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(transport_of(a), "publish", stuck)
+    event = Happened(what="x")
+    started = time.monotonic()
+    with pytest.raises(TransportError, match=r"did not take Happened .* within 0.2 s"):
+        await a.mediator.publish(event)
+    assert 0.2 <= time.monotonic() - started < 1.0
+    assert {("a", event.message_id), ("a/2", event.message_id)} <= set(workload.events_seen)  # ran here
+
+
 async def test_graceful_stop_leaves_every_view_and_sends_keep_working(start_node: StartNode) -> None:
     a, b, c = await start_node("a"), await start_node("b"), await start_node("c")
     await eventually(lambda: len(a.node.nodes()) == 3, within=1)

@@ -1,0 +1,131 @@
+"""`Runs`, eager runs: each run's first step runs before anything else is scheduled, in its own
+context; one that suspends goes on in the task that took its first step (3.12+: an eager task of
+its own; 3.11: the intake's, which hands the rest of the queue to a new one). Slots come back
+however a run ends, and a stop ends what has not started."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+
+import pytest
+
+from fastapi_catga.cluster.limits import HandlerLimits
+from fastapi_catga.cluster.runs import Runs
+from fastapi_catga.core.logs import LogLimiter
+
+seen: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="")
+
+
+def make_runs() -> tuple[HandlerLimits, Runs]:
+    limits = HandlerLimits(0, 0, 10, [], node_id="n")
+    return limits, Runs(limits, "n", LogLimiter())
+
+
+def spawn(limits: HandlerLimits, runs: Runs, work: object, name: str = "Work") -> None:
+    assert limits.enter(name)
+    runs.spawn(work, name, name, eager=True)  # type: ignore[arg-type]
+
+
+async def test_a_run_that_suspends_keeps_its_timeout_and_the_others_run_meanwhile() -> None:
+    limits, runs = make_runs()
+    done: list[str] = []
+
+    async def slow() -> None:
+        try:
+            async with asyncio.timeout(0.05):  # entered in the first step: bound to the run's task
+                await asyncio.sleep(10)
+        except TimeoutError:
+            done.append("slow timed out")
+
+    async def quick(name: str) -> None:
+        done.append(name)
+
+    spawn(limits, runs, slow())
+    for name in ("a", "b"):
+        spawn(limits, runs, quick(name))
+    await asyncio.sleep(0.01)
+    assert done == ["a", "b"] and limits.in_flight == 1
+    await asyncio.sleep(0.2)
+    assert done == ["a", "b", "slow timed out"] and limits.in_flight == 0
+
+
+async def test_runs_queued_behind_one_that_suspends_all_start_in_the_next_loop_turn() -> None:
+    # What they send then goes out together (a Redis reply waits for its PUBLISH: every run suspends).
+    limits, runs = make_runs()
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def waits(number: int) -> None:
+        started.append(number)
+        await release.wait()
+
+    for number in range(4):
+        spawn(limits, runs, waits(number))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert started == [0, 1, 2, 3]
+    release.set()
+    await asyncio.sleep(0.01)
+    assert limits.in_flight == 0
+
+
+async def test_each_run_has_its_own_context_and_a_task_of_its_own_when_it_suspends() -> None:
+    limits, runs = make_runs()
+    found: list[str] = []
+    tasks: set[asyncio.Task[object] | None] = set()
+
+    async def work(name: str) -> None:
+        found.append(seen.get())
+        seen.set(name)
+        tasks.add(asyncio.current_task())
+        await asyncio.sleep(0.01)
+        found.append(seen.get())
+        tasks.add(asyncio.current_task())
+
+    for name in ("a", "b", "c"):
+        spawn(limits, runs, work(name))
+    await asyncio.sleep(0.1)
+    assert found == ["", "", "", "a", "b", "c"]
+    assert None not in tasks and len(tasks) == 3
+    assert limits.in_flight == 0 and seen.get() == ""
+
+
+async def test_a_run_that_fails_in_its_first_step_is_logged_and_the_next_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limits, runs = make_runs()
+    done: list[str] = []
+
+    async def broken() -> None:
+        raise ValueError("boom")
+
+    async def fine() -> None:
+        done.append("fine")
+
+    with caplog.at_level(logging.ERROR):
+        spawn(limits, runs, broken(), "Broken")
+        spawn(limits, runs, fine())
+        await asyncio.sleep(0.01)
+    assert done == ["fine"] and limits.in_flight == 0
+    assert "boom" in caplog.text
+
+
+async def test_a_stop_ends_runs_not_started_and_gives_their_slots_back() -> None:
+    limits, runs = make_runs()
+
+    async def stuck() -> None:
+        await asyncio.Event().wait()
+
+    started = stuck()
+    spawn(limits, runs, started)
+    await asyncio.sleep(0.01)  # its first step taken: it waits
+    waiting = [stuck() for _ in range(3)]
+    for work in waiting:
+        spawn(limits, runs, work)
+    await runs.stop(0)  # cancelled before anything else ran
+    assert limits.in_flight == 0
+    assert inspect.getcoroutinestate(started) == "CORO_CLOSED"
+    assert all(inspect.getcoroutinestate(work) == "CORO_CLOSED" for work in waiting)
