@@ -21,7 +21,7 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 
 from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.core.envelope import MESSAGE_ID, MESSAGE_TYPE, SOURCE, Envelope, encode_error
@@ -74,31 +74,48 @@ def _log_failure(what: str | Envelope, error: BaseException | None) -> None:
 
 
 class _Continue:
-    """Awaits the rest of a coroutine whose first step ran in ``context`` (each step runs there)."""
+    """Awaits the rest of a coroutine whose first step ran in ``context`` (each step runs there).
+
+    Its own iterator, not a generator, so that it can show the coroutine it runs as ``cr_await``:
+    `Deadlines` finds a run's task by following those links down from each task.
+    """
 
     __slots__ = ("_context", "_coro", "_first")
 
     def __init__(self, coro: Coroutine[Any, Any, None], first: Any, context: contextvars.Context) -> None:
         self._coro = coro
-        self._first = first
+        self._first: Any = first
         self._context = context
 
+    @property
+    def cr_await(self) -> Coroutine[Any, Any, None]:
+        return self._coro
+
     def __await__(self) -> Generator[Any, Any, None]:
-        coro, context, signal = self._coro, self._context, self._first
-        while True:
-            thrown: BaseException | None = None
-            sent: Any = None
-            try:
-                sent = yield signal  # hand the awaited future to the task, as `await` would
-            except GeneratorExit:
-                context.run(coro.close)
-                raise
-            except BaseException as exc:  # a cancellation, thrown in by the task
-                thrown = exc
-            try:
-                signal = context.run(coro.send, sent) if thrown is None else context.run(coro.throw, thrown)
-            except StopIteration:
-                return
+        return cast(Generator[Any, Any, None], self)  # the generator protocol, by hand
+
+    def __iter__(self) -> _Continue:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        first = self._first
+        if first is not _STEPPED:  # the awaited future of the first step, handed to the task
+            self._first = _STEPPED
+            return first
+        return self._context.run(self._coro.send, value)  # its StopIteration ends the await
+
+    def throw(self, error: BaseException) -> Any:  # a cancellation, thrown in by the task
+        self._first = _STEPPED
+        return self._context.run(self._coro.throw, error)
+
+    def close(self) -> None:
+        self._context.run(self._coro.close)
+
+
+_STEPPED: Any = object()
 
 
 class Runs:

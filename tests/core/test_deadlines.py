@@ -40,7 +40,12 @@ def test_a_run_that_ends_in_time_is_never_looked_at_and_arms_one_timer_in_all() 
     async def scenario(deadlines: Deadlines, loop: asyncio.AbstractEventLoop) -> None:
         armed: list[float] = []
         arm = deadlines.arm
-        deadlines.arm = lambda deadline: (armed.append(deadline), arm(deadline))[1]  # type: ignore[method-assign]
+
+        def counted(deadline: float) -> None:
+            armed.append(deadline)
+            arm(deadline)
+
+        deadlines.arm = counted  # type: ignore[method-assign]
         for _ in range(1000):
             assert await deadlines.run(sleeper(0), 5.0) == "slept 0"
         assert len(armed) == 1  # later runs' deadlines are all after the armed one
@@ -214,3 +219,51 @@ def test_in_process_sends_time_out_at_their_deadline_and_give_their_slot_back() 
 
     took = run_virtual(scenario())
     assert took == pytest.approx([0.5, 1.0, 3.0], abs=0.002)
+
+
+cancelled_on: list[str] = []
+
+
+class FarStuck(Command[str]):
+    type_name = "deadlines.FarStuck"
+
+
+@handler
+async def far_stuck(message: FarStuck) -> str:
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        cancelled_on.append(message.message_id)
+        raise
+    return "done"
+
+
+def test_a_remote_run_past_its_callers_deadline_is_cancelled_on_the_node_that_runs_it() -> None:
+    """The responder's run (an eager task on 3.12+, the intake's task on 3.11) is found and
+    cancelled when the deadline its caller sent passes, never before."""
+
+    async def scenario() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        caller = virtual_node(broker, "caller", handlers=[])
+        runner = virtual_node(broker, "runner", handlers=[far_stuck])
+        await runner.start()
+        await caller.start()
+        try:
+            sent = FarStuck()
+            started = loop.time()
+            with pytest.raises(RequestTimeoutError):
+                await caller.mediator.send(sent, timeout=2.0)
+            timed_out = loop.time() - started
+            while sent.message_id not in cancelled_on and loop.time() - started < 30:
+                await asyncio.sleep(0.01)
+            assert sent.message_id in cancelled_on, "the remote run was not cancelled"
+            assert runner.node.limits.in_flight == 0
+            return timed_out, loop.time() - started
+        finally:
+            await caller.stop()
+            await runner.stop()
+
+    timed_out, cancelled = run_virtual(scenario())
+    assert timed_out == pytest.approx(2.0, abs=0.05)
+    assert 1.9 <= cancelled <= 2.1
