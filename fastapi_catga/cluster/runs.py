@@ -54,18 +54,24 @@ EAGER_TASKS = sys.version_info >= (3, 12)
 if sys.version_info >= (3, 12):
 
     def _start(
-        loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, None], eager: bool
+        loop: asyncio.AbstractEventLoop,
+        work: Coroutine[Any, Any, None],
+        eager: bool,
+        context: contextvars.Context | None,
     ) -> asyncio.Task[None]:
         # An eager task runs its first step now, as itself (its own context, the current task): a
         # handler that ends in it (most) is never scheduled and costs no loop turn.
-        return asyncio.Task(work, loop=loop, eager_start=eager)
+        return asyncio.Task(work, loop=loop, eager_start=eager, context=context)
 
 else:
 
     def _start(
-        loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, None], eager: bool
+        loop: asyncio.AbstractEventLoop,
+        work: Coroutine[Any, Any, None],
+        eager: bool,
+        context: contextvars.Context | None,
     ) -> asyncio.Task[None]:
-        return loop.create_task(work)
+        return loop.create_task(work, context=context)
 
 
 def _log_failure(what: str | Envelope, error: BaseException | None) -> None:
@@ -119,7 +125,7 @@ _STEPPED: Any = object()
 
 
 class Runs:
-    """The responder's tasks; ``limits`` gets each run's slot back when its task ends."""
+    """The responder's tasks; ``limits`` gets each run's slot back when the run ends."""
 
     def __init__(self, limits: HandlerLimits, node_id: str, log_limit: LogLimiter) -> None:
         self._limits = limits
@@ -130,7 +136,9 @@ class Runs:
         #: "busy" answers not yet handed to the broker.
         self.busy_replies = 0
         #: 3.11: eager runs whose first step the intake has not taken yet, and the intake's task.
-        self._queue: deque[tuple[Coroutine[Any, Any, None], str | Envelope, str | None]] = deque()
+        self._queue: deque[
+            tuple[Coroutine[Any, Any, None], str | Envelope, str | None, contextvars.Context]
+        ] = deque()
         self._intake: asyncio.Task[None] | None = None
         self._stopping = False
         #: Eager runs still to start as plain tasks because a run lately suspended in the intake.
@@ -143,10 +151,12 @@ class Runs:
         slot: str | None = None,
         *,
         eager: bool = False,
+        context: contextvars.Context | None = None,
     ) -> None:
-        """Run ``work`` in a task; ``what`` names it in the log (an envelope: the message it runs,
-        described only if it must be). ``slot``: the type whose slot the caller took for it; it is
-        given back when the run ends, or here if it could not be started.
+        """Run ``work`` in a task, in ``context`` or a copy of the current one; ``what`` names it in
+        the log (an envelope: the message it runs, described only if it must be). ``slot``: the
+        type whose slot the caller took for it; it is given back when the run ends, or here if it
+        could not be started.
 
         ``eager``: its first step runs before anything else is scheduled, and a run that ends in
         it (most) costs no task of its own (3.12+: an eager task; 3.11: the intake, see `_take`).
@@ -157,9 +167,10 @@ class Runs:
             if eager and not EAGER_TASKS and self._tasks_for() == 0:
                 if self._intake is None:
                     self._start_intake(loop)
-                self._queue.append((work, what, slot))
+                # Its own context, copied now, as a task started here would get it.
+                self._queue.append((work, what, slot, contextvars.copy_context()))
                 return
-            task = _start(loop, work, eager)
+            task = _start(loop, work, eager, context)
         except BaseException:
             work.close()
             if slot is not None:
@@ -209,8 +220,7 @@ class Runs:
         """
         queue, limits = self._queue, self._limits
         while queue:
-            work, what, slot = queue.popleft()
-            context = contextvars.copy_context()
+            work, what, slot, context = queue.popleft()
             try:
                 signal = context.run(work.send, None)
             except StopIteration:
@@ -238,8 +248,8 @@ class Runs:
             # `_PLAIN_TASKS` + 1 still goes to it, to notice when they stop suspending).
             self._plain_tasks = _PLAIN_TASKS
             while queue:
-                rest, rest_what, rest_slot = queue.popleft()
-                self.spawn(rest, rest_what, rest_slot)
+                rest, rest_what, rest_slot, rest_context = queue.popleft()
+                self.spawn(rest, rest_what, rest_slot, context=rest_context)
             try:
                 await _Continue(work, signal, context)
             finally:
@@ -259,7 +269,7 @@ class Runs:
             self._start_intake(asyncio.get_running_loop())
             return
         while self._queue:  # a stopping node runs no more of them: never started, their slots back
-            work, _, slot = self._queue.popleft()
+            work, _, slot, _ = self._queue.popleft()
             work.close()
             if slot is not None:
                 self._limits.leave(slot)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -84,9 +85,20 @@ class TimeoutBehavior:
             raise ValueError("TimeoutBehavior needs a positive number of seconds")
         self._seconds = seconds
         self._clock = clock
+        # Calls through `__call__` (pipelines call `compose`'s step): one timer per event loop.
+        self._called: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any:
-        return await self.compose(as_pipeline(call_next))(message)
+        loop = asyncio.get_running_loop()
+        deadlines = self._called.get(loop)
+        if deadlines is None:
+            deadlines = self._called[loop] = Deadlines(self._clock)
+        try:
+            return await deadlines.run(call_next(), self._seconds)  # type: ignore[arg-type]
+        except DeadlinePassed:
+            raise self._ran_over(message) from TimeoutError()
 
     def compose(self, inner: Pipeline) -> Pipeline:
         """The behavior around ``inner``, one coroutine per call (see `PipelineBehavior`): no
@@ -97,11 +109,12 @@ class TimeoutBehavior:
             try:
                 return await deadlines.run(inner(message), seconds)
             except DeadlinePassed:
-                raise RequestTimeoutError(
-                    f"{message.type_name} handler ran over its {seconds:g} s timeout"
-                ) from TimeoutError()
+                raise self._ran_over(message) from TimeoutError()
 
         return bounded
+
+    def _ran_over(self, message: Message) -> RequestTimeoutError:
+        return RequestTimeoutError(f"{message.type_name} handler ran over its {self._seconds:g} s timeout")
 
 
 class RetryBehavior:

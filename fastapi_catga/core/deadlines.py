@@ -31,9 +31,11 @@ and when it ends the cancellation request is withdrawn.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 from collections.abc import Callable, Coroutine, Iterable
+from types import AsyncGeneratorType
 from typing import Any
 
 __all__ = ["DeadlinePassed", "Deadlines"]
@@ -70,6 +72,7 @@ class Deadlines:
 
     async def run(self, coro: Run, budget: float) -> Any:
         """Await ``coro``, cancelled ``budget`` seconds from now if it has not ended by then.
+        (`Mediator.send` has the same steps inline: a change here is one there too.)
 
         Raises:
             DeadlinePassed: it was cancelled at its deadline.
@@ -144,24 +147,38 @@ class Deadlines:
         for task in asyncio.all_tasks():
             if not left:
                 break
+            found = False
             for awaited in _chain(task.get_coro()):
-                if awaited in left:
-                    left.discard(awaited)
+                if awaited not in left:
+                    continue
+                left.discard(awaited)
+                if not found:  # the outermost due run of this task times out; the ones it awaits
+                    found = True  # are cancelled with it, as its own steps
                     self.expired[awaited] = (task, task.cancelling())
                     task.cancel()
-                    break
-        if left:  # not reachable through cr_await links: an unusual awaitable sits in between
+        if left:  # not reachable through the links `_chain` follows: an unusual awaitable between
             logger.error(
-                "could not cancel %d run(s) at their deadline: no task is found awaiting them", len(left)
+                "could not cancel %d run(s) at their deadline: no task is found awaiting them (an "
+                "awaitable that hides what it awaits sits between the task and the run); they go on",
+                len(left),
             )
 
 
 def _chain(awaited: Any) -> Iterable[Any]:
-    """``awaited``, what it awaits, what that awaits, ... (coroutines, generators, async generators)."""
+    """``awaited``, what it awaits, what that awaits, ... (coroutines, generators, async generators,
+    and what ``async for`` and ``anext`` await them through)."""
     while awaited is not None:
         yield awaited
         awaited = (
             getattr(awaited, "cr_await", None)
             or getattr(awaited, "gi_yieldfrom", None)
             or getattr(awaited, "ag_await", None)
+            or _async_generator_of(awaited)
         )
+
+
+def _async_generator_of(awaited: Any) -> Any:
+    """The async generator an ``asend``/``athrow`` awaitable steps (it shows no link of its own)."""
+    if type(awaited).__name__ not in ("async_generator_asend", "async_generator_athrow"):
+        return None
+    return next((ref for ref in gc.get_referents(awaited) if isinstance(ref, AsyncGeneratorType)), None)

@@ -71,6 +71,14 @@ def _message_type_of(func: Callable[..., Any]) -> type[Message]:
     params = list(inspect.signature(func).parameters.values())
     if not params:
         raise ConfigurationError(f"handler {where} must take the message as its first parameter")
+    extra = [
+        p.name for p in params[1:] if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if extra or params[0].kind is params[0].KEYWORD_ONLY:
+        raise ConfigurationError(
+            f"handler {where} is called with the message alone: give its other parameters "
+            f"({', '.join(extra) or 'the first is keyword-only'}) defaults"
+        )
     try:
         hints = get_type_hints(func)
     except Exception as exc:  # a NameError from a string annotation, typically

@@ -129,3 +129,27 @@ async def test_a_stop_ends_runs_not_started_and_gives_their_slots_back() -> None
     assert limits.in_flight == 0
     assert inspect.getcoroutinestate(started) == "CORO_CLOSED"
     assert all(inspect.getcoroutinestate(work) == "CORO_CLOSED" for work in waiting)
+
+
+async def test_each_run_gets_the_context_it_was_spawned_in_on_every_python() -> None:
+    """The 3.11 intake copies the spawner's context for each run, as an eager task does on 3.12+
+    (the memory transport delivers in the sender's context: one caller's values never reach another's run)."""
+    caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="-")
+    limits = HandlerLimits(0, 0, 10, [], node_id="n")
+    runs = Runs(limits, "n", LogLimiter())
+    seen: list[tuple[str, str]] = []
+
+    async def work(expected: str) -> None:
+        await asyncio.sleep(0)  # suspends: the runs queued behind it get tasks of their own
+        seen.append((expected, caller.get()))
+
+    def deliver(name: str) -> None:
+        caller.set(name)
+        assert limits.enter("W")
+        runs.spawn(work(name), name, "W", eager=True)
+
+    for name in ("a", "b", "c"):
+        contextvars.copy_context().run(deliver, name)
+    while len(seen) < 3:
+        await asyncio.sleep(0.001)
+    assert sorted(seen) == [("a", "a"), ("b", "b"), ("c", "c")]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -270,3 +271,80 @@ def test_a_remote_run_past_its_callers_deadline_is_cancelled_on_the_node_that_ru
     timed_out, cancelled = run_virtual(scenario())
     assert timed_out == pytest.approx(2.0, abs=0.05)
     assert 1.9 <= cancelled <= 2.1
+
+
+def test_a_run_awaited_inside_an_async_generator_or_context_manager_is_cancelled_at_its_deadline() -> None:
+    """``async for`` and ``@asynccontextmanager`` step a generator through an awaitable that shows
+    no link to it; the run inside must still be found (a FastAPI ``yield`` dependency, an SSE body)."""
+
+    async def scenario(deadlines: Deadlines, loop: asyncio.AbstractEventLoop) -> list[str]:
+        outcomes: list[str] = []
+
+        async def generator() -> AsyncIterator[str]:
+            try:
+                yield str(await deadlines.run(sleeper(10), 1.0))
+            except DeadlinePassed:
+                yield "deadline"
+
+        async for outcome in generator():
+            outcomes.append(outcome)
+
+        @contextlib.asynccontextmanager
+        async def managed() -> AsyncIterator[str]:
+            try:
+                yield str(await deadlines.run(sleeper(10), 1.0))
+            except DeadlinePassed:
+                yield "deadline"
+
+        async with managed() as outcome:
+            outcomes.append(outcome)
+        assert loop.time() < 2.1
+        return outcomes
+
+    assert on_virtual_clock(scenario) == ["deadline", "deadline"]
+
+
+def test_nested_runs_due_together_time_out_once_and_log_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario(deadlines: Deadlines, loop: asyncio.AbstractEventLoop) -> None:
+        async def outer() -> Any:
+            return await deadlines.run(sleeper(10), 1.0)
+
+        with pytest.raises(DeadlinePassed):
+            await deadlines.run(outer(), 1.0)
+
+    on_virtual_clock(scenario)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_the_in_process_send_keeps_deadlines_as_deadlines_run_does() -> None:
+    """`Mediator.send` writes `Deadlines.run`'s steps inline: someone else's cancellation passes as
+    it is, and a handler that swallows the deadline's cancellation finishes with its result."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        node = virtual_node(InMemoryBroker(clock=loop.time), "solo", handlers=[stuck, stubborn_handler])
+        await node.start()
+        try:
+            task = asyncio.ensure_future(node.mediator.send(Stuck(seconds=10), timeout=5.0))
+            await asyncio.sleep(1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await node.mediator.send(Stubborn(), timeout=1.0) == "finished anyway"
+            assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+            assert node.node.limits.in_flight == 0
+        finally:
+            await node.stop()
+
+    run_virtual(scenario())
+
+
+class Stubborn(Command[str]):
+    type_name = "deadlines.Stubborn"
+
+
+@handler
+async def stubborn_handler(message: Stubborn) -> str:
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(10)
+    return "finished anyway"

@@ -132,6 +132,22 @@ def test_handler_without_parameters_is_refused() -> None:
         handler(nothing)
 
 
+class HTwo(Command[None]):
+    pass
+
+
+def test_handler_with_another_required_parameter_is_refused_at_registration() -> None:
+    async def two(message: HTwo, session: object) -> None:
+        return None
+
+    async def fine(message: HTwo, session: object = None, *more: object, **extra: object) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=r"called with the message alone.*\(session\) defaults"):
+        handler(two)
+    HandlerRegistry.from_sources([fine])
+
+
 def test_duplicate_request_handler_names_both_functions() -> None:
     with pytest.raises(DuplicateHandlerError) as info:
         HandlerRegistry.from_sources([shout, shout_again])
