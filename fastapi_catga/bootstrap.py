@@ -95,4 +95,4 @@ def build(
         wall_clock=wall_clock,
         observer=combine(observers),
     )
-    return Catga(settings, node, Mediator(dispatcher, node, clock), observers)
+    return Catga(settings, node, Mediator(dispatcher, node), observers)

@@ -19,7 +19,7 @@ from fastapi_catga.cluster.responder import Responder, event_subject
 from fastapi_catga.cluster.routing import strategy_named
 from fastapi_catga.cluster.sender import Sender
 from fastapi_catga.cluster.view import ClusterView
-from fastapi_catga.core.deadlines import DeadlinePassed, Deadlines
+from fastapi_catga.core.deadlines import DeadlinePassed
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import encode_message
 from fastapi_catga.core.mediator import LocalRoute
@@ -129,7 +129,6 @@ class ClusterNode:
         )
         self.durable_runner = DurableRunner(transport, dispatcher, settings, observer=observer)
         self.durable = DurableClient(transport, settings.node_id, clock, observer=observer)
-        self._publishes = Deadlines(clock)  # bounds the broker publish of events
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.
         self.local_routes: dict[type[Message], LocalRoute] = {}
@@ -299,7 +298,7 @@ class ClusterNode:
                 # One timer for every publish, armed about once per timeout (`core.deadlines`):
                 # the broker client takes most messages without suspending.
                 publish = self.transport.publish(event_subject(event.type_name), envelope)
-                await self._publishes.run(publish, self.settings.request_timeout)
+                await self.dispatcher.deadlines.run(publish, self.settings.request_timeout)
             except TransportError as exc:
                 failure = exc
             except (TimeoutError, DeadlinePassed):

@@ -65,7 +65,9 @@ class LocalDispatcher:
             message_type.type_name: message_type for message_type in [*self.requests, *self._events]
         }
         self._log_limit = LogLimiter()
-        self._deadlines = Deadlines(clock)
+        #: The node's runs awaited in their caller's task, under one timer: this dispatcher's,
+        #: the in-process `send`'s and the node's publishes.
+        self.deadlines = Deadlines(clock)
         #: Per request type, the class a result can be as it is (its exact instances pass unchecked).
         self.exact_results: dict[type[Message], type] = {}
         #: Per request type, the check of a handler's result against the declared type.
@@ -103,7 +105,7 @@ class LocalDispatcher:
             if timeout is None:
                 result = await pipeline(message)
             else:
-                result = await self._deadlines.run(pipeline(message), timeout)
+                result = await self.deadlines.run(pipeline(message), timeout)
         except DeadlinePassed:
             raise TimeoutError from None
         except Exception as exc:

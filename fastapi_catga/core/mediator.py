@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sized
 from typing import Any, Protocol, TypeVar
 
 from fastapi_catga.core.dead_letter import DeadLetter
-from fastapi_catga.core.deadlines import Deadlines
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
@@ -90,14 +88,12 @@ class Mediator:
     Get it in a route with ``mediator: Mediator = Depends(get_mediator)``.
     """
 
-    def __init__(
-        self, dispatcher: LocalDispatcher, cluster: ClusterPort, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, dispatcher: LocalDispatcher, cluster: ClusterPort) -> None:
         self._dispatcher = dispatcher
         self._cluster = cluster
         self._local = cluster.local_routes  # kept current by the cluster as nodes come and go
         self._slots = cluster.limits
-        self._deadlines = Deadlines(clock)
+        self._deadlines = dispatcher.deadlines
         self._timeout = cluster.request_timeout
 
     async def send(self, message: Request[R], *, timeout: float | None = None) -> R:
