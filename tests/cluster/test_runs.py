@@ -15,6 +15,8 @@ import pytest
 from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.cluster.runs import Runs
 from fastapi_catga.core.logs import LogLimiter
+from tests.polling import eventually
+from tests.virtual_time import run_virtual
 
 seen: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="")
 
@@ -29,27 +31,30 @@ def spawn(limits: HandlerLimits, runs: Runs, work: object, name: str = "Work") -
     runs.spawn(work, name, name, eager=True)  # type: ignore[arg-type]
 
 
-async def test_a_run_that_suspends_keeps_its_timeout_and_the_others_run_meanwhile() -> None:
-    limits, runs = make_runs()
-    done: list[str] = []
+def test_a_run_that_suspends_keeps_its_timeout_and_the_others_run_meanwhile() -> None:
+    async def scenario() -> None:  # on a virtual clock: a stalled box cannot fire the 50 ms early
+        limits, runs = make_runs()
+        done: list[str] = []
 
-    async def slow() -> None:
-        try:
-            async with asyncio.timeout(0.05):  # entered in the first step: bound to the run's task
-                await asyncio.sleep(10)
-        except TimeoutError:
-            done.append("slow timed out")
+        async def slow() -> None:
+            try:
+                async with asyncio.timeout(0.05):  # entered in the first step: bound to the run's task
+                    await asyncio.sleep(10)
+            except TimeoutError:
+                done.append("slow timed out")
 
-    async def quick(name: str) -> None:
-        done.append(name)
+        async def quick(name: str) -> None:
+            done.append(name)
 
-    spawn(limits, runs, slow())
-    for name in ("a", "b"):
-        spawn(limits, runs, quick(name))
-    await asyncio.sleep(0.01)
-    assert done == ["a", "b"] and limits.in_flight == 1
-    await asyncio.sleep(0.2)
-    assert done == ["a", "b", "slow timed out"] and limits.in_flight == 0
+        spawn(limits, runs, slow())
+        for name in ("a", "b"):
+            spawn(limits, runs, quick(name))
+        await asyncio.sleep(0.01)
+        assert done == ["a", "b"] and limits.in_flight == 1
+        await asyncio.sleep(0.2)
+        assert done == ["a", "b", "slow timed out"] and limits.in_flight == 0
+
+    run_virtual(scenario())
 
 
 async def test_runs_queued_behind_one_that_suspends_all_start_in_the_next_loop_turn() -> None:
@@ -150,6 +155,5 @@ async def test_each_run_gets_the_context_it_was_spawned_in_on_every_python() -> 
 
     for name in ("a", "b", "c"):
         contextvars.copy_context().run(deliver, name)
-    while len(seen) < 3:
-        await asyncio.sleep(0.001)
+    await eventually(lambda: len(seen) == 3, within=5, message="every run ran")
     assert sorted(seen) == [("a", "a"), ("b", "b"), ("c", "c")]
