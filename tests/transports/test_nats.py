@@ -25,6 +25,7 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports.base import Delivery, MemberEvent, MemberWatch, Transport
 from fastapi_catga.transports.nats import NatsTransport
+from fastapi_catga.transports.nats import transport as nats_transport
 from tests.polling import eventually
 from tests.servers import NatsServer, free_port
 from tests.transports.conftest import OpenNats
@@ -187,6 +188,57 @@ async def test_a_hundred_concurrent_requests(nats_server: NatsServer, open_nats:
         *(client.request("type.Work", Envelope({"n": str(n)}, b"{}"), timeout=5) for n in range(100))
     )
     assert sorted(int(reply.headers["n"]) for reply in replies) == list(range(100))
+
+
+async def test_messages_are_taken_as_nats_py_reads_them(nats_server: NatsServer, open_nats: Open) -> None:
+    """No queue and task of nats-py's per subscription: `_Direct` stands in for its queue."""
+    server, client = await open_nats(nats_server.url), await open_nats(nats_server.url)
+    subscription = await server.subscribe("node.a", echo("a"))
+    assert nats_transport.DIRECT
+    assert isinstance(subscription.sub._pending_queue, nats_transport._Direct)
+    assert subscription.sub._wait_for_msgs_task is None
+    reply = await client.request("node.a", Envelope({}, b"ping"), timeout=2)
+    assert reply.body == b"ping"
+    assert subscription.sub.pending_bytes == 0  # nats-py's count of what waits unread
+
+
+async def test_without_direct_delivery_nats_py_callbacks_serve(
+    nats_server: NatsServer, open_nats: Open, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nats-py whose subscriptions have no queue to stand in for gets the documented callbacks."""
+    monkeypatch.setattr(nats_transport, "DIRECT", False)
+    server, client = await open_nats(nats_server.url), await open_nats(nats_server.url)
+    got: list[Delivery] = []
+    subscription = await server.subscribe("node.a", echo("a"))
+    await server.subscribe("event.Happened", got.append)
+    assert subscription.sub._wait_for_msgs_task is not None
+    reply = await client.request("node.a", Envelope({}, b"ping"), timeout=2)
+    assert reply.body == b"ping"
+    await client.publish("event.Happened", Envelope({}, b"1"))
+    await eventually(lambda: len(got) == 1, within=2)
+
+
+async def test_a_callback_that_raises_leaves_the_connection_serving(
+    nats_server: NatsServer, open_nats: Open, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The callback runs in nats-py's reader: its error is logged there, never taken for a broken
+    connection, and the next message is delivered."""
+    subscriber, publisher = await open_nats(nats_server.url), await open_nats(nats_server.url)
+    got: list[Delivery] = []
+
+    def callback(delivery: Delivery) -> None:
+        if delivery.envelope.body == b"boom":
+            raise RuntimeError("the subscriber's own bug")
+        got.append(delivery)
+
+    await subscriber.subscribe("event.Happened", callback)
+    with caplog.at_level(logging.ERROR):
+        await publisher.publish("event.Happened", Envelope({}, b"boom"))
+        await publisher.publish("event.Happened", Envelope({}, b"after"))
+        await eventually(lambda: len(got) == 1, within=2)
+    assert got[0].envelope.body == b"after"
+    assert "the subscriber's own bug" in caplog.text
+    assert subscriber.connected
 
 
 async def test_no_responder_after_the_subscriber_closed(nats_server: NatsServer, open_nats: Open) -> None:

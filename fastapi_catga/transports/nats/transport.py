@@ -7,6 +7,11 @@ microseconds each way). Requests get their replies on one inbox subscription per
 
 The client reconnects forever. Subscriptions survive a reconnect; membership watches end at a
 disconnect, and the cluster layer starts new ones once the connection is back.
+
+Received messages are taken as nats-py reads them (`_Direct`), not through nats-py's queue and
+task per subscription: that hop cost about a twentieth of a round trip's CPU, and what it bounded
+(messages read but not yet handled) the cluster layer bounds itself (a handler slot per request,
+"busy" past the limit; a bounded queue of waiting events).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import nats.errors
 from nats.aio.client import Client
@@ -43,11 +48,12 @@ logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")  # a bucket name, and a single subject token
 _NO_RESPONDERS = "503"  # the status the server sends to a request's inbox when nobody listens
-# Per subscription, before nats-py drops messages as a slow consumer (counted, logged): a bound on
-# what a node holds unread when its event loop falls behind. A node that only has no handler slot
-# free still reads at full speed; it answers "busy" (see `cluster.responder`).
+# Where `_Direct` cannot stand in (a nats-py without the queue it replaces): per subscription,
+# before nats-py drops messages as a slow consumer (counted, logged), a bound on what a node holds
+# unread when its event loop falls behind.
 _PENDING_MSGS = 65_536
 _PENDING_BYTES = 64 * 1024 * 1024
+_MAX_REFUSALS = 100  # error answers to unreadable requests waiting for the connection; past it, none
 _FLUSH_TIMEOUT = 2  # s, for the PING round trips that confirm a (un)subscribe
 
 
@@ -60,6 +66,66 @@ async def _sync(nc: Client) -> None:
     """
     await nc.flush(timeout=_FLUSH_TIMEOUT)
     await nc.flush(timeout=_FLUSH_TIMEOUT)
+
+
+Take = Callable[[Msg], None]
+
+
+class _Direct:
+    """Stands in for a nats-py subscription's queue of received messages: each message ``put``
+    there is handed to ``take`` at once, in nats-py's reader, with no task or queue hop between.
+
+    ``take`` must not block. An error it raises is logged here: in nats-py's reader it would count
+    as a broken connection.
+    """
+
+    __slots__ = ("_sub", "_take")
+
+    def __init__(self, sub: NatsSubscription, take: Take) -> None:
+        self._sub = sub
+        self._take = take
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)  # nats-py counts it as pending until taken
+        try:
+            self._take(msg)
+        except Exception:
+            logger.exception("handling a message on %s failed", msg.subject)
+
+    # The rest of `asyncio.Queue` that nats-py uses on a subscription: nothing ever waits here.
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        pass
+
+
+#: Whether this nats-py keeps received messages in ``Subscription._pending_queue`` (2.x does).
+DIRECT = "_pending_queue" in vars(NatsSubscription(None))
+
+
+async def _subscribe(nc: Client, subject: str, take: Take, queue: str = "") -> NatsSubscription:
+    if DIRECT:
+        sub = await nc.subscribe(subject, queue=queue)  # no callback: nats-py starts no task
+        sub._pending_queue = _Direct(sub, take)  # type: ignore[assignment]
+        return sub
+
+    async def callback(msg: Msg) -> None:
+        take(msg)
+
+    return await nc.subscribe(
+        subject,
+        queue=queue,
+        cb=callback,
+        pending_msgs_limit=_PENDING_MSGS,
+        pending_bytes_limit=_PENDING_BYTES,
+    )
 
 
 class _Subscription:
@@ -129,6 +195,7 @@ class NatsTransport:
         self._inbox = ""  # "_INBOX.<unique>.": replies to this connection's requests
         self._pending: PendingReplies[Msg] = PendingReplies()
         self._bad_frames = BadFrames(logger)
+        self._refusals: set[asyncio.Future[None]] = set()
 
     @property
     def slow_consumers(self) -> int:
@@ -168,12 +235,7 @@ class NatsTransport:
         nc = await self._connection.open()
         self.max_payload = min(self.max_payload, nc.max_payload)
         self._inbox = nc.new_inbox() + "."
-        await nc.subscribe(
-            self._inbox + "*",
-            cb=self._on_reply,
-            pending_msgs_limit=_PENDING_MSGS,
-            pending_bytes_limit=_PENDING_BYTES,
-        )
+        await _subscribe(nc, self._inbox + "*", self._on_reply)
         self._connection.state.tell(True)
         logger.info("connected to NATS at %s (cluster %r)", self._connection.where, self.cluster)
 
@@ -215,29 +277,37 @@ class NatsTransport:
         """Call ``callback`` for every envelope on ``subject``; with ``queue``, one group member each."""
         nc = self._connection.live()[0]
 
-        async def on_msg(msg: Msg) -> None:
+        def on_msg(msg: Msg) -> None:
             reply = self._replier(msg.reply) if msg.reply else None
             try:
                 envelope = unpack(msg.data)
             except MessageValidationError as exc:
                 self._bad_frames.seen(msg.subject, exc)
                 if reply is not None:  # tell the sender at once rather than let it time out
-                    await reply(encode_error(exc, node_id="", by_node=True))
+                    self._refuse(reply, exc)
                 return
             deliver(callback, Delivery(envelope, reply), msg.subject, logger)
 
         with NatsErrors(f"subscribe {subject}"):
-            sub = await nc.subscribe(
-                self._prefix + subject,
-                queue=queue or "",
-                cb=on_msg,
-                pending_msgs_limit=_PENDING_MSGS,
-                pending_bytes_limit=_PENDING_BYTES,
-            )
+            sub = await _subscribe(nc, self._prefix + subject, on_msg, queue or "")
             await _sync(nc)  # now a request from any connection to this server finds the subscriber
         subscription = _Subscription(sub, nc, self._subscriptions)
         self._subscriptions.add(subscription)
         return subscription
+
+    def _refuse(self, reply: Reply, error: MessageValidationError) -> None:
+        """Answer an unreadable request with ``error``, in a task (a flood of them: at most
+        `_MAX_REFUSALS` at once, the others go unanswered and time out)."""
+        if len(self._refusals) >= _MAX_REFUSALS:
+            return
+        task = asyncio.ensure_future(reply(encode_error(error, node_id="", by_node=True)))
+        self._refusals.add(task)
+        task.add_done_callback(self._refused)
+
+    def _refused(self, task: asyncio.Future[None]) -> None:
+        self._refusals.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.debug("could not answer an unreadable request: %s", error)
 
     def _replier(self, inbox: str) -> Reply:
         async def reply(envelope: Envelope) -> None:
@@ -282,5 +352,5 @@ class NatsTransport:
         except MessageValidationError as exc:
             raise TransportError(f"unreadable reply on {subject}: {exc}") from exc
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         self._pending.resolve(msg.subject[len(self._inbox) :], msg)

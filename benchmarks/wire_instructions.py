@@ -1,0 +1,147 @@
+"""CPU instructions per cross-node round trip over NATS, caller and responder both counted.
+
+    python -m benchmarks.wire_instructions [--calls N] [--inflight K] [raw] [catga]
+
+`profile_cluster` measures CPU time per round trip with the caller and the responder in separate
+processes, as in production; on a shared box that figure moves by a third between runs of the
+same code. Here both ends run in one process on one event loop (two nats-py connections, or two
+catga nodes: the caller handles nothing, so every send crosses nats-server), under ``valgrind
+--tool=callgrind``, with ``--inflight`` loops making N and then 2N round trips; the difference is
+what N round trips cost, in instructions, whatever else the machine does. nats-server runs
+outside valgrind, one per run. About a minute per variant (two runs at once).
+
+- ``raw``: ``nc.request`` against a subscription whose callback does ``msg.respond`` (bench_cluster's
+  raw nats-py baseline);
+- ``catga``: ``mediator.send(Echo(...))`` from one node to the other (bench_cluster's catga row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+
+from benchmarks import _raw
+from benchmarks._common import DATA, RAW_REPLY, REPLY_TEXT, REPO_ROOT, Echo, echo, payload_size
+from tests.servers import NatsServer
+
+VARIANTS = {
+    "raw": "raw nats-py: nc.request, callback msg.respond",
+    "catga": "catga: mediator.send to a node over NATS",
+}
+
+
+async def raw_call(stack: AsyncExitStack, url: str) -> Callable[[], Awaitable[object]]:
+    import nats
+    from nats.aio.msg import Msg
+
+    responder = await nats.connect(url)
+    stack.push_async_callback(responder.close)
+
+    async def on_request(msg: Msg) -> None:
+        await msg.respond(RAW_REPLY)
+
+    await responder.subscribe(_raw.NATS_SUBJECT, cb=on_request)
+    await responder.flush()
+    requester = _raw.RawNatsRequester(url, b"p" * payload_size())
+    await requester.connect()
+    stack.push_async_callback(requester.aclose)
+    return requester.request
+
+
+async def catga_call(stack: AsyncExitStack, url: str) -> Callable[[], Awaitable[object]]:
+    from fastapi_catga import CatgaSettings, build
+
+    nodes = []
+    for node_id, handlers in (("wire-responder", [echo]), ("wire-caller", [])):
+        settings = CatgaSettings(transport="nats", nats_url=url, cluster="wire", node_id=node_id)
+        catga = build(settings, handlers=handlers)
+        await catga.start()
+        stack.push_async_callback(catga.stop)
+        nodes.append(catga)
+    caller = nodes[1]
+    async with asyncio.timeout(60):  # membership runs at valgrind's pace
+        while not caller.node.view.capable(Echo.type_name):
+            await asyncio.sleep(0.05)
+    send = caller.mediator.send
+
+    async def call() -> str:
+        return await send(Echo(data=DATA))
+
+    return call
+
+
+async def child(variant: str, url: str, count: int, inflight: int) -> None:
+    async with AsyncExitStack() as stack:
+        call = await (raw_call if variant == "raw" else catga_call)(stack, url)
+        if await call() not in (RAW_REPLY, REPLY_TEXT):
+            raise RuntimeError(f"{variant} answered something else")
+        each, extra = divmod(count, inflight)
+
+        async def loop(calls: int) -> None:
+            for _ in range(calls):
+                await call()
+
+        await asyncio.gather(*(loop(each + (i < extra)) for i in range(inflight)))
+
+
+def collected(variant: str, count: int, inflight: int) -> int:
+    """Instructions the whole child process executed (its own nats-server, outside valgrind)."""
+    with NatsServer(extra_args=["-js"]) as server:
+        command = [
+            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+            "-m", "benchmarks.wire_instructions", "--child", variant, "--url", server.url,
+            "--calls", str(count), "--inflight", str(inflight),
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"callgrind run of {variant} failed:\n{done.stderr[-3000:]}")
+    return int(found.group(1))
+
+
+def per_round_trip(variant: str, count: int, inflight: int) -> float:
+    with ThreadPoolExecutor(2) as pool:
+        small, large = pool.map(lambda n: collected(variant, n, inflight), (count, 2 * count))
+    return (large - small) / count
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("variants", nargs="*", choices=[[], *VARIANTS], help="default: both")
+    parser.add_argument("--calls", type=int, default=2_000, help="N (default 2,000)")
+    parser.add_argument("--inflight", type=int, default=100, help="concurrent loops (default 100)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        asyncio.run(child(args.child, args.url, args.calls, args.inflight))
+        return 0
+    if shutil.which("valgrind") is None:
+        parser.error("valgrind is missing (Debian: apt-get install valgrind)")
+    print(
+        f"wire_instructions: Python {platform.python_version()}, {args.inflight} in flight, "
+        f"{args.calls:,} and {2 * args.calls:,} round trips each"
+    )
+    results: dict[str, float] = {}
+    for variant in args.variants or list(VARIANTS):
+        results[variant] = per_round_trip(variant, args.calls, args.inflight)
+        print(f"{VARIANTS[variant]:50} {results[variant]:10,.0f} instructions per round trip", flush=True)
+    if len(results) == 2:
+        print(f"raw / catga: {results['raw'] / results['catga']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
