@@ -47,12 +47,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def syscalls(pid: int) -> tuple[int, int]:
-    """Read and write system calls made so far by process ``pid`` (``/proc/<pid>/io``)."""
-    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    return int(fields["syscr"]), int(fields["syscw"])
-
-
 def python_pid(pid: int) -> int:
     """The python process: ``pid`` itself, or its child when ``pid`` is py-spy."""
     deadline = time.monotonic() + 10
@@ -106,11 +100,8 @@ async def profile(args: argparse.Namespace, server: ServerProcess) -> None:
                 setup = raw_redis_setup(server.url, "pipelined")
             call: Call = await setup(stack)
             await run_concurrent(call, 1.0, args.inflight)  # warm-up
-            pids = (os.getpid(), responder, server.pid)
             marks = (time.process_time(), cpu_seconds(responder), cpu_seconds(server.pid))
-            calls_before = [syscalls(pid) for pid in pids]
             sample = await run_concurrent(call, args.seconds, args.inflight)
-            calls_after = [syscalls(pid) for pid in pids]
             after = (time.process_time(), cpu_seconds(responder), cpu_seconds(server.pid))
     finally:
         # The responder first (py-spy then writes its stacks and exits), then what is left.
@@ -127,11 +118,6 @@ async def profile(args: argparse.Namespace, server: ServerProcess) -> None:
         f"{sample.count:,} round trips, {sample.rate:,.0f}/s; loadavg {loadavg()}"
     )
     print("CPU per round trip (us):  caller {:.1f}   responder {:.1f}   broker {:.1f}".format(*per_rt))
-    per_call = [
-        f"{name} {(b[0] - a[0]) / sample.count:.2f} / {(b[1] - a[1]) / sample.count:.2f}"
-        for name, a, b in zip(("caller", "responder", "broker"), calls_before, calls_after, strict=True)
-    ]
-    print("reads / writes (system calls) per round trip:  " + "   ".join(per_call))
 
 
 def main() -> int:
