@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from fastapi_catga.core.handlers import check_type_name
 from fastapi_catga.core.messages import Event, Message
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.schemas import TypeSchema, problems, schema_of
@@ -43,10 +44,15 @@ class SchemaCheck:
         self._warned: set[tuple[str, str, str, str]] = set()
 
     def learn(self, message_type: type[Message]) -> bool:
-        """Note a class this node sends; True when its schema is new here (routes must be redone)."""
+        """Note a class this node sends; True when its schema is new here (routes must be redone).
+
+        Raises:
+            ConfigurationError: its ``type_name`` is none a handler could register (`check_type_name`).
+        """
         name = message_type.type_name
         if self._classes.get(name) is message_type:
             return False
+        check_type_name(message_type)  # one a handler could register: every broker carries it
         self._classes[name] = message_type
         schema = schema_of(message_type)
         if schema is None:

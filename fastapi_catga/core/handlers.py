@@ -40,6 +40,20 @@ class HandlerSpec:
         return f"{self.func.__module__}.{self.func.__qualname__}"
 
 
+def check_type_name(message_type: type[Message]) -> str:
+    """The type's wire name, once known to be one every broker can carry.
+
+    Raises:
+        ConfigurationError: it is not letters, digits, '_' and '-', in tokens joined by dots.
+    """
+    name = message_type.type_name
+    if type(name) is not str or not _TYPE_NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"{message_type.__qualname__}.type_name {name!r}: use letters, digits, '_', '-' and dots"
+        )
+    return name
+
+
 # Declarations in import order. Append-only, like ``atexit``: registries are built from it by
 # module name, so nothing here is state a test has to reset.
 _declared: list[HandlerSpec] = []
@@ -146,11 +160,7 @@ class HandlerRegistry:
         self._requests[message_type] = spec
 
     def _add_type(self, message_type: type[Message]) -> None:
-        name = message_type.type_name
-        if not _TYPE_NAME.match(name):
-            raise ConfigurationError(
-                f"{message_type.__qualname__}.type_name {name!r}: use letters, digits, '_', '-' and dots"
-            )
+        name = check_type_name(message_type)
         known = self._types.setdefault(name, message_type)
         if known is not message_type:
             raise ConfigurationError(

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from typing import ClassVar
 
 import pytest
 
 from fastapi_catga import (
     CatgaError,
+    Command,
+    ConfigurationError,
+    Event,
     HandlerNotFoundError,
     NodeUnavailableError,
     RemoteHandlerError,
@@ -73,6 +77,23 @@ async def test_broadcast_reports_nodes_without_the_handler(start_node: StartNode
     answers = await a.mediator.broadcast(Work())
     assert answers["a"] == "a"
     assert isinstance(answers["bare"], HandlerNotFoundError)
+
+
+async def test_a_type_no_handler_could_register_is_refused_at_send_and_publish(start_node: StartNode) -> None:
+    """Its name would be no subject on NATS: refused at once, as registering a handler for it is."""
+
+    class Spaced(Command[str]):
+        type_name: ClassVar[str] = "has space"
+
+    class SpacedEvent(Event):
+        type_name: ClassVar[str] = "has space too"
+
+    a = await start_node("a")
+    with pytest.raises(ConfigurationError, match="'has space'"):
+        await a.mediator.send(Spaced())
+    with pytest.raises(ConfigurationError, match="'has space too'"):
+        await a.mediator.publish(SpacedEvent())
+    assert await a.mediator.send(Work()) == "a"
 
 
 async def test_publish_runs_every_handler_on_every_node(start_node: StartNode) -> None:

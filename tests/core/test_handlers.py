@@ -8,7 +8,7 @@ import pytest
 from pydantic import BaseModel
 
 from fastapi_catga import Command, ConfigurationError, DuplicateHandlerError, Event, Message, Query, handler
-from fastapi_catga.core.handlers import HandlerRegistry, declared_handlers
+from fastapi_catga.core.handlers import HandlerRegistry, check_type_name, declared_handlers
 from tests.core import handlers_sample
 
 
@@ -184,6 +184,13 @@ def test_two_message_classes_with_one_type_name_are_refused() -> None:
 def test_type_name_with_bad_characters_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="'has space'"):
         HandlerRegistry.from_sources([on_bad_wire_name])
+
+
+@pytest.mark.parametrize("name", ["has space", "trailing.newline\n", "a..b", ".a", "star.*", ""])
+def test_check_type_name_takes_only_names_every_broker_carries(name: str) -> None:
+    bad = type("Bad", (Command[str],), {"type_name": name})
+    with pytest.raises(ConfigurationError, match="use letters, digits"):
+        check_type_name(bad)
 
 
 def test_from_sources_with_a_module_object() -> None:

@@ -19,6 +19,7 @@ from fastapi_catga.core.envelope import Envelope, pack
 from fastapi_catga.exceptions import (
     ConfigurationError,
     MessageTooLargeError,
+    MessageValidationError,
     NoResponderError,
     RequestTimeoutError,
     TransportError,
@@ -216,6 +217,21 @@ async def test_without_direct_delivery_nats_py_callbacks_serve(
     assert reply.body == b"ping"
     await client.publish("event.Happened", Envelope({}, b"1"))
     await eventually(lambda: len(got) == 1, within=2)
+
+
+@pytest.mark.parametrize("subject", ["node.has space", "type.a\r\nPUB x 1", "type.*", "node.>", "a..b", ""])
+async def test_a_subject_nats_cannot_carry_is_refused_before_anything_is_sent(
+    nats_server: NatsServer, open_nats: Open, subject: str
+) -> None:
+    client = await open_nats(nats_server.url)
+    with pytest.raises(MessageValidationError, match="cannot be a NATS subject"):
+        await client.request(subject, Envelope({}, b"x"), timeout=1)
+    with pytest.raises(MessageValidationError, match="cannot be a NATS subject"):
+        await client.publish(subject, Envelope({}, b"x"))
+    server = await open_nats(nats_server.url)
+    await server.subscribe("node.a", echo("a"))
+    assert (await client.request("node.a", Envelope({}, b"ping"), timeout=2)).body == b"ping"
+    assert client.connected
 
 
 async def test_a_callback_that_raises_leaves_the_connection_serving(

@@ -8,10 +8,15 @@ microseconds each way). Requests get their replies on one inbox subscription per
 The client reconnects forever. Subscriptions survive a reconnect; membership watches end at a
 disconnect, and the cluster layer starts new ones once the connection is back.
 
-Received messages are taken as nats-py reads them (`_Direct`), not through nats-py's queue and
-task per subscription: that hop cost about a twentieth of a round trip's CPU, and what it bounded
-(messages read but not yet handled) the cluster layer bounds itself (a handler slot per request,
-"busy" past the limit; a bounded queue of waiting events).
+The hot path goes beneath nats-py's public calls, where this nats-py is one whose insides are
+known (`DIRECT`; otherwise the public calls serve):
+- received messages are taken as nats-py reads them (`_Direct`), not through its queue and task
+  per subscription: that hop cost about a twentieth of a round trip's CPU, and what it bounded
+  (messages read but not yet handled) the cluster layer bounds itself (a handler slot per request,
+  "busy" past the limit; a bounded queue of waiting events);
+- messages go out through nats-py's ``_send_publish`` (`_publish`): ``publish`` checks again, on
+  every message, what holds already here (connected, not draining, the subject), which cost
+  another fifteenth. Subjects are checked once each (`NatsTransport._subject`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import nats.errors
 from nats.aio.client import Client
@@ -47,6 +52,8 @@ __all__ = ["NatsTransport"]
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")  # a bucket name, and a single subject token
+_SUBJECT = re.compile(r"[^.\s*>]+(?:\.[^.\s*>]+)*")  # one NATS can publish to: tokens, no wildcard
+_SUBJECTS_KEPT = 10_000  # checked subjects remembered (node and type names: a few hundred at most)
 _NO_RESPONDERS = "503"  # the status the server sends to a request's inbox when nobody listens
 # Where `_Direct` cannot stand in (a nats-py without the queue it replaces): per subscription,
 # before nats-py drops messages as a slow consumer (counted, logged), a bound on what a node holds
@@ -106,8 +113,19 @@ class _Direct:
         pass
 
 
-#: Whether this nats-py keeps received messages in ``Subscription._pending_queue`` (2.x does).
-DIRECT = "_pending_queue" in vars(NatsSubscription(None))
+#: Whether this nats-py keeps received messages in ``Subscription._pending_queue`` and sends
+#: through ``Client._send_publish`` (2.x does).
+DIRECT = "_pending_queue" in vars(NatsSubscription(None)) and hasattr(Client, "_send_publish")
+
+
+def _publish(nc: Client, subject: str, data: bytes, reply: str = "") -> Awaitable[None]:
+    """``nc.publish``; with `DIRECT`, without its checks of what the transport ensured already: a
+    live connection (`NatsConnection.live`), a subject NATS can carry, nobody draining."""
+    if not DIRECT:
+        return nc.publish(subject, data, reply=reply)
+    if len(data) > nc.max_payload:  # the server's, which a reconnect may have lowered
+        raise nats.errors.MaxPayloadError
+    return nc._send_publish(subject, reply, data, len(data), None)
 
 
 async def _subscribe(nc: Client, subject: str, take: Take, queue: str = "") -> NatsSubscription:
@@ -196,6 +214,7 @@ class NatsTransport:
         self._pending: PendingReplies[Msg] = PendingReplies()
         self._bad_frames = BadFrames(logger)
         self._refusals: set[asyncio.Future[None]] = set()
+        self._subjects: dict[str, str] = {}  # checked subject -> catga.<cluster>.<subject>
 
     @property
     def slow_consumers(self) -> int:
@@ -315,15 +334,31 @@ class NatsTransport:
 
         return reply
 
-    async def _send(self, subject: str, envelope: Envelope, reply: str = "") -> None:
+    async def _send(self, subject: str, envelope: Envelope) -> None:
+        """Publish to ``subject`` as it is: a reply address the server gave, or one `_subject` made."""
         nc = self._connection.live()[0]
         data = frame(envelope, self.max_payload, "NATS")
         with NatsErrors(subject):
-            await nc.publish(subject, data, reply=reply)
+            await _publish(nc, subject, data)
+
+    def _subject(self, subject: str) -> str:
+        """``catga.<cluster>.<subject>``, once ``subject`` is known to be one NATS can carry.
+
+        Raises:
+            MessageValidationError: it is empty, or has whitespace, a wildcard or an empty token.
+        """
+        full = self._subjects.get(subject)
+        if full is None:
+            if not _SUBJECT.fullmatch(subject):
+                raise MessageValidationError(f"{subject[:200]!r} cannot be a NATS subject")
+            full = self._prefix + subject
+            if len(self._subjects) < _SUBJECTS_KEPT:
+                self._subjects[subject] = full
+        return full
 
     async def publish(self, subject: str, envelope: Envelope) -> None:
         """Send to every subscriber of ``subject``; NATS does not say how many, so this returns None."""
-        await self._send(self._prefix + subject, envelope)
+        await self._send(self._subject(subject), envelope)
 
     async def request(self, subject: str, envelope: Envelope, *, timeout: float) -> Envelope:
         """Send to one subscriber of ``subject`` and return its reply.
@@ -332,16 +367,18 @@ class NatsTransport:
             NoResponderError: nobody listens on ``subject`` (NATS says so in well under a millisecond).
             RequestTimeoutError: no reply within ``timeout`` seconds.
             MessageTooLargeError: the envelope is over ``max_payload``; nothing was sent.
+            MessageValidationError: ``subject`` is none NATS can carry; nothing was sent.
             TransportError: the connection is down or failed.
         """
         nc = self._connection.live()[0]
         data = frame(envelope, self.max_payload, "NATS")
+        full = self._subject(subject)
         # Not nc.request(): it starts a task per request (asyncio.wait_for) and costs about as much
         # again as the round trip. One inbox subscription, a table of futures and a timer instead.
         token, reply = self._pending.add(subject, timeout)
         try:
             with NatsErrors(subject, timeout):
-                await nc.publish(self._prefix + subject, data, reply=self._inbox + token)
+                await _publish(nc, full, data, self._inbox + token)
                 msg = await reply
         finally:
             self._pending.discard(token)
