@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi_catga.cluster.compat import SchemaCheck
@@ -234,18 +234,19 @@ class ClusterNode:
 
     # -- the mediator's port ----------------------------------------------------------------------
 
-    async def send(
+    def send(
         self, message: Request[Any], *, node_id: str | None = None, timeout: float | None = None
-    ) -> Any:
+    ) -> Awaitable[Any]:
         """Run a command or query on one capable node (see `Sender.send`); a durable one through the
-        broker's queue (see `DurableClient.send`)."""
+        broker's queue (see `DurableClient.send`). Returns the send to await; what it raises, it
+        raises at the call (the mediator awaits at once)."""
         if not is_durable(type(message)):
-            return await self.sender.send(message, node_id=node_id, timeout=timeout)
+            return self.sender.send(message, node_id=node_id, timeout=timeout)
         if node_id is not None:
             raise MessageValidationError(
                 f"{message.type_name} is durable: any node of its group runs it; send_to_node cannot pick one"
             )
-        return await self.durable.send(message, self.sender.budget(timeout))
+        return self.durable.send(message, self.sender.budget(timeout))
 
     async def enqueue(self, message: Request[Any]) -> Accepted:
         """Store a durable command on the broker and return (see `DurableClient.enqueue`)."""

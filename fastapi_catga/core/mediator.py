@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sized
+from collections.abc import Awaitable, Callable, Sized
 from typing import Any, Protocol, TypeVar
 
 from fastapi_catga.core.dead_letter import DeadLetter
@@ -64,9 +64,9 @@ class ClusterPort(Protocol):
     @property
     def request_timeout(self) -> float: ...
 
-    async def send(
+    def send(
         self, message: Request[Any], *, node_id: str | None = None, timeout: float | None = None
-    ) -> Any: ...
+    ) -> Awaitable[Any]: ...
 
     async def publish(self, event: Event) -> None: ...
 

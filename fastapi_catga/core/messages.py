@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, ClassVar, Generic, TypeVar
@@ -14,9 +15,23 @@ __all__ = ["Accepted", "Command", "Durable", "Event", "Message", "Query", "Reque
 R = TypeVar("R")
 
 
+_IDS_PER_READ = 256
+_ids: deque[str] = deque()  # ids read ahead from os.urandom; popleft and extend are thread-safe
+os.register_at_fork(after_in_child=_ids.clear)  # a forked child must not hand out its parent's
+
+
 def new_message_id() -> str:
-    """A fresh message id: 32 hex characters (128 random bits), safe in any subject or key."""
-    return os.urandom(16).hex()  # what uuid4().hex holds, at a fifth of the cost
+    """A fresh message id: 32 hex characters (128 random bits), safe in any subject or key.
+
+    What uuid4().hex holds, at a fraction of the cost: os.urandom is read for 256 ids at a time
+    (a system call per message was half of an id's cost).
+    """
+    try:
+        return _ids.popleft()
+    except IndexError:
+        block = os.urandom(16 * _IDS_PER_READ).hex()
+        _ids.extend([block[i : i + 32] for i in range(32, len(block), 32)])
+        return block[:32]
 
 
 @dataclass(frozen=True, slots=True)

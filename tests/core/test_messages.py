@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import pytest
@@ -79,6 +82,33 @@ def test_message_id_is_generated_and_unique() -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", first.message_id)
     assert first.message_id != second.message_id
     assert new_message_id() != new_message_id()
+
+
+def test_message_ids_stay_unique_across_reads_threads_and_a_fork() -> None:
+    """Ids are read from os.urandom 256 at a time: none repeats across reads, threads, or in a
+    forked child (which must not hand out what its parent read ahead)."""
+    ids = [new_message_id() for _ in range(1000)]
+    with ThreadPoolExecutor(4) as pool:
+        ids += [
+            i for batch in pool.map(lambda _: [new_message_id() for _ in range(500)], range(8)) for i in batch
+        ]
+    new_message_id()  # the parent now holds ids read ahead
+    reader, writer = os.pipe()
+    with warnings.catch_warnings():  # 3.12+ warns of forking with threads; the child only writes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out at once
+        os.write(writer, " ".join(new_message_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(pid, 0)
+    with os.fdopen(reader) as pipe:
+        child = pipe.read().split()
+    parent = [new_message_id() for _ in range(10)]
+    every = ids + child + parent
+    assert len(child) == 10
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in every)
+    assert len(set(every)) == len(every)
 
 
 def test_message_id_is_kept_when_given_and_survives_the_wire() -> None:
