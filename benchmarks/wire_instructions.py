@@ -1,18 +1,24 @@
-"""CPU instructions per cross-node round trip over NATS, caller and responder both counted.
+"""CPU instructions per cross-node round trip, caller and responder both counted.
 
-    python -m benchmarks.wire_instructions [--calls N] [--inflight K] [raw] [catga]
+    python -m benchmarks.wire_instructions [--calls N] [--inflight K] [VARIANT ...]
 
 `profile_cluster` measures CPU time per round trip with the caller and the responder in separate
 processes, as in production; on a shared box that figure moves by a third between runs of the
-same code. Here both ends run in one process on one event loop (two nats-py connections, or two
-catga nodes: the caller handles nothing, so every send crosses nats-server), under ``valgrind
+same code. Here both ends run in one process on one event loop (two client connections, or two
+catga nodes: the caller handles nothing, so every send crosses the broker), under ``valgrind
 --tool=callgrind``, with ``--inflight`` loops making N and then 2N round trips; the difference is
-what N round trips cost, in instructions, whatever else the machine does. nats-server runs
-outside valgrind, one per run. About a minute per variant (two runs at once).
+what N round trips cost, in instructions, whatever else the machine does (repeatable to about
+0.1 %). The broker runs outside valgrind, one per run. About a minute per variant (two runs at once).
 
-- ``raw``: ``nc.request`` against a subscription whose callback does ``msg.respond`` (bench_cluster's
-  raw nats-py baseline);
-- ``catga``: ``mediator.send(Echo(...))`` from one node to the other (bench_cluster's catga row).
+- ``nats-raw``: ``nc.request`` against a subscription whose callback does ``msg.respond``
+  (bench_cluster's raw nats-py baseline);
+- ``nats-catga``: ``mediator.send(Echo(...))`` from one node to the other over NATS;
+- ``redis-raw``: redis-py pub/sub request/reply, auto-pipelined on both sides (bench_cluster's raw
+  redis-py baseline);
+- ``redis-catga``: ``mediator.send`` over Redis.
+
+Kernel work (system calls) is not counted: a variant that makes more of them costs more in
+wall-clock time than its count shows.
 """
 
 from __future__ import annotations
@@ -31,15 +37,21 @@ from contextlib import AsyncExitStack
 
 from benchmarks import _raw
 from benchmarks._common import DATA, RAW_REPLY, REPLY_TEXT, REPO_ROOT, Echo, echo, payload_size
-from tests.servers import NatsServer
+from benchmarks._responder import serve_raw_redis
+from tests.servers import NatsServer, RedisServer, ServerProcess
 
 VARIANTS = {
-    "raw": "raw nats-py: nc.request, callback msg.respond",
-    "catga": "catga: mediator.send to a node over NATS",
+    "nats-raw": "raw nats-py: nc.request, callback msg.respond",
+    "nats-catga": "catga: mediator.send to a node over NATS",
+    "redis-raw": "raw redis-py: pub/sub, auto-pipelined",
+    "redis-catga": "catga: mediator.send to a node over Redis",
 }
 
 
-async def raw_call(stack: AsyncExitStack, url: str) -> Callable[[], Awaitable[object]]:
+Call = Callable[[], Awaitable[object]]
+
+
+async def nats_raw(stack: AsyncExitStack, url: str) -> Call:
     import nats
     from nats.aio.msg import Msg
 
@@ -57,12 +69,22 @@ async def raw_call(stack: AsyncExitStack, url: str) -> Callable[[], Awaitable[ob
     return requester.request
 
 
-async def catga_call(stack: AsyncExitStack, url: str) -> Callable[[], Awaitable[object]]:
+async def redis_raw(stack: AsyncExitStack, url: str) -> Call:
+    await serve_raw_redis(stack, url, "pipelined")
+    requester = _raw.RawRedisRequester(url, b"p" * payload_size(), "pipelined")
+    await requester.connect()
+    stack.push_async_callback(requester.aclose)
+    return requester.request
+
+
+async def catga(stack: AsyncExitStack, broker: str, url: str) -> Call:
     from fastapi_catga import CatgaSettings, build
 
     nodes = []
     for node_id, handlers in (("wire-responder", [echo]), ("wire-caller", [])):
-        settings = CatgaSettings(transport="nats", nats_url=url, cluster="wire", node_id=node_id)
+        settings = CatgaSettings(
+            transport=broker, nats_url=url, redis_url=url, cluster="wire", node_id=node_id
+        )
         catga = build(settings, handlers=handlers)
         await catga.start()
         stack.push_async_callback(catga.stop)
@@ -81,7 +103,11 @@ async def catga_call(stack: AsyncExitStack, url: str) -> Callable[[], Awaitable[
 
 async def child(variant: str, url: str, count: int, inflight: int) -> None:
     async with AsyncExitStack() as stack:
-        call = await (raw_call if variant == "raw" else catga_call)(stack, url)
+        broker, kind = variant.split("-")
+        if kind == "catga":
+            call = await catga(stack, broker, url)
+        else:
+            call = await (nats_raw if broker == "nats" else redis_raw)(stack, url)
         if await call() not in (RAW_REPLY, REPLY_TEXT):
             raise RuntimeError(f"{variant} answered something else")
         each, extra = divmod(count, inflight)
@@ -94,8 +120,9 @@ async def child(variant: str, url: str, count: int, inflight: int) -> None:
 
 
 def collected(variant: str, count: int, inflight: int) -> int:
-    """Instructions the whole child process executed (its own nats-server, outside valgrind)."""
-    with NatsServer(extra_args=["-js"]) as server:
+    """Instructions the whole child process executed (its own broker, outside valgrind)."""
+    server: ServerProcess = NatsServer(extra_args=["-js"]) if variant.startswith("nats") else RedisServer()
+    with server:
         command = [
             "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
             "-m", "benchmarks.wire_instructions", "--child", variant, "--url", server.url,
@@ -119,7 +146,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("variants", nargs="*", choices=[[], *VARIANTS], help="default: both")
+    parser.add_argument("variants", nargs="*", choices=[[], *VARIANTS], help="default: all")
     parser.add_argument("--calls", type=int, default=2_000, help="N (default 2,000)")
     parser.add_argument("--inflight", type=int, default=100, help="concurrent loops (default 100)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -138,8 +165,9 @@ def main(argv: list[str]) -> int:
     for variant in args.variants or list(VARIANTS):
         results[variant] = per_round_trip(variant, args.calls, args.inflight)
         print(f"{VARIANTS[variant]:50} {results[variant]:10,.0f} instructions per round trip", flush=True)
-    if len(results) == 2:
-        print(f"raw / catga: {results['raw'] / results['catga']:.2f}")
+    for broker in ("nats", "redis"):
+        if f"{broker}-raw" in results and f"{broker}-catga" in results:
+            print(f"{broker}: raw / catga {results[f'{broker}-raw'] / results[f'{broker}-catga']:.2f}")
     return 0
 
 

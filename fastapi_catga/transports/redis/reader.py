@@ -152,22 +152,36 @@ class ChannelReader:
             self._on_back()
 
     async def _receive(self) -> None:
-        """Hand over messages until the connection breaks; PING when idle to notice a frozen server."""
+        """Hand over messages until the connection breaks; PING when idle to notice a frozen server.
+
+        A read has no timer of its own (a timer per message cost a tenth of a Redis round trip):
+        `_IdleWatch` ends the read once ``idle`` seconds passed with nothing received.
+        """
+        connection, loop = self._connection, asyncio.get_running_loop()
         pinged = False
         while True:
-            response = await self._connection.read_response(timeout=self._idle)
-            if self._relocate:
-                self._relocate = False
-                raise RedisConnectionError(
-                    "the server no longer takes this cluster's writes (moved or demoted)"
-                )
-            if response is not None:
-                pinged = False
-                self._handle(response)
-            elif pinged:
-                raise RedisConnectionError(f"no answer to PING within {self._idle} s")
-            else:
-                await self._connection.send_command("PING", check_health=False)
+            try:
+                async with asyncio.timeout(None) as idle:
+                    watch = _IdleWatch(loop, self._idle, idle)
+                    try:
+                        while True:
+                            # Not disconnected when the watch ends the read: nothing was sent to be
+                            # answered but the PING, and a read cut short leaves the rest buffered.
+                            response = await connection.read_response(disconnect_on_error=False)
+                            watch.received += 1
+                            pinged = False
+                            if self._relocate:
+                                self._relocate = False
+                                raise RedisConnectionError(
+                                    "the server no longer takes this cluster's writes (moved or demoted)"
+                                )
+                            self._handle(response)
+                    finally:
+                        watch.stop()
+            except TimeoutError:  # ``idle`` seconds and nothing came
+                if pinged:
+                    raise RedisConnectionError(f"no answer to PING within {self._idle} s") from None
+                await connection.send_command("PING", check_health=False)
                 pinged = True
 
     async def _reconnect(self) -> None:
@@ -199,3 +213,31 @@ class ChannelReader:
                     raise RedisConnectionError(f"Redis dropped the shard channel {channel!r}: the slot moved")
                 if done and not done.done():
                     done.set_result(None)
+
+
+class _IdleWatch:
+    """Ends the reader's read through its ``timeout`` once ``interval`` seconds passed with
+    `received` unchanged: one timer per quarter interval, whatever the number of messages."""
+
+    __slots__ = ("_handle", "_idle_at", "_interval", "_loop", "_seen", "_timeout", "received")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float, timeout: asyncio.Timeout) -> None:
+        self.received = 0  # the reader counts each message here: one attribute write per message
+        self._loop = loop
+        self._interval = interval
+        self._timeout = timeout
+        self._seen = 0
+        self._idle_at = loop.time() + interval
+        self._handle = loop.call_later(interval / 4, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self.received != self._seen:  # within a quarter interval of the last message
+            self._seen, self._idle_at = self.received, now + self._interval
+        elif now >= self._idle_at:
+            self._timeout.reschedule(now)  # the read ends with TimeoutError in the reader's task
+            return
+        self._handle = self._loop.call_at(min(now + self._interval / 4, self._idle_at), self._check)
+
+    def stop(self) -> None:
+        self._handle.cancel()

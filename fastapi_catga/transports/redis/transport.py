@@ -52,6 +52,7 @@ from fastapi_catga.transports.tls import TlsFiles
 __all__ = ["RedisTransport"]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MAX_UNSENT = 10_000  # PUBLISHes queued for the writer before a reply waits for its own
 
 logger = logging.getLogger(__name__)
 
@@ -327,11 +328,11 @@ class RedisTransport:
             data = frame(with_route(envelope, self._inbox, token), self.max_payload, "Redis")
             self._check()
             sent = self._writer.enqueue(self._prefix + subject, data)
-            # The request's deadline bounds the PUBLISH too: a frozen server must not hold the
-            # caller for the writer's whole command timeout.
+            # One wait, for the reply: a PUBLISH that reached nobody (or failed) ends it at once,
+            # and the request's deadline ends the PUBLISH's wait too (a frozen server must not hold
+            # the caller for the writer's whole command timeout).
+            sent.add_done_callback(functools.partial(_counted, reply, subject))
             reply.add_done_callback(functools.partial(end_with, sent))
-            if await sent == 0:
-                raise NoResponderError(f"nobody listens on {subject} (PUBLISH reached 0)")
             return await reply
         finally:
             self._pending.discard(token)
@@ -339,10 +340,45 @@ class RedisTransport:
                 reply.exception()  # retrieved: it may have ended the PUBLISH wait instead
 
     async def _reply(self, reply_to: str, corr: str | None, envelope: Envelope) -> None:
+        """Queue the reply's PUBLISH and return: a handler's run ends without waiting for Redis's
+        count (on 3.11 it then needs no task of its own). With `_MAX_UNSENT` PUBLISHes already
+        queued, it waits for its own, so that a stalled server holds handler slots, not memory."""
         data = frame(with_route(envelope, corr=corr), self.max_payload, "Redis")
-        if await self._publish(reply_to, data) == 0:
-            logger.debug("the requester on %s is gone; reply dropped", reply_to)
+        self._check()
+        sent = self._writer.enqueue(reply_to, data)
+        if self._writer.queued > _MAX_UNSENT:
+            _replied(reply_to, await sent)
+        else:
+            sent.add_done_callback(functools.partial(_sent_reply, reply_to))
 
     async def _publish(self, channel: str, data: bytes) -> int:
         self._check()
         return await self._writer.publish(channel, data)
+
+
+def _counted(reply: asyncio.Future[Envelope], subject: str, sent: asyncio.Future[int]) -> None:
+    """A request's PUBLISH was counted (or failed): nobody listening ends the request at once."""
+    if sent.cancelled():
+        return
+    error = sent.exception()  # retrieved either way
+    if reply.done():
+        return
+    if error is not None:
+        reply.set_exception(error)
+    elif sent.result() == 0:
+        reply.set_exception(NoResponderError(f"nobody listens on {subject} (PUBLISH reached 0)"))
+
+
+def _sent_reply(reply_to: str, sent: asyncio.Future[int]) -> None:
+    if sent.cancelled():
+        return
+    error = sent.exception()
+    if error is not None:  # its batch failed: the reader sees the connection go, and says so
+        logger.debug("a reply to %s was not sent: %s", reply_to, error)
+    else:
+        _replied(reply_to, sent.result())
+
+
+def _replied(reply_to: str, count: int) -> None:
+    if count == 0:
+        logger.debug("the requester on %s is gone; reply dropped", reply_to)
