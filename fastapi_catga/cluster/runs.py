@@ -163,14 +163,14 @@ class Runs:
         Not for runs started by a slot given back (`HandlerLimits.leave` starts waiting events:
         eager ones ending at once would nest one call per event)."""
         try:
-            loop = asyncio.get_running_loop()
+            # The loop is looked up only where it is needed: on 3.11 each look-up is a getpid() call.
             if eager and not EAGER_TASKS and self._tasks_for() == 0:
                 if self._intake is None:
-                    self._start_intake(loop)
+                    self._start_intake(asyncio.get_running_loop())
                 # Its own context, copied now, as a task started here would get it.
                 self._queue.append((work, what, slot, contextvars.copy_context()))
                 return
-            task = _start(loop, work, eager, context)
+            task = _start(asyncio.get_running_loop(), work, eager, context)
         except BaseException:
             work.close()
             if slot is not None:

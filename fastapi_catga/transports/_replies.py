@@ -33,6 +33,7 @@ class PendingReplies(Generic[T]):
         self._deadlines: list[tuple[float, str]] = []  # a heap; answered requests' entries linger
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -42,7 +43,9 @@ class PendingReplies(Generic[T]):
 
         Call `discard` with the token once the request is over, however it ended.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # the transport's, for good (its broker client is tied to it too)
+            loop = self._loop = asyncio.get_running_loop()  # a getpid() call each time on 3.11
         token, reply = str(next(self._tokens)), loop.create_future()
         self._waiting[token] = (reply, subject, timeout)
         deadline = loop.time() + timeout

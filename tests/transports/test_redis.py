@@ -15,6 +15,7 @@ from fastapi_catga.core.envelope import Envelope
 from fastapi_catga.exceptions import ConfigurationError, NoResponderError, RequestTimeoutError, TransportError
 from fastapi_catga.transports.base import Delivery, MemberEvent, MemberWatch, Transport
 from fastapi_catga.transports.redis import RedisTransport
+from fastapi_catga.transports.redis import transport as redis_transport
 from tests.polling import eventually
 from tests.servers import RedisServer, free_port
 from tests.transports.contract import Connect, TransportContract, echo
@@ -156,6 +157,29 @@ async def test_server_killed_and_restarted(redis_server: RedisServer, make: Make
     assert time.monotonic() - restarted < 2
     with pytest.raises(NoResponderError):  # resubscribed what was subscribed, nothing else
         await client.request("node.mute", Envelope({}, b"{}"), timeout=1)
+
+
+@pytest.mark.parametrize("unsent", [10_000, -1], ids=["queued", "waited"])
+async def test_replies_are_queued_and_past_the_bound_each_waits_for_its_publish(
+    make: Make, monkeypatch: pytest.MonkeyPatch, unsent: int
+) -> None:
+    """A reply's PUBLISH is queued and the run goes on; with too many queued, a reply waits for
+    its own count (so a stalled server holds handler slots, not memory). Both answer."""
+    monkeypatch.setattr(redis_transport, "_MAX_UNSENT", unsent)
+    server, client = await make(), await make()
+    await server.subscribe("node.q", echo("q"))
+    replies = await asyncio.gather(
+        *(client.request("node.q", Envelope({"n": str(n)}, b"{}"), timeout=5) for n in range(50))
+    )
+    assert sorted(int(reply.headers["n"]) for reply in replies) == list(range(50))
+
+
+async def test_a_request_nobody_hears_fails_at_once_with_no_responder(make: Make) -> None:
+    client = await make()
+    started = time.monotonic()
+    with pytest.raises(NoResponderError, match="PUBLISH reached 0"):
+        await client.request("node.nobody", Envelope({}, b"{}"), timeout=5)
+    assert time.monotonic() - started < 2  # the count of 0 ends it, not the 5 s timeout
 
 
 async def test_frozen_server_is_noticed_by_ping(redis_server: RedisServer, make: Make) -> None:

@@ -47,6 +47,7 @@ class PublishWriter:
         self._sending: list[_Publish] = []  # the batch in flight
         self._wake = asyncio.Event()
         self._stale = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def mark_stale(self) -> None:
         """The server went away: the connection's socket is dead; open a new one for the next batch."""
@@ -68,7 +69,10 @@ class PublishWriter:
     def enqueue(self, channel: str, data: bytes) -> asyncio.Future[int]:
         """Queue a PUBLISH; the future gets its receiver count. A caller with a deadline of its own
         may fail the future first: the writer then drops the count."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:  # the writer's connection is tied to it for good
+            loop = self._loop = asyncio.get_running_loop()  # a getpid() call each time on 3.11
+        future: asyncio.Future[int] = loop.create_future()
         self._outbox.append((channel, data, future))
         self._wake.set()
         return future
