@@ -238,6 +238,8 @@ class Sender:
         return not self.closed and self._clock() < deadline - 0.01
 
     def _pick(self, message: Request[Any], tried: set[str], candidates: list[NodeInfo]) -> str | None:
+        if len(candidates) == 1 and not tried:
+            return candidates[0].node_id  # what every strategy and routing key would pick
         view = self.view
         if not tried and candidates and not view.is_suspect(candidates[-1].node_id):
             pool = candidates  # the usual first attempt: suspects come last, so there is none

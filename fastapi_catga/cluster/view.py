@@ -51,11 +51,12 @@ class ClusterView:
         self._members: dict[str, Member] = {}
         # Read on every send, changed a few times per heartbeat interval: computed on demand.
         self._nodes: list[NodeInfo] | None = None
-        self._capable: dict[tuple[str, bool], list[NodeInfo]] = {}
+        #: Capable nodes by type name: [False] for requests, [True] for events.
+        self._capable: tuple[dict[str, list[NodeInfo]], dict[str, list[NodeInfo]]] = ({}, {})
 
     def _touch(self) -> None:
         self._nodes = None
-        self._capable.clear()
+        self._forget_routes()
 
     @property
     def node_id(self) -> str:
@@ -141,11 +142,15 @@ class ClusterView:
         member = self._members.get(node_id)
         return member is not None and member.suspect_since is not None
 
+    def _forget_routes(self) -> None:
+        for routes in self._capable:
+            routes.clear()
+
     def capable(self, type_name: str, *, events: bool = False) -> list[NodeInfo]:
         """Live nodes with a handler for the type and a schema of it compatible with this node's,
         suspects last (do not modify the list)."""
-        key = (type_name, events)
-        nodes = self._capable.get(key)
+        routes = self._capable[events]  # one dict per kind: no key tuple to build and hash per send
+        nodes = routes.get(type_name)
         if nodes is None:
             nodes = [
                 n
@@ -153,13 +158,13 @@ class ClusterView:
                 if type_name in (n.events if events else n.handles)
                 and (n is self.self_info or not self.schemas.problems(n, type_name))
             ]
-            self._capable[key] = nodes = sorted(nodes, key=lambda n: self.is_suspect(n.node_id))
+            routes[type_name] = nodes = sorted(nodes, key=lambda n: self.is_suspect(n.node_id))
         return nodes
 
     def learn(self, message_type: type[Message]) -> None:
         """Note the class of a message this node sends, so peers are checked against its schema."""
         if self.schemas.learn(message_type):
-            self._capable.clear()
+            self._forget_routes()
 
     def incompatible(self, type_name: str, node_id: str | None = None) -> IncompatibleSchemaError | None:
         """The error for a send of the type when every peer that handles it (or the one named) runs

@@ -91,6 +91,13 @@ class NatsConnection:
         """Whether the connection is up right now (False while nats-py reconnects)."""
         return self.nc is not None and self.nc.is_connected
 
+    def client(self) -> Client:
+        """The client, or `TransportError` when closed or not connected (`live`, without JetStream)."""
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            return self.live()[0]  # raises
+        return nc
+
     def live(self) -> tuple[Client, JetStreamContext]:
         """The client and its JetStream context, or `TransportError` when closed or not connected."""
         if self.nc is None or self.js is None or not self.nc.is_connected:

@@ -13,7 +13,7 @@ from fastapi_catga.exceptions import (
     TransportError,
 )
 
-__all__ = ["ERRORS", "NatsErrors"]
+__all__ = ["ERRORS", "NatsErrors", "raise_ours"]
 
 _NO_JETSTREAM = (
     "{what}: JetStream did not answer (is the server started with -js? was the bucket prepared since?)"
@@ -62,10 +62,20 @@ class NatsErrors:
         pass
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc is None or isinstance(exc, CatgaError):
-            return
-        for errors, in_request, elsewhere in ERRORS:
-            if isinstance(exc, errors):
-                ours, message = elsewhere if self.timeout is None else in_request
-                text = message.format(what=self.what, timeout=self.timeout, kind=type(exc).__name__, exc=exc)
-                raise ours(text) from exc
+        if exc is not None:
+            raise_ours(exc, self.what, self.timeout)
+
+
+def raise_ours(exc: BaseException, what: str, timeout: float | None = None) -> None:
+    """Raise ``exc`` as ours (`ERRORS`; ``timeout``: it arose in a request), from ``exc``; return
+    when it is ours already or the table does not name it (the caller re-raises it unchanged).
+
+    `NatsErrors` as a function, for an ``except`` clause on the hot path (a ``try`` costs nothing
+    until something raises; the context manager is an object and two calls per use)."""
+    if isinstance(exc, CatgaError):
+        return
+    for errors, in_request, elsewhere in ERRORS:
+        if isinstance(exc, errors):
+            ours, message = elsewhere if timeout is None else in_request
+            text = message.format(what=what, timeout=timeout, kind=type(exc).__name__, exc=exc)
+            raise ours(text) from exc

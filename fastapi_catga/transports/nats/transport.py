@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -44,7 +45,7 @@ from fastapi_catga.transports.base import ConnectionListener, Delivery, Delivery
 from fastapi_catga.transports.nats.auth import NatsAuth
 from fastapi_catga.transports.nats.connection import NatsConnection
 from fastapi_catga.transports.nats.durable import NatsDurable
-from fastapi_catga.transports.nats.errors import NatsErrors
+from fastapi_catga.transports.nats.errors import NatsErrors, raise_ours
 from fastapi_catga.transports.nats.membership import NatsMembers
 
 __all__ = ["NatsTransport"]
@@ -329,17 +330,17 @@ class NatsTransport:
             logger.debug("could not answer an unreadable request: %s", error)
 
     def _replier(self, inbox: str) -> Reply:
-        async def reply(envelope: Envelope) -> None:
-            await self._send(inbox, envelope)
-
-        return reply
+        return functools.partial(self._send, inbox)  # no coroutine of its own around the send
 
     async def _send(self, subject: str, envelope: Envelope) -> None:
         """Publish to ``subject`` as it is: a reply address the server gave, or one `_subject` made."""
-        nc = self._connection.live()[0]
+        nc = self._connection.client()
         data = frame(envelope, self.max_payload, "NATS")
-        with NatsErrors(subject):
+        try:
             await _publish(nc, subject, data)
+        except Exception as exc:
+            raise_ours(exc, subject)
+            raise
 
     def _subject(self, subject: str) -> str:
         """``catga.<cluster>.<subject>``, once ``subject`` is known to be one NATS can carry.
@@ -370,16 +371,18 @@ class NatsTransport:
             MessageValidationError: ``subject`` is none NATS can carry; nothing was sent.
             TransportError: the connection is down or failed.
         """
-        nc = self._connection.live()[0]
+        nc = self._connection.client()
         data = frame(envelope, self.max_payload, "NATS")
         full = self._subject(subject)
         # Not nc.request(): it starts a task per request (asyncio.wait_for) and costs about as much
         # again as the round trip. One inbox subscription, a table of futures and a timer instead.
         token, reply = self._pending.add(subject, timeout)
         try:
-            with NatsErrors(subject, timeout):
-                await _publish(nc, full, data, self._inbox + token)
-                msg = await reply
+            await _publish(nc, full, data, self._inbox + token)
+            msg = await reply
+        except Exception as exc:
+            raise_ours(exc, subject, timeout)
+            raise
         finally:
             self._pending.discard(token)
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
