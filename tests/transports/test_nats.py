@@ -325,6 +325,30 @@ async def test_paused_server_gives_timeouts_and_aclose_returns(nats_server: Nats
         nats_server.resume()
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "nats-py publish"])
+async def test_a_stalled_server_with_a_full_send_buffer_fails_requests_at_their_deadline(
+    nats_server: NatsServer, cluster: str, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """A stopped server reads nothing: the socket fills, then nats-py's 2 MiB buffer, and its
+    publish would wait for the flusher without end. Each request still ends at its deadline."""
+    monkeypatch.setattr(nats_transport, "DIRECT", direct)
+    transport = NatsTransport(nats_server.url, cluster=cluster, connect_timeout=0.5)
+    await transport.connect()
+    body = b"x" * 500_000
+    nats_server.pause()
+    try:
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(transport.request("node.a", Envelope({}, body), timeout=1.0) for _ in range(60)),
+            return_exceptions=True,
+        )
+        assert time.monotonic() - started < 4.0  # 30 MB for a server that reads nothing: none hangs
+        assert all(isinstance(outcome, RequestTimeoutError) for outcome in outcomes), outcomes[:3]
+    finally:
+        nats_server.resume()
+        await transport.aclose()
+
+
 # -- membership -----------------------------------------------------------------------------------
 
 
