@@ -26,7 +26,7 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports.base import Delivery, MemberEvent, MemberWatch, Transport
 from fastapi_catga.transports.nats import NatsTransport
-from fastapi_catga.transports.nats import transport as nats_transport
+from fastapi_catga.transports.nats import wire as nats_wire
 from tests.polling import eventually
 from tests.servers import NatsServer, free_port
 from tests.transports.conftest import OpenNats
@@ -195,8 +195,8 @@ async def test_messages_are_taken_as_nats_py_reads_them(nats_server: NatsServer,
     """No queue and task of nats-py's per subscription: `_Direct` stands in for its queue."""
     server, client = await open_nats(nats_server.url), await open_nats(nats_server.url)
     subscription = await server.subscribe("node.a", echo("a"))
-    assert nats_transport.DIRECT
-    assert isinstance(subscription.sub._pending_queue, nats_transport._Direct)
+    assert nats_wire.DIRECT
+    assert isinstance(subscription.sub._pending_queue, nats_wire._Direct)
     assert subscription.sub._wait_for_msgs_task is None
     reply = await client.request("node.a", Envelope({}, b"ping"), timeout=2)
     assert reply.body == b"ping"
@@ -207,7 +207,7 @@ async def test_without_direct_delivery_nats_py_callbacks_serve(
     nats_server: NatsServer, open_nats: Open, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A nats-py whose subscriptions have no queue to stand in for gets the documented callbacks."""
-    monkeypatch.setattr(nats_transport, "DIRECT", False)
+    monkeypatch.setattr(nats_wire, "DIRECT", False)
     server, client = await open_nats(nats_server.url), await open_nats(nats_server.url)
     got: list[Delivery] = []
     subscription = await server.subscribe("node.a", echo("a"))
@@ -331,7 +331,7 @@ async def test_a_stalled_server_with_a_full_send_buffer_fails_requests_at_their_
 ) -> None:
     """A stopped server reads nothing: the socket fills, then nats-py's 2 MiB buffer, and its
     publish would wait for the flusher without end. Each request still ends at its deadline."""
-    monkeypatch.setattr(nats_transport, "DIRECT", direct)
+    monkeypatch.setattr(nats_wire, "DIRECT", direct)
     transport = NatsTransport(nats_server.url, cluster=cluster, connect_timeout=0.5)
     await transport.connect()
     body = b"x" * 500_000

@@ -8,16 +8,8 @@ microseconds each way). Requests get their replies on one inbox subscription per
 The client reconnects forever. Subscriptions survive a reconnect; membership watches end at a
 disconnect, and the cluster layer starts new ones once the connection is back.
 
-The hot path goes beneath nats-py's public calls, where this nats-py is one whose insides are
-known (`DIRECT`; otherwise the public calls serve):
-- received messages are taken as nats-py reads them (`_Direct`), not through its queue and task
-  per subscription: that hop cost about a twentieth of a round trip's CPU, and what it bounded
-  (messages read but not yet handled) the cluster layer bounds itself (a handler slot per request,
-  "busy" past the limit; a bounded queue of waiting events);
-- messages go out as ``PUB`` commands put on nats-py's outgoing buffer, which its flusher task
-  writes (`_publish`): ``publish`` checks again, on every message, what holds already here
-  (connected, not draining, the subject) and builds its command in three more calls, which cost
-  about a tenth of a round trip. Subjects are checked once each (`NatsTransport._subject`).
+Messages are received and sent through `wire` (beneath nats-py's public calls, where it can);
+subjects are checked once each (`NatsTransport._subject`).
 """
 
 from __future__ import annotations
@@ -27,8 +19,7 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import nats.errors
 from nats.aio.client import Client
@@ -49,6 +40,7 @@ from fastapi_catga.transports.nats.connection import NatsConnection
 from fastapi_catga.transports.nats.durable import NatsDurable
 from fastapi_catga.transports.nats.errors import NatsErrors, raise_ours
 from fastapi_catga.transports.nats.membership import NatsMembers
+from fastapi_catga.transports.nats.wire import publish, subscribe
 
 __all__ = ["NatsTransport"]
 
@@ -58,11 +50,6 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")  # a bucket name, and a single subject tok
 _SUBJECT = re.compile(r"[^.\s*>]+(?:\.[^.\s*>]+)*")  # one NATS can publish to: tokens, no wildcard
 _SUBJECTS_KEPT = 10_000  # checked subjects remembered (node and type names: a few hundred at most)
 _NO_RESPONDERS = "503"  # the status the server sends to a request's inbox when nobody listens
-# Where `_Direct` cannot stand in (a nats-py without the queue it replaces): per subscription,
-# before nats-py drops messages as a slow consumer (counted, logged), a bound on what a node holds
-# unread when its event loop falls behind.
-_PENDING_MSGS = 65_536
-_PENDING_BYTES = 64 * 1024 * 1024
 _MAX_REFUSALS = 100  # error answers to unreadable requests waiting for the connection; past it, none
 _FLUSH_TIMEOUT = 2  # s, for the PING round trips that confirm a (un)subscribe
 
@@ -76,113 +63,6 @@ async def _sync(nc: Client) -> None:
     """
     await nc.flush(timeout=_FLUSH_TIMEOUT)
     await nc.flush(timeout=_FLUSH_TIMEOUT)
-
-
-Take = Callable[[Msg], None]
-
-
-class _Direct:
-    """Stands in for a nats-py subscription's queue of received messages: each message ``put``
-    there is handed to ``take`` at once, in nats-py's reader, with no task or queue hop between.
-
-    ``take`` must not block. An error it raises is logged here: in nats-py's reader it would count
-    as a broken connection.
-    """
-
-    __slots__ = ("_sub", "_take")
-
-    def __init__(self, sub: NatsSubscription, take: Take) -> None:
-        self._sub = sub
-        self._take = take
-
-    def put_nowait(self, msg: Msg) -> None:
-        self._sub._pending_size -= len(msg.data)  # nats-py counts it as pending until taken
-        try:
-            self._take(msg)
-        except Exception:
-            logger.exception("handling a message on %s failed", msg.subject)
-
-    # The rest of `asyncio.Queue` that nats-py uses on a subscription: nothing ever waits here.
-    def qsize(self) -> int:
-        return 0
-
-    def empty(self) -> bool:
-        return True
-
-    def task_done(self) -> None:
-        pass
-
-    async def join(self) -> None:
-        pass
-
-
-#: Whether this nats-py keeps received messages in ``Subscription._pending_queue``, and commands
-#: to send in ``Client._pending`` for its flusher task (2.x does).
-DIRECT = "_pending_queue" in vars(NatsSubscription(None)) and all(
-    hasattr(Client(), name)
-    for name in ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue")
-)
-
-
-def _publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -> Awaitable[None]:
-    """``nc.publish``; with `DIRECT`, without its checks of what the transport ensured already (a
-    live connection, `NatsConnection.client`; a subject NATS can carry; nobody draining).
-
-    A full outgoing buffer (the server stalls, or the socket is slower than the senders) makes
-    the sender wait for the flusher, as ``publish`` does, but for ``timeout`` seconds at most:
-    nats-py would wait without end (raises `TimeoutError`, nats-py's, as its request does).
-    """
-    if not DIRECT:
-        return _bounded(nc.publish(subject, data, reply=reply), timeout)
-    if len(data) > nc.max_payload:  # the server's, which a reconnect may have lowered
-        raise nats.errors.MaxPayloadError
-    command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(data), data)
-    nc._pending.append(command)
-    nc._pending_data_size += len(command)
-    if nc._pending_data_size > nc._max_pending_size > 0:
-        return _bounded(nc._flush_pending(force_flush=True), timeout)
-    if nc._flush_queue is not None and nc._flush_queue.empty():
-        return nc._flush_pending()  # wakes the flusher, which writes everything buffered by then
-    return _DONE
-
-
-async def _bounded(flushed: Awaitable[Any], timeout: float) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            await flushed
-    except TimeoutError:
-        raise nats.errors.TimeoutError from None
-
-
-class _Done:
-    """An awaitable that is done at once (no coroutine made per message)."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        return
-        yield  # a generator function: one that stops at once
-
-
-_DONE = _Done()
-
-
-async def _subscribe(nc: Client, subject: str, take: Take, queue: str = "") -> NatsSubscription:
-    if DIRECT:
-        sub = await nc.subscribe(subject, queue=queue)  # no callback: nats-py starts no task
-        sub._pending_queue = _Direct(sub, take)  # type: ignore[assignment]
-        return sub
-
-    async def callback(msg: Msg) -> None:
-        take(msg)
-
-    return await nc.subscribe(
-        subject,
-        queue=queue,
-        cb=callback,
-        pending_msgs_limit=_PENDING_MSGS,
-        pending_bytes_limit=_PENDING_BYTES,
-    )
 
 
 class _Subscription:
@@ -293,7 +173,7 @@ class NatsTransport:
         nc = await self._connection.open()
         self.max_payload = min(self.max_payload, nc.max_payload)
         self._inbox = nc.new_inbox() + "."
-        await _subscribe(nc, self._inbox + "*", self._on_reply)
+        await subscribe(nc, self._inbox + "*", self._on_reply)
         self._connection.state.tell(True)
         logger.info("connected to NATS at %s (cluster %r)", self._connection.where, self.cluster)
 
@@ -347,7 +227,7 @@ class NatsTransport:
             deliver(callback, Delivery(envelope, reply), msg.subject, logger)
 
         with NatsErrors(f"subscribe {subject}"):
-            sub = await _subscribe(nc, self._prefix + subject, on_msg, queue or "")
+            sub = await subscribe(nc, self._prefix + subject, on_msg, queue or "")
             await _sync(nc)  # now a request from any connection to this server finds the subscriber
         subscription = _Subscription(sub, nc, self._subscriptions)
         self._subscriptions.add(subscription)
@@ -375,7 +255,7 @@ class NatsTransport:
         nc = self._connection.client()
         data = frame(envelope, self.max_payload, "NATS")
         try:
-            await _publish(nc, subject, data, "", self.connect_timeout)
+            await publish(nc, subject, data, "", self.connect_timeout)
         except Exception as exc:
             raise_ours(exc, subject)
             raise
@@ -416,7 +296,7 @@ class NatsTransport:
         # again as the round trip. One inbox subscription, a table of futures and a timer instead.
         token, reply = self._pending.add(subject, timeout)
         try:
-            await _publish(nc, full, data, self._inbox + token, timeout)
+            await publish(nc, full, data, self._inbox + token, timeout)
             msg = await reply
         except Exception as exc:
             raise_ours(exc, subject, timeout)

@@ -1,0 +1,142 @@
+"""nats-py beneath its public calls, on the hot path: receiving and sending a message.
+
+Where this nats-py is one whose insides are known (`DIRECT`: 2.x; otherwise its public calls
+serve, and both paths are tested):
+
+- a received message is taken as nats-py reads it (`_Direct`), not through its ``asyncio.Queue``
+  and task per subscription: that hop cost about a twentieth of a round trip's CPU. What the queue
+  bounded (messages read but not yet handled) the cluster layer bounds itself: a handler slot per
+  request, "busy" past the limit, a bounded queue of waiting events;
+- a sent message is a ``PUB`` command put on nats-py's outgoing buffer, which its flusher task
+  writes (`publish`): ``Client.publish`` checks again, on every message, what holds already (the
+  connection is live, nobody drains, the subject was checked) and builds its command in three
+  more calls, about a tenth of a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+__all__ = ["DIRECT", "Take", "publish", "subscribe"]
+
+logger = logging.getLogger(__name__)
+
+# Where `_Direct` cannot stand in: per subscription, before nats-py drops messages as a slow
+# consumer (counted, logged), a bound on what a node holds unread when its event loop falls behind.
+_PENDING_MSGS = 65_536
+_PENDING_BYTES = 64 * 1024 * 1024
+
+#: Called with each received message, in nats-py's reader: it must not block.
+Take = Callable[[Msg], None]
+
+
+class _Direct:
+    """Stands in for a nats-py subscription's queue of received messages: each message ``put``
+    there is handed to ``take`` at once, in nats-py's reader, with no task or queue hop between.
+
+    ``take`` must not block. An error it raises is logged here: in nats-py's reader it would count
+    as a broken connection.
+    """
+
+    __slots__ = ("_sub", "_take")
+
+    def __init__(self, sub: Subscription, take: Take) -> None:
+        self._sub = sub
+        self._take = take
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)  # nats-py counts it as pending until taken
+        try:
+            self._take(msg)
+        except Exception:
+            logger.exception("handling a message on %s failed", msg.subject)
+
+    # The rest of `asyncio.Queue` that nats-py uses on a subscription: nothing ever waits here.
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        pass
+
+
+#: Whether this nats-py keeps received messages in ``Subscription._pending_queue``, and commands
+#: to send in ``Client._pending`` for its flusher task (2.x does).
+DIRECT = "_pending_queue" in vars(Subscription(None)) and all(
+    hasattr(Client(), name)
+    for name in ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue")
+)
+
+
+def publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -> Awaitable[None]:
+    """``nc.publish``; with `DIRECT`, without its checks of what the transport ensured already (a
+    live connection, `NatsConnection.client`; a subject NATS can carry; nobody draining).
+
+    A full outgoing buffer (the server stalls, or the socket is slower than the senders) makes
+    the sender wait for the flusher, as ``publish`` does, but for ``timeout`` seconds at most:
+    nats-py would wait without end (raises `TimeoutError`, nats-py's, as its request does).
+    """
+    if not DIRECT:
+        return _bounded(nc.publish(subject, data, reply=reply), timeout)
+    if len(data) > nc.max_payload:  # the server's, which a reconnect may have lowered
+        raise nats.errors.MaxPayloadError
+    command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(data), data)
+    nc._pending.append(command)
+    nc._pending_data_size += len(command)
+    if nc._pending_data_size > nc._max_pending_size > 0:
+        return _bounded(nc._flush_pending(force_flush=True), timeout)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        return nc._flush_pending()  # wakes the flusher, which writes everything buffered by then
+    return _DONE
+
+
+async def _bounded(flushed: Awaitable[Any], timeout: float) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await flushed
+    except TimeoutError:
+        raise nats.errors.TimeoutError from None
+
+
+class _Done:
+    """An awaitable that is done at once (no coroutine made per message)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        return
+        yield  # a generator function: one that stops at once
+
+
+_DONE = _Done()
+
+
+async def subscribe(nc: Client, subject: str, take: Take, queue: str = "") -> Subscription:
+    if DIRECT:
+        sub = await nc.subscribe(subject, queue=queue)  # no callback: nats-py starts no task
+        sub._pending_queue = _Direct(sub, take)  # type: ignore[assignment]
+        return sub
+
+    async def callback(msg: Msg) -> None:
+        take(msg)
+
+    return await nc.subscribe(
+        subject,
+        queue=queue,
+        cb=callback,
+        pending_msgs_limit=_PENDING_MSGS,
+        pending_bytes_limit=_PENDING_BYTES,
+    )
