@@ -112,6 +112,7 @@ class Mediator:
             RemoteHandlerError: the handler raised (``error_type`` names the exception; its text
                 stays in the handling node's log), or returned a result of the wrong type.
             MessageTooLargeError: over the payload limit; nothing was sent.
+            ConfigurationError: the type's ``type_name`` is none a handler could register.
             CatgaError: any `CatgaError` the handler raised, as its own class.
         """
         route = self._local.get(type(message))

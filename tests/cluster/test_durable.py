@@ -17,6 +17,7 @@ from fastapi_catga import (
     Catga,
     CatgaSettings,
     Command,
+    ConfigurationError,
     Durable,
     Event,
     MessageValidationError,
@@ -132,6 +133,24 @@ def test_a_durable_send_runs_once_and_a_resend_gets_the_stored_result() -> None:
         assert effects[accepted.message_id] == 1
         for catga in (a, b):
             await catga.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_durable_type_no_handler_could_register_is_refused_at_send_and_enqueue() -> None:
+    """Its name would make no stream subject or key: refused at once, as a plain send refuses it."""
+
+    class Spaced(Command[str]):
+        type_name: ClassVar[str] = "has space"
+        durable: ClassVar[Durable | bool] = True
+
+    async def scenario() -> None:
+        _, (a,) = await cluster("a")
+        with pytest.raises(ConfigurationError, match="'has space'"):
+            await a.mediator.send(Spaced())
+        with pytest.raises(ConfigurationError, match="'has space'"):
+            await a.mediator.enqueue(Spaced())
+        await a.stop()
 
     run_virtual(scenario())
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from fastapi_catga.core.envelope import Envelope, pack
 from fastapi_catga.exceptions import (
@@ -234,27 +235,57 @@ async def test_a_subject_nats_cannot_carry_is_refused_before_anything_is_sent(
     assert client.connected
 
 
-async def test_a_callback_that_raises_leaves_the_connection_serving(
-    nats_server: NatsServer, open_nats: Open, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "nats-py callback"])
+async def test_a_taker_that_raises_in_nats_pys_reader_leaves_the_connection_reading(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, direct: bool
 ) -> None:
-    """The callback runs in nats-py's reader: its error is logged there, never taken for a broken
-    connection, and the next message is delivered."""
-    subscriber, publisher = await open_nats(nats_server.url), await open_nats(nats_server.url)
-    got: list[Delivery] = []
+    """What `wire.subscribe` hands messages to runs in nats-py's reader: an error there is logged,
+    never taken for a broken connection, and the next message still comes."""
+    monkeypatch.setattr(nats_wire, "DIRECT", direct)
+    nc = await nats.connect(nats_server.url)
+    got: list[bytes] = []
 
-    def callback(delivery: Delivery) -> None:
-        if delivery.envelope.body == b"boom":
-            raise RuntimeError("the subscriber's own bug")
-        got.append(delivery)
+    def take(msg: Msg) -> None:
+        if msg.data == b"boom":
+            raise RuntimeError("a bug where messages are taken")
+        got.append(msg.data)
 
-    await subscriber.subscribe("event.Happened", callback)
-    with caplog.at_level(logging.ERROR):
-        await publisher.publish("event.Happened", Envelope({}, b"boom"))
-        await publisher.publish("event.Happened", Envelope({}, b"after"))
-        await eventually(lambda: len(got) == 1, within=2)
-    assert got[0].envelope.body == b"after"
-    assert "the subscriber's own bug" in caplog.text
-    assert subscriber.connected
+    try:
+        await nats_wire.subscribe(nc, "wire.test", take)
+        with caplog.at_level(logging.ERROR):
+            await nc.publish("wire.test", b"boom")
+            await nc.publish("wire.test", b"after")
+            await eventually(lambda: got == [b"after"], within=2)
+        assert "a bug where messages are taken" in caplog.text
+        assert nc.is_connected
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "nats-py publish"])
+async def test_a_stalled_server_with_a_full_send_buffer_fails_an_event_publish_in_time(
+    nats_server: NatsServer, cluster: str, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """Past nats-py's 2 MiB buffer a publish waits for the flusher: connect_timeout at most, then
+    `TransportError` (nats-py's own wait returned nothing, or never)."""
+    monkeypatch.setattr(nats_wire, "DIRECT", direct)
+    transport = NatsTransport(nats_server.url, cluster=cluster, connect_timeout=0.5)
+    await transport.connect()
+    body = b"x" * 500_000
+    nats_server.pause()
+    try:
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(transport.publish("event.Big", Envelope({}, body)) for _ in range(60)), return_exceptions=True
+        )
+        assert time.monotonic() - started < 3.0
+        failed = [outcome for outcome in outcomes if isinstance(outcome, TransportError)]
+        assert failed, "no publish was told the server did not take it"
+        assert all(outcome is None or isinstance(outcome, TransportError) for outcome in outcomes)
+        assert "did not answer in time" in str(failed[0])
+    finally:
+        nats_server.resume()
+        await transport.aclose()
 
 
 async def test_no_responder_after_the_subscriber_closed(nats_server: NatsServer, open_nats: Open) -> None:

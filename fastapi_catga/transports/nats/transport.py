@@ -137,7 +137,9 @@ class NatsTransport:
 
     @property
     def slow_consumers(self) -> int:
-        """Messages nats-py dropped because a subscription's pending queue was full."""
+        """Messages nats-py dropped because a subscription's pending queue was full: only on a
+        nats-py whose insides `wire` does not know (otherwise a message is handed over as it is
+        read, and a node that cannot keep up is a slow consumer to the server, which disconnects it)."""
         return self._connection.slow_consumers
 
     @property

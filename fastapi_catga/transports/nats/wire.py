@@ -73,42 +73,69 @@ class _Direct:
         pass
 
 
-#: Whether this nats-py keeps received messages in ``Subscription._pending_queue``, and commands
-#: to send in ``Client._pending`` for its flusher task (2.x does).
-DIRECT = "_pending_queue" in vars(Subscription(None)) and all(
-    hasattr(Client(), name)
-    for name in ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue")
-)
+def _known_insides() -> bool:
+    """Whether this nats-py keeps received messages in ``Subscription._pending_queue``, and
+    commands to send in ``Client._pending`` for its flusher task (2.x does)."""
+    try:
+        client, subscription = Client(), Subscription(None)
+    except Exception:  # a nats-py whose constructors changed: its public calls serve
+        return False
+    names = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue")
+    return "_pending_queue" in vars(subscription) and all(hasattr(client, name) for name in names)
+
+
+#: The hot path beneath nats-py's public calls (see the module docstring); they serve otherwise.
+DIRECT = _known_insides()
 
 
 def publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -> Awaitable[None]:
     """``nc.publish``; with `DIRECT`, without its checks of what the transport ensured already (a
-    live connection, `NatsConnection.client`; a subject NATS can carry; nobody draining).
+    live connection, `NatsConnection.client`; a subject NATS can carry; nobody draining). nats-py's
+    ``stats`` do not count what goes out this way.
 
-    A full outgoing buffer (the server stalls, or the socket is slower than the senders) makes
-    the sender wait for the flusher, as ``publish`` does, but for ``timeout`` seconds at most:
-    nats-py would wait without end (raises `TimeoutError`, nats-py's, as its request does).
+    A full outgoing buffer (a server that stopped reading, or a socket slower than the senders)
+    makes the sender wait until the flusher has written it, as ``publish`` does, but ``timeout``
+    seconds at most: nats-py's own wait has no end, and swallows a cancellation.
+
+    Raises:
+        nats.errors.TimeoutError: the buffer was still not written after ``timeout`` seconds. The
+            message stays in it: it goes out if the server reads again before the connection is
+            given up.
     """
     if not DIRECT:
-        return _bounded(nc.publish(subject, data, reply=reply), timeout)
+        return _within(nc.publish(subject, data, reply=reply), timeout)
     if len(data) > nc.max_payload:  # the server's, which a reconnect may have lowered
         raise nats.errors.MaxPayloadError
     command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(data), data)
     nc._pending.append(command)
     nc._pending_data_size += len(command)
     if nc._pending_data_size > nc._max_pending_size > 0:
-        return _bounded(nc._flush_pending(force_flush=True), timeout)
+        return _flushed(nc, timeout)
     if nc._flush_queue is not None and nc._flush_queue.empty():
         return nc._flush_pending()  # wakes the flusher, which writes everything buffered by then
     return _DONE
 
 
-async def _bounded(flushed: Awaitable[Any], timeout: float) -> None:
+async def _flushed(nc: Client, timeout: float) -> None:
+    """Wait, ``timeout`` seconds at most, for the flusher to write what is buffered now: it takes
+    the futures on its queue in turn and sets each once it wrote (one cancelled here, it skips)."""
+    assert nc._flush_queue is not None
+    written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     try:
         async with asyncio.timeout(timeout):
-            await flushed
+            await nc._flush_queue.put(written)
+            await written
     except TimeoutError:
         raise nats.errors.TimeoutError from None
+
+
+async def _within(sent: Awaitable[None], timeout: float) -> None:
+    """nats-py's ``publish``, ``timeout`` seconds at most (its wait for a full buffer swallows the
+    cancellation that ends it, so the timeout is read off, not caught)."""
+    async with asyncio.timeout(timeout) as bound:
+        await sent
+    if bound.expired():
+        raise nats.errors.TimeoutError
 
 
 class _Done:

@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, unpack
-from fastapi_catga.core.logs import redact_url
+from fastapi_catga.core.logs import LogLimiter, redact_url
 from fastapi_catga.core.tasks import cancel_and_wait
 from fastapi_catga.exceptions import (
     ConfigurationError,
@@ -143,6 +143,7 @@ class RedisTransport:
         self._handlers: dict[bytes, list[DeliveryCallback]] = {}
         self._pending: PendingReplies[Envelope] = PendingReplies()
         self._bad_frames = BadFrames(logger)
+        self._reply_failures = LogLimiter()  # replies whose PUBLISH failed: a line per interval at most
         self._reader = ChannelReader(
             private_connection(self._pool),
             self._pool,
@@ -349,7 +350,18 @@ class RedisTransport:
         if self._writer.queued > _MAX_UNSENT:
             _replied(reply_to, await sent)
         else:
-            sent.add_done_callback(functools.partial(_sent_reply, reply_to))
+            sent.add_done_callback(functools.partial(self._sent_reply, reply_to))
+
+    def _sent_reply(self, reply_to: str, sent: asyncio.Future[int]) -> None:
+        if sent.cancelled():
+            return
+        error = sent.exception()
+        if error is None:
+            _replied(reply_to, sent.result())
+        else:  # its batch failed (the writer's connection alone may have: say so here)
+            self._reply_failures.log(
+                logger, logging.WARNING, "reply", "could not answer a request on %s: %s", reply_to, error
+            )
 
     async def _publish(self, channel: str, data: bytes) -> int:
         self._check()
@@ -367,16 +379,6 @@ def _counted(reply: asyncio.Future[Envelope], subject: str, sent: asyncio.Future
         reply.set_exception(error)
     elif sent.result() == 0:
         reply.set_exception(NoResponderError(f"nobody listens on {subject} (PUBLISH reached 0)"))
-
-
-def _sent_reply(reply_to: str, sent: asyncio.Future[int]) -> None:
-    if sent.cancelled():
-        return
-    error = sent.exception()
-    if error is not None:  # its batch failed: the reader sees the connection go, and says so
-        logger.debug("a reply to %s was not sent: %s", reply_to, error)
-    else:
-        _replied(reply_to, sent.result())
 
 
 def _replied(reply_to: str, count: int) -> None:

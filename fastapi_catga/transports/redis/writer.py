@@ -85,6 +85,7 @@ class PublishWriter:
             while self._outbox:
                 self._sending, self._outbox = self._outbox, []
                 await self._write(self._sending)
+                self._sending = []  # answered: `queued` counts it no more
 
     async def aclose(self, error: TransportError) -> None:
         """Fail what is queued or in flight with ``error`` and close the connection (after `run` ended)."""
