@@ -37,7 +37,7 @@ from contextlib import AsyncExitStack
 
 from benchmarks import _raw
 from benchmarks._common import DATA, RAW_REPLY, REPLY_TEXT, REPO_ROOT, Echo, echo, payload_size
-from benchmarks._responder import serve_raw_redis
+from benchmarks._responder import serve_raw_nats, serve_raw_redis
 from tests.servers import NatsServer, RedisServer, ServerProcess
 
 VARIANTS = {
@@ -52,17 +52,7 @@ Call = Callable[[], Awaitable[object]]
 
 
 async def nats_raw(stack: AsyncExitStack, url: str) -> Call:
-    import nats
-    from nats.aio.msg import Msg
-
-    responder = await nats.connect(url)
-    stack.push_async_callback(responder.close)
-
-    async def on_request(msg: Msg) -> None:
-        await msg.respond(RAW_REPLY)
-
-    await responder.subscribe(_raw.NATS_SUBJECT, cb=on_request)
-    await responder.flush()
+    await serve_raw_nats(stack, url)
     requester = _raw.RawNatsRequester(url, b"p" * payload_size())
     await requester.connect()
     stack.push_async_callback(requester.aclose)

@@ -262,32 +262,6 @@ async def test_a_taker_that_raises_in_nats_pys_reader_leaves_the_connection_read
         await nc.close()
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "nats-py publish"])
-async def test_a_stalled_server_with_a_full_send_buffer_fails_an_event_publish_in_time(
-    nats_server: NatsServer, cluster: str, monkeypatch: pytest.MonkeyPatch, direct: bool
-) -> None:
-    """Past nats-py's 2 MiB buffer a publish waits for the flusher: connect_timeout at most, then
-    `TransportError` (nats-py's own wait returned nothing, or never)."""
-    monkeypatch.setattr(nats_wire, "DIRECT", direct)
-    transport = NatsTransport(nats_server.url, cluster=cluster, connect_timeout=0.5)
-    await transport.connect()
-    body = b"x" * 500_000
-    nats_server.pause()
-    try:
-        started = time.monotonic()
-        outcomes = await asyncio.gather(
-            *(transport.publish("event.Big", Envelope({}, body)) for _ in range(60)), return_exceptions=True
-        )
-        assert time.monotonic() - started < 3.0
-        failed = [outcome for outcome in outcomes if isinstance(outcome, TransportError)]
-        assert failed, "no publish was told the server did not take it"
-        assert all(outcome is None or isinstance(outcome, TransportError) for outcome in outcomes)
-        assert "did not answer in time" in str(failed[0])
-    finally:
-        nats_server.resume()
-        await transport.aclose()
-
-
 async def test_no_responder_after_the_subscriber_closed(nats_server: NatsServer, open_nats: Open) -> None:
     server, client = await open_nats(nats_server.url), await open_nats(nats_server.url)
     await server.subscribe("node.a", echo("a"))
@@ -356,28 +330,51 @@ async def test_paused_server_gives_timeouts_and_aclose_returns(nats_server: Nats
         nats_server.resume()
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "nats-py publish"])
-async def test_a_stalled_server_with_a_full_send_buffer_fails_requests_at_their_deadline(
-    nats_server: NatsServer, cluster: str, monkeypatch: pytest.MonkeyPatch, direct: bool
-) -> None:
-    """A stopped server reads nothing: the socket fills, then nats-py's 2 MiB buffer, and its
-    publish would wait for the flusher without end. Each request still ends at its deadline."""
-    monkeypatch.setattr(nats_wire, "DIRECT", direct)
+BIG = b"x" * 500_000  # 60 of them: 30 MB for a server that reads nothing, past every buffer
+
+
+@pytest.fixture(params=[True, False], ids=["direct", "nats-py publish"])
+async def stalled(
+    request: pytest.FixtureRequest, nats_server: NatsServer, cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[NatsTransport]:
+    """A transport whose server is stopped: the socket fills, then nats-py's 2 MiB buffer, past
+    which its publish waits for the flusher without end (and swallows the cancellation)."""
+    monkeypatch.setattr(nats_wire, "DIRECT", request.param)
     transport = NatsTransport(nats_server.url, cluster=cluster, connect_timeout=0.5)
     await transport.connect()
-    body = b"x" * 500_000
     nats_server.pause()
     try:
-        started = time.monotonic()
-        outcomes = await asyncio.gather(
-            *(transport.request("node.a", Envelope({}, body), timeout=1.0) for _ in range(60)),
-            return_exceptions=True,
-        )
-        assert time.monotonic() - started < 4.0  # 30 MB for a server that reads nothing: none hangs
-        assert all(isinstance(outcome, RequestTimeoutError) for outcome in outcomes), outcomes[:3]
+        yield transport
     finally:
         nats_server.resume()
         await transport.aclose()
+
+
+async def test_a_stalled_server_with_a_full_send_buffer_fails_requests_at_their_deadline(
+    stalled: NatsTransport,
+) -> None:
+    started = time.monotonic()
+    outcomes = await asyncio.gather(
+        *(stalled.request("node.a", Envelope({}, BIG), timeout=1.0) for _ in range(60)),
+        return_exceptions=True,
+    )
+    assert time.monotonic() - started < 4.0  # none hangs
+    assert all(isinstance(outcome, RequestTimeoutError) for outcome in outcomes), outcomes[:3]
+
+
+async def test_a_stalled_server_with_a_full_send_buffer_fails_an_event_publish_in_time(
+    stalled: NatsTransport,
+) -> None:
+    """connect_timeout at most, then `TransportError` (nats-py's own wait returned nothing, or never)."""
+    started = time.monotonic()
+    outcomes = await asyncio.gather(
+        *(stalled.publish("event.Big", Envelope({}, BIG)) for _ in range(60)), return_exceptions=True
+    )
+    assert time.monotonic() - started < 3.0
+    failed = [outcome for outcome in outcomes if isinstance(outcome, TransportError)]
+    assert failed, "no publish was told the server did not take it"
+    assert all(outcome is None or isinstance(outcome, TransportError) for outcome in outcomes)
+    assert "did not answer in time" in str(failed[0])
 
 
 # -- membership -----------------------------------------------------------------------------------
