@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks._common import DATA, REPO_ROOT, Echo, echo
@@ -75,25 +76,30 @@ async def calls(variant: str, count: int, pool: int) -> None:
         await catga.stop()
 
 
-def collected(variant: str, count: int, pool: int) -> int:
-    """Instructions the whole child process executed."""
-    command = [
-        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-        "-m", "benchmarks.instructions", "--child", variant, "--calls", str(count), "--pool", str(pool),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict probes in every run
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+def callgrind(args: list[str], what: str) -> int:
+    """Instructions ``python -m <args>`` executed in all, counted by callgrind (a fixed hash seed:
+    the same dict probes in every run)."""
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m", *args]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
     found = re.search(r"Collected : (\d+)", done.stderr)
-    if found is None:
-        raise RuntimeError(f"no instruction count from callgrind for {variant}:\n{done.stderr[-2000:]}")
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"callgrind run of {what} failed:\n{done.stderr[-3000:]}")
     return int(found.group(1))
+
+
+def per_unit(count: int, instructions: Callable[[int], int]) -> float:
+    """Instructions per unit of work: runs of ``count`` and ``2 * count`` units, at once, and their
+    difference (start-up and set-up cancel out)."""
+    with ThreadPoolExecutor(2) as pool:
+        small, large = pool.map(instructions, (count, 2 * count))
+    return (large - small) / count
 
 
 def per_call(variant: str, count: int) -> float:
     """Instructions per call of ``variant``, message creation and start-up taken out."""
-    with ThreadPoolExecutor(2) as pool:
-        small, large = pool.map(lambda n: collected(variant, n, 2 * count), (count, 2 * count))
-    return (large - small) / count
+    args = ["benchmarks.instructions", "--child", variant, "--pool", str(2 * count), "--calls"]
+    return per_unit(count, lambda n: callgrind([*args, str(n)], variant))
 
 
 def main(argv: list[str]) -> int:

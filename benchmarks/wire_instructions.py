@@ -25,19 +25,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import platform
-import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 
 from benchmarks import _raw
-from benchmarks._common import DATA, RAW_REPLY, REPLY_TEXT, REPO_ROOT, Echo, echo, payload_size
+from benchmarks._common import DATA, RAW_REPLY, REPLY_TEXT, Echo, echo, payload_size
 from benchmarks._responder import serve_raw_nats, serve_raw_redis
+from benchmarks.instructions import callgrind, per_unit
 from tests.servers import NatsServer, RedisServer, ServerProcess
 
 VARIANTS = {
@@ -109,27 +106,16 @@ async def child(variant: str, url: str, count: int, inflight: int) -> None:
         await asyncio.gather(*(loop(each + (i < extra)) for i in range(inflight)))
 
 
-def collected(variant: str, count: int, inflight: int) -> int:
-    """Instructions the whole child process executed (its own broker, outside valgrind)."""
-    server: ServerProcess = NatsServer(extra_args=["-js"]) if variant.startswith("nats") else RedisServer()
-    with server:
-        command = [
-            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-            "-m", "benchmarks.wire_instructions", "--child", variant, "--url", server.url,
-            "--calls", str(count), "--inflight", str(inflight),
-        ]  # fmt: skip
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
-        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    if done.returncode != 0 or found is None:
-        raise RuntimeError(f"callgrind run of {variant} failed:\n{done.stderr[-3000:]}")
-    return int(found.group(1))
-
-
 def per_round_trip(variant: str, count: int, inflight: int) -> float:
-    with ThreadPoolExecutor(2) as pool:
-        small, large = pool.map(lambda n: collected(variant, n, inflight), (count, 2 * count))
-    return (large - small) / count
+    def instructions(calls: int) -> int:  # its own broker, outside valgrind
+        server: ServerProcess = (
+            NatsServer(extra_args=["-js"]) if variant.startswith("nats") else RedisServer()
+        )
+        with server:
+            args = ["benchmarks.wire_instructions", "--child", variant, "--url", server.url]
+            return callgrind([*args, "--calls", str(calls), "--inflight", str(inflight)], variant)
+
+    return per_unit(count, instructions)
 
 
 def main(argv: list[str]) -> int:
