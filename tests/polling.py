@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import time
 from collections.abc import Awaitable, Callable
 
@@ -73,3 +74,19 @@ def wait_until(
         if elapsed >= within:
             raise _timeout_error(message, elapsed, within, attempts, last_error)
         time.sleep(min(interval, within - elapsed))
+
+
+async def finishes(step: Awaitable[object], *, within: float, what: str) -> None:
+    """Await ``step`` for at most ``within`` seconds; past that, fail with the stack of every task
+    of the loop, so that a hang in CI says where it hung."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait([task], timeout=within)
+    if done:
+        task.result()
+        return
+    stacks = io.StringIO()
+    for other in asyncio.all_tasks():
+        if other is not asyncio.current_task():
+            other.print_stack(limit=12, file=stacks)
+    task.cancel()
+    raise AssertionError(f"{what} did not finish within {within} s; the loop's tasks:\n{stacks.getvalue()}")

@@ -53,6 +53,7 @@ from fastapi_catga.core.envelope import (
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Message, Request
 from fastapi_catga.core.observe import Observer
+from fastapi_catga.core.tasks import cancel_and_wait
 from fastapi_catga.exceptions import (
     CatgaError,
     MessageValidationError,
@@ -156,15 +157,15 @@ class DurableRunner:
         )
 
     async def stop(self, drain_timeout: float) -> None:
-        """Stop fetching; let runs in flight finish (their deliveries come back after the lease if not)."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop fetching; let runs in flight finish (their deliveries come back after the lease if not).
+
+        A fetch or a run that ignores its cancellation is left behind after `CANCEL_GRACE` and named
+        in the log: a stop never waits on a broker call that hangs, or on a handler that will not end.
+        """
+        await cancel_and_wait(self._tasks, what="durable fetch", logger=logger)
         if self._running:
             _, pending = await asyncio.wait(set(self._running), timeout=drain_timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(pending, what="durable run", logger=logger)
 
     async def _work(self, work: _Work) -> None:
         consumer = self.store.consumer(work.queue, consumer=self._settings.node_id, lease=work.policy.lease)
@@ -193,7 +194,9 @@ class DurableRunner:
                 for _ in range(free - len(deliveries)):
                     slots.release()
                 for delivery in deliveries:
-                    task = asyncio.get_running_loop().create_task(self._process(work, delivery))
+                    task = asyncio.get_running_loop().create_task(
+                        self._process(work, delivery), name=f"catga-durable-run-{work.queue.type_name}"
+                    )
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
                     task.add_done_callback(lambda _t: slots.release())

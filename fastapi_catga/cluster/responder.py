@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -107,11 +108,13 @@ class Responder:
         """Unsubscribe, then wait up to ``drain_timeout`` for work in flight (events still waiting
         for a slot are dropped and counted); cancel what is left and wait at most one second more
         for it to end. A run that ignores its cancellation is abandoned, and named in the log."""
-        for subscription in self._subscriptions:
-            try:
-                await subscription.unsubscribe()
-            except CatgaError as exc:
-                logger.debug("unsubscribe failed: %s", exc)
+        # All at once: each may wait for the broker's confirmation, up to its command timeout.
+        ended = await asyncio.gather(*(s.unsubscribe() for s in self._subscriptions), return_exceptions=True)
+        for outcome in ended:
+            if isinstance(outcome, CatgaError):
+                logger.debug("unsubscribe failed: %s", outcome)
+            elif isinstance(outcome, BaseException):  # a bug here or in the client: the stop goes on
+                logger.error("unsubscribe failed unexpectedly", exc_info=outcome)
         self._subscriptions.clear()
         await self._runs.stop(drain_timeout)
 

@@ -18,6 +18,7 @@ import pytest
 from fastapi_catga import Catga, CatgaSettings, build
 from tests.cli import handlers
 from tests.cli.handlers import NodeTag, charged, rejecting
+from tests.polling import finishes
 from tests.servers import ServerProcess
 
 #: Short membership timings, given to the nodes and the CLI alike (the same CATGA_* settings).
@@ -119,14 +120,12 @@ class Nodes:
 
     async def start(self, name: str) -> Catga:
         node = build(self._broker.settings(name), handlers=[handlers], behaviors=[NodeTag(name)])
-        async with asyncio.timeout(30):
-            await node.start()
+        await finishes(node.start(), within=30, what=f"starting node {name}")
         self.up[name] = node
         return node
 
     async def stop(self, name: str) -> None:
-        async with asyncio.timeout(30):
-            await self.up.pop(name).stop()
+        await finishes(self.up.pop(name).stop(), within=30, what=f"stopping node {name}")
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ tests/multiprocess/test_durable.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections import Counter
 from typing import Any, ClassVar
@@ -420,3 +421,47 @@ def test_two_copies_of_one_id_on_one_node_never_run_at_once_and_both_sends_get_t
         await a.stop()
 
     run_virtual(scenario())
+
+
+def test_a_stop_leaves_behind_a_fetch_and_a_run_that_ignore_their_cancellation(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker call that hangs through its cancellation (the consumer's close here) or a handler that
+    swallows it must not hold up a stop: both are named in the log and left behind."""
+    released = asyncio.Event()
+
+    async def deaf() -> None:
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # deaf to it: the point of the test
+                await released.wait()
+
+    async def hanging_close(self: object) -> None:
+        await deaf()
+
+    class Stubborn(Command[str]):
+        durable: ClassVar[Durable | bool] = Durable(lease=30)
+
+    async def run_stubborn(command: Stubborn) -> str:
+        await deaf()
+        return "done"
+
+    run_stubborn.__annotations__["command"] = Stubborn
+    monkeypatch.setattr("fastapi_catga.transports.memory_durable._Consumer.close", hanging_close)
+
+    async def scenario() -> None:
+        broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+        a = node(broker, "a", handlers=[handler(run_stubborn)], drain_timeout=3)
+        await a.start()
+        await a.mediator.enqueue(Stubborn())
+        await asyncio.sleep(1)  # the run started and will not end
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await a.stop()
+        assert loop.time() - began <= 3 + 2 * 2.0 + 1, "the drain, then a grace for each kind of task"
+        released.set()
+
+    with caplog.at_level("ERROR"):
+        run_virtual(scenario())
+    said = caplog.text
+    assert "durable fetch task(s) did not end" in said and "catga-durable-Stubborn" in said
+    assert "durable run task(s) did not end" in said and "catga-durable-run-Stubborn" in said

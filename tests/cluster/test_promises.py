@@ -22,9 +22,11 @@ from fastapi_catga import (
     handler,
 )
 from fastapi_catga.core.envelope import NODE, STATUS, Envelope, encode_error, error_from_reply
+from fastapi_catga.testing import InMemoryBroker
 from tests.cluster import workload
 from tests.cluster.conftest import StartNode
 from tests.polling import eventually
+from tests.virtual_time import run_virtual, virtual_node
 
 runs: Counter[str] = Counter()  # message id -> handler runs, on any node
 
@@ -232,3 +234,29 @@ async def test_a_handler_still_draining_may_send_and_calls_after_stop_fail(start
     assert await running in {"a", "b", "c"}, "the draining handler's own send went through"
     with pytest.raises(NodeUnavailableError, match="stopped"):
         await a.mediator.send(Relay())
+
+
+def test_a_stopping_node_unsubscribes_everything_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each unsubscribe may wait for the broker's confirmation (Redis does, up to its command
+    timeout): a stop waits for the slowest, not for their sum."""
+    unsubscribed: list[str] = []
+
+    async def slow_unsubscribe(self: Any) -> None:
+        unsubscribed.append(self.subject)
+        await asyncio.sleep(1)
+
+    monkeypatch.setattr("fastapi_catga.transports.memory._Sub.unsubscribe", slow_unsubscribe)
+
+    async def scenario() -> float:
+        broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+        node = virtual_node(broker, "a", handlers=[workload], drain_timeout=0)
+        await node.start()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await node.stop()
+        return loop.time() - began
+
+    took = run_virtual(scenario())
+    assert len(unsubscribed) >= 3, unsubscribed
+    # One wait as the drain begins, one for the durable results' subscription after it (6 before).
+    assert took <= 2, f"stop took {took:.1f} s for {len(unsubscribed)} unsubscribes of 1 s each"
