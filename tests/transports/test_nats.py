@@ -220,6 +220,33 @@ async def test_without_direct_delivery_nats_py_callbacks_serve(
     await eventually(lambda: len(got) == 1, within=2)
 
 
+async def test_plain_messages_skip_nats_pys_msg_and_the_rest_take_its_path(nats_server: NatsServer) -> None:
+    """nats-py's parser hands a plain message to a `_Direct` subscription's taker as its subject,
+    reply and payload; one with headers, and every message of other subscriptions on the same
+    connection, go through nats-py's own path. nats-py's counts hold for both."""
+    nc = await nats.connect(nats_server.url)
+    taken: list[tuple[str, str, bytes, dict[str, str] | None]] = []
+    theirs: list[bytes] = []
+
+    async def callback(msg: Msg) -> None:
+        theirs.append(msg.data)
+
+    try:
+        sub = await nats_wire.subscribe(nc, "wire.direct", lambda *message: taken.append(message))
+        assert "_process_msg" in vars(nc), "the connection's parser hands messages over directly"
+        await nc.subscribe("wire.theirs", cb=callback)
+        await nc.publish("wire.direct", b"plain", reply="wire.back")
+        await nc.publish("wire.direct", b"with headers", headers={"X-Test": "1"})
+        await nc.publish("wire.theirs", b"to nats-py")
+        await eventually(lambda: len(taken) == 2 and theirs == [b"to nats-py"], within=2)
+        assert taken[0] == ("wire.direct", "wire.back", b"plain", None)
+        assert taken[1][2:] == (b"with headers", {"X-Test": "1"})
+        assert sub.delivered == 2 and sub.pending_bytes == 0
+        assert nc.stats["in_msgs"] == 3
+    finally:
+        await nc.close()
+
+
 @pytest.mark.parametrize("subject", ["node.has space", "type.a\r\nPUB x 1", "type.*", "node.>", "a..b", ""])
 async def test_a_subject_nats_cannot_carry_is_refused_before_anything_is_sent(
     nats_server: NatsServer, open_nats: Open, subject: str
@@ -245,10 +272,10 @@ async def test_a_taker_that_raises_in_nats_pys_reader_leaves_the_connection_read
     nc = await nats.connect(nats_server.url)
     got: list[bytes] = []
 
-    def take(msg: Msg) -> None:
-        if msg.data == b"boom":
+    def take(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        if data == b"boom":
             raise RuntimeError("a bug where messages are taken")
-        got.append(msg.data)
+        got.append(data)
 
     try:
         await nats_wire.subscribe(nc, "wire.test", take)

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import nats.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, encode_error, unpack
@@ -130,7 +129,7 @@ class NatsTransport:
         self._durable = NatsDurable(self._connection, cluster, lambda: self.max_payload)
         self._subscriptions: set[_Subscription] = set()
         self._inbox = ""  # "_INBOX.<unique>.": replies to this connection's requests
-        self._pending: PendingReplies[Msg] = PendingReplies()
+        self._pending: PendingReplies[bytes | None] = PendingReplies()  # None: "no responders"
         self._bad_frames = BadFrames(logger)
         self._refusals: set[asyncio.Future[None]] = set()
         self._subjects: dict[str, str] = {}  # checked subject -> catga.<cluster>.<subject>
@@ -217,16 +216,16 @@ class NatsTransport:
         """Call ``callback`` for every envelope on ``subject``; with ``queue``, one group member each."""
         nc = self._connection.live()[0]
 
-        def on_msg(msg: Msg) -> None:
-            reply = self._replier(msg.reply) if msg.reply else None
+        def on_msg(subject: str, reply_to: str, data: bytes, headers: dict[str, str] | None) -> None:
+            reply = self._replier(reply_to) if reply_to else None
             try:
-                envelope = unpack(msg.data)
+                envelope = unpack(data)
             except MessageValidationError as exc:
-                self._bad_frames.seen(msg.subject, exc)
+                self._bad_frames.seen(subject, exc)
                 if reply is not None:  # tell the sender at once rather than let it time out
                     self._refuse(reply, exc)
                 return
-            deliver(callback, Delivery(envelope, reply), msg.subject, logger)
+            deliver(callback, Delivery(envelope, reply), subject, logger)
 
         with NatsErrors(f"subscribe {subject}"):
             sub = await subscribe(nc, self._prefix + subject, on_msg, queue or "")
@@ -299,18 +298,19 @@ class NatsTransport:
         token, reply = self._pending.add(subject, timeout)
         try:
             await publish(nc, full, data, self._inbox + token, timeout)
-            msg = await reply
+            answer = await reply
         except Exception as exc:
             raise_ours(exc, subject, timeout)
             raise
         finally:
             self._pending.discard(token)
-        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+        if answer is None:
             raise NoResponderError(f"nobody listens on {subject}")
         try:
-            return unpack(msg.data)
+            return unpack(answer)
         except MessageValidationError as exc:
             raise TransportError(f"unreadable reply on {subject}: {exc}") from exc
 
-    def _on_reply(self, msg: Msg) -> None:
-        self._pending.resolve(msg.subject[len(self._inbox) :], msg)
+    def _on_reply(self, subject: str, _reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        no_responders = headers is not None and headers.get("Status") == _NO_RESPONDERS
+        self._pending.resolve(subject[len(self._inbox) :], None if no_responders else data)

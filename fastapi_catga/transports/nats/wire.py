@@ -7,6 +7,10 @@ serve, and both paths are tested):
   and task per subscription: that hop cost about a twentieth of a round trip's CPU. What the queue
   bounded (messages read but not yet handled) the cluster layer bounds itself: a handler slot per
   request, "busy" past the limit, a bounded queue of waiting events;
+- such a message is handed over as its subject, reply subject and payload, straight from nats-py's
+  parser (`_processor`): no ``Msg`` is built, and nats-py's per-message bookkeeping for features
+  these subscriptions do not use (JetStream flow control, old-style requests, auto-unsubscribe) is
+  skipped. A message with headers (a server status, such as "no responders") takes nats-py's path;
 - a sent message is a ``PUB`` command put on nats-py's outgoing buffer, which its flusher task
   writes (`publish`): ``Client.publish`` checks again, on every message, what holds already (the
   connection is live, nobody drains, the subject was checked) and builds its command in three
@@ -16,6 +20,7 @@ serve, and both paths are tested):
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
@@ -34,8 +39,9 @@ logger = logging.getLogger(__name__)
 _PENDING_MSGS = 65_536
 _PENDING_BYTES = 64 * 1024 * 1024
 
-#: Called with each received message, in nats-py's reader: it must not block.
-Take = Callable[[Msg], None]
+#: Called with each received message's subject, reply subject (or ""), payload and headers (None
+#: when it has none), in nats-py's reader: it must not block.
+Take = Callable[[str, str, bytes, "dict[str, str] | None"], None]
 
 
 class _Direct:
@@ -53,9 +59,10 @@ class _Direct:
         self._take = take
 
     def put_nowait(self, msg: Msg) -> None:
+        """A message that took nats-py's own path (`_processor` hands the others over itself)."""
         self._sub._pending_size -= len(msg.data)  # nats-py counts it as pending until taken
         try:
-            self._take(msg)
+            self._take(msg.subject, msg.reply, msg.data, msg.headers)
         except Exception:
             logger.exception("handling a message on %s failed", msg.subject)
 
@@ -80,8 +87,17 @@ def _known_insides() -> bool:
         client, subscription = Client(), Subscription(None)
     except Exception:  # a nats-py whose constructors changed: its public calls serve
         return False
-    names = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue")
-    return "_pending_queue" in vars(subscription) and all(hasattr(client, name) for name in names)
+    names = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue", "_subs", "stats")
+    processes = getattr(Client, "_process_msg", None)
+    try:
+        parameters = list(inspect.signature(processes).parameters) if processes is not None else []
+    except (TypeError, ValueError):
+        parameters = []
+    return (
+        "_pending_queue" in vars(subscription)
+        and all(hasattr(client, name) for name in names)
+        and parameters == ["self", "sid", "subject", "reply", "data", "headers"]
+    )
 
 
 #: The hot path beneath nats-py's public calls (see the module docstring); they serve otherwise.
@@ -151,14 +167,42 @@ class _Done:
 _DONE = _Done()
 
 
+def _processor(nc: Client) -> Callable[[int, bytes, bytes, bytes, bytes | None], Awaitable[None]]:
+    """What nats-py's parser calls with each received message, in place of ``nc._process_msg``: a
+    plain message to a `_Direct` subscription goes to its taker at once; anything else (headers,
+    other subscriptions: JetStream's, nats-py's own) to nats-py's method. The counts nats-py keeps
+    for both (``stats``, a subscription's ``delivered``) are kept."""
+    process_msg, subs, stats = nc._process_msg, nc._subs, nc.stats
+
+    def process(
+        sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> Awaitable[None]:
+        sub = subs.get(sid)
+        direct: Any = None if sub is None or headers else sub._pending_queue
+        if type(direct) is not _Direct:
+            return process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        direct._sub._received += 1
+        try:
+            direct._take(subject.decode(), reply.decode(), data, None)
+        except Exception:
+            logger.exception("handling a message on %s failed", subject.decode(errors="replace"))
+        return _DONE
+
+    return process
+
+
 async def subscribe(nc: Client, subject: str, take: Take, queue: str = "") -> Subscription:
     if DIRECT:
+        if "_process_msg" not in vars(nc):
+            vars(nc)["_process_msg"] = _processor(nc)  # this connection's, not the class's
         sub = await nc.subscribe(subject, queue=queue)  # no callback: nats-py starts no task
         sub._pending_queue = _Direct(sub, take)  # type: ignore[assignment]
         return sub
 
     async def callback(msg: Msg) -> None:
-        take(msg)
+        take(msg.subject, msg.reply, msg.data, msg.headers)
 
     return await nc.subscribe(
         subject,
