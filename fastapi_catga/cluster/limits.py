@@ -135,7 +135,8 @@ class HandlerLimits:
 
     def leave(self, type_name: str) -> None:
         """Give a slot back; events waiting for one start now if they fit."""
-        self._release(type_name)
+        self.in_flight -= 1  # `_release`, inline: this runs at the end of every run
+        self._release_type(type_name)
         if self.ready:
             self.start_waiting()
 

@@ -88,10 +88,7 @@ class Responder:
         self._log_limit = LogLimiter()
         self._runs = Runs(limits, dispatcher.node_id, self._log_limit)
         self.stats: Counter[str] = Counter()
-
-    @property
-    def node_id(self) -> str:
-        return self._dispatcher.node_id
+        self.node_id = dispatcher.node_id
 
     async def start(self) -> None:
         """Subscribe the node's direct subject, its request types' queue groups and its events."""
@@ -176,13 +173,18 @@ class Responder:
         # One coroutine for the usual path (decode, run, reply): each level of the chain costs a
         # frame on every request.
         envelope = delivery.envelope
-        message = self._decode_request(envelope)
-        if isinstance(message, Envelope):
-            reply: Envelope | None = message  # refused: the error says why
-        elif self._observer is not None:
-            reply = await self._observed_request(envelope, message, remaining)
+        try:
+            message = decode_message(envelope, self._dispatcher.types)
+        except CatgaError as exc:
+            reply: Envelope | None = self._cannot_run(envelope, exc)
         else:
-            reply = await self._run_handler(envelope, message, remaining)
+            if not isinstance(message, Request):
+                error = HandlerNotFoundError(f"{message.type_name} is an event; publish it instead")
+                reply = self._cannot_run(envelope, error)
+            elif self._observer is not None:
+                reply = await self._observed_request(envelope, message, remaining)
+            else:
+                reply = await self._run_handler(envelope, message, remaining)
         if reply is not None and delivery.reply is not None:
             try:
                 await delivery.reply(reply)
@@ -195,17 +197,11 @@ class Responder:
         except CatgaError as exc:
             self._log_limit.log(logger, logging.WARNING, "reply", "could not answer %s: %s", what, exc)
 
-    def _decode_request(self, envelope: Envelope) -> Request[Any] | Envelope:
-        """The command or query, or the error to answer when it is none this node can run."""
-        try:
-            message = decode_message(envelope, self._dispatcher.types)
-            if not isinstance(message, Request):
-                raise HandlerNotFoundError(f"{message.type_name} is an event; publish it instead")
-        except CatgaError as exc:
-            self._count_bad("bad_requests", exc.code)
-            self._log(type(exc).__name__, "refused %s: %s", envelope, exc)
-            return encode_error(exc, node_id=self.node_id, by_node=True)
-        return message
+    def _cannot_run(self, envelope: Envelope, exc: CatgaError) -> Envelope:
+        """The answer to a request this node cannot run (undecodable, unknown type, an event)."""
+        self._count_bad("bad_requests", exc.code)
+        self._log(type(exc).__name__, "refused %s: %s", envelope, exc)
+        return encode_error(exc, node_id=self.node_id, by_node=True)
 
     async def _observed_request(
         self, envelope: Envelope, message: Request[Any], remaining: float | None

@@ -110,16 +110,13 @@ class LocalDispatcher:
             raise TimeoutError from None
         except Exception as exc:
             raise self.handler_error(exc, message) from exc
-        return self.checked(message, result)
+        check = self.result_checks.get(type(message))  # `check_of`, inline: it runs on every request
+        return result if check is None else check(message, result)
 
     def check_of(self, message_type: type[Message]) -> Callable[[Request[Any], Any], Any]:
-        """How a result of ``message_type``'s handler is checked (`checked`, for one type)."""
+        """How a result of ``message_type``'s handler is checked: returned as the declared result
+        type, or `RemoteHandlerError` when it is not one."""
         return self.result_checks.get(message_type, _unchecked)
-
-    def checked(self, message: Request[Any], result: Any) -> Any:
-        """The result as the declared result type, or `RemoteHandlerError` when it is not one."""
-        check = self.result_checks.get(type(message))
-        return result if check is None else check(message, result)
 
     def _result_checks(self) -> dict[type[Message], Callable[[Request[Any], Any], Any]]:
         """Per request type, how a handler's result is validated against the declared type; none
