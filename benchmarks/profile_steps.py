@@ -28,7 +28,7 @@ STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                 "_send_command", "Transport._send", "execute_command", "PublishWriter")),
     ("broker client: read, parse", ("_read_loop", "Parser.parse", "_process_msg", "_wait_for_msgs",
                                     "_build_message", "on_msg", "_on_reply", "read_response", "listen")),
-    ("handler run (dispatch)", ("run_request", "_run_handler", "echo (", "checked")),
+    ("handler run (dispatch)", ("run_request", "_run_handler", "echo (", "check (")),
     ("tasks", ("create_task", "Task.")),
     ("routing, retries, bookkeeping", ("Sender.", "Attempts.", "Responder.", "choose_node", "View.",
                                        "Mediator.", "ClusterNode.", "Transport.request", "bench_cluster.py")),

@@ -80,13 +80,17 @@ async def finishes(step: Awaitable[object], *, within: float, what: str) -> None
     """Await ``step`` for at most ``within`` seconds; past that, fail with the stack of every task
     of the loop, so that a hang in CI says where it hung."""
     task = asyncio.ensure_future(step)
-    done, _ = await asyncio.wait([task], timeout=within)
-    if done:
-        task.result()
-        return
-    stacks = io.StringIO()
-    for other in asyncio.all_tasks():
-        if other is not asyncio.current_task():
-            other.print_stack(limit=12, file=stacks)
-    task.cancel()
-    raise AssertionError(f"{what} did not finish within {within} s; the loop's tasks:\n{stacks.getvalue()}")
+    try:
+        done, _ = await asyncio.wait([task], timeout=within)
+        if done:
+            task.result()
+            return
+        stacks = io.StringIO()
+        for other in asyncio.all_tasks():
+            if other is not asyncio.current_task():
+                other.print_stack(limit=12, file=stacks)
+        raise AssertionError(
+            f"{what} did not finish within {within} s; the loop's tasks:\n{stacks.getvalue()}"
+        )
+    finally:
+        task.cancel()  # done: nothing; cut short: the step goes no further

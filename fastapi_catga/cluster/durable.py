@@ -102,6 +102,7 @@ class DurableRunner:
         self._settings = settings
         self._works = list(self._plan())
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False  # a fetch that outlived its cancellation ends at its next turn
         self._running: set[asyncio.Task[None]] = set()
         self._log_limit = LogLimiter()
 
@@ -162,6 +163,7 @@ class DurableRunner:
         A fetch or a run that ignores its cancellation is left behind after `CANCEL_GRACE` and named
         in the log: a stop never waits on a broker call that hangs, or on a handler that will not end.
         """
+        self._stopping = True
         await cancel_and_wait(self._tasks, what="durable fetch", logger=logger)
         if self._running:
             _, pending = await asyncio.wait(set(self._running), timeout=drain_timeout)
@@ -172,7 +174,7 @@ class DurableRunner:
         slots = asyncio.Semaphore(self._settings.durable_concurrency)
         delay = 0.05
         try:
-            while True:
+            while not self._stopping:
                 await slots.acquire()
                 free = 1
                 while not slots.locked() and free < self._settings.durable_concurrency:
@@ -182,6 +184,8 @@ class DurableRunner:
                     deliveries = await consumer.fetch(free, wait=1.0)
                     delay = 0.05
                 except Exception as exc:  # the worker outlives anything: back off and fetch again
+                    if self._stopping:  # a client that turned the stop's cancellation into its error
+                        break
                     deliveries = []
                     unexpected = not isinstance(exc, TransportError | TimeoutError)
                     self._log_limit.log(
@@ -191,6 +195,8 @@ class DurableRunner:
                     )  # fmt: skip
                     await asyncio.sleep(delay)
                     delay = min(5.0, delay * 2)
+                if self._stopping:  # fetched as the node stops: the lease brings them back elsewhere
+                    deliveries = []
                 for _ in range(free - len(deliveries)):
                     slots.release()
                 for delivery in deliveries:

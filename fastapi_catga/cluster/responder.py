@@ -163,10 +163,8 @@ class Responder:
 
     def _refuse(self, exc: CatgaError, delivery: Delivery) -> None:
         """Malformed input this node will not run: count it, answer it, log it (not too often)."""
-        self._count_bad("bad_requests", exc.code)
-        self._log(type(exc).__name__, "refused %s: %s", delivery.envelope, exc)
-        if delivery.reply is not None:
-            reply = encode_error(exc, node_id=self.node_id, by_node=True)  # the task holds no request
+        reply = self._cannot_run(delivery.envelope, exc)
+        if delivery.reply is not None:  # the task holds the answer, not the request
             self._runs.spawn(self._send_reply(delivery.reply, reply, describe(delivery.envelope)), "refusal")
 
     async def _answer(self, delivery: Delivery, remaining: float | None) -> None:

@@ -26,9 +26,11 @@ from fastapi_catga import (
     RemoteHandlerError,
     RequestTimeoutError,
     RetryLater,
+    TransportError,
     build,
     handler,
 )
+from fastapi_catga.core.tasks import CANCEL_GRACE
 from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from tests.virtual_time import EPOCH, run_virtual, virtual_node
 
@@ -457,7 +459,9 @@ def test_a_stop_leaves_behind_a_fetch_and_a_run_that_ignore_their_cancellation(
         loop = asyncio.get_running_loop()
         began = loop.time()
         await a.stop()
-        assert loop.time() - began <= 3 + 2 * 2.0 + 1, "the drain, then a grace for each kind of task"
+        assert loop.time() - began <= 3 + 2 * CANCEL_GRACE + 1, (
+            "the drain, then a grace for each kind of task"
+        )
         released.set()
 
     with caplog.at_level("ERROR"):
@@ -465,3 +469,38 @@ def test_a_stop_leaves_behind_a_fetch_and_a_run_that_ignore_their_cancellation(
     said = caplog.text
     assert "durable fetch task(s) did not end" in said and "catga-durable-Stubborn" in said
     assert "durable run task(s) did not end" in said and "catga-durable-run-Stubborn" in said
+
+
+def test_a_fetch_that_turns_the_stops_cancellation_into_an_error_still_ends(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that catches the cancellation and raises its own connection error: the worker
+    would back off and fetch again, for ever; a stopping runner ends it instead."""
+    fetches = 0
+
+    async def swallowing_fetch(self: object, limit: int, wait: float) -> list[Any]:
+        nonlocal fetches
+        fetches += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise TransportError("the connection broke while reading") from None
+        return []
+
+    monkeypatch.setattr("fastapi_catga.transports.memory_durable._Consumer.fetch", swallowing_fetch)
+
+    async def scenario() -> None:
+        broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+        a = node(broker, "a")
+        await a.start()
+        await asyncio.sleep(1)
+        await a.stop()
+        workers = a.node.durable_runner._tasks
+        assert workers and all(task.done() for task in workers), "no worker is left fetching"
+        assert fetches == len(workers)
+        await asyncio.sleep(60)
+        assert fetches == len(workers), "nothing fetched after the stop"
+
+    with caplog.at_level("WARNING"):
+        run_virtual(scenario())
+    assert "did not end" not in caplog.text and "fetching failed" not in caplog.text

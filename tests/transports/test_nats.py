@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -231,6 +232,14 @@ async def test_plain_messages_skip_nats_pys_msg_and_the_rest_take_its_path(nats_
     async def callback(msg: Msg) -> None:
         theirs.append(msg.data)
 
+    built: list[bytes] = []  # the messages nats-py made a Msg of
+    build_message = nc._build_message
+
+    def spied(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
+        built.append(data)
+        return build_message(sid, subject, reply, data, headers)
+
+    nc._build_message = spied  # type: ignore[method-assign]
     try:
         sub = await nats_wire.subscribe(nc, "wire.direct", lambda *message: taken.append(message))
         assert "_process_msg" in vars(nc), "the connection's parser hands messages over directly"
@@ -243,6 +252,29 @@ async def test_plain_messages_skip_nats_pys_msg_and_the_rest_take_its_path(nats_
         assert taken[1][2:] == (b"with headers", {"X-Test": "1"})
         assert sub.delivered == 2 and sub.pending_bytes == 0
         assert nc.stats["in_msgs"] == 3
+        assert sorted(built) == [b"to nats-py", b"with headers"], "no Msg for the plain one"
+    finally:
+        await nc.close()
+
+
+async def test_a_subject_that_is_no_utf8_is_dropped_and_the_connection_reads_on(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py would take its connection down for it (its Msg decodes the subject); here it is
+    dropped with a warning, and the next message still comes."""
+    nc = await nats.connect(nats_server.url)
+    taken: list[str] = []
+    try:
+        await nats_wire.subscribe(nc, "wire.*", lambda subject, *_: taken.append(subject))
+        host, port = nats_server.url.removeprefix("nats://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        await reader.readline()  # INFO
+        with caplog.at_level(logging.WARNING):
+            writer.write(b'CONNECT {"verbose":false}\r\nPUB wire.\xff 2\r\nhi\r\nPUB wire.ok 2\r\nok\r\n')
+            await writer.drain()
+            await eventually(lambda: taken == ["wire.ok"], within=2)
+        assert "no UTF-8" in caplog.text and nc.is_connected
+        writer.close()
     finally:
         await nc.close()
 

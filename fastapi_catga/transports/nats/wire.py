@@ -30,6 +30,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from fastapi_catga.core.logs import LogLimiter
+
 __all__ = ["DIRECT", "Take", "publish", "subscribe"]
 
 logger = logging.getLogger(__name__)
@@ -41,15 +43,17 @@ _PENDING_BYTES = 64 * 1024 * 1024
 
 #: Called with each received message's subject, reply subject (or ""), payload and headers (None
 #: when it has none), in nats-py's reader: it must not block.
-Take = Callable[[str, str, bytes, "dict[str, str] | None"], None]
+Take = Callable[[str, str, bytes, dict[str, str] | None], None]
 
 
 class _Direct:
-    """Stands in for a nats-py subscription's queue of received messages: each message ``put``
-    there is handed to ``take`` at once, in nats-py's reader, with no task or queue hop between.
+    """Stands in for a nats-py subscription's queue of received messages, and marks the
+    subscription as one whose plain messages `_processor` hands to ``take`` itself. The others
+    (with headers) nats-py ``put``s here, and they go to ``take`` at once, in nats-py's reader,
+    with no task or queue hop between.
 
-    ``take`` must not block. An error it raises is logged here: in nats-py's reader it would count
-    as a broken connection.
+    ``take`` must not block. An error it raises is logged: in nats-py's reader it would count as a
+    broken connection.
     """
 
     __slots__ = ("_sub", "_take")
@@ -94,7 +98,7 @@ def _known_insides() -> bool:
     except (TypeError, ValueError):
         parameters = []
     return (
-        "_pending_queue" in vars(subscription)
+        all(name in vars(subscription) for name in ("_pending_queue", "_pending_size", "_received"))
         and all(hasattr(client, name) for name in names)
         and parameters == ["self", "sid", "subject", "reply", "data", "headers"]
     )
@@ -165,6 +169,7 @@ class _Done:
 
 
 _DONE = _Done()
+_bad_subjects = LogLimiter()
 
 
 def _processor(nc: Client) -> Callable[[int, bytes, bytes, bytes, bytes | None], Awaitable[None]]:
@@ -186,6 +191,9 @@ def _processor(nc: Client) -> Callable[[int, bytes, bytes, bytes, bytes | None],
         direct._sub._received += 1
         try:
             direct._take(subject.decode(), reply.decode(), data, None)
+        except UnicodeDecodeError:  # nats-py's own path would take the connection down for it
+            _bad_subjects.log(logger, logging.WARNING, "subject", "dropped a message whose subject or "
+                              "reply subject is no UTF-8: %r", (subject + b" " + reply)[:200])  # fmt: skip
         except Exception:
             logger.exception("handling a message on %s failed", subject.decode(errors="replace"))
         return _DONE
