@@ -11,6 +11,9 @@ serve, and both paths are tested):
   parser (`_processor`): no ``Msg`` is built, and nats-py's per-message bookkeeping for features
   these subscriptions do not use (JetStream flow control, old-style requests, auto-unsubscribe) is
   skipped. A message with headers (a server status, such as "no responders") takes nats-py's path;
+- what a read brought is cut into plain ``MSG`` frames by offsets in the bytes read (`_reader`),
+  not by a regular expression and a ``bytearray`` shifted per message; anything else (``HMSG``,
+  ``PING``, ``INFO``, ``-ERR``, a frame cut by the end of the read) goes to nats-py's parser;
 - a sent message is a ``PUB`` command put on nats-py's outgoing buffer, which its flusher task
   writes (`publish`): ``Client.publish`` checks again, on every message, what holds already (the
   connection is live, nobody drains, the subject was checked) and builds its command in three
@@ -22,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from fastapi_catga.core.logs import LogLimiter
 
@@ -92,16 +96,23 @@ def _known_insides() -> bool:
     except Exception:  # a nats-py whose constructors changed: its public calls serve
         return False
     names = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue", "_subs", "stats")
-    processes = getattr(Client, "_process_msg", None)
-    try:
-        parameters = list(inspect.signature(processes).parameters) if processes is not None else []
-    except (TypeError, ValueError):
-        parameters = []
+    parser = getattr(client, "_ps", None)
     return (
         all(name in vars(subscription) for name in ("_pending_queue", "_pending_size", "_received"))
         and all(hasattr(client, name) for name in names)
-        and parameters == ["self", "sid", "subject", "reply", "data", "headers"]
+        and _parameters(getattr(Client, "_process_msg", None))
+        == ["self", "sid", "subject", "reply", "data", "headers"]
+        and isinstance(parser, Parser)
+        and all(name in vars(parser) for name in ("buf", "state"))
+        and _parameters(getattr(Parser, "parse", None)) == ["self", "data"]
     )
+
+
+def _parameters(function: object) -> list[str]:
+    try:
+        return list(inspect.signature(function).parameters) if callable(function) else []
+    except (TypeError, ValueError):
+        return []
 
 
 #: The hot path beneath nats-py's public calls (see the module docstring); they serve otherwise.
@@ -201,10 +212,45 @@ def _processor(nc: Client) -> Callable[[int, bytes, bytes, bytes, bytes | None],
     return process
 
 
+def _reader(parser: Parser, nc: Client) -> Callable[[bytes], Coroutine[Any, Any, None]]:
+    """What nats-py's read loop calls with each read, in place of ``parser.parse``: the whole plain
+    ``MSG`` frames at its start go to ``nc._process_msg`` one by one, cut by offsets; the rest, from
+    the first byte that is anything else, to nats-py's parser. So is every read while nats-py's
+    parser holds part of a frame from the read before."""
+    parse = parser.parse
+
+    async def read(data: bytes = b"") -> None:
+        if parser.state != AWAITING_CONTROL_LINE or parser.buf or not data.startswith(b"MSG "):
+            await parse(data)
+            return
+        process: Any = nc._process_msg  # `_processor`'s, which takes headers=None
+        at, end = 0, len(data)
+        while data.startswith(b"MSG ", at):
+            line_end = data.find(b"\r\n", at)
+            match data[at + 4 : line_end].split() if line_end > at else ():
+                case [subject, sid, reply, size] if sid.isdigit() and size.isdigit():
+                    pass
+                case [subject, sid, size] if sid.isdigit() and size.isdigit():
+                    reply = b""
+                case _:  # cut short, or not what a server sends: nats-py's parser says what it is
+                    break
+            payload_at = line_end + 2
+            payload_end = payload_at + int(size)
+            if data[payload_end : payload_end + 2] != b"\r\n":  # the rest comes with the next read
+                break
+            await process(int(sid), subject, reply, data[payload_at:payload_end], None)
+            at = payload_end + 2
+        if at < end:
+            await parse(data[at:])
+
+    return read
+
+
 async def subscribe(nc: Client, subject: str, take: Take, queue: str = "") -> Subscription:
     if DIRECT:
-        if "_process_msg" not in vars(nc):
-            vars(nc)["_process_msg"] = _processor(nc)  # this connection's, not the class's
+        if "_process_msg" not in vars(nc):  # this connection's, not the class's
+            vars(nc)["_process_msg"] = _processor(nc)
+            vars(nc._ps)["parse"] = _reader(nc._ps, nc)
         sub = await nc.subscribe(subject, queue=queue)  # no callback: nats-py starts no task
         sub._pending_queue = _Direct(sub, take)  # type: ignore[assignment]
         return sub
