@@ -1,5 +1,6 @@
 """`wire._reader` against nats-py's own parser: the same bytes, cut anywhere into reads, give the
-same calls in the same order (no server: a recorder stands in for the client)."""
+same calls in the same order, the same error and the same parser state (no server: a recorder
+stands in for the client)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,22 @@ from nats.protocol.parser import Parser
 from fastapi_catga.transports.nats import wire
 
 
+class CountingParser(Parser):
+    """nats-py's parser, counting the bytes it is given."""
+
+    fed = 0
+
+    async def parse(self, data: bytes = b"") -> None:
+        self.fed += len(data)
+        await super().parse(data)
+
+
 class Recorder:
     """The client calls nats-py's parser makes, written down."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[Any, ...]] = []
-        self._ps = Parser(self)
+        self._ps = CountingParser(self)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> None:
         self.seen.append(("msg", sid, subject, reply, data, headers))
@@ -39,17 +50,33 @@ class Recorder:
 
 tokens = st.text("abcXYZ019_.", min_size=1, max_size=12).map(str.encode)
 payloads = st.binary(max_size=40) | st.sampled_from([b"", b"\r\n", b"MSG a 1 2\r\nhi\r\n", b"PING\r\n"])
+# Lines no server writes: nats-py's parser decides what they are (an error, mostly).
+odd_lines = st.sampled_from(
+    [
+        b"MSG a  1 2",
+        b"MSG a\t1 2",
+        b"MSG a 1 2 ",
+        b"MSG a 1 +2",
+        b"MSG a x 2",
+        b"MSG a\rb 1 2",
+        b"MSG a 1 007",
+    ]
+)
 
 
 @st.composite
 def frames(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["msg", "msg", "msg", "hmsg", "ping", "pong", "ok", "info", "err"]))
+    kind = draw(
+        st.sampled_from(["msgs", "msgs", "msgs", "msgs", "hmsg", "ping", "pong", "ok", "info", "err", "odd"])
+    )
     sid = draw(st.integers(1, 99_999))
-    if kind == "msg":
-        subject, data = draw(tokens), draw(payloads)
-        reply = draw(st.none() | tokens)
-        middle = b" " + reply if reply is not None else b""
-        return b"MSG %s %d%s %d\r\n%s\r\n" % (subject, sid, middle, len(data), data)
+    if kind == "msgs":
+        out = b""
+        for _ in range(draw(st.integers(1, 5))):
+            subject, data, reply = draw(tokens), draw(payloads), draw(st.none() | tokens)
+            middle = b" " + reply if reply is not None else b""
+            out += b"MSG %s %d%s %d\r\n%s\r\n" % (subject, sid, middle, len(data), data)
+        return out
     if kind == "hmsg":
         subject, data = draw(tokens), draw(payloads)
         head = b"NATS/1.0\r\nX-Test: %s\r\n\r\n" % draw(tokens)
@@ -58,29 +85,43 @@ def frames(draw: st.DrawFn) -> bytes:
         return b"INFO %s\r\n" % json.dumps({"server_id": draw(tokens).decode()}).encode()
     if kind == "err":
         return b"-ERR 'unknown subject'\r\n"
+    if kind == "odd":
+        return draw(odd_lines) + b"\r\nab\r\n"
     return {"ping": b"PING\r\n", "pong": b"PONG\r\n", "ok": b"+OK\r\n"}[kind]
 
 
-def feed(stream: bytes, cuts: list[int], fast: bool) -> list[tuple[Any, ...]]:
+def feed(stream: bytes, points: list[int], fast: bool) -> tuple[Any, ...]:
+    """What the client was called with, the error the reads ended with, and the parser's state."""
     recorder = Recorder()
     parse = wire._reader(recorder._ps, recorder) if fast else recorder._ps.parse  # type: ignore[arg-type]
-    points = sorted({0, *(cut % (len(stream) + 1) for cut in cuts), len(stream)})
+    cuts = sorted({0, *(min(max(point, 0), len(stream)) for point in points), len(stream)})
+    error = None
 
     async def run() -> None:
-        for start, end in zip(points, points[1:], strict=False):
+        for start, end in zip(cuts, cuts[1:], strict=False):
             await parse(stream[start:end])
 
-    asyncio.run(run())
-    return recorder.seen
+    try:
+        asyncio.run(run())
+    except Exception as exc:  # a protocol error: the same one, after the same calls
+        error = (type(exc).__name__, str(exc))
+        return recorder.seen, error  # what the parser holds then is dropped with the connection
+    return recorder.seen, error, bytes(recorder._ps.buf), recorder._ps.state
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(frames(), min_size=1, max_size=12), st.lists(st.integers(0, 10_000), max_size=6))
-def test_any_stream_cut_anywhere_gives_the_calls_nats_pys_parser_gives(
-    parts: list[bytes], cuts: list[int]
+@settings(max_examples=400, deadline=None)
+@given(st.lists(frames(), min_size=1, max_size=10), st.data())
+def test_any_stream_cut_anywhere_gives_what_nats_pys_parser_gives(
+    parts: list[bytes], data: st.DataObject
 ) -> None:
     stream = b"".join(parts)
-    assert feed(stream, cuts, fast=True) == feed(stream, cuts, fast=False)
+    # Cuts where they matter most, a few bytes either side of a frame's end and of each CRLF, and anywhere.
+    edges = [len(b"".join(parts[:i])) for i in range(len(parts))] + [
+        i for i in range(len(stream)) if stream[i] == 10
+    ]
+    near = st.builds(lambda edge, shift: edge + shift, st.sampled_from(edges), st.integers(-3, 3))
+    points = data.draw(st.lists(near | st.integers(0, len(stream)), max_size=8))
+    assert feed(stream, points, fast=True) == feed(stream, points, fast=False)
 
 
 def test_whole_plain_frames_are_cut_by_offsets_and_the_rest_goes_to_nats_pys_parser() -> None:
@@ -97,3 +138,21 @@ def test_whole_plain_frames_are_cut_by_offsets_and_the_rest_goes_to_nats_pys_par
     assert bytes(recorder._ps.buf) == b"ab", "nats-py's parser holds the frame cut by the end of the read"
     asyncio.run(read(b"cde\r\n"))
     assert recorder.seen[-1] == ("msg", 4, b"d", b"", b"abcde", None)
+
+
+def test_full_reads_that_cut_frames_keep_to_the_offsets() -> None:
+    """Under load every read is full and most end within a frame: nats-py's parser gets just what
+    completes the frame cut before, not the whole of the next read."""
+    frames = [b"MSG catga.x.node.a 7 _INBOX.y.%d %d\r\n%s\r\n" % (n, 300, b"p" * 300) for n in range(1000)]
+    stream = b"".join(frames)
+    recorder = Recorder()
+    read = wire._reader(recorder._ps, recorder)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        for start in range(0, len(stream), 4096):
+            await read(stream[start : start + 4096])
+
+    asyncio.run(run())
+    assert [call[3] for call in recorder.seen] == [b"_INBOX.y.%d" % n for n in range(1000)]
+    reads = -(-len(stream) // 4096)
+    assert recorder._ps.fed <= reads * len(frames[0]), "at most one frame per read through nats-py's parser"

@@ -12,8 +12,10 @@ serve, and both paths are tested):
   these subscriptions do not use (JetStream flow control, old-style requests, auto-unsubscribe) is
   skipped. A message with headers (a server status, such as "no responders") takes nats-py's path;
 - what a read brought is cut into plain ``MSG`` frames by offsets in the bytes read (`_reader`),
-  not by a regular expression and a ``bytearray`` shifted per message; anything else (``HMSG``,
-  ``PING``, ``INFO``, ``-ERR``, a frame cut by the end of the read) goes to nats-py's parser;
+  not by a regular expression per line, copies into and out of a ``bytearray`` and a dict of
+  arguments per message. From the first byte that is anything else (``HMSG``, ``PING``, ``INFO``,
+  ``-ERR``, a line not as a server writes it, a frame cut by the end of the read) the rest of the
+  read goes to nats-py's parser; the next read gives it just what completes a cut frame;
 - a sent message is a ``PUB`` command put on nats-py's outgoing buffer, which its flusher task
   writes (`publish`): ``Client.publish`` checks again, on every message, what holds already (the
   connection is live, nobody drains, the subject was checked) and builds its command in three
@@ -32,7 +34,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
+from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
 from fastapi_catga.core.logs import LogLimiter
 
@@ -89,8 +91,9 @@ class _Direct:
 
 
 def _known_insides() -> bool:
-    """Whether this nats-py keeps received messages in ``Subscription._pending_queue``, and
-    commands to send in ``Client._pending`` for its flusher task (2.x does)."""
+    """Whether this nats-py keeps received messages in ``Subscription._pending_queue``, commands
+    to send in ``Client._pending`` for its flusher task, and parses reads with a ``Parser`` that
+    calls ``Client._process_msg`` per message (2.x does)."""
     try:
         client, subscription = Client(), Subscription(None)
     except Exception:  # a nats-py whose constructors changed: its public calls serve
@@ -214,36 +217,54 @@ def _processor(nc: Client) -> Callable[[int, bytes, bytes, bytes, bytes | None],
 
 def _reader(parser: Parser, nc: Client) -> Callable[[bytes], Coroutine[Any, Any, None]]:
     """What nats-py's read loop calls with each read, in place of ``parser.parse``: the whole plain
-    ``MSG`` frames at its start go to ``nc._process_msg`` one by one, cut by offsets; the rest, from
-    the first byte that is anything else, to nats-py's parser. So is every read while nats-py's
-    parser holds part of a frame from the read before."""
+    ``MSG`` frames go to ``nc._process_msg`` one by one, cut by offsets; the rest of the read, from
+    the first byte that is anything else, to nats-py's parser. When the read before ended within a
+    frame, nats-py's parser first gets just what completes it (the control line, then the payload)."""
     parse = parser.parse
 
     async def read(data: bytes = b"") -> None:
-        if parser.state != AWAITING_CONTROL_LINE or parser.buf or not data.startswith(b"MSG "):
-            await parse(data)
-            return
-        process: Any = nc._process_msg  # `_processor`'s, which takes headers=None
         at, end = 0, len(data)
+        while parser.state != AWAITING_CONTROL_LINE or parser.buf:  # it holds part of a frame
+            if parser.state == AWAITING_MSG_PAYLOAD:  # what completes the payload, CRLF included
+                upto = at + parser.needed + 2 - len(parser.buf)
+            else:  # what completes the control line
+                upto = data.find(b"\n", at) + 1 or end + 1
+            if upto > end:
+                await parse(data[at:])
+                return
+            await parse(data[at:upto])
+            at = upto
+        process: Any = nc._process_msg  # `_processor`'s, which takes headers=None
+        buffer = parser.buf
         while data.startswith(b"MSG ", at):
             line_end = data.find(b"\r\n", at)
-            match data[at + 4 : line_end].split() if line_end > at else ():
-                case [subject, sid, reply, size] if sid.isdigit() and size.isdigit():
+            line = data[at + 4 : line_end] if line_end > at else b""
+            match line.split():
+                case [subject, sid, reply, size] if _number(sid) and _number(size):
                     pass
-                case [subject, sid, size] if sid.isdigit() and size.isdigit():
+                case [subject, sid, size] if _number(sid) and _number(size):
                     reply = b""
-                case _:  # cut short, or not what a server sends: nats-py's parser says what it is
+                case _:  # cut short: nats-py's parser keeps it for the next read
                     break
+            if b" ".join((subject, sid, reply, size) if reply else (subject, sid, size)) != line:
+                break  # not as a server writes it: nats-py's parser says what it is
             payload_at = line_end + 2
             payload_end = payload_at + int(size)
             if data[payload_end : payload_end + 2] != b"\r\n":  # the rest comes with the next read
                 break
             await process(int(sid), subject, reply, data[payload_at:payload_end], None)
             at = payload_end + 2
+            if parser.buf is not buffer:  # reset meanwhile (a reconnect): the rest is the old socket's
+                return
         if at < end:
             await parse(data[at:])
 
     return read
+
+
+def _number(digits: bytes) -> bool:
+    """Digits as nats-py's parser takes them, short of what ``int()`` refuses to read."""
+    return digits.isdigit() and len(digits) < 19
 
 
 async def subscribe(nc: Client, subject: str, take: Take, queue: str = "") -> Subscription:
