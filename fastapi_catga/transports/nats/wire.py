@@ -239,14 +239,15 @@ def _reader(parser: Parser, nc: Client) -> Callable[[bytes], Coroutine[Any, Any,
         while data.startswith(b"MSG ", at):
             line_end = data.find(b"\r\n", at)
             line = data[at + 4 : line_end] if line_end > at else b""
-            match line.split():
+            parts = line.split()
+            match parts:
                 case [subject, sid, reply, size] if _number(sid) and _number(size):
                     pass
                 case [subject, sid, size] if _number(sid) and _number(size):
                     reply = b""
                 case _:  # cut short: nats-py's parser keeps it for the next read
                     break
-            if b" ".join((subject, sid, reply, size) if reply else (subject, sid, size)) != line:
+            if b" ".join(parts) != line:
                 break  # not as a server writes it: nats-py's parser says what it is
             payload_at = line_end + 2
             payload_end = payload_at + int(size)
