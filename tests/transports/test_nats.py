@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -15,6 +16,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from fastapi_catga.core.envelope import Envelope, pack
@@ -254,6 +256,119 @@ async def test_plain_messages_skip_nats_pys_msg_and_the_rest_take_its_path(nats_
         assert nc.stats["in_msgs"] == 3
         assert sorted(built) == [b"to nats-py", b"with headers"], "no Msg for the plain one"
     finally:
+        await nc.close()
+
+
+class Quiet:
+    """A connection of nats-py with a `wire.subscribe` subscription, that a listener on another
+    connection watches; counts the flusher's wake-ups (each a turn of the event loop later)."""
+
+    def __init__(self, nc: Client, listener: Client) -> None:
+        self.nc, self.listener = nc, listener
+        self.heard: list[bytes] = []
+        self.taken: list[bytes] = []
+        self.kicks = 0
+        flush_pending = nc._flush_pending
+
+        def kick(*args: Any, **kwargs: Any) -> Any:
+            self.kicks += 1
+            return flush_pending(*args, **kwargs)
+
+        nc._flush_pending = kick  # type: ignore[method-assign]
+
+    @classmethod
+    async def open(cls, url: str) -> Quiet:
+        nc, listener = await nats.connect(url), await nats.connect(url)
+        quiet = cls(nc, listener)
+
+        async def heard(msg: Msg) -> None:
+            quiet.heard.append(msg.data)
+
+        await listener.subscribe("wire.out", cb=heard)
+        await listener.flush()
+        await nats_wire.subscribe(nc, "wire.in", lambda *message: quiet.taken.append(message[2]))
+        await nc.flush()
+        # nats-server 2.15 may still miss, for a millisecond or so, a subscription whose PONG came
+        # back when another connection publishes: probe until one arrives.
+        for _ in range(100):
+            await listener.publish("wire.in", b"probe")
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: bool(quiet.taken), within=0.05)
+                break
+        quiet.taken.clear()
+        return quiet
+
+    async def one_message_in(self) -> None:
+        """A read of the connection that brings one message and nothing else."""
+        taken = len(self.taken) + 1
+        await self.listener.publish("wire.in", b"request")
+        await eventually(lambda: len(self.taken) == taken, within=2)
+        assert nats_wire._pace(self.nc).quiet
+
+    async def close(self) -> None:
+        await self.nc.close()
+        await self.listener.close()
+
+
+async def test_after_a_read_of_one_message_the_first_sent_is_written_at_once(nats_server: NatsServer) -> None:
+    """A request at a time, or its reply, goes to the socket as it is sent, not a turn of the event
+    loop later through nats-py's flusher; what follows in the same turn is buffered behind it."""
+    quiet = await Quiet.open(nats_server.url)
+    try:
+        await quiet.one_message_in()
+        kicks = quiet.kicks
+        await nats_wire.publish(quiet.nc, "wire.out", b"first", "", 1)
+        assert quiet.nc._pending == [] and quiet.kicks == kicks, "written at once"
+        await nats_wire.publish(quiet.nc, "wire.out", b"second", "", 1)
+        assert quiet.kicks == kicks + 1, "the next one waits for the flusher"
+        await eventually(lambda: quiet.heard == [b"first", b"second"], within=2)
+    finally:
+        await quiet.close()
+
+
+async def test_a_message_written_at_once_never_overtakes_what_is_buffered(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something in nats-py's buffer, or still unwritten in the socket's transport, goes first: a
+    quiet connection then buffers as usual."""
+    quiet = await Quiet.open(nats_server.url)
+    try:
+        await quiet.one_message_in()
+        await quiet.nc.publish("wire.out", b"buffered by nats-py")
+        await nats_wire.publish(quiet.nc, "wire.out", b"after it", "", 1)
+        assert quiet.nc._pending[-1].endswith(b"after it\r\n")
+        await eventually(lambda: quiet.heard == [b"buffered by nats-py", b"after it"], within=2)
+
+        await quiet.one_message_in()
+        writer = quiet.nc._transport._io_writer  # type: ignore[union-attr]
+        monkeypatch.setattr(writer.transport, "get_write_buffer_size", lambda: 1)  # a slow socket
+        kicks = quiet.kicks
+        await nats_wire.publish(quiet.nc, "wire.out", b"behind the unwritten", "", 1)
+        assert quiet.kicks == kicks + 1, "buffered for the flusher, which writes after the transport's bytes"
+        monkeypatch.undo()
+        await eventually(lambda: quiet.heard[-1] == b"behind the unwritten", within=2)
+    finally:
+        await quiet.close()
+
+
+async def test_a_quiet_connection_that_is_down_keeps_the_message_for_the_reconnect(
+    nats_server: NatsServer,
+) -> None:
+    """Never written to a socket that is gone: it waits in nats-py's buffer, which goes out when
+    the connection is back."""
+    nc = await nats.connect(nats_server.url, reconnect_time_wait=0.05, max_reconnect_attempts=-1)
+    try:
+        await nats_wire.subscribe(nc, "wire.in", lambda *message: None)
+        nats_server.kill()
+        await eventually(lambda: nc.is_reconnecting, within=5)
+        nats_wire._pace(nc).quiet = True  # as after a read of one message, just before the loss
+        await nats_wire.publish(nc, "wire.out", b"while down", "", 1)
+        assert nc._pending and nc._pending[-1].endswith(b"while down\r\n")
+        nats_server.restart()
+        await eventually(lambda: nc.is_connected and not nc._pending, within=10)
+    finally:
+        if not nats_server.running:
+            nats_server.restart()
         await nc.close()
 
 

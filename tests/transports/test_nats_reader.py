@@ -156,3 +156,47 @@ def test_full_reads_that_cut_frames_keep_to_the_offsets() -> None:
     assert [call[3] for call in recorder.seen] == [b"_INBOX.y.%d" % n for n in range(1000)]
     reads = -(-len(stream) // 4096)
     assert recorder._ps.fed <= reads * len(frames[0]), "at most one frame per read through nats-py's parser"
+
+
+class PaceRecorder(Recorder):
+    """Writes down, with each message, whether the connection was quiet when it was taken."""
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> None:
+        self.seen.append((data, wire._pace(self).quiet))  # type: ignore[arg-type]
+
+
+def test_a_read_of_one_whole_message_makes_the_connection_quiet_before_it_is_taken() -> None:
+    """`publish` writes one message at once after such a read, and a reply sent while the message
+    is taken (an eager task, 3.12+) must find the connection quiet already. Any other read (more
+    than one message, the rest of a frame, a PING) ends it."""
+    recorder = PaceRecorder()
+    read = wire._reader(recorder._ps, recorder)  # type: ignore[arg-type]
+    pace = wire._pace(recorder)  # type: ignore[arg-type]
+
+    async def run() -> list[tuple[bytes, bool]]:
+        await read(b"MSG a 1 _INBOX.x 3\r\none\r\n")
+        assert pace.quiet
+        await read(b"MSG a 1 _INBOX.x 3\r\ntwo\r\nMSG a 1 5\r\nthree\r\n")
+        assert not pace.quiet
+        await read(b"MSG a 1 _INBOX.x 4\r\nfour\r\n")
+        await read(b"PING\r\n")
+        assert not pace.quiet, "the PING came after the message: its answer went out with nothing else"
+        await read(b"MSG a 1 4\r\nfi")  # a frame cut by the end of the read ...
+        await read(b"ve\r\n")  # ... and what completes it
+        assert not pace.quiet
+        await read(b"MSG a 1 3\r\nsix\r\nMSG a 1 5")
+        assert not pace.quiet
+        await read(b"\r\nseven\r\n")
+        return recorder.seen
+
+    seen = asyncio.run(run())
+    assert seen == [
+        (b"one", True),
+        (b"two", False),
+        (b"three", False),
+        (b"four", True),
+        ("ping",),
+        (b"five", False),
+        (b"six", False),
+        (b"seven", False),
+    ]
