@@ -256,7 +256,14 @@ class Runs:
                 if slot is not None:
                     limits.leave(slot)
             return
-        self._intake = None  # now: a run spawned before the done callback needs a new intake at once
+        # Every run ended in its first step: `_intake_ended`'s bookkeeping is done here, and the
+        # callback dropped, so that this task's end schedules nothing (when requests come one at
+        # a time, that was a turn of the event loop per request).
+        me = self._intake
+        self._intake = None  # now: a run spawned after this one ends needs a new intake at once
+        if me is not None:
+            me.remove_done_callback(self._intake_ended)
+            self._tasks.pop(me, None)
 
     def _intake_ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)

@@ -77,6 +77,25 @@ async def test_runs_queued_behind_one_that_suspends_all_start_in_the_next_loop_t
     assert limits.in_flight == 0
 
 
+async def test_runs_that_end_in_their_first_step_leave_nothing_scheduled() -> None:
+    """A request at a time costs the responder no loop turn after its run: the intake (3.11) does
+    its own bookkeeping when the queue is drained, and its end schedules no callback."""
+    limits, runs = make_runs()
+    loop = asyncio.get_running_loop()
+    done: list[int] = []
+
+    async def quick(number: int) -> None:
+        done.append(number)
+
+    for number in range(3):
+        spawn(limits, runs, quick(number))
+        while number not in done:
+            await asyncio.sleep(0)
+        assert not loop._ready, "nothing left for the next turn of the loop"  # type: ignore[attr-defined]
+        assert limits.in_flight == 0 and not runs._tasks and runs._intake is None
+    assert done == [0, 1, 2]
+
+
 async def test_each_run_has_its_own_context_and_a_task_of_its_own_when_it_suspends() -> None:
     limits, runs = make_runs()
     found: list[str] = []
