@@ -329,8 +329,8 @@ async def test_after_a_read_of_one_message_the_first_sent_is_written_at_once(nat
 async def test_a_message_written_at_once_never_overtakes_what_is_buffered(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Something in nats-py's buffer, or still unwritten in the socket's transport, goes first: a
-    quiet connection then buffers as usual."""
+    """What nats-py buffered goes first; and bytes the socket has not taken yet (a slow socket)
+    leave the message to the flusher, which waits for them: a quiet connection then buffers as usual."""
     quiet = await Quiet.open(nats_server.url)
     try:
         await quiet.one_message_in()

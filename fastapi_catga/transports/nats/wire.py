@@ -22,9 +22,9 @@ serve, and both paths are tested):
   more calls, about a tenth of a round trip;
 - except the first one sent after a read that brought one message and nothing else (`_Pace`): on
   a quiet connection (a request at a time, or its reply) that one is written to the socket at
-  once, when nothing else waits to go out. The flusher's turn of the event loop cost a sixth of a
-  round trip's CPU there, on each side; under load reads bring many messages, and what is sent
-  in one turn still goes out in one write.
+  once, when nothing else waits to go out. The flusher's turn of the event loop, on each side,
+  was a sixth of such a round trip's instructions; under load reads bring many messages, and
+  what is sent in one turn still goes out in one write.
 """
 
 from __future__ import annotations
@@ -187,9 +187,10 @@ def publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -
 
 
 def _write_now(nc: Client, command: bytes) -> bool:
-    """Write ``command`` to the socket now, if it goes out after everything sent before it: the
-    connection is up, over TCP (TLS included), the flusher has nothing to do and the transport
-    holds nothing unwritten. False, and nothing written, otherwise."""
+    """Write ``command`` to the socket's transport now, if the connection is up, over TCP (TLS
+    included), and the flusher has nothing to write (what nats-py buffered goes first). Not onto a
+    transport that still holds bytes the socket did not take: that is a slow socket, which the
+    flusher waits for (``drain``). False, and nothing written, otherwise."""
     queue, transport = nc._flush_queue, nc._transport
     if (
         queue is None
