@@ -260,10 +260,10 @@ class Runs:
         # callback dropped, so that this task's end schedules nothing (when requests come one at
         # a time, that was a turn of the event loop per request).
         me = self._intake
+        assert me is not None  # this task: only a run that suspended took it over
         self._intake = None  # now: a run spawned after this one ends needs a new intake at once
-        if me is not None:
-            me.remove_done_callback(self._intake_ended)
-            self._tasks.pop(me, None)
+        me.remove_done_callback(self._intake_ended)
+        self._tasks.pop(me, None)
 
     def _intake_ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)

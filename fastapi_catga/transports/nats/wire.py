@@ -22,9 +22,10 @@ serve, and both paths are tested):
   more calls, about a tenth of a round trip;
 - except the first one sent after a read that brought one message and nothing else (`_Pace`): on
   a quiet connection (a request at a time, or its reply) that one is written to the socket at
-  once, when nothing else waits to go out. The flusher's turn of the event loop, on each side,
-  was a sixth of such a round trip's instructions; under load reads bring many messages, and
-  what is sent in one turn still goes out in one write.
+  once, when nothing else waits to go out (`WRITE_NOW`: where nats-py's TCP transport is known).
+  The flusher's turns of the event loop, one on each side, were a sixth of such a round trip's
+  instructions; under load reads bring many messages and what a turn sends goes out in one
+  write, as before (at most one write more per read that brought one message).
 """
 
 from __future__ import annotations
@@ -127,7 +128,6 @@ def _known_insides() -> bool:
     return (
         all(name in vars(subscription) for name in ("_pending_queue", "_pending_size", "_received"))
         and all(hasattr(client, name) for name in (*names, "_status", "_transport"))
-        and "_io_writer" in vars(TcpTransport())  # type: ignore[no-untyped-call]
         and _parameters(getattr(Client, "_process_msg", None))
         == ["self", "sid", "subject", "reply", "data", "headers"]
         and isinstance(parser, Parser)
@@ -145,6 +145,18 @@ def _parameters(function: object) -> list[str]:
 
 #: The hot path beneath nats-py's public calls (see the module docstring); they serve otherwise.
 DIRECT = _known_insides()
+
+
+def _known_writer() -> bool:
+    """Whether nats-py's TCP transport keeps its ``asyncio.StreamWriter`` where `_write_now` finds it."""
+    try:
+        return "_io_writer" in vars(TcpTransport())  # type: ignore[no-untyped-call]
+    except Exception:
+        return False
+
+
+#: A quiet connection's first message may be written at once (`_write_now`); otherwise it is buffered.
+WRITE_NOW = DIRECT and _known_writer()
 
 
 def publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -> Awaitable[None]:
@@ -173,6 +185,7 @@ def publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -
         not nc._pending
         and (pace := vars(nc).get("_catga_pace")) is not None
         and pace.quiet
+        and WRITE_NOW
         and _write_now(nc, command)
     ):
         pace.quiet = False  # one per read that brought one message: the rest of this turn batches
@@ -310,9 +323,9 @@ def _reader(parser: Parser, nc: Client) -> Callable[[bytes], Coroutine[Any, Any,
             payload_end = payload_at + int(size)
             if data[payload_end : payload_end + 2] != b"\r\n":  # the rest comes with the next read
                 break
-            # Quiet when this frame is the whole read (at 0, ending at its end), set before it is
-            # taken: on 3.12+ its reply may be sent within `process`.
-            pace.quiet = payload_end + 2 - at == end
+            # Quiet when this frame is the whole read, set before it is taken: on 3.12+ its reply
+            # may be sent within `process`.
+            pace.quiet = at == 0 and payload_end + 2 == end
             await process(int(sid), subject, reply, data[payload_at:payload_end], None)
             at = payload_end + 2
             if parser.buf is not buffer:  # reset meanwhile (a reconnect): the rest is the old socket's
