@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
 
 from tests.servers import NatsServer, RedisServer, debian_nats_2_9_binary, debian_redis_7_binary
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started as a background job of a script (``cmd &``, as a CI runner may) inherits
+    SIGINT ignored, and so would every process it starts: the CLIs the tests interrupt with
+    Ctrl-C would not stop. A handled signal is reset to its default in a child, an ignored one is not."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -570,6 +570,18 @@ async def test_a_stalled_server_with_a_full_send_buffer_fails_an_event_publish_i
     assert "did not answer in time" in str(failed[0])
 
 
+async def test_a_stalled_server_fails_publishes_sent_one_at_a_time_in_time(stalled: NatsTransport) -> None:
+    """One publish per turn of the event loop: each time the flusher writes what there is to the
+    socket's transport, which must then make the next publishes wait (on CPython 3.12.0-3.12.8 and
+    3.13.0-3.13.1 its ``writelines`` does not: gh-127655), not take everything into memory."""
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="did not answer in time"):
+        for _ in range(60):  # 30 MB at most
+            await stalled.publish("event.Big", Envelope({}, BIG))
+            await asyncio.sleep(0.01)  # the flusher writes
+    assert time.monotonic() - started < 3.0
+
+
 # -- membership -----------------------------------------------------------------------------------
 
 

@@ -177,7 +177,7 @@ def publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -
             given up.
     """
     if not DIRECT:
-        return _within(nc.publish(subject, data, reply=reply), timeout)
+        return _within(nc, nc.publish(subject, data, reply=reply), timeout)
     if len(data) > nc.max_payload:  # the server's, which a reconnect may have lowered
         raise nats.errors.MaxPayloadError
     command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(data), data)
@@ -194,7 +194,9 @@ def publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -
     nc._pending_data_size += len(command)
     if nc._pending_data_size > nc._max_pending_size > 0:
         return _flushed(nc, timeout)
-    if nc._flush_queue is not None and nc._flush_queue.empty():
+    if nc._flush_queue is not None and nc._flush_queue.empty():  # once per turn of the event loop
+        if _unwritten(nc) > nc._max_pending_size:
+            return _flushed(nc, timeout)
         return nc._flush_pending()  # wakes the flusher, which writes everything buffered by then
     return _DONE
 
@@ -219,6 +221,33 @@ def _write_now(nc: Client, command: bytes) -> bool:
     return True
 
 
+_MAX_UNWRITTEN = 2 * 1024 * 1024  # nats-py 2.x's default bound of its buffer
+
+
+def _unwritten(nc: Client) -> int:
+    """Bytes the socket's transport holds that the socket has not taken yet."""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    transport = getattr(writer, "transport", None)
+    return 0 if transport is None else int(transport.get_write_buffer_size())
+
+
+async def _drained(nc: Client) -> None:
+    """Wait while the socket's transport holds more than nats-py's buffer may.
+
+    nats-py's flusher writes with ``writelines`` and then waits for the transport (``drain``). On
+    CPython 3.12.0-3.12.8 and 3.13.0-3.13.1 that ``writelines`` never pauses the transport's
+    protocol (gh-127655), so the flusher's wait ends at once: against a server that stopped
+    reading nothing sent would ever fail, and all of it would pile up in memory. This pauses it
+    as ``write`` would, and waits."""
+    if _unwritten(nc) <= getattr(nc, "_max_pending_size", _MAX_UNWRITTEN):
+        return
+    writer = nc._transport._io_writer  # type: ignore[union-attr]
+    pause = getattr(writer.transport, "_maybe_pause_protocol", None)
+    if pause is not None:  # asyncio's own transports (uvloop's pause themselves)
+        pause()
+    await writer.drain()
+
+
 async def _flushed(nc: Client, timeout: float) -> None:
     """Wait, ``timeout`` seconds at most, for the flusher to write what is buffered now: it takes
     the futures on its queue in turn and sets each once it wrote (one cancelled here, it skips)."""
@@ -228,15 +257,18 @@ async def _flushed(nc: Client, timeout: float) -> None:
         async with asyncio.timeout(timeout):
             await nc._flush_queue.put(written)
             await written
+            await _drained(nc)
     except TimeoutError:
         raise nats.errors.TimeoutError from None
 
 
-async def _within(sent: Awaitable[None], timeout: float) -> None:
+async def _within(nc: Client, sent: Awaitable[None], timeout: float) -> None:
     """nats-py's ``publish``, ``timeout`` seconds at most (its wait for a full buffer swallows the
-    cancellation that ends it, so the timeout is read off, not caught)."""
+    cancellation that ends it, so the timeout is read off, not caught); then `_drained`."""
     async with asyncio.timeout(timeout) as bound:
         await sent
+        if not bound.expired():  # else the cancellation was swallowed: nothing would end the wait
+            await _drained(nc)
     if bound.expired():
         raise nats.errors.TimeoutError
 
