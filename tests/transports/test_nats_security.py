@@ -7,7 +7,9 @@ and shows no secret, in the error or in the logs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,8 @@ import nkeys
 import pytest
 from pydantic import SecretStr
 
-from fastapi_catga.exceptions import ConfigurationError
+from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.exceptions import ConfigurationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports import create_transport
 from fastapi_catga.transports.nats import NatsAuth, NatsTransport
@@ -310,3 +313,30 @@ async def test_a_reconnect_to_a_server_that_lost_its_tls_sends_no_credentials(
     finally:
         await transport.aclose()
         secure.close()
+
+
+async def test_a_stalled_tls_server_fails_publishes_in_time(tmp_path: Path, pki: Pki, cluster: str) -> None:
+    """Over TLS the socket's transport is asyncio's SSL one, whose own buffer is what the senders
+    wait on (`wire._drained` asks it through the public calls). It counts only what it has not
+    passed on yet: the flusher's first write after the server stopped reading reaches the socket's
+    buffer and does not make the senders wait, the next ones do."""
+    big = b"x" * 500_000  # 60 of them: 30 MB for a server that reads nothing
+    with _server(
+        tmp_path, f'tls {{ cert_file: "{pki.server_cert}", key_file: "{pki.server_key}" }}\n'
+    ) as server:
+        tls = NatsAuth(tls=TlsFiles(ca=pki.ca, setting="CATGA_NATS_TLS"))
+        transport = NatsTransport(
+            f"tls://localhost:{server.port}", cluster=cluster, connect_timeout=0.5, auth=tls
+        )
+        await transport.connect()
+        server.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(TransportError, match="did not answer in time"):
+                for _ in range(60):
+                    await transport.publish("event.Big", Envelope({}, big))
+                    await asyncio.sleep(0.01)  # the flusher writes
+            assert time.monotonic() - started < 3.0
+        finally:
+            server.resume()
+            await transport.aclose()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
@@ -195,7 +196,7 @@ def publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -
     if nc._pending_data_size > nc._max_pending_size > 0:
         return _flushed(nc, timeout)
     if nc._flush_queue is not None and nc._flush_queue.empty():  # once per turn of the event loop
-        if _unwritten(nc) > nc._max_pending_size:
+        if _BLIND_WRITELINES and _unwritten(nc) > nc._max_pending_size:
             return _flushed(nc, timeout)
         return nc._flush_pending()  # wakes the flusher, which writes everything buffered by then
     return _DONE
@@ -224,8 +225,16 @@ def _write_now(nc: Client, command: bytes) -> bool:
 _MAX_UNWRITTEN = 2 * 1024 * 1024  # nats-py 2.x's default bound of its buffer
 
 
+#: CPython 3.12.0-3.12.8 and 3.13.0-3.13.1: a selector transport's ``writelines`` never pauses its
+#: protocol (gh-127655, CVE-2024-12254), so nats-py's flusher never waits in ``drain`` (`_drained`).
+_BLIND_WRITELINES = (3, 12) <= sys.version_info < (3, 12, 9) or (3, 13) <= sys.version_info < (3, 13, 2)
+
+
 def _unwritten(nc: Client) -> int:
-    """Bytes the socket's transport holds that the socket has not taken yet."""
+    """Bytes the live connection's transport holds that the socket has not taken yet (0 while it
+    reconnects: the old transport's bytes are not the new connection's to wait for)."""
+    if getattr(nc, "_status", None) != Client.CONNECTED:
+        return 0
     writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
     transport = getattr(writer, "transport", None)
     return 0 if transport is None else int(transport.get_write_buffer_size())
@@ -237,14 +246,14 @@ async def _drained(nc: Client) -> None:
     nats-py's flusher writes with ``writelines`` and then waits for the transport (``drain``). On
     CPython 3.12.0-3.12.8 and 3.13.0-3.13.1 that ``writelines`` never pauses the transport's
     protocol (gh-127655), so the flusher's wait ends at once: against a server that stopped
-    reading nothing sent would ever fail, and all of it would pile up in memory. This pauses it
-    as ``write`` would, and waits."""
+    reading nothing sent would ever fail, and all of it would pile up in memory. This has the
+    transport check its limits again (setting them, to what they are, pauses it as ``write``
+    would, on every kind of transport: plain, TLS, uvloop's), and waits."""
     if _unwritten(nc) <= getattr(nc, "_max_pending_size", _MAX_UNWRITTEN):
         return
     writer = nc._transport._io_writer  # type: ignore[union-attr]
-    pause = getattr(writer.transport, "_maybe_pause_protocol", None)
-    if pause is not None:  # asyncio's own transports (uvloop's pause themselves)
-        pause()
+    low, high = writer.transport.get_write_buffer_limits()
+    writer.transport.set_write_buffer_limits(high=high, low=low)
     await writer.drain()
 
 
