@@ -400,11 +400,16 @@ async def test_a_subject_that_is_no_utf8_is_dropped_and_the_connection_reads_on(
     taken: list[str] = []
     try:
         await nats_wire.subscribe(nc, "wire.*", lambda subject, *_: taken.append(subject))
+        await nc.flush()  # the server has the SUB
         host, port = nats_server.url.removeprefix("nats://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         await reader.readline()  # INFO
+        # A PING answered first: nats-server 2.15 may lose a new connection's very first PUB to a
+        # subscription it only just took (see benchmarks/README.md, sixth pass).
+        writer.write(b'CONNECT {"verbose":false}\r\nPING\r\n')
+        assert await reader.readline() == b"PONG\r\n"
         with caplog.at_level(logging.WARNING):
-            writer.write(b'CONNECT {"verbose":false}\r\nPUB wire.\xff 2\r\nhi\r\nPUB wire.ok 2\r\nok\r\n')
+            writer.write(b"PUB wire.\xff 2\r\nhi\r\nPUB wire.ok 2\r\nok\r\n")
             await writer.drain()
             await eventually(lambda: taken == ["wire.ok"], within=2)
         assert "no UTF-8" in caplog.text and nc.is_connected
