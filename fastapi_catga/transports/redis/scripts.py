@@ -37,12 +37,12 @@ redis.call('ZREM', index, node_id)
 redis.call(publish, events, notice)
 """
 
-#: Every unexpired record as id, record, id, record...; drops what expired from the index.
+#: Every unexpired record as id, record, id, record...; drops what expired from the index. A record
+#: counts as expired when its key is gone, never by the index's score: a script sees keys expire by
+#: the clock as its run started, TIME reads it later, and the score can be a millisecond early. A
+#: node id that `list` no longer shows must be free for PUT's claim.
 LIST = """
 local index, record_prefix = KEYS[1], ARGV[1]
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', index, '-inf', now_ms)
 local found = {}
 for _, node_id in ipairs(redis.call('ZRANGE', index, 0, -1)) do
   local record = redis.call('GET', record_prefix .. node_id)
