@@ -108,11 +108,14 @@ class _Pace:
         self.quiet = False
 
 
+_PACE = "_catga_pace"  # where a connection keeps its `_Pace`
+
+
 def _pace(nc: Client) -> _Pace:
     """The connection's `_Pace`, kept where `_reader` and `publish` both find it."""
-    pace: _Pace | None = vars(nc).get("_catga_pace")
+    pace: _Pace | None = vars(nc).get(_PACE)
     if pace is None:
-        pace = vars(nc)["_catga_pace"] = _Pace()
+        pace = vars(nc)[_PACE] = _Pace()
     return pace
 
 
@@ -183,10 +186,10 @@ def publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -
         raise nats.errors.MaxPayloadError
     command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(data), data)
     if (
-        not nc._pending
-        and (pace := vars(nc).get("_catga_pace")) is not None
+        WRITE_NOW
+        and not nc._pending
+        and (pace := vars(nc).get(_PACE)) is not None
         and pace.quiet
-        and WRITE_NOW
         and _write_now(nc, command)
     ):
         pace.quiet = False  # one per read that brought one message: the rest of this turn batches
@@ -196,7 +199,7 @@ def publish(nc: Client, subject: str, data: bytes, reply: str, timeout: float) -
     if nc._pending_data_size > nc._max_pending_size > 0:
         return _flushed(nc, timeout)
     if nc._flush_queue is not None and nc._flush_queue.empty():  # once per turn of the event loop
-        if _BLIND_WRITELINES and _unwritten(nc) > nc._max_pending_size:
+        if _BLIND_WRITELINES and _backlogged(nc) is not None:
             return _flushed(nc, timeout)
         return nc._flush_pending()  # wakes the flusher, which writes everything buffered by then
     return _DONE
@@ -207,19 +210,22 @@ def _write_now(nc: Client, command: bytes) -> bool:
     included), and the flusher has nothing to write (what nats-py buffered goes first). Not onto a
     transport that still holds bytes the socket did not take: that is a slow socket, which the
     flusher waits for (``drain``). False, and nothing written, otherwise."""
-    queue, transport = nc._flush_queue, nc._transport
-    if (
-        queue is None
-        or not queue.empty()
-        or nc._status != Client.CONNECTED
-        or type(transport) is not TcpTransport
-    ):
+    queue, writer = nc._flush_queue, _live_writer(nc)
+    if queue is None or not queue.empty() or writer is None:
         return False
-    writer = transport._io_writer
-    if writer is None or writer.transport.is_closing() or writer.transport.get_write_buffer_size():
+    if writer.transport.is_closing() or writer.transport.get_write_buffer_size():
         return False
     writer.write(command)
     return True
+
+
+def _live_writer(nc: Client) -> asyncio.StreamWriter | None:
+    """The connection's socket writer, over TCP (TLS included); None while it is not connected
+    (a reconnect's old transport is not the new connection's) or over another transport."""
+    if getattr(nc, "_status", None) != Client.CONNECTED:
+        return None
+    transport = getattr(nc, "_transport", None)
+    return getattr(transport, "_io_writer", None) if type(transport) is TcpTransport else None
 
 
 _MAX_UNWRITTEN = 2 * 1024 * 1024  # nats-py 2.x's default bound of its buffer
@@ -230,14 +236,12 @@ _MAX_UNWRITTEN = 2 * 1024 * 1024  # nats-py 2.x's default bound of its buffer
 _BLIND_WRITELINES = (3, 12) <= sys.version_info < (3, 12, 9) or (3, 13) <= sys.version_info < (3, 13, 2)
 
 
-def _unwritten(nc: Client) -> int:
-    """Bytes the live connection's transport holds that the socket has not taken yet (0 while it
-    reconnects: the old transport's bytes are not the new connection's to wait for)."""
-    if getattr(nc, "_status", None) != Client.CONNECTED:
-        return 0
-    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
-    transport = getattr(writer, "transport", None)
-    return 0 if transport is None else int(transport.get_write_buffer_size())
+def _backlogged(nc: Client) -> asyncio.StreamWriter | None:
+    """The connection's socket writer when its transport holds more bytes the socket has not taken
+    than nats-py's buffer may hold; None otherwise."""
+    writer = _live_writer(nc)
+    limit = getattr(nc, "_max_pending_size", _MAX_UNWRITTEN)
+    return writer if writer is not None and writer.transport.get_write_buffer_size() > limit else None
 
 
 async def _drained(nc: Client) -> None:
@@ -249,9 +253,9 @@ async def _drained(nc: Client) -> None:
     reading nothing sent would ever fail, and all of it would pile up in memory. This has the
     transport check its limits again (setting them, to what they are, pauses it as ``write``
     would, on every kind of transport: plain, TLS, uvloop's), and waits."""
-    if _unwritten(nc) <= getattr(nc, "_max_pending_size", _MAX_UNWRITTEN):
+    writer = _backlogged(nc)
+    if writer is None:
         return
-    writer = nc._transport._io_writer  # type: ignore[union-attr]
     low, high = writer.transport.get_write_buffer_limits()
     writer.transport.set_write_buffer_limits(high=high, low=low)
     await writer.drain()

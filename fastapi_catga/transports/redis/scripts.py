@@ -23,7 +23,7 @@ end
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 redis.call('SET', record_key, record, 'PX', ttl_ms)
-redis.call('ZADD', index, now_ms + tonumber(ttl_ms), node_id)
+redis.call('ZADD', index, now_ms + tonumber(ttl_ms), node_id)  -- the score: older nodes' LIST reads it
 redis.call(publish, events, notice)
 return 1
 """
