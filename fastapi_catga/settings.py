@@ -19,7 +19,9 @@ __all__ = ["CatgaSettings", "load_settings", "new_node_id"]
 
 _NAME = r"^[A-Za-z0-9_-]{1,64}$"
 _URLS = frozenset({"nats_url", "redis_url"})  # may hold a password: never shown as they are
-_SECRETS = frozenset({"nats_password", "nats_token", "redis_password"})  # never shown at all
+_SECRETS = frozenset(
+    {"nats_password", "nats_token", "redis_password", "redis_sentinel_password"}
+)  # never shown at all
 
 
 def new_node_id() -> str:
@@ -54,6 +56,13 @@ class CatgaSettings(BaseSettings):
     )
     redis_tls_cert: str = Field("", description="Client certificate file for Redis (mutual TLS)")
     redis_tls_key: str = Field("", description="Private key file of CATGA_REDIS_TLS_CERT")
+    redis_sentinel_username: str = Field(
+        "", description="ACL user of the Sentinels of a redis(s)+sentinel:// URL (empty: the default user)"
+    )
+    redis_sentinel_password: SecretStr = Field(
+        SecretStr(""),
+        description="Password of the Sentinels of a redis(s)+sentinel:// URL (their requirepass)",
+    )
     cluster: str = Field("catga", pattern=_NAME, description="Isolates clusters that share one broker")
     node_id: str = Field(default_factory=new_node_id, pattern=_NAME, description="Unique per process start")
     endpoint: str = Field("", description="The URL this node advertises (its HTTP address)")

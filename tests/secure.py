@@ -32,6 +32,7 @@ __all__ = [
     "Operator",
     "Pki",
     "TlsRedisServer",
+    "tls_answers",
     "issue_jwt",
     "make_pki",
     "new_nkey",
@@ -289,6 +290,7 @@ class TlsRedisServer(RedisServer):
         mutual: bool = True,
         localhost_only: bool = False,
         extra_args: list[str] | None = None,
+        port: int | None = None,
     ) -> None:
         self.pki = pki
         cert, key = (
@@ -300,7 +302,7 @@ class TlsRedisServer(RedisServer):
             *("--tls-cert-file", cert, "--tls-key-file", key),
             *("--tls-ca-cert-file", pki.ca, "--tls-auth-clients", "yes" if mutual else "no"),
         ]
-        super().__init__(tls_redis_binary(), extra_args=[*tls, *(extra_args or [])])
+        super().__init__(tls_redis_binary(), port=port, extra_args=[*tls, *(extra_args or [])])
 
     def command(self) -> list[str]:
         return [arg.replace("{port}", str(self.port)) for arg in super().command()]
@@ -310,20 +312,25 @@ class TlsRedisServer(RedisServer):
         return f"rediss://127.0.0.1:{self.port}/0"
 
     def answers(self, timeout: float = 0.5) -> bool:
-        context = ssl.create_default_context(cafile=self.pki.ca)
-        context.check_hostname = False  # up or not: the localhost-only certificate is fine here
-        context.load_cert_chain(self.pki.client_cert, self.pki.client_key)
-        try:
-            with (
-                socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as raw,
-                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
-            ):
-                sock.sendall(b"PING\r\n")
-                reply = sock.recv(64)
-            # A password-protected server answers -NOAUTH: still, it is up.
-            return reply.startswith((b"+PONG", b"-NOAUTH"))
-        except OSError:
-            return False
+        return tls_answers(self.pki, self.port, timeout)
+
+
+def tls_answers(pki: Pki, port: int, timeout: float) -> bool:
+    """A Redis server (or Sentinel) on this TLS port answers PING, or asks for a password first."""
+    context = ssl.create_default_context(cafile=pki.ca)
+    context.check_hostname = False  # up or not: the localhost-only certificate is fine here
+    context.load_cert_chain(pki.client_cert, pki.client_key)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+        ):
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+        # A password-protected server answers -NOAUTH: still, it is up.
+        return reply.startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
 
 
 class LockedRedisServer(RedisServer):

@@ -56,6 +56,8 @@ def _redis(settings: CatgaSettings) -> Transport:
         tls=TlsFiles(
             settings.redis_tls_ca, settings.redis_tls_cert, settings.redis_tls_key, setting="CATGA_REDIS_TLS"
         ),
+        sentinel_username=settings.redis_sentinel_username,
+        sentinel_password=settings.redis_sentinel_password,
     )
 
 

@@ -58,6 +58,13 @@ def test_a_cluster_url_locates_the_slot_of_the_cluster_name() -> None:
     assert found.locator.slot == key_slot(b"catga:{orders}:members") == key_slot(b"orders")
 
 
+def test_rediss_ha_urls_keep_tls_for_the_servers_located() -> None:
+    assert target("rediss+cluster://:pw@a:7000,b", cluster="c", timeout=1).url == "rediss://:pw@a:7000/0"
+    found = target("rediss+sentinel://u:pw@a,b/m/2?x=1", cluster="c", timeout=1)
+    assert found.url == "rediss://u:pw@a:26379/2?x=1"
+    assert isinstance(found.locator, SentinelLocator)
+
+
 @pytest.mark.parametrize(
     ("url", "says"),
     [
@@ -66,7 +73,10 @@ def test_a_cluster_url_locates_the_slot_of_the_cluster_name() -> None:
         ("redis+sentinel://:secret@a:port/m", "bad host:port"),
         ("redis+cluster://:secret@a,:7000", "bad host:port"),
         ("redis+cluster://:secret@a/3", "only database 0"),
-        ("rediss+sentinel://:secret@a/m", "must specify one of the following schemes"),  # no TLS yet
+        ("rediss+cluster://:secret@a?ssl_cert_reqs=none", "turns off TLS verification"),
+        ("redis+shard://:secret@a/m", "must specify one of the following schemes"),
+        ("redis+cluster://:secret@a?max_connections=-1", "invalid Redis URL"),
+        ("redis://:secret@a/0?max_connections=-1", "invalid Redis URL"),
     ],
 )
 def test_a_bad_ha_url_is_a_clear_error_without_the_password(url: str, says: str) -> None:

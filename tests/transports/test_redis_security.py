@@ -191,6 +191,9 @@ async def test_a_server_certificate_for_another_host_name_is_refused(
         ({"redis_url": "rediss://h:6379/0", "redis_tls_key": "/etc/hostname"}, "go together"),
         ({"redis_url": "rediss://h:6379/0?ssl_cert_reqs=none"}, "turns off TLS verification"),
         ({"redis_url": "rediss://h:6379/0?ssl_check_hostname=false"}, "turns off TLS verification"),
+        ({"redis_url": "redis+sentinel://h/m", "redis_tls_ca": "/etc/ca.pem"}, r"rediss\+sentinel://"),
+        ({"redis_url": "redis://h:6379/0", "redis_sentinel_password": PASSWORD}, "names no Sentinels"),
+        ({"redis_url": "redis+cluster://h", "redis_sentinel_username": "catga"}, "names no Sentinels"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_before_connecting(

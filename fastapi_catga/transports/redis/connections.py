@@ -11,16 +11,24 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import SecretStr
 from redis.asyncio import BlockingConnectionPool
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
-from fastapi_catga.transports.redis.locate import LocatedConnection, Locator
+from fastapi_catga.transports.redis.locate import LocatedConnection, LocatedSSLConnection, Locator
 from fastapi_catga.transports.tls import TlsFiles
 
-__all__ = ["command_pool", "once_pool", "private_connection", "reopen", "security_options"]
+__all__ = [
+    "command_pool",
+    "once_pool",
+    "private_connection",
+    "reopen",
+    "security_options",
+    "sentinel_credentials",
+    "uses_tls",
+]
 
 
 def security_options(
@@ -28,14 +36,16 @@ def security_options(
 ) -> dict[str, Any]:
     """redis-py's connection options for an ACL user and password, and TLS files, beside the URL.
 
-    A ``rediss://`` URL always gets the server's certificate and host name checked.
+    A TLS URL (``rediss://``, ``rediss+sentinel://``, ``rediss+cluster://``) always gets the
+    server's certificate and host name checked.
 
     Raises:
         ConfigurationError: the user or password is given both in the URL and apart (the URL would
-            win silently), TLS files with a URL that is not ``rediss://``, a missing file, or a
-            ``rediss://`` URL whose options turn off the check of the certificate or host name.
+            win silently), TLS files with a URL that is not a TLS one, a missing file, or a TLS URL
+            whose options turn off the check of the certificate or host name.
     """
     parts = urlsplit(url)
+    tls_url = uses_tls(url)
     secret = password.get_secret_value() if password is not None else ""
     options: dict[str, Any] = {}
     if username:
@@ -51,19 +61,47 @@ def security_options(
             )
         options["password"] = secret
     if tls is not None and tls.given:
-        if parts.scheme != "rediss":
+        if not tls_url:
             raise ConfigurationError(
-                f"{tls.setting}_* are set but CATGA_REDIS_URL is {parts.scheme}://: use rediss:// for TLS"
+                f"{tls.setting}_* are set but CATGA_REDIS_URL is {parts.scheme}://: use rediss:// for TLS "
+                "(rediss+sentinel://, rediss+cluster://)"
             )
         tls.check()
         options.update(
             ssl_ca_certs=tls.ca or None, ssl_certfile=tls.cert or None, ssl_keyfile=tls.key or None
         )
-    if parts.scheme == "rediss":
+    if tls_url:
         _refuse_weakened(parts.query)
         # redis-py before 6.0 does not check the host name unless told to.
         options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
     return options
+
+
+def sentinel_credentials(
+    url: str, *, username: str = "", password: SecretStr | None = None
+) -> dict[str, Any]:
+    """redis-py's options for the Sentinels' own user and password (the Redis servers' are apart):
+    for the Sentinels of a ``redis+sentinel://`` URL that ask for them.
+
+    Raises:
+        ConfigurationError: Sentinel credentials with a URL that names no Sentinels.
+    """
+    secret = password.get_secret_value() if password is not None else ""
+    if (username or secret) and not _scheme(url).endswith("+sentinel"):
+        raise ConfigurationError(
+            "CATGA_REDIS_SENTINEL_USERNAME or _PASSWORD is set but CATGA_REDIS_URL names no "
+            "Sentinels: use redis+sentinel://host:26379,.../<master-name>"
+        )
+    return {name: value for name, value in (("username", username), ("password", secret)) if value}
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower()
+
+
+def uses_tls(url: str) -> bool:
+    """``rediss://``, ``rediss+sentinel://`` or ``rediss+cluster://``."""
+    return _scheme(url) in ("rediss", "rediss+sentinel", "rediss+cluster")
 
 
 def _refuse_weakened(query: str) -> None:
@@ -99,25 +137,28 @@ def command_pool(
         ConfigurationError: ``url`` is no Redis URL.
     """
     try:
-        return BlockingConnectionPool.from_url(
-            url,
-            **(security or {}),
-            max_connections=max_connections,
-            timeout=timeout,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            health_check_interval=health_check_interval,
-            # Membership commands are safe to repeat: a few quick retries ride out a server restart.
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-            retry_on_error=[OSError],
-            **_located(locator),
-        )
+        options: dict[str, Any] = dict(parse_url(url))  # as from_url(), but with a located class
     except ValueError as exc:
         raise ConfigurationError(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
-
-
-def _located(locator: Locator | None) -> dict[str, Any]:
-    return {} if locator is None else {"connection_class": LocatedConnection, "locator": locator}
+    if locator is not None:
+        located = LocatedSSLConnection if uses_tls(url) else LocatedConnection
+        options.update(connection_class=located, locator=locator)
+    kwargs: dict[str, Any] = {
+        **(security or {}),
+        "max_connections": max_connections,
+        "timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "health_check_interval": health_check_interval,
+        # Membership commands are safe to repeat: a few quick retries ride out a server restart.
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        "retry_on_error": [OSError],
+    }
+    kwargs.update(options)  # the URL's own options win, as with from_url()
+    try:
+        return BlockingConnectionPool(**kwargs)
+    except ValueError as exc:  # an option of the URL's query out of range
+        raise ConfigurationError(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
 
 
 def once_pool(

@@ -6,12 +6,15 @@ Redis Cluster that owns the catga cluster's slot.
 - ``redis://[user:pass@]host:port/db`` (``rediss://``, ``unix://``): one server, as before.
 - ``redis+sentinel://[user:pass@]host:26379[,host:26379...]/<master-name>[/db]``: ask the Sentinels
   (port 26379 unless given) for the master's address at every (re)connect. The credentials are the
-  Redis servers'; the Sentinels are asked without any.
+  Redis servers'; the Sentinels' own, if they ask for any, are ``CATGA_REDIS_SENTINEL_USERNAME``
+  and ``_PASSWORD``.
 - ``redis+cluster://[user:pass@]host:port[,host:port...]``: a Redis Cluster, seeded by these nodes.
   Every key and channel of a catga cluster carries the hash tag ``{<cluster>}``, so all of them live
   in one slot: each (re)connect asks the seeds (and the nodes they named before) which primary owns
   that slot (``CLUSTER SLOTS``) and connects to it with a plain connection. On Redis 7 and later,
   pub/sub is sharded (``SSUBSCRIBE``/``SPUBLISH``) so messages stay on that shard.
+- ``rediss+sentinel://`` and ``rediss+cluster://``: the same over TLS, to every server and Sentinel,
+  each certificate checked against the address the Sentinels or ``CLUSTER SLOTS`` give for it.
 
 A `LocatedConnection` asks its `Locator` for the address before each socket connect, so every path
 that reconnects (the subscriber, the writer, the pools, the durable readers) follows a failover.
@@ -26,14 +29,17 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
+
+from fastapi_catga.transports.redis.errors import connect_failure, reason
 
 __all__ = [
     "LocatedConnection",
+    "LocatedSSLConnection",
     "Locator",
     "PubSubCommands",
     "SentinelLocator",
@@ -43,6 +49,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_SENTINEL_AUTH = "CATGA_REDIS_SENTINEL_USERNAME and CATGA_REDIS_SENTINEL_PASSWORD"
 
 # redis-py leaves these without types: typed here, once.
 _socket_connect: Callable[[Connection], Awaitable[None]] = Connection._connect
@@ -104,6 +112,10 @@ class LocatedConnection(Connection):
         return _should_reconnect(self) or self.outdated
 
 
+class LocatedSSLConnection(LocatedConnection, SSLConnection):
+    """A `LocatedConnection` over TLS: the server's certificate must name the address located."""
+
+
 def outdated(connection: object) -> bool:
     """``connection`` is located, and the locator's answer changed since it was made."""
     return isinstance(connection, LocatedConnection) and connection.outdated
@@ -161,39 +173,79 @@ class SentinelLocator(Locator):
 
     Every Sentinel is asked at once (redis-py's `Sentinel` holds a client of each); of the masters
     named up, the one of the highest config epoch wins: right after a failover, a Sentinel that has
-    not heard of it yet still names the old master, at the old epoch.
+    not heard of it yet still names the old master, at the old epoch. Over TLS, the Sentinels are
+    asked with the TLS options the servers get (``CATGA_REDIS_TLS_*``, the URL's ``ssl_*``).
+
+    Args:
+        credentials: the Sentinels' own ``username`` and ``password``, if they ask for them.
     """
 
-    def __init__(self, sentinels: list[tuple[str, int]], service: str, *, timeout: float) -> None:
+    def __init__(
+        self,
+        sentinels: list[tuple[str, int]],
+        service: str,
+        *,
+        timeout: float,
+        credentials: dict[str, str] | None = None,
+    ) -> None:
         self.service = service
+        self._hosts = sentinels
         # Half the connect timeout for the question, half for the connection. No retries: a
         # dead Sentinel does not answer, the others do.
         share = timeout / 2
-        options = {"socket_timeout": share, "socket_connect_timeout": share, "retry": Retry(NoBackoff(), 0)}
-        self._sentinel = _new_sentinel(sentinels, sentinel_kwargs=options)
+        self._options: dict[str, Any] = {**(credentials or {}), "socket_timeout": share}
+        self._options.update(socket_connect_timeout=share, retry=Retry(NoBackoff(), 0))
+        self._sentinel: Sentinel | None = None
+        self._tls = False
+
+    def _clients(self, connection: LocatedConnection) -> list[Any]:
+        """A client of each Sentinel, made at the first question: over TLS if ``connection`` is."""
+        if self._sentinel is None:
+            options = dict(self._options)
+            if isinstance(connection, SSLConnection):
+                ssl = {name: value for name, value in connection.options.items() if name.startswith("ssl_")}
+                options.update(ssl, ssl=True)
+                self._tls = True
+            self._sentinel = _new_sentinel(self._hosts, sentinel_kwargs=options)
+        clients: list[Any] = self._sentinel.sentinels
+        return clients
 
     async def locate(self, connection: LocatedConnection) -> tuple[str, int]:
-        clients = self._sentinel.sentinels
+        clients = self._clients(connection)
         answers = await asyncio.gather(*(self._ask(client) for client in clients))
-        named = [answer for answer in answers if answer is not None]
-        if not named:
-            raise MasterNotFoundError(
-                f"none of {len(clients)} Sentinel(s) names a master {self.service!r} up"
-            )
-        _, host, port = max(named)
-        return host, port
+        named = [answer for _, answer in answers if isinstance(answer, tuple)]
+        if named:
+            _, host, port = max(named)
+            return host, port
+        said: dict[str, list[str]] = {}  # why -> the Sentinels that said so
+        for where, answer in answers:
+            said.setdefault(str(answer), []).append(where)
+        why = "; ".join(f"{', '.join(where)}: {answer}" for answer, where in said.items())
+        raise MasterNotFoundError(
+            f"none of {len(clients)} Sentinel(s) names a master {self.service!r} up ({why})"
+        )
 
-    async def _ask(self, sentinel: Any) -> tuple[int, str, int] | None:
-        """``(config epoch, host, port)`` of the master this Sentinel names up, or None."""
+    async def _ask(self, sentinel: Any) -> tuple[str, tuple[int, str, int] | str]:
+        """This Sentinel's ``host:port``, and the ``(config epoch, host, port)`` of the master it
+        names up, or why it names none."""
+        options = sentinel.connection_pool.connection_kwargs
+        where = f"{options['host']}:{options['port']}"
         try:
             masters = await sentinel.sentinel_masters()
         except (RedisError, OSError) as exc:
-            logger.debug("Sentinel %s did not answer: %s", sentinel, exc)
-            return None
+            logger.debug("Sentinel %s did not answer: %s", where, exc)
+            if not isinstance(exc, AuthenticationError):
+                return where, connect_failure(exc, tls=self._tls)
+            if "password" in self._options:
+                return where, f"refused the credentials ({reason(exc)}); check {_SENTINEL_AUTH}"
+            return where, f"asks for credentials ({reason(exc)}); set {_SENTINEL_AUTH}"
         state = masters.get(self.service)
-        if not state or not state["is_master"] or state["is_sdown"] or state["is_odown"]:
-            return None
-        return int(state["config-epoch"]), str(state["ip"]), int(state["port"])
+        if not state:
+            return where, "watches no master of that name: check <master-name> in CATGA_REDIS_URL"
+        if not state["is_master"] or state["is_sdown"] or state["is_odown"]:
+            return where, "says it is down (a failover may be under way)"
+        return where, (int(state["config-epoch"]), str(state["ip"]), int(state["port"]))
 
     async def aclose(self) -> None:
-        await self._sentinel.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from fastapi_catga.transports.redis.connections import reopen
-from fastapi_catga.transports.redis.errors import reason
+from fastapi_catga.transports.redis.errors import connect_failure
 from fastapi_catga.transports.redis.locate import LocatedConnection, Locator
 
 __all__ = ["ShardLocator"]
@@ -45,11 +45,12 @@ class ShardLocator(Locator):
 
     async def locate(self, connection: LocatedConnection) -> tuple[str, int]:
         errors: list[str] = []
+        tls = isinstance(connection, SSLConnection)
         for node in list(self._nodes):
             try:
-                owner = await self._ask(node, connection.options)
+                owner = await self._ask(node, connection)
             except (RedisError, OSError, LookupError) as exc:
-                errors.append(f"{node[0]}:{node[1]}: {reason(exc)}")
+                errors.append(f"{node[0]}:{node[1]}: {connect_failure(exc, tls=tls)}")
             else:
                 self._nodes.remove(node)
                 self._nodes.insert(0, node)  # ask it first next time
@@ -58,12 +59,13 @@ class ShardLocator(Locator):
             f"no Redis Cluster node says who owns slot {self.slot}: {'; '.join(errors)}"
         )
 
-    async def _ask(self, node: tuple[str, int], options: dict[str, Any]) -> tuple[str, int]:
-        """``CLUSTER SLOTS`` and ``COMMAND INFO SPUBLISH`` on one node, on a connection of its own."""
-        kwargs = {key: value for key, value in options.items() if key not in _OWN}
+    async def _ask(self, node: tuple[str, int], connection: LocatedConnection) -> tuple[str, int]:
+        """``CLUSTER SLOTS`` and ``COMMAND INFO SPUBLISH`` on one node, on a connection of its own
+        (over TLS when ``connection`` is)."""
+        kwargs = {key: value for key, value in connection.options.items() if key not in _OWN}
         kwargs.update(host=node[0], port=node[1], protocol=2, retry=Retry(NoBackoff(), 0))
         kwargs.update(socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
-        asking = Connection(**kwargs)
+        asking = (SSLConnection if isinstance(connection, SSLConnection) else Connection)(**kwargs)
         try:
             await reopen(asking)
             await asking.send_command("CLUSTER", "SLOTS")

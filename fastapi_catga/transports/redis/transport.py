@@ -38,7 +38,13 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver, frame
 from fastapi_catga.transports.base import ConnectionListener, ConnectionState, Delivery, DeliveryCallback
-from fastapi_catga.transports.redis.connections import command_pool, private_connection, security_options
+from fastapi_catga.transports.redis.connections import (
+    command_pool,
+    private_connection,
+    security_options,
+    sentinel_credentials,
+    uses_tls,
+)
 from fastapi_catga.transports.redis.durable import RedisDurable
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, connect_failure, redis_errors
 from fastapi_catga.transports.redis.locate import LocatedConnection, PubSubCommands, follow
@@ -75,8 +81,8 @@ class RedisTransport:
 
     Args:
         url: a ``redis://`` (or ``rediss://``, ``unix://``) URL; ``redis+sentinel://`` for the master
-            that Sentinels name, ``redis+cluster://`` for a Redis Cluster (see `urls`). Its password
-            never shows in messages.
+            that Sentinels name, ``redis+cluster://`` for a Redis Cluster (``rediss+...`` over TLS;
+            see `locate`). Its password never shows in messages.
         cluster: namespaces every channel and key, so clusters can share one server.
         max_payload: the largest envelope sent, in bytes; a larger one is refused before sending.
         connect_timeout: the bound on connecting, and on every single command (nested retries in
@@ -86,7 +92,10 @@ class RedisTransport:
         max_connections: the pool for membership commands; callers wait for a free connection.
         username: an ACL user (``AUTH <username> <password>``); empty: ``default``.
         password: its password, or ``requirepass``'s; or give either in the URL, not both.
-        tls: CA, client certificate and key, for a ``rediss://`` URL.
+        tls: CA, client certificate and key, for a ``rediss://`` URL (``rediss+sentinel://``: the
+            Sentinels' too, ``rediss+cluster://``: every node's).
+        sentinel_username: the Sentinels' ACL user, when they ask for one; empty: ``default``.
+        sentinel_password: the Sentinels' password (their ``requirepass``), when they ask for one.
     """
 
     name = "redis"
@@ -104,6 +113,8 @@ class RedisTransport:
         username: str = "",
         password: SecretStr | None = None,
         tls: TlsFiles | None = None,
+        sentinel_username: str = "",
+        sentinel_password: SecretStr | None = None,
     ) -> None:
         self.url = url
         self.cluster = cluster
@@ -113,7 +124,9 @@ class RedisTransport:
         self._where = where = redact_url(url)
         self._timeout = connect_timeout
         self._idle = health_check_interval
-        found = target(url, cluster=cluster, timeout=connect_timeout)
+        security = security_options(url, username=username, password=password, tls=tls)
+        sentinels = sentinel_credentials(url, username=sentinel_username, password=sentinel_password)
+        found = target(url, cluster=cluster, timeout=connect_timeout, sentinel=sentinels)
         self._locator = found.locator
         commands = PubSubCommands(found.locator)
         self._pool = command_pool(
@@ -121,7 +134,7 @@ class RedisTransport:
             max_connections=max_connections,
             timeout=connect_timeout,
             health_check_interval=health_check_interval,
-            security=security_options(url, username=username, password=password, tls=tls),
+            security=security,
             locator=found.locator,
         )
         self._state = ConnectionState()
@@ -213,7 +226,7 @@ class RedisTransport:
                 await self._reader.open()
         except BROKER_ERRORS as exc:
             await self._reader.aclose()
-            why = connect_failure(exc, tls=self.url.startswith("rediss:"))
+            why = connect_failure(exc, tls=uses_tls(self.url))
             raise TransportError(f"cannot connect to Redis at {self._where}: {why}") from exc
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reader.run()), loop.create_task(self._writer.run())]

@@ -9,6 +9,7 @@ from redis.crc import key_slot
 
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
+from fastapi_catga.transports.redis.connections import uses_tls
 from fastapi_catga.transports.redis.locate import Locator, SentinelLocator
 from fastapi_catga.transports.redis.shard import ShardLocator
 
@@ -27,25 +28,30 @@ class Target:
     locator: Locator | None
 
 
-def target(url: str, *, cluster: str, timeout: float) -> Target:
+def target(url: str, *, cluster: str, timeout: float, sentinel: dict[str, str] | None = None) -> Target:
     """Parse ``url`` (see the module docstring).
+
+    Args:
+        sentinel: the Sentinels' own credentials (`connections.sentinel_credentials`).
 
     Raises:
         ConfigurationError: a ``redis+sentinel://`` or ``redis+cluster://`` URL without its parts.
     """
-    scheme = url.partition("://")[0].lower()
+    scheme = url.partition("://")[0].lower().replace("rediss+", "redis+")
+    tls = uses_tls(url)
     if scheme == "redis+sentinel":
-        return _sentinel_target(url, timeout)
+        return _sentinel_target(url, timeout, tls, sentinel or {})
     if scheme == "redis+cluster":
         userinfo, hosts, path, query = _split(url, _REDIS_PORT)
         if path.strip("/") not in ("", "0"):
             raise ConfigurationError(f"a Redis Cluster has only database 0: {redact_url(url)}")
         slot = key_slot(f"{{{cluster}}}".encode())
-        return Target(_plain(userinfo, hosts[0], "0", query), ShardLocator(hosts, slot, timeout=timeout))
+        plain = _plain(tls, userinfo, hosts[0], "0", query)
+        return Target(plain, ShardLocator(hosts, slot, timeout=timeout))
     return Target(url, None)
 
 
-def _sentinel_target(url: str, timeout: float) -> Target:
+def _sentinel_target(url: str, timeout: float, tls: bool, credentials: dict[str, str]) -> Target:
     userinfo, hosts, path, query = _split(url, _SENTINEL_PORT)
     service, _, db = path.strip("/").partition("/")
     if not service or (db and not db.isdigit()):
@@ -54,8 +60,8 @@ def _sentinel_target(url: str, timeout: float) -> Target:
             f"got {redact_url(url)}"
         )
     return Target(
-        _plain(userinfo, hosts[0], db or "0", query),
-        SentinelLocator(hosts, unquote(service), timeout=timeout),
+        _plain(tls, userinfo, hosts[0], db or "0", query),
+        SentinelLocator(hosts, unquote(service), timeout=timeout, credentials=credentials),
     )
 
 
@@ -79,6 +85,7 @@ def _host(part: str, default_port: int, url: str) -> tuple[str, int]:
     return host, int(port) if port else default_port
 
 
-def _plain(userinfo: str, host: tuple[str, int], db: str, query: str) -> str:
+def _plain(tls: bool, userinfo: str, host: tuple[str, int], db: str, query: str) -> str:
     name = f"[{host[0]}]" if ":" in host[0] else host[0]
-    return f"redis://{userinfo}{name}:{host[1]}/{db}" + (f"?{query}" if query else "")
+    scheme = "rediss" if tls else "redis"
+    return f"{scheme}://{userinfo}{name}:{host[1]}/{db}" + (f"?{query}" if query else "")
