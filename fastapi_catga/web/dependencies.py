@@ -33,7 +33,9 @@ def _running(request: Request) -> Catga:
     if not isinstance(catga, Catga):
         raise ConfigurationError(
             "fastapi-catga is not running in this app: create it with FastAPI(lifespan=catga_lifespan) "
-            "(or wrap your lifespan with catga_lifespan(lifespan=...))"
+            "(or wrap your lifespan with catga_lifespan(lifespan=...)). The lifespan runs only for the "
+            "app the server runs, not for a mounted sub-app, and in tests only inside "
+            "`with TestClient(app) as client:`"
         )
     return catga
 

@@ -6,7 +6,15 @@ import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 
-from fastapi_catga import CatgaSettings, ConfigurationError, Mediator, MediatorDep, build, get_mediator
+from fastapi_catga import (
+    CatgaSettings,
+    ConfigurationError,
+    Mediator,
+    MediatorDep,
+    build,
+    catga_lifespan,
+    get_mediator,
+)
 from fastapi_catga.testing import InMemoryTransport
 from tests.core import handlers_sample
 from tests.core.handlers_sample import SampleDouble
@@ -35,6 +43,18 @@ def test_get_mediator_without_the_lifespan_says_what_to_do() -> None:
         TestClient(app) as client,
         pytest.raises(ConfigurationError, match=r"FastAPI\(lifespan=catga_lifespan\)"),
     ):
+        client.get("/")
+
+
+def test_a_test_client_that_never_ran_the_lifespan_is_told_to_enter_it() -> None:
+    app = FastAPI(lifespan=catga_lifespan(transport=InMemoryTransport()))
+
+    @app.get("/")
+    async def route(mediator: MediatorDep) -> str:
+        return "unreachable"
+
+    client = TestClient(app)  # not entered: Starlette runs no lifespan
+    with pytest.raises(ConfigurationError, match=r"with TestClient\(app\) as client:"):
         client.get("/")
 
 
