@@ -219,6 +219,8 @@ class Runs:
         goes on running it. The runs still queued then get a task each; later ones a new intake.
         """
         queue, limits = self._queue, self._limits
+        me = self._intake
+        assert me is not None  # this task
         while queue:
             work, what, slot, context = queue.popleft()
             try:
@@ -226,19 +228,21 @@ class Runs:
             except StopIteration:
                 if slot is not None:
                     limits.leave(slot)
+                if me.cancelling():
+                    return self._cancelled_by_a_run(me)
                 continue
             except Exception:  # what a task would hold as its exception: said in the log instead
                 if slot is not None:
                     limits.leave(slot)
                 _log_failure(what, sys.exception())
+                if me.cancelling():
+                    return self._cancelled_by_a_run(me)
                 continue
             except BaseException:
                 if slot is not None:
                     limits.leave(slot)
                 raise
             # It suspended: this task is the run's from now on.
-            me = self._intake
-            assert me is not None
             self._intake = None
             self._tasks[me] = (slot, what)
             # The rest of the queue gets a task each, as without the intake, all started in this
@@ -259,11 +263,21 @@ class Runs:
         # Every run ended in its first step: `_intake_ended`'s bookkeeping is done here, and the
         # callback dropped, so that this task's end schedules nothing (when requests come one at
         # a time, that was a turn of the event loop per request).
-        me = self._intake
-        assert me is not None  # this task: only a run that suspended took it over
         self._intake = None  # now: a run spawned after this one ends needs a new intake at once
         me.remove_done_callback(self._intake_ended)
         self._tasks.pop(me, None)
+
+    def _cancelled_by_a_run(self, me: asyncio.Task[None]) -> None:
+        """A run that has ended asked for its task's cancellation (``current_task().cancel()``):
+        the intake's, whose next run to suspend would get it. Only this code runs in the intake
+        meanwhile, so nothing else asked. The request goes with this task, cancelled as it ends;
+        the runs still queued get a task each."""
+        self._intake = None
+        me.remove_done_callback(self._intake_ended)
+        self._tasks.pop(me, None)
+        while self._queue:
+            work, what, slot, context = self._queue.popleft()
+            self.spawn(work, what, slot, context=context)
 
     def _intake_ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)

@@ -137,6 +137,39 @@ async def test_a_run_that_fails_in_its_first_step_is_logged_and_the_next_runs(
     assert "boom" in caplog.text
 
 
+@pytest.mark.parametrize("ends", ["returns", "raises"])
+async def test_a_run_that_cancels_its_own_task_and_ends_cancels_no_other_run(
+    ends: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler may cancel "its task" (``asyncio.current_task().cancel()``) and end without a
+    suspension: the request is its own, and ends with it. On 3.11 that task is the intake's, which
+    would then cancel the next run to suspend in it: another request."""
+    limits, runs = make_runs()
+    done: list[str] = []
+
+    async def cancels_itself() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        if ends == "raises":
+            raise ValueError("ended after cancelling its task")
+
+    async def waits(name: str) -> None:
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        done.append(name)
+
+    with caplog.at_level(logging.ERROR):
+        spawn(limits, runs, cancels_itself(), "Cancels")
+        for name in ("a", "b"):
+            spawn(limits, runs, waits(name))
+        await eventually(lambda: limits.in_flight == 0, within=5, message="every run ended")
+    assert done == ["a", "b"]
+    spawn(limits, runs, waits("later"))  # the node takes more, as before
+    await eventually(lambda: done == ["a", "b", "later"], within=5, message="a later run ended")
+    assert limits.in_flight == 0 and not runs._tasks
+
+
 async def test_a_stop_ends_runs_not_started_and_gives_their_slots_back() -> None:
     limits, runs = make_runs()
 
