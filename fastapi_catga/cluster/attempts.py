@@ -21,6 +21,7 @@ from fastapi_catga.core.envelope import (
     DEADLINE,
     STATUS,
     Envelope,
+    check_result_on_wire,
     deadline_header,
     decode_reply,
     encode_message,
@@ -148,12 +149,15 @@ class Attempts:
         return decode_reply(reply, type(call.message).result_adapter())
 
     async def _here(self, call: Call, timeout: float) -> Any:
+        """The attempt on this node: its message and result held to what travels (a run that works
+        here works on another node, and the other way round)."""
         message, limits = call.message, self._limits
+        call.envelope(self._node_id, self._transport.max_payload)  # the payload limit, encoded once
         if not limits.enter(message.type_name):
             raise AttemptFailed(limits.refused(message.type_name))  # like another node's "busy"
         try:  # at once: whatever raises from here on (an observer's hook too) gives the slot back
             if self._observer is None:
-                return await self._dispatcher.handle_request(message, timeout)
+                return self._travels(message, await self._dispatcher.handle_request(message, timeout))
             return await self._observed_here(self._observer, message, timeout)
         except TimeoutError as exc:
             if isinstance(exc, CatgaError):
@@ -167,9 +171,16 @@ class Attempts:
         token = observer.handle_started(message, {})
         started = time.perf_counter()
         try:
-            result = await self._dispatcher.handle_request(message, timeout)
+            result = self._travels(message, await self._dispatcher.handle_request(message, timeout))
         except BaseException as exc:
             observer.handle_ended(token, message, time.perf_counter() - started, exc)
             raise
         observer.handle_ended(token, message, time.perf_counter() - started, None)
+        return result
+
+    def _travels(self, message: Request[Any], result: Any) -> Any:
+        """``result``, once it is known to travel as a reply would (`check_result_on_wire`)."""
+        adapter = type(message).result_adapter()
+        max_payload = self._transport.max_payload
+        check_result_on_wire(result, adapter, message=message, node_id=self._node_id, max_payload=max_payload)
         return result

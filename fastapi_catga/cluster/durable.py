@@ -49,6 +49,7 @@ from fastapi_catga.core.envelope import (
     Envelope,
     decode_message,
     encode_error,
+    result_not_json,
 )
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Message, Request
@@ -58,7 +59,6 @@ from fastapi_catga.exceptions import (
     CatgaError,
     MessageValidationError,
     Reject,
-    RemoteHandlerError,
     RetryLater,
     TransportError,
 )
@@ -266,11 +266,7 @@ class DurableRunner:
             return
         except Exception as exc:  # validated, yet not JSON (an `Any` result holding some object)
             keeper.cancel()
-            error = RemoteHandlerError(
-                f"the result of {message.type_name} on node {self._settings.node_id} is not JSON",
-                error_type=type(exc).__name__,
-                node_id=self._settings.node_id,
-            )
+            error = result_not_json(message, self._settings.node_id, exc)
             await self.store.release(key, holder)
             await self._dead_letter(work, delivery, "invalid", error, message.message_id)
             return
@@ -329,7 +325,8 @@ class DurableRunner:
             "durable %s %s dead-lettered (%s after %d deliveries): %s",
             queue.type_name, message_id, reason, delivery.deliveries, letter.error,
         )  # fmt: skip
-        await self._answer(delivery.envelope, encode_error(exc, node_id=self._settings.node_id))
+        answer = encode_error(exc, node_id=self._settings.node_id, max_payload=self._settings.max_payload)
+        await self._answer(delivery.envelope, answer)
 
     async def _answer(self, request: Envelope, reply: Envelope) -> None:
         """Tell the node waiting for this command (if any) how it ended; a lost answer loses nothing:

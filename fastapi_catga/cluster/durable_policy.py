@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi_catga.cluster.responder import node_subject
-from fastapi_catga.core.dispatch import LocalDispatcher
+from fastapi_catga.core.dispatch import LocalDispatcher, is_handler_error
 from fastapi_catga.core.envelope import MESSAGE_ID, REPLAYS, Envelope
 from fastapi_catga.core.messages import Durable, Message, Request
 from fastapi_catga.core.observe import Observer
@@ -82,12 +82,21 @@ def dead_letter_for(
         group=queue.group,
         reason=reason,
         error_type=getattr(error, "error_type", type(error).__name__),
-        error=error.message[:1024],
+        error=_text(error)[:1024],
         attempts=delivery.deliveries,
         node_id=node_id,
         at=datetime.now(UTC),
         replays=replays_of(delivery.envelope),
     )
+
+
+def _text(error: CatgaError) -> str:
+    """The error's message; its class name if it has none that can be read (a subclass that
+    skipped ``CatgaError.__init__``)."""
+    try:
+        return str(error.message)
+    except Exception:
+        return type(error).__name__
 
 
 def encode_result(message: Message, result: Any) -> bytes:
@@ -99,7 +108,9 @@ def event_runner(dispatcher: LocalDispatcher, pipeline: Pipeline) -> Callable[[M
     async def run(event: Message) -> None:
         try:
             await pipeline(event)
-        except Exception as exc:
+        except BaseException as exc:
+            if not is_handler_error(exc):
+                raise
             raise dispatcher.handler_error(exc, event) from exc
 
     return run

@@ -21,7 +21,7 @@ from fastapi_catga.cluster.sender import Sender
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.deadlines import DeadlinePassed
 from fastapi_catga.core.dispatch import LocalDispatcher
-from fastapi_catga.core.envelope import encode_message
+from fastapi_catga.core.envelope import check_message_size, check_result_on_wire, encode_message
 from fastapi_catga.core.handlers import check_type_name
 from fastapi_catga.core.mediator import LocalRoute
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
@@ -226,11 +226,23 @@ class ClusterNode:
 
     def _local_route(self, message_type: type[Message]) -> LocalRoute:
         dispatcher, type_name = self.dispatcher, message_type.type_name
+        node_id, max_payload = self.node_id, self.transport.max_payload
+        assert issubclass(message_type, Request)
+        adapter = message_type.result_adapter()
+
+        def check_message(message: Request[Any]) -> None:
+            check_message_size(message, source=node_id, max_payload=max_payload)
+
+        def check_result(message: Request[Any], result: Any) -> None:
+            check_result_on_wire(result, adapter, message=message, node_id=node_id, max_payload=max_payload)
+
         return (
             self.limits.within_cap(dispatcher.requests[message_type], type_name),
             type_name,
             dispatcher.exact_results.get(message_type),
             dispatcher.check_of(message_type),
+            check_message,
+            check_result,
         )
 
     # -- the mediator's port ----------------------------------------------------------------------
@@ -302,7 +314,7 @@ class ClusterNode:
                 # One timer for every publish, armed about once per timeout (`core.deadlines`):
                 # the broker client takes most messages without suspending.
                 publish = self.transport.publish(event_subject(event.type_name), envelope)
-                await self.dispatcher.deadlines.run(publish, self.settings.request_timeout)
+                await self.dispatcher.deadlines.run(publish, self.settings.request_timeout, keep_late=True)
             except TransportError as exc:
                 failure = exc
             except (TimeoutError, DeadlinePassed):

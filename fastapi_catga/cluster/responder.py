@@ -22,6 +22,7 @@ from fastapi_catga.core.envelope import (
     encode_error,
     encode_result,
     error_from_reply,
+    result_not_json,
 )
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Request
@@ -237,22 +238,17 @@ class Responder:
                 self.stats["deadline_cancelled"] += 1
                 return None
             self.stats["handler_errors"] += 1
-            return encode_error(exc, node_id=self.node_id)
+            return encode_error(exc, node_id=self.node_id, max_payload=self._max_payload)
         except CatgaError as exc:
             self.stats["handler_errors"] += 1
-            return encode_error(exc, node_id=self.node_id)
+            return encode_error(exc, node_id=self.node_id, max_payload=self._max_payload)
         self.stats["requests_handled"] += 1
         adapter = type(message).result_adapter()
         try:
             return encode_result(result, adapter, node_id=self.node_id, max_payload=self._max_payload)
         except Exception as exc:  # validated, yet not JSON (an `Any` result holding some object)
             self._log("encode", "could not encode the result of %s: %s", envelope, exc)
-            error = RemoteHandlerError(
-                f"the result of {message.type_name} on node {self.node_id} is not JSON",
-                error_type=type(exc).__name__,
-                node_id=self.node_id,
-            )
-            return encode_error(error, node_id=self.node_id)
+            return encode_error(result_not_json(message, self.node_id, exc), node_id=self.node_id)
 
     async def _run_event(self, envelope: Envelope) -> None:
         try:

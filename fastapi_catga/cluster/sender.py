@@ -146,6 +146,8 @@ class Sender:
             raise HandlerNotFoundError(f"node {node_id} has no handler for {call.message.type_name}")
         if (refused := self.view.incompatible(call.message.type_name, node_id)) is not None:
             raise refused
+        if (now := self._clock()) >= call.deadline:  # (a broadcast's, after a loop that stalled)
+            raise final_error(call, now)  # nothing sent: its receiver would only drop it, and warn
         try:
             return await self._patient_attempt(call, node_id, 1, math.inf)
         except AttemptFailed as failed:
@@ -291,5 +293,8 @@ class Sender:
             except CatgaError as exc:
                 return exc
 
-        results = await asyncio.gather(*(one(node) for node in nodes))
+        results = await asyncio.gather(*(one(node) for node in nodes), return_exceptions=True)
+        for result in results:  # every node's ended: nothing is left running behind a raise
+            if isinstance(result, BaseException) and not isinstance(result, CatgaError):
+                raise result  # no answer of a node's: a process exit, a bug
         return {node.node_id: result for node, result in zip(nodes, results, strict=True)}

@@ -25,7 +25,9 @@ the same steps inline, as it has a frame of its own to run them in: a frame cost
 all of them.
 
 As with ``asyncio.timeout``, the cancellation is the task's: a run that swallows it keeps going,
-and when it ends the cancellation request is withdrawn.
+and when it ends the cancellation request is withdrawn; what it returned is dropped, and its caller
+told the deadline passed, as a remote caller would have been (one that never ends holds its
+caller: only a run in a task of its own could be left behind).
 """
 
 from __future__ import annotations
@@ -70,9 +72,13 @@ class Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._not_before = -math.inf  # the timer fires no sooner (expiries batched, see the module)
 
-    async def run(self, coro: Run, budget: float) -> Any:
+    async def run(self, coro: Run, budget: float, *, keep_late: bool = False) -> Any:
         """Await ``coro``, cancelled ``budget`` seconds from now if it has not ended by then.
         (`Mediator.send` has the same steps inline: a change here is one there too.)
+
+        Args:
+            keep_late: return what a run that swallowed the cancellation returned (a publish the
+                broker took late was taken); otherwise it is `DeadlinePassed` too.
 
         Raises:
             DeadlinePassed: it was cancelled at its deadline.
@@ -83,8 +89,9 @@ class Deadlines:
         self.current, self.current_deadline = coro, deadline
         if deadline < self.timer_at:
             self.arm(deadline)
+        late = False
         try:
-            return await coro
+            result = await coro
         except asyncio.CancelledError:
             if self.timed_out(coro):
                 raise DeadlinePassed from None
@@ -93,7 +100,10 @@ class Deadlines:
             if self.current is coro:
                 self.current = None
             else:
-                self.ended(coro)
+                late = self.ended(coro)
+        if late and not keep_late:  # it swallowed the cancellation, ended after its deadline
+            raise DeadlinePassed
+        return result
 
     def park(self) -> None:
         """Keep `current` among the parked runs: another run starts."""
@@ -108,12 +118,15 @@ class Deadlines:
         self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._fire)
         self.timer_at = deadline
 
-    def ended(self, run: Run) -> None:
-        """``run`` ended, and it is not `current`: forget it."""
+    def ended(self, run: Run) -> bool:
+        """``run`` ended, and it is not `current`: forget it. True when it had been cancelled at its
+        deadline and swallowed that (the cancellation request is withdrawn): it ended late."""
         self._parked.pop(run, None)
         expired = self.expired.pop(run, None) if self.expired else None
-        if expired is not None:  # cancelled at its deadline, and it swallowed that: withdraw it
-            expired[0].uncancel()
+        if expired is None:
+            return False
+        expired[0].uncancel()
+        return True
 
     def timed_out(self, run: Run) -> bool:
         """Whether the `CancelledError` that ends ``run`` is its deadline's (and no one else's)."""

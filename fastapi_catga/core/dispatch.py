@@ -8,6 +8,7 @@ same steps inline, with this dispatcher's result checks and errors.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +24,26 @@ from fastapi_catga.core.messages import Event, Message, Request
 from fastapi_catga.core.pipeline import Pipeline, PipelineBehavior, build_pipeline
 from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError
 
-__all__ = ["LocalDispatcher", "Pipeline"]
+__all__ = ["LocalDispatcher", "Pipeline", "is_handler_error"]
 
 logger = logging.getLogger(__name__)
+
+#: What a run may raise that is no answer of its handler: a process exit, as asyncio sees it (it
+#: goes on up, out of the event loop), and a coroutine being closed.
+_NOT_ANSWERS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def is_handler_error(exc: BaseException) -> bool:
+    """Whether ``exc``, out of a handler's run, is its handler's error, answered like any other: every
+    `Exception`, and every other `BaseException` but `_NOT_ANSWERS` and the `CancelledError` of a
+    task being cancelled (a deadline, a stop). A `CancelledError` while the running task is not being
+    cancelled is the handler's own: it raised one, or awaited something cancelled elsewhere."""
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and not task.cancelling()
+    return not isinstance(exc, _NOT_ANSWERS)
 
 
 class LocalDispatcher:
@@ -110,6 +128,10 @@ class LocalDispatcher:
             raise TimeoutError from None
         except Exception as exc:
             raise self.handler_error(exc, message) from exc
+        except BaseException as exc:
+            if not is_handler_error(exc):
+                raise
+            raise self.handler_error(exc, message) from exc
         check = self.result_checks.get(type(message))  # `check_of`, inline: it runs on every request
         return result if check is None else check(message, result)
 
@@ -133,12 +155,12 @@ class LocalDispatcher:
                 checks[message_type] = _checker(adapter, exact, self.node_id)
         return checks
 
-    def handler_error(self, exc: Exception, message: Message) -> CatgaError:
-        """What the caller gets when a handler raised ``exc``: `CatgaError`s as they are (they are
-        meant for the caller), anything else as a `RemoteHandlerError` naming its type; the text
-        stays in this node's log unless ``expose_errors``."""
+    def handler_error(self, exc: BaseException, message: Message) -> CatgaError:
+        """What the caller gets when a handler raised ``exc`` (`is_handler_error`): `CatgaError`s as
+        they are (they are meant for the caller), anything else as a `RemoteHandlerError` naming its
+        type; the text stays in this node's log unless ``expose_errors``."""
         if isinstance(exc, CatgaError):
-            if exc.node_id is None:
+            if getattr(exc, "node_id", None) is None:  # a subclass may skip CatgaError.__init__
                 exc.node_id = self.node_id
             return exc
         error_type = type(exc).__name__
@@ -151,10 +173,7 @@ class LocalDispatcher:
         if self.expose_errors:
             text += f": {exc}"
         return RemoteHandlerError(
-            text,
-            error_type=error_type,
-            node_id=self.node_id,
-            retryable=bool(getattr(exc, "retryable", False)),
+            text, error_type=error_type, node_id=self.node_id, retryable=_retryable(exc)
         )
 
     async def handle_event(self, event: Event) -> int:
@@ -166,13 +185,23 @@ class LocalDispatcher:
         for name, pipeline in self._events.get(type(event), ()):
             try:
                 await pipeline(event)
-            except Exception as exc:
+            except BaseException as exc:
+                if not is_handler_error(exc):
+                    raise
                 failed += 1
                 self._log_limit.log(
                     logger, logging.ERROR, (name, type(exc).__name__), "event handler %s failed on %s %s",
                     name, event.type_name, event.message_id, exc_info=exc,
                 )  # fmt: skip
         return failed
+
+
+def _retryable(exc: BaseException) -> bool:
+    """A foreign exception's own ``retryable`` flag, if it has one that can be read."""
+    try:
+        return bool(getattr(exc, "retryable", False))
+    except Exception:  # a property that raises
+        return False
 
 
 def _unchecked(message: Request[Any], result: Any) -> Any:

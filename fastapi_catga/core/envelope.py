@@ -38,6 +38,8 @@ __all__ = [
     "SOURCE",
     "STATUS",
     "Envelope",
+    "check_message_size",
+    "check_result_on_wire",
     "decode_message",
     "deadline_header",
     "deadline_of",
@@ -48,6 +50,7 @@ __all__ = [
     "error_from_reply",
     "made_by_node",
     "pack",
+    "result_not_json",
     "validation_details",
     "unpack",
 ]
@@ -136,6 +139,49 @@ def encode_message(
     return envelope
 
 
+def check_message_size(message: Message, *, source: str, max_payload: int) -> None:
+    """Raise `MessageTooLargeError` where `encode_message` would: a run here keeps the limit a run
+    on another node has (one that works here must not fail once a second node joins).
+
+    Raises:
+        MessageTooLargeError: the encoded message is over ``max_payload`` bytes.
+    """
+    if len(message.__pydantic_serializer__.to_json(message)) + _HEADROOM > max_payload:
+        encode_message(message, source=source, max_payload=max_payload)  # near the limit: exactly
+
+
+def check_result_on_wire(
+    result: Any, adapter: TypeAdapter[Any], *, message: Message, node_id: str, max_payload: int
+) -> None:
+    """Raise what the caller of a remote run gets for this (validated) result: a run here answers as
+    a run on another node would.
+
+    Raises:
+        MessageTooLargeError: over ``max_payload`` bytes encoded (`encode_result`).
+        RemoteHandlerError: it is no JSON (`result_not_json`).
+    """
+    kind = type(result)
+    if kind is int or kind is bool or kind is float or result is None:
+        return
+    if kind is str and 6 * len(result) + 2 + _HEADROOM <= max_payload:  # JSON: 6 bytes a character at most
+        return
+    try:
+        body = adapter.serializer.to_json(result)
+    except Exception as exc:
+        raise result_not_json(message, node_id, exc) from exc
+    if len(body) + _HEADROOM > max_payload:
+        _check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result")
+
+
+def result_not_json(message: Message, node_id: str, exc: BaseException) -> RemoteHandlerError:
+    """The error of a result that validates, yet is no JSON (an `Any` result holding some object)."""
+    return RemoteHandlerError(
+        f"the result of {message.type_name} on node {node_id} is not JSON",
+        error_type=type(exc).__name__,
+        node_id=node_id,
+    )
+
+
 def _check_size(envelope: Envelope, max_payload: int, what: str) -> None:
     size = envelope.size()
     if size > max_payload:
@@ -208,24 +254,63 @@ def encode_result(value: Any, adapter: TypeAdapter[Any], *, node_id: str, max_pa
     return envelope
 
 
-def encode_error(exc: CatgaError, *, node_id: str, by_node: bool = False) -> Envelope:
+def encode_error(
+    exc: CatgaError, *, node_id: str, by_node: bool = False, max_payload: int | None = None
+) -> Envelope:
     """Encode an error as a reply that `decode_reply` raises again as the same class.
+
+    Whatever the error holds, there is a reply: an error whose attributes raise or whose details
+    are no JSON (a cycle) is sent as its class and a message saying so, and one over
+    ``max_payload`` keeps the start of its message and drops its details. Without an answer its
+    caller would wait for its deadline and try another node, running the handler again.
 
     ``by_node``: the answering node made this error itself (no handler here, undecodable message),
     so the handler never ran; the caller may try another node.
     """
-    body = {
-        "code": exc.code,
-        "message": exc.message,
-        "error_type": getattr(exc, "error_type", type(exc).__name__),
-        "retryable": exc.retryable,
-        "details": exc.details,
-        "lineage": error_lineage(exc),
-    }
     headers = {STATUS: "error", NODE: node_id}
     if by_node:
         headers[ORIGIN] = "node"
-    return Envelope(headers, json.dumps(body, default=str).encode())
+    try:
+        body = _error_fields(exc)
+        data = json.dumps(body, default=str).encode()
+    except Exception as failure:
+        body = _error_fields(
+            exc, f"{type(exc).__name__} (its error could not be encoded: {type(failure).__name__})"
+        )
+        data = json.dumps(body, default=str).encode()
+    if max_payload is not None and len(data) + _HEADROOM > max_payload:
+        text = str(body["message"])
+        body["message"] = (
+            f"{text[:_CUT_TEXT]}... (cut: {len(text)} characters in all, over the payload limit)"
+        )
+        body["details"] = None
+        data = json.dumps(body, default=str).encode()
+    return Envelope(headers, data)
+
+
+_CUT_TEXT = 1000  # characters of an over-limit error's message its reply keeps
+
+
+def _error_fields(exc: CatgaError, fallback: str | None = None) -> dict[str, Any]:
+    """What an error reply carries; with ``fallback`` as its message, only what the class says."""
+    if fallback is not None:
+        code = getattr(type(exc), "code", "remote_handler_error")
+        return {
+            "code": code if isinstance(code, str) else "remote_handler_error",
+            "message": fallback,
+            "error_type": type(exc).__name__,
+            "retryable": False,
+            "details": None,
+            "lineage": error_lineage(exc),
+        }
+    return {
+        "code": exc.code,
+        "message": exc.message,
+        "error_type": getattr(exc, "error_type", type(exc).__name__),
+        "retryable": bool(exc.retryable),
+        "details": exc.details,
+        "lineage": error_lineage(exc),
+    }
 
 
 def decode_reply(envelope: Envelope, adapter: TypeAdapter[Any]) -> Any:

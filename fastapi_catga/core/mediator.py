@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sized
+from collections.abc import Awaitable, Callable, Coroutine, Sized
 from typing import Any, Protocol, TypeVar
 
 from fastapi_catga.core.dead_letter import DeadLetter
-from fastapi_catga.core.dispatch import LocalDispatcher
+from fastapi_catga.core.dispatch import LocalDispatcher, is_handler_error
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.pipeline import Pipeline
@@ -48,8 +48,17 @@ class HandlerSlots(Protocol):
 
 #: A request type run in-process: its pipeline (within the type's own cap, if any: see
 #: `HandlerLimits.within_cap`), its type name, the class its results pass unchecked as
-#: (`LocalDispatcher.exact_results`) and the check of other results (`LocalDispatcher.check_of`).
-LocalRoute = tuple[Pipeline, str, type | None, Callable[[Request[Any], Any], Any]]
+#: (`LocalDispatcher.exact_results`), the check of other results (`LocalDispatcher.check_of`),
+#: and what a message and a (checked) result must be to travel: they raise what a run on another
+#: node would (`envelope.check_message_size`, `envelope.check_result_on_wire`).
+LocalRoute = tuple[
+    Pipeline,
+    str,
+    type | None,
+    Callable[[Request[Any], Any], Any],
+    Callable[[Request[Any]], None],
+    Callable[[Request[Any], Any], None],
+]
 
 
 class ClusterPort(Protocol):
@@ -128,6 +137,7 @@ class Mediator:
         slots, deadlines = self._slots, self._deadlines
         if slots.in_flight >= slots.limit:
             raise slots.refused(route[1])
+        route[4](message)  # the payload limit, as if it went to another node
         coro = route[0](message)  # an async def's call: it only makes the coroutine
         deadline = deadlines.clock() + budget
         if deadlines.current is not None:
@@ -136,28 +146,41 @@ class Mediator:
         if deadline < deadlines.timer_at:
             deadlines.arm(deadline)
         slots.in_flight += 1
+        late = False
         try:
             result = await coro
-        except Exception as exc:
-            raise self._dispatcher.handler_error(exc, message) from exc
-        except asyncio.CancelledError:
-            if deadlines.timed_out(coro):
-                raise RequestTimeoutError(
-                    f"{route[1]} {message.message_id}: no answer within {budget:g} s"
-                ) from None
-            raise
+        except BaseException as exc:
+            raise self._error_of(exc, coro, message, budget)  # noqa: B904 (its cause is set there)
         finally:
             slots.in_flight -= 1
             if deadlines.current is coro:
                 deadlines.current = None
             else:
-                deadlines.ended(coro)
+                late = deadlines.ended(coro)
             if slots.ready:
                 slots.start_waiting()
-        if type(result) is route[2]:
-            return result
-        checked: R = route[3](message, result)
-        return checked
+        if late:  # it swallowed its deadline's cancellation: its caller, remote, would have moved on
+            raise _timed_out(message, budget)
+        if type(result) is not route[2]:
+            result = route[3](message, result)
+        route[5](message, result)
+        return result
+
+    def _error_of(
+        self, exc: BaseException, coro: Coroutine[Any, Any, Any], message: Request[Any], budget: float
+    ) -> BaseException:
+        """What an in-process send raises when its run raised ``exc``: the handler's errors as
+        `LocalDispatcher.run_request` makes them, its deadline as `RequestTimeoutError`, and
+        anything else (the caller's own cancellation, a process exit) as it is."""
+        if isinstance(exc, asyncio.CancelledError) and self._deadlines.timed_out(coro):
+            error: BaseException = _timed_out(message, budget)
+            error.__suppress_context__ = True
+            return error
+        if not is_handler_error(exc):
+            return exc
+        error = self._dispatcher.handler_error(exc, message)
+        error.__cause__ = exc
+        return error
 
     async def enqueue(self, message: Request[Any]) -> Accepted:
         """Store a durable command on the broker and return as soon as the broker has it (the HTTP 202
@@ -209,3 +232,7 @@ class Mediator:
     async def get_current_node(self) -> NodeInfo:
         """This node."""
         return self._cluster.current()
+
+
+def _timed_out(message: Request[Any], budget: float) -> RequestTimeoutError:
+    return RequestTimeoutError(f"{message.type_name} {message.message_id}: no answer within {budget:g} s")

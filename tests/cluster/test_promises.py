@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -13,8 +14,10 @@ import pytest
 from fastapi_catga import (
     CatgaError,
     Command,
+    Event,
     MessageTooLargeError,
     NodeUnavailableError,
+    Query,
     RemoteHandlerError,
     RequestTimeoutError,
     RetryableError,
@@ -59,7 +62,30 @@ class WrongResult(Command[int]):
     pass
 
 
+class Interrupted(BaseException):
+    """A user's BaseException that is neither an exit nor a cancellation."""
+
+
+class NoInit(CatgaError):
+    """A user error class that never calls ``CatgaError.__init__``: no message, no node."""
+
+    def __init__(self) -> None:
+        pass
+
+
+def _circular() -> CatgaError:
+    details: dict[str, Any] = {}
+    details["self"] = details  # no JSON can hold it
+    return CatgaError("circular details", details=details)
+
+
 ERRORS: dict[str, Any] = {
+    # The handler's own CancelledError (no cancellation of its task): raised, or one of something
+    # it awaited that was cancelled elsewhere.
+    "cancelled": lambda: asyncio.CancelledError(),
+    "base-exception": lambda: Interrupted(),
+    "no-init": lambda: NoInit(),
+    "circular-details": _circular,
     "transport": lambda: TransportError("the downstream broker blipped"),
     "timeout": lambda: RequestTimeoutError("the downstream call timed out"),
     "builtin-timeout": lambda: TimeoutError("socket timed out"),
@@ -106,6 +132,10 @@ async def cluster(start_node: StartNode, size: int = 3, **settings: Any) -> list
         ("builtin-timeout", RemoteHandlerError),
         ("out-of-stock", OutOfStock),
         ("plain", RemoteHandlerError),
+        ("cancelled", RemoteHandlerError),
+        ("base-exception", RemoteHandlerError),
+        ("no-init", NoInit),
+        ("circular-details", CatgaError),
     ],
 )
 async def test_a_handlers_own_error_runs_it_once_on_every_path(
@@ -260,3 +290,154 @@ def test_a_stopping_node_unsubscribes_everything_at_once(monkeypatch: pytest.Mon
     assert len(unsubscribed) >= 3, unsubscribed
     # One wait as the drain begins, one for the durable results' subscription after it (6 before).
     assert took <= 2, f"stop took {took:.1f} s for {len(unsubscribed)} unsubscribes of 1 s each"
+
+
+class Cancels(Command[str]):
+    """Its handler raises a CancelledError of its own when ``own``, else waits to be cancelled."""
+
+    own: bool
+
+
+@handler
+async def cancels(command: Cancels) -> str:
+    if command.own:
+        raise asyncio.CancelledError
+    await asyncio.sleep(10)
+    return "never"
+
+
+async def test_a_cancelled_error_is_the_handlers_only_when_its_task_is_not_being_cancelled(
+    start_node: StartNode,
+) -> None:
+    a, b, _ = await cluster(start_node)
+    with pytest.raises(RemoteHandlerError) as info:  # its own: an answer, on b
+        await a.mediator.send_to_node(Cancels(own=True), "b")
+    assert info.value.error_type == "CancelledError"
+    running = asyncio.create_task(a.mediator.send(Cancels(own=False)))  # a real cancellation ...
+    await asyncio.sleep(0.05)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):  # ... stays one
+        await running
+    with pytest.raises(RequestTimeoutError):  # the deadline's too (here and on each other node)
+        await a.mediator.send(Cancels(own=False), timeout=0.2)
+
+
+class Noted(Event):
+    kind: str
+
+
+noted: list[str] = []
+
+
+@handler
+async def noted_first(event: Noted) -> None:
+    noted.append(f"first {event.kind}")
+    raise ERRORS[event.kind]()
+
+
+@handler
+async def noted_second(event: Noted) -> None:
+    noted.append(f"second {event.kind}")
+
+
+@pytest.mark.parametrize("kind", ["cancelled", "base-exception", "plain"])
+async def test_an_event_handler_that_raises_anything_stops_no_other_and_never_reaches_the_publisher(
+    start_node: StartNode, kind: str
+) -> None:
+    a, _ = await cluster(start_node, size=2)
+    noted.clear()
+    await a.mediator.publish(Noted(kind=kind))
+    await eventually(
+        lambda: noted.count(f"second {kind}") == 2, within=2, message="each node's second handler"
+    )
+    assert sorted(noted) == sorted([f"first {kind}", f"second {kind}"] * 2)
+
+
+async def test_a_broadcast_gets_an_answer_from_every_node_whatever_its_handler_raised(
+    start_node: StartNode,
+) -> None:
+    a, _, _ = await cluster(start_node)
+    before = set(asyncio.all_tasks())
+    results = await a.mediator.broadcast(Cancels(own=True))
+    assert sorted(results) == ["a", "b", "c"]
+    assert all(isinstance(error, RemoteHandlerError) for error in results.values()), results
+    assert {task for task in asyncio.all_tasks() if not task.done()} <= before, "no run left behind"
+
+
+async def test_a_message_or_result_over_the_limit_is_refused_on_every_path(start_node: StartNode) -> None:
+    a, _, _ = await cluster(start_node, max_payload=64 * 1024)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo", max_payload=64 * 1024)
+    big_message, big_result = Big(blob="x" * 100_000), Echoed(size=100_000)
+    with pytest.raises(MessageTooLargeError, match="payload limit"):  # in-process: only this node
+        await alone.mediator.send(big_message)
+    with pytest.raises(MessageTooLargeError, match="the result is"):
+        await alone.mediator.send(big_result)
+    for target in ("a", "b"):  # here, and on another node
+        with pytest.raises(MessageTooLargeError, match="payload limit"):
+            await a.mediator.send_to_node(big_message, target)
+        with pytest.raises(MessageTooLargeError, match="the result is"):
+            await a.mediator.send_to_node(big_result, target)
+    results = await a.mediator.broadcast(big_result)
+    assert all(isinstance(error, MessageTooLargeError) for error in results.values()), results
+    assert await alone.mediator.send(Echoed(size=5)) == "xxxxx"
+
+
+class Echoed(Command[str]):
+    """Answers ``size`` characters: a small message, a result as large as asked."""
+
+    size: int
+
+
+@handler
+async def echoed(command: Echoed) -> str:
+    return "x" * command.size
+
+
+class Anything(Query[Any]):
+    """A query whose result is declared ``Any``: JSON or not, only the wire tells."""
+
+
+@handler
+async def anything(query: Anything) -> Any:
+    return object()
+
+
+async def test_a_result_that_is_no_json_is_the_same_error_here_and_on_another_node(
+    start_node: StartNode,
+) -> None:
+    a, _, _ = await cluster(start_node)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+    errors = []
+    for send in (alone.mediator.send(Anything()), *(a.mediator.send_to_node(Anything(), n) for n in "ab")):
+        with pytest.raises(RemoteHandlerError, match="is not JSON") as info:
+            await send
+        errors.append(info.value.error_type)
+    assert errors == ["PydanticSerializationError"] * 3
+
+
+class Stalls(Command[str]):
+    """Its handler holds the event loop (a blocking call) for ``seconds``."""
+
+    seconds: float
+
+
+stalled_on: list[str] = []
+
+
+@handler
+async def stalls(command: Stalls) -> str:
+    node = workload.current_node.get()
+    stalled_on.append(node)
+    time.sleep(command.seconds)  # the point: the loop stalls
+    return node
+
+
+async def test_a_broadcast_sends_nothing_more_once_its_deadline_passed(start_node: StartNode) -> None:
+    a, b, c = await cluster(start_node)
+    stalled_on.clear()
+    results = await a.mediator.broadcast(Stalls(seconds=0.3), timeout=0.1)  # a's own run comes first
+    assert stalled_on == ["a"]
+    assert isinstance(results["b"], RequestTimeoutError) and isinstance(results["c"], RequestTimeoutError)
+    await asyncio.sleep(0.05)  # what was sent has arrived
+    dropped = [node.node.responder.stats["expired_dropped"] for node in (b, c)]
+    assert dropped == [0, 0], "requests their deadline had passed were sent, only to be dropped"

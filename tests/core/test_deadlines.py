@@ -133,18 +133,27 @@ def test_someone_elses_cancellation_passes_through_as_it_is() -> None:
     on_virtual_clock(scenario)
 
 
-def test_a_run_that_swallows_its_cancellation_goes_on_and_the_request_is_withdrawn() -> None:
-    async def scenario(deadlines: Deadlines, loop: asyncio.AbstractEventLoop) -> tuple[str, int]:
+@pytest.mark.parametrize("keep_late", [False, True])
+def test_a_run_that_swallows_its_cancellation_goes_on_and_the_request_is_withdrawn(keep_late: bool) -> None:
+    """It ends late: what it returned is dropped for `DeadlinePassed` (a remote caller would have moved
+    on), unless kept (a publish the broker took late was taken)."""
+
+    async def scenario(deadlines: Deadlines, loop: asyncio.AbstractEventLoop) -> tuple[str, float, int]:
         async def stubborn() -> str:
             with contextlib.suppress(asyncio.CancelledError):  # swallowed: the run goes on
                 await asyncio.sleep(10)
             await asyncio.sleep(1)
             return "finished anyway"
 
-        result = await deadlines.run(stubborn(), 2.0)
-        return result, asyncio.current_task().cancelling()  # type: ignore[union-attr]
+        try:
+            result = await deadlines.run(stubborn(), 2.0, keep_late=keep_late)
+        except DeadlinePassed:
+            result = "deadline passed"
+        return result, loop.time(), asyncio.current_task().cancelling()  # type: ignore[union-attr]
 
-    assert on_virtual_clock(scenario) == ("finished anyway", 0)
+    result, ended, cancelling = on_virtual_clock(scenario)
+    assert result == ("finished anyway" if keep_late else "deadline passed")
+    assert ended == pytest.approx(3.0, abs=0.01) and cancelling == 0
 
 
 def test_many_runs_passing_their_deadlines_together_are_cancelled_in_batches_never_early() -> None:
@@ -318,7 +327,8 @@ def test_nested_runs_due_together_time_out_once_and_log_nothing(caplog: pytest.L
 
 def test_the_in_process_send_keeps_deadlines_as_deadlines_run_does() -> None:
     """`Mediator.send` writes `Deadlines.run`'s steps inline: someone else's cancellation passes as
-    it is, and a handler that swallows the deadline's cancellation finishes with its result."""
+    it is, and a handler that swallows the deadline's cancellation ends in `RequestTimeoutError`
+    when it ends, its result dropped, as its caller would have got had it run on another node."""
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -330,7 +340,10 @@ def test_the_in_process_send_keeps_deadlines_as_deadlines_run_does() -> None:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert await node.mediator.send(Stubborn(), timeout=1.0) == "finished anyway"
+            started = loop.time()
+            with pytest.raises(RequestTimeoutError, match="no answer within 1 s"):
+                await node.mediator.send(Stubborn(), timeout=1.0)
+            assert loop.time() - started == pytest.approx(1.0, abs=0.01)
             assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
             assert node.node.limits.in_flight == 0
         finally:

@@ -279,3 +279,29 @@ def test_deadline_header_round_trips_to_the_millisecond() -> None:
     header = deadline_header(1_700_000_000.1234)
     assert header == "1700000000123"
     assert deadline_of(Envelope({DEADLINE: header})) == 1_700_000_000.123
+
+
+def test_an_error_over_the_payload_limit_still_makes_a_reply_that_fits() -> None:
+    error = CatgaError("x" * 2_000_000, details={"rows": list(range(100_000))})
+    reply = encode_error(error, node_id="n1", max_payload=64 * 1024)
+    assert reply.size() < 64 * 1024
+    with pytest.raises(CatgaError) as raised:
+        decode_reply(reply, TypeAdapter(int))
+    assert raised.value.message.startswith("x" * 1000 + "... (cut: 2000000 characters in all")
+    assert raised.value.details is None
+    assert len(encode_error(error, node_id="n1").body) > 2_000_000  # no limit given: all of it
+
+
+class _Unreadable(CatgaError):
+    def __init__(self) -> None:  # skips CatgaError.__init__: no message, no details
+        pass
+
+
+def test_an_error_that_cannot_be_encoded_is_still_answered_as_its_class() -> None:
+    looped: dict[str, Any] = {}
+    looped["self"] = looped
+    for error, why in ((_Unreadable(), "AttributeError"), (CatgaError("loop", details=looped), "ValueError")):
+        with pytest.raises(CatgaError) as raised:
+            decode_reply(encode_error(error, node_id="n1"), TypeAdapter(int))
+        assert type(raised.value) is type(error)
+        assert raised.value.message == f"{type(error).__name__} (its error could not be encoded: {why})"
