@@ -21,7 +21,7 @@ from fastapi_catga.cluster.sender import Sender
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.deadlines import DeadlinePassed
 from fastapi_catga.core.dispatch import LocalDispatcher
-from fastapi_catga.core.envelope import check_message_size, check_result_on_wire, encode_message
+from fastapi_catga.core.envelope import HEADROOM, check_message_size, check_result_on_wire, encode_message
 from fastapi_catga.core.handlers import check_type_name
 from fastapi_catga.core.mediator import LocalRoute
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
@@ -233,14 +233,21 @@ class ClusterNode:
         def check_message(message: Request[Any]) -> None:
             check_message_size(message, source=node_id, max_payload=max_payload)
 
+        short = (max_payload - HEADROOM - 2) // 6  # a str result this long or shorter always fits
+
         def check_result(message: Request[Any], result: Any) -> None:
-            check_result_on_wire(result, adapter, message=message, node_id=node_id, max_payload=max_payload)
+            if type(result) is not str or len(result) > short:
+                check_result_on_wire(
+                    result, adapter, message=message, node_id=node_id, max_payload=max_payload
+                )
 
         return (
             self.limits.within_cap(dispatcher.requests[message_type], type_name),
             type_name,
             dispatcher.exact_results.get(message_type),
             dispatcher.check_of(message_type),
+            message_type.__pydantic_serializer__.to_json,
+            max_payload - HEADROOM,
             check_message,
             check_result,
         )

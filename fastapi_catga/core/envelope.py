@@ -29,6 +29,7 @@ __all__ = [
     "ATTEMPT",
     "DEADLINE",
     "DEFAULT_MAX_PAYLOAD",
+    "HEADROOM",
     "MESSAGE_ID",
     "MESSAGE_TYPE",
     "NODE",
@@ -70,7 +71,7 @@ REPLAYS = "catga-replays"  # durable messages: how often a dead letter of it was
 # message did not decode): "node". The caller may try another node for those, never for a handler's.
 ORIGIN = "catga-origin"
 _MAX_DEADLINE_DIGITS = 15  # ms since 1970: 13 digits until the year 2286
-_HEADROOM = 512  # bytes: more than catga's own headers; bodies closer to the limit are measured exactly
+HEADROOM = 512  # bytes: more than catga's own headers; bodies closer to the limit are measured exactly
 
 
 @dataclass(slots=True)
@@ -134,7 +135,7 @@ def encode_message(
     if deadline is not None:
         headers[DEADLINE] = deadline_header(deadline)
     envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message))
-    if len(envelope.body) + _HEADROOM > max_payload:  # counting header bytes costs; only near the limit
+    if len(envelope.body) + HEADROOM > max_payload:  # counting header bytes costs; only near the limit
         _check_size(envelope, max_payload, f"{message.type_name} {message.message_id}")
     return envelope
 
@@ -146,7 +147,7 @@ def check_message_size(message: Message, *, source: str, max_payload: int) -> No
     Raises:
         MessageTooLargeError: the encoded message is over ``max_payload`` bytes.
     """
-    if len(message.__pydantic_serializer__.to_json(message)) + _HEADROOM > max_payload:
+    if len(message.__pydantic_serializer__.to_json(message)) + HEADROOM > max_payload:
         encode_message(message, source=source, max_payload=max_payload)  # near the limit: exactly
 
 
@@ -163,13 +164,13 @@ def check_result_on_wire(
     kind = type(result)
     if kind is int or kind is bool or kind is float or result is None:
         return
-    if kind is str and 6 * len(result) + 2 + _HEADROOM <= max_payload:  # JSON: 6 bytes a character at most
+    if kind is str and 6 * len(result) + 2 + HEADROOM <= max_payload:  # JSON: 6 bytes a character at most
         return
     try:
         body = adapter.serializer.to_json(result)
     except Exception as exc:
         raise result_not_json(message, node_id, exc) from exc
-    if len(body) + _HEADROOM > max_payload:
+    if len(body) + HEADROOM > max_payload:
         _check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result")
 
 
@@ -246,7 +247,7 @@ def validation_details(exc: ValidationError) -> list[Any]:
 def encode_result(value: Any, adapter: TypeAdapter[Any], *, node_id: str, max_payload: int) -> Envelope:
     """Encode a handler's result as a reply; an oversize result becomes an error reply."""
     envelope = Envelope({STATUS: "ok", NODE: node_id}, adapter.serializer.to_json(value))  # as dump_json
-    if len(envelope.body) + _HEADROOM > max_payload:
+    if len(envelope.body) + HEADROOM > max_payload:
         try:
             _check_size(envelope, max_payload, "the result")
         except MessageTooLargeError as exc:
@@ -278,7 +279,7 @@ def encode_error(
             exc, f"{type(exc).__name__} (its error could not be encoded: {type(failure).__name__})"
         )
         data = json.dumps(body, default=str).encode()
-    if max_payload is not None and len(data) + _HEADROOM > max_payload:
+    if max_payload is not None and len(data) + HEADROOM > max_payload:
         text = str(body["message"])
         body["message"] = (
             f"{text[:_CUT_TEXT]}... (cut: {len(text)} characters in all, over the payload limit)"

@@ -48,14 +48,17 @@ class HandlerSlots(Protocol):
 
 #: A request type run in-process: its pipeline (within the type's own cap, if any: see
 #: `HandlerLimits.within_cap`), its type name, the class its results pass unchecked as
-#: (`LocalDispatcher.exact_results`), the check of other results (`LocalDispatcher.check_of`),
-#: and what a message and a (checked) result must be to travel: they raise what a run on another
-#: node would (`envelope.check_message_size`, `envelope.check_result_on_wire`).
+#: (`LocalDispatcher.exact_results`), the check of other results (`LocalDispatcher.check_of`);
+#: then what holds a run here to what travels, raising what a run on another node would: the
+#: type's JSON serializer and the body size that needs no closer look, the check of a message
+#: over it (`envelope.check_message_size`) and of a (checked) result (`check_result_on_wire`).
 LocalRoute = tuple[
     Pipeline,
     str,
     type | None,
     Callable[[Request[Any], Any], Any],
+    Callable[[Request[Any]], bytes],
+    int,
     Callable[[Request[Any]], None],
     Callable[[Request[Any], Any], None],
 ]
@@ -137,7 +140,8 @@ class Mediator:
         slots, deadlines = self._slots, self._deadlines
         if slots.in_flight >= slots.limit:
             raise slots.refused(route[1])
-        route[4](message)  # the payload limit, as if it went to another node
+        if len(route[4](message)) > route[5]:  # the payload limit, as if it went to another node
+            route[6](message)
         coro = route[0](message)  # an async def's call: it only makes the coroutine
         deadline = deadlines.clock() + budget
         if deadlines.current is not None:
@@ -163,7 +167,7 @@ class Mediator:
             raise _timed_out(message, budget)
         if type(result) is not route[2]:
             result = route[3](message, result)
-        route[5](message, result)
+        route[7](message, result)
         return result
 
     def _error_of(
