@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi_catga.cluster.responder import node_subject
-from fastapi_catga.core.dispatch import LocalDispatcher, is_handler_error
-from fastapi_catga.core.envelope import MESSAGE_ID, REPLAYS, Envelope
+from fastapi_catga.core.dispatch import LocalDispatcher
+from fastapi_catga.core.envelope import MESSAGE_ID, REPLAYS, Envelope, refuse_non_finite
 from fastapi_catga.core.messages import Durable, Message, Request
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.pipeline import Pipeline
+from fastapi_catga.core.raised import is_handler_error
 from fastapi_catga.exceptions import CatgaError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.durable import DeadLetter, DurableDelivery, Queue
@@ -101,6 +102,7 @@ def _text(error: CatgaError) -> str:
 
 def encode_result(message: Message, result: Any) -> bytes:
     assert isinstance(message, Request)
+    refuse_non_finite(result)
     return type(message).result_adapter().dump_json(result)
 
 

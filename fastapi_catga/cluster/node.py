@@ -233,10 +233,10 @@ class ClusterNode:
         def check_message(message: Request[Any]) -> None:
             check_message_size(message, source=node_id, max_payload=max_payload)
 
-        short = (max_payload - HEADROOM - 2) // 6  # a str result this long or shorter always fits
+        short = (max_payload - HEADROOM - 2) // 6  # an ASCII str result this long or shorter always fits
 
         def check_result(message: Request[Any], result: Any) -> None:
-            if type(result) is not str or len(result) > short:
+            if type(result) is not str or len(result) > short or not result.isascii():
                 check_result_on_wire(
                     result, adapter, message=message, node_id=node_id, max_payload=max_payload
                 )

@@ -79,6 +79,13 @@ def _log_failure(what: str | Envelope, error: BaseException | None) -> None:
     logger.error("a run of %s failed", what if isinstance(what, str) else describe(what), exc_info=error)
 
 
+def _cancel_pending(task: asyncio.Task[None]) -> bool:
+    """Whether the running ``task`` will be cancelled at its next suspension. Its count of requests
+    (`Task.cancelling`) is not enough: before 3.13, `Task.uncancel` lowers the count but leaves the
+    cancellation pending."""
+    return bool(task.cancelling() or getattr(task, "_must_cancel", False))
+
+
 class _Continue:
     """Awaits the rest of a coroutine whose first step ran in ``context`` (each step runs there).
 
@@ -228,14 +235,14 @@ class Runs:
             except StopIteration:
                 if slot is not None:
                     limits.leave(slot)
-                if me.cancelling():
+                if _cancel_pending(me):
                     return self._cancelled_by_a_run(me)
                 continue
             except Exception:  # what a task would hold as its exception: said in the log instead
                 if slot is not None:
                     limits.leave(slot)
                 _log_failure(what, sys.exception())
-                if me.cancelling():
+                if _cancel_pending(me):
                     return self._cancelled_by_a_run(me)
                 continue
             except BaseException:

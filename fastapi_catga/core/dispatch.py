@@ -8,7 +8,6 @@ same steps inline, with this dispatcher's result checks and errors.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,28 +21,12 @@ from fastapi_catga.core.handlers import HandlerRegistry
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Message, Request
 from fastapi_catga.core.pipeline import Pipeline, PipelineBehavior, build_pipeline
+from fastapi_catga.core.raised import is_handler_error
 from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError
 
-__all__ = ["LocalDispatcher", "Pipeline", "is_handler_error"]
+__all__ = ["LocalDispatcher", "Pipeline"]
 
 logger = logging.getLogger(__name__)
-
-#: What a run may raise that is no answer of its handler: a process exit, as asyncio sees it (it
-#: goes on up, out of the event loop), and a coroutine being closed.
-_NOT_ANSWERS = (KeyboardInterrupt, SystemExit, GeneratorExit)
-
-
-def is_handler_error(exc: BaseException) -> bool:
-    """Whether ``exc``, out of a handler's run, is its handler's error, answered like any other: every
-    `Exception`, and every other `BaseException` but `_NOT_ANSWERS` and the `CancelledError` of a
-    task being cancelled (a deadline, a stop). A `CancelledError` while the running task is not being
-    cancelled is the handler's own: it raised one, or awaited something cancelled elsewhere."""
-    if isinstance(exc, Exception):
-        return True
-    if isinstance(exc, asyncio.CancelledError):
-        task = asyncio.current_task()
-        return task is not None and not task.cancelling()
-    return not isinstance(exc, _NOT_ANSWERS)
 
 
 class LocalDispatcher:
@@ -126,12 +109,13 @@ class LocalDispatcher:
                 result = await self.deadlines.run(pipeline(message), timeout)
         except DeadlinePassed:
             raise TimeoutError from None
-        except Exception as exc:
-            raise self.handler_error(exc, message) from exc
         except BaseException as exc:
             if not is_handler_error(exc):
                 raise
-            raise self.handler_error(exc, message) from exc
+            error = self.handler_error(exc, message)
+            if error is exc:
+                raise  # a CatgaError, as it is: its own cause kept
+            raise error from exc
         check = self.result_checks.get(type(message))  # `check_of`, inline: it runs on every request
         return result if check is None else check(message, result)
 

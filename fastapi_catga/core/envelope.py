@@ -7,6 +7,7 @@ names are looked up in the receiving node's registry only.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "NODE",
     "ORIGIN",
     "REPLAYS",
+    "PER_ATTEMPT",
     "REPLY_NODE",
     "SOURCE",
     "STATUS",
@@ -51,6 +53,7 @@ __all__ = [
     "error_from_reply",
     "made_by_node",
     "pack",
+    "refuse_non_finite",
     "result_not_json",
     "validation_details",
     "unpack",
@@ -136,7 +139,7 @@ def encode_message(
         headers[DEADLINE] = deadline_header(deadline)
     envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message))
     if len(envelope.body) + HEADROOM > max_payload:  # counting header bytes costs; only near the limit
-        _check_size(envelope, max_payload, f"{message.type_name} {message.message_id}")
+        _check_size(envelope, max_payload, f"{message.type_name} {message.message_id}", PER_ATTEMPT)
     return envelope
 
 
@@ -162,16 +165,26 @@ def check_result_on_wire(
         RemoteHandlerError: it is no JSON (`result_not_json`).
     """
     kind = type(result)
-    if kind is int or kind is bool or kind is float or result is None:
+    if result is None or kind is bool or kind is int and result.bit_length() <= 64:
         return
-    if kind is str and 6 * len(result) + 2 + HEADROOM <= max_payload:  # JSON: 6 bytes a character at most
+    # An ASCII str holds no lone surrogate, and takes 6 bytes a character at most in JSON.
+    if kind is str and result.isascii() and 6 * len(result) + 2 + HEADROOM <= max_payload:
         return
     try:
+        refuse_non_finite(result)
         body = adapter.serializer.to_json(result)
     except Exception as exc:
         raise result_not_json(message, node_id, exc) from exc
     if len(body) + HEADROOM > max_payload:
         _check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result")
+
+
+def refuse_non_finite(result: Any) -> None:
+    """Raise `ValueError` for a float result that JSON has no number for (NaN, an infinity): pydantic
+    would write ``null``, which no float result type validates. (A float inside a model is written
+    as it is written.)"""
+    if type(result) is float and not math.isfinite(result):
+        raise ValueError(f"{result} has no JSON number")
 
 
 def result_not_json(message: Message, node_id: str, exc: BaseException) -> RemoteHandlerError:
@@ -183,8 +196,13 @@ def result_not_json(message: Message, node_id: str, exc: BaseException) -> Remot
     )
 
 
-def _check_size(envelope: Envelope, max_payload: int, what: str) -> None:
-    size = envelope.size()
+#: Bytes a message's headers grow by on each attempt, after its size was checked: its deadline, its
+#: attempt number and a W3C trace context (``traceparent``; a long ``tracestate`` may need more).
+PER_ATTEMPT = 128
+
+
+def _check_size(envelope: Envelope, max_payload: int, what: str, reserve: int = 0) -> None:
+    size = envelope.size() + reserve
     if size > max_payload:
         raise MessageTooLargeError(
             f"{what} is {size} bytes encoded, over the {max_payload}-byte payload limit; "
@@ -245,7 +263,12 @@ def validation_details(exc: ValidationError) -> list[Any]:
 
 
 def encode_result(value: Any, adapter: TypeAdapter[Any], *, node_id: str, max_payload: int) -> Envelope:
-    """Encode a handler's result as a reply; an oversize result becomes an error reply."""
+    """Encode a handler's result as a reply; an oversize result becomes an error reply.
+
+    Raises:
+        ValueError: the result is no JSON (`refuse_non_finite`, the serializer's own errors).
+    """
+    refuse_non_finite(value)
     envelope = Envelope({STATUS: "ok", NODE: node_id}, adapter.serializer.to_json(value))  # as dump_json
     if len(envelope.body) + HEADROOM > max_payload:
         try:
@@ -280,16 +303,20 @@ def encode_error(
         )
         data = json.dumps(body, default=str).encode()
     if max_payload is not None and len(data) + HEADROOM > max_payload:
-        text = str(body["message"])
-        body["message"] = (
-            f"{text[:_CUT_TEXT]}... (cut: {len(text)} characters in all, over the payload limit)"
-        )
-        body["details"] = None
-        data = json.dumps(body, default=str).encode()
+        data = _cut(body, max_payload - HEADROOM)
     return Envelope(headers, data)
 
 
-_CUT_TEXT = 1000  # characters of an over-limit error's message its reply keeps
+def _cut(body: dict[str, Any], room: int) -> bytes:
+    """An error reply's body in ``room`` bytes: its details dropped, its message cut short."""
+    text = str(body["message"])
+    body["details"] = None
+    for keep in (1000, 100, 0):  # characters of the message kept
+        body["message"] = f"{text[:keep]}... (cut: {len(text)} characters in all, over the payload limit)"
+        data = json.dumps(body, default=str, ensure_ascii=False).encode()
+        if len(data) <= room:
+            break
+    return data
 
 
 def _error_fields(exc: CatgaError, fallback: str | None = None) -> dict[str, Any]:

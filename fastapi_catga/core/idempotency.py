@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from fastapi_catga.core.messages import Message, Request
 from fastapi_catga.core.pipeline import CallNext, Pipeline, as_pipeline
+from fastapi_catga.core.raised import is_handler_error
 
 __all__ = ["DoneRecords", "IdempotencyBehavior"]
 
@@ -146,11 +147,11 @@ class IdempotencyBehavior:
 
     def _failed(self, key: _Key, exc: BaseException) -> None:
         """A run that raised is forgotten; its waiters get its error, or run it again if it was
-        cancelled (its caller gave up)."""
+        cancelled (its caller gave up). Asked in the failed run's own task."""
         future = self._running.pop(key, None)
         if future is None:
             return
-        if not isinstance(exc, Exception):  # cancelled, or the process is going down
+        if not is_handler_error(exc):  # cancelled, or the process is going down
             future.cancel()
         else:
             future.set_exception(exc)

@@ -7,10 +7,11 @@ from collections.abc import Awaitable, Callable, Coroutine, Sized
 from typing import Any, Protocol, TypeVar
 
 from fastapi_catga.core.dead_letter import DeadLetter
-from fastapi_catga.core.dispatch import LocalDispatcher, is_handler_error
+from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.pipeline import Pipeline
+from fastapi_catga.core.raised import is_handler_error
 from fastapi_catga.exceptions import BusyError, CatgaError, RequestTimeoutError
 
 __all__ = ["ClusterPort", "DeadLetterStore", "HandlerSlots", "LocalRoute", "Mediator"]
@@ -183,7 +184,8 @@ class Mediator:
         if not is_handler_error(exc):
             return exc
         error = self._dispatcher.handler_error(exc, message)
-        error.__cause__ = exc
+        if error is not exc:  # a CatgaError is raised as it is, its own cause kept
+            error.__cause__ = exc
         return error
 
     async def enqueue(self, message: Request[Any]) -> Accepted:

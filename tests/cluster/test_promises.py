@@ -24,7 +24,7 @@ from fastapi_catga import (
     TransportError,
     handler,
 )
-from fastapi_catga.core.envelope import NODE, STATUS, Envelope, encode_error, error_from_reply
+from fastapi_catga.core.envelope import NODE, STATUS, Envelope, encode_error, encode_message, error_from_reply
 from fastapi_catga.testing import InMemoryBroker
 from tests.cluster import workload
 from tests.cluster.conftest import StartNode
@@ -441,3 +441,52 @@ async def test_a_broadcast_sends_nothing_more_once_its_deadline_passed(start_nod
     await asyncio.sleep(0.05)  # what was sent has arrived
     dropped = [node.node.responder.stats["expired_dropped"] for node in (b, c)]
     assert dropped == [0, 0], "requests their deadline had passed were sent, only to be dropped"
+
+
+class OddText(Query[str]):
+    """Answers a str no JSON can hold: a lone surrogate."""
+
+
+class OddNumber(Query[float]):
+    """Answers a float no JSON number can be."""
+
+
+@handler
+async def odd_text(query: OddText) -> str:
+    return "ab\ud800"
+
+
+@handler
+async def odd_number(query: OddNumber) -> float:
+    return float("nan")
+
+
+@pytest.mark.parametrize("query", [OddText, OddNumber])
+async def test_a_str_or_float_no_json_can_hold_is_the_same_error_here_and_elsewhere(
+    start_node: StartNode, query: type[Query[Any]]
+) -> None:
+    a, _, _ = await cluster(start_node)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+    for send in (alone.mediator.send(query()), *(a.mediator.send_to_node(query(), n) for n in "ab")):
+        with pytest.raises(RemoteHandlerError, match="is not JSON"):
+            await send
+
+
+async def test_a_message_just_under_the_limit_before_its_attempt_headers_is_refused_everywhere(
+    start_node: StartNode,
+) -> None:
+    """Each attempt adds headers (its deadline, its trace context) after the size check: a message
+    that fits only without them is refused the same here and on another node, never by the broker."""
+    limit = 64 * 1024
+    a, _, _ = await cluster(start_node, max_payload=limit)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo", max_payload=limit)
+    probe = Big(blob="")
+    size = encode_message(probe, source="alone", max_payload=limit).size()
+    message = Big(blob="x" * (limit - size - 20))  # 20 bytes under the limit, before an attempt's headers
+    for send in (
+        alone.mediator.send(message),
+        a.mediator.send_to_node(message, "a"),
+        a.mediator.send_to_node(message, "b"),
+    ):
+        with pytest.raises(MessageTooLargeError, match="payload limit"):
+            await send

@@ -137,7 +137,7 @@ async def test_a_run_that_fails_in_its_first_step_is_logged_and_the_next_runs(
     assert "boom" in caplog.text
 
 
-@pytest.mark.parametrize("ends", ["returns", "raises"])
+@pytest.mark.parametrize("ends", ["returns", "raises", "uncancels"])
 async def test_a_run_that_cancels_its_own_task_and_ends_cancels_no_other_run(
     ends: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -153,6 +153,8 @@ async def test_a_run_that_cancels_its_own_task_and_ends_cancels_no_other_run(
         task.cancel()
         if ends == "raises":
             raise ValueError("ended after cancelling its task")
+        if ends == "uncancels":  # before 3.13 the cancellation stays pending all the same
+            task.uncancel()
 
     async def waits(name: str) -> None:
         await asyncio.sleep(0)

@@ -305,3 +305,12 @@ def test_an_error_that_cannot_be_encoded_is_still_answered_as_its_class() -> Non
             decode_reply(encode_error(error, node_id="n1"), TypeAdapter(int))
         assert type(raised.value) is type(error)
         assert raised.value.message == f"{type(error).__name__} (its error could not be encoded: {why})"
+
+
+@pytest.mark.parametrize("limit", [1024, 4096])
+@pytest.mark.parametrize("char", ["x", "ж", "🙂"])
+def test_a_cut_error_reply_fits_whatever_its_characters(limit: int, char: str) -> None:
+    reply = encode_error(CatgaError(char * 50_000), node_id="n1", max_payload=limit)
+    assert reply.size() <= limit
+    with pytest.raises(CatgaError, match="cut: 50000 characters in all"):
+        decode_reply(reply, TypeAdapter(int))
