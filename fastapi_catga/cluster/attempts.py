@@ -21,7 +21,6 @@ from fastapi_catga.core.envelope import (
     DEADLINE,
     STATUS,
     Envelope,
-    check_result_on_wire,
     deadline_header,
     decode_reply,
     encode_message,
@@ -30,6 +29,7 @@ from fastapi_catga.core.envelope import (
 )
 from fastapi_catga.core.messages import Request
 from fastapi_catga.core.observe import Observer
+from fastapi_catga.core.travels import check_result_on_wire
 from fastapi_catga.exceptions import (
     BusyError,
     CatgaError,

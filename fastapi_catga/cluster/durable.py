@@ -49,12 +49,12 @@ from fastapi_catga.core.envelope import (
     Envelope,
     decode_message,
     encode_error,
-    result_not_json,
 )
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Message, Request
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.tasks import cancel_and_wait
+from fastapi_catga.core.travels import result_not_json
 from fastapi_catga.exceptions import (
     CatgaError,
     MessageValidationError,

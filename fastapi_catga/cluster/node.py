@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,7 @@ from fastapi_catga.cluster.sender import Sender
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.deadlines import DeadlinePassed
 from fastapi_catga.core.dispatch import LocalDispatcher
-from fastapi_catga.core.envelope import HEADROOM, check_message_size, check_result_on_wire, encode_message
+from fastapi_catga.core.envelope import HEADROOM, encode_message
 from fastapi_catga.core.handlers import check_type_name
 from fastapi_catga.core.mediator import LocalRoute
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
@@ -29,6 +30,7 @@ from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer, observed_events
 from fastapi_catga.core.schemas import advertised
 from fastapi_catga.core.tasks import CANCEL_GRACE, cancel_and_wait
+from fastapi_catga.core.travels import check_result_on_wire, message_room
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -229,10 +231,6 @@ class ClusterNode:
         node_id, max_payload = self.node_id, self.transport.max_payload
         assert issubclass(message_type, Request)
         adapter = message_type.result_adapter()
-
-        def check_message(message: Request[Any]) -> None:
-            check_message_size(message, source=node_id, max_payload=max_payload)
-
         short = (max_payload - HEADROOM - 2) // 6  # an ASCII str result this long or shorter always fits
 
         def check_result(message: Request[Any], result: Any) -> None:
@@ -247,8 +245,8 @@ class ClusterNode:
             dispatcher.exact_results.get(message_type),
             dispatcher.check_of(message_type),
             message_type.__pydantic_serializer__.to_json,
-            max_payload - HEADROOM,
-            check_message,
+            message_room(message_type, source=node_id, max_payload=max_payload),
+            functools.partial(encode_message, source=node_id, max_payload=max_payload),
             check_result,
         )
 

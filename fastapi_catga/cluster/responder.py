@@ -22,11 +22,11 @@ from fastapi_catga.core.envelope import (
     encode_error,
     encode_result,
     error_from_reply,
-    result_not_json,
 )
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Request
 from fastapi_catga.core.observe import Observer
+from fastapi_catga.core.travels import result_not_json
 from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError
 from fastapi_catga.transports.base import Delivery, Reply, Subscription, Transport
 

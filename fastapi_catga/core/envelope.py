@@ -41,8 +41,7 @@ __all__ = [
     "SOURCE",
     "STATUS",
     "Envelope",
-    "check_message_size",
-    "check_result_on_wire",
+    "check_size",
     "decode_message",
     "deadline_header",
     "deadline_of",
@@ -54,7 +53,6 @@ __all__ = [
     "made_by_node",
     "pack",
     "refuse_non_finite",
-    "result_not_json",
     "validation_details",
     "unpack",
 ]
@@ -74,7 +72,10 @@ REPLAYS = "catga-replays"  # durable messages: how often a dead letter of it was
 # message did not decode): "node". The caller may try another node for those, never for a handler's.
 ORIGIN = "catga-origin"
 _MAX_DEADLINE_DIGITS = 15  # ms since 1970: 13 digits until the year 2286
-HEADROOM = 512  # bytes: more than catga's own headers; bodies closer to the limit are measured exactly
+#: Bytes: more than catga's own headers but their values of any length (a message's id, type name
+#: and source; a reply's node id, at most 64) and `PER_ATTEMPT`; bodies closer to the limit are
+#: measured exactly.
+HEADROOM = 512
 
 
 @dataclass(slots=True)
@@ -138,45 +139,13 @@ def encode_message(
     if deadline is not None:
         headers[DEADLINE] = deadline_header(deadline)
     envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message))
-    if len(envelope.body) + HEADROOM > max_payload:  # counting header bytes costs; only near the limit
-        _check_size(envelope, max_payload, f"{message.type_name} {message.message_id}", PER_ATTEMPT)
+    # Counting header bytes costs: only near the limit (the headers of any length are counted in).
+    if (
+        len(envelope.body) + HEADROOM + len(message.message_id) + len(message.type_name) + len(source)
+        > max_payload
+    ):
+        check_size(envelope, max_payload, f"{message.type_name} {message.message_id}", PER_ATTEMPT)
     return envelope
-
-
-def check_message_size(message: Message, *, source: str, max_payload: int) -> None:
-    """Raise `MessageTooLargeError` where `encode_message` would: a run here keeps the limit a run
-    on another node has (one that works here must not fail once a second node joins).
-
-    Raises:
-        MessageTooLargeError: the encoded message is over ``max_payload`` bytes.
-    """
-    if len(message.__pydantic_serializer__.to_json(message)) + HEADROOM > max_payload:
-        encode_message(message, source=source, max_payload=max_payload)  # near the limit: exactly
-
-
-def check_result_on_wire(
-    result: Any, adapter: TypeAdapter[Any], *, message: Message, node_id: str, max_payload: int
-) -> None:
-    """Raise what the caller of a remote run gets for this (validated) result: a run here answers as
-    a run on another node would.
-
-    Raises:
-        MessageTooLargeError: over ``max_payload`` bytes encoded (`encode_result`).
-        RemoteHandlerError: it is no JSON (`result_not_json`).
-    """
-    kind = type(result)
-    if result is None or kind is bool or kind is int and result.bit_length() <= 64:
-        return
-    # An ASCII str holds no lone surrogate, and takes 6 bytes a character at most in JSON.
-    if kind is str and result.isascii() and 6 * len(result) + 2 + HEADROOM <= max_payload:
-        return
-    try:
-        refuse_non_finite(result)
-        body = adapter.serializer.to_json(result)
-    except Exception as exc:
-        raise result_not_json(message, node_id, exc) from exc
-    if len(body) + HEADROOM > max_payload:
-        _check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result")
 
 
 def refuse_non_finite(result: Any) -> None:
@@ -187,21 +156,13 @@ def refuse_non_finite(result: Any) -> None:
         raise ValueError(f"{result} has no JSON number")
 
 
-def result_not_json(message: Message, node_id: str, exc: BaseException) -> RemoteHandlerError:
-    """The error of a result that validates, yet is no JSON (an `Any` result holding some object)."""
-    return RemoteHandlerError(
-        f"the result of {message.type_name} on node {node_id} is not JSON",
-        error_type=type(exc).__name__,
-        node_id=node_id,
-    )
-
-
 #: Bytes a message's headers grow by on each attempt, after its size was checked: its deadline, its
 #: attempt number and a W3C trace context (``traceparent``; a long ``tracestate`` may need more).
 PER_ATTEMPT = 128
 
 
-def _check_size(envelope: Envelope, max_payload: int, what: str, reserve: int = 0) -> None:
+def check_size(envelope: Envelope, max_payload: int, what: str, reserve: int = 0) -> None:
+    """Raise `MessageTooLargeError` when ``envelope``, with ``reserve`` bytes more, is over the limit."""
     size = envelope.size() + reserve
     if size > max_payload:
         raise MessageTooLargeError(
@@ -272,7 +233,7 @@ def encode_result(value: Any, adapter: TypeAdapter[Any], *, node_id: str, max_pa
     envelope = Envelope({STATUS: "ok", NODE: node_id}, adapter.serializer.to_json(value))  # as dump_json
     if len(envelope.body) + HEADROOM > max_payload:
         try:
-            _check_size(envelope, max_payload, "the result")
+            check_size(envelope, max_payload, "the result")
         except MessageTooLargeError as exc:
             return encode_error(exc, node_id=node_id)
     return envelope

@@ -51,8 +51,9 @@ class HandlerSlots(Protocol):
 #: `HandlerLimits.within_cap`), its type name, the class its results pass unchecked as
 #: (`LocalDispatcher.exact_results`), the check of other results (`LocalDispatcher.check_of`);
 #: then what holds a run here to what travels, raising what a run on another node would: the
-#: type's JSON serializer and the body size that needs no closer look, the check of a message
-#: over it (`envelope.check_message_size`) and of a (checked) result (`check_result_on_wire`).
+#: type's JSON serializer, the body size up to which a message fits (`travels.message_room`), the
+#: exact measure of a larger one (`encode_message`), the check of a (checked) result
+#: (`check_result_on_wire`).
 LocalRoute = tuple[
     Pipeline,
     str,
@@ -60,7 +61,7 @@ LocalRoute = tuple[
     Callable[[Request[Any], Any], Any],
     Callable[[Request[Any]], bytes],
     int,
-    Callable[[Request[Any]], None],
+    Callable[[Request[Any]], object],
     Callable[[Request[Any], Any], None],
 ]
 

@@ -1,0 +1,70 @@
+"""What holds a run here to what travels, so that it ends as a run on another node would: its
+message within the payload limit, its result JSON and within the limit too. A send that works on
+one node must not fail once a second node joins.
+
+Encoding a small message costs about as much as the rest of an in-process send (some 5,600 CPU
+instructions). A bound of its JSON from its fields' values, in Python, measured hardly cheaper
+(about 4,900), so every message is encoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from fastapi_catga.core.envelope import (
+    HEADROOM,
+    NODE,
+    STATUS,
+    Envelope,
+    check_size,
+    refuse_non_finite,
+)
+from fastapi_catga.core.messages import Message
+from fastapi_catga.exceptions import RemoteHandlerError
+
+__all__ = ["check_result_on_wire", "message_room", "result_not_json"]
+
+_MAX_ID = 200  # characters of a message id at most (`Message.message_id`)
+
+
+def message_room(message_type: type[Message], *, source: str, max_payload: int) -> int:
+    """The JSON body size up to which a message of ``message_type`` fits, whatever its id; one over
+    it takes `encode_message`'s exact measure (a run here refuses it where the wire would)."""
+    # The headers' values of any length: the type name, the source, an id (200 characters at most).
+    return max_payload - HEADROOM - len(message_type.type_name) - len(source) - _MAX_ID
+
+
+def check_result_on_wire(
+    result: Any, adapter: TypeAdapter[Any], *, message: Message, node_id: str, max_payload: int
+) -> None:
+    """Raise what the caller of a remote run gets for this (validated) result: a run here answers as
+    a run on another node would.
+
+    Raises:
+        MessageTooLargeError: over ``max_payload`` bytes encoded (`encode_result`).
+        RemoteHandlerError: it is no JSON (`result_not_json`).
+    """
+    kind = type(result)
+    if result is None or kind is bool or kind is int and result.bit_length() <= 64:
+        return
+    # An ASCII str holds no lone surrogate, and takes 6 bytes a character at most in JSON.
+    if kind is str and result.isascii() and 6 * len(result) + 2 + HEADROOM <= max_payload:
+        return
+    try:
+        refuse_non_finite(result)
+        body = adapter.serializer.to_json(result)
+    except Exception as exc:
+        raise result_not_json(message, node_id, exc) from exc
+    if len(body) + HEADROOM > max_payload:
+        check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result")
+
+
+def result_not_json(message: Message, node_id: str, exc: BaseException) -> RemoteHandlerError:
+    """The error of a result that validates, yet is no JSON (an `Any` result holding some object)."""
+    return RemoteHandlerError(
+        f"the result of {message.type_name} on node {node_id} is not JSON",
+        error_type=type(exc).__name__,
+        node_id=node_id,
+    )

@@ -1,0 +1,92 @@
+"""`travels.message_room`, as the in-process send uses it: a run here refuses exactly the messages
+the wire refuses, ids and type names of any length, serializers of the type's own included."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import Field, field_serializer
+
+from fastapi_catga import Command, MessageTooLargeError
+from fastapi_catga.core.envelope import PER_ATTEMPT, encode_message
+from fastapi_catga.core.travels import message_room
+
+
+class Mixed(Command[None]):
+    text: str
+    number: int
+    ratio: float | None
+    flag: bool
+    label: str = Field(serialization_alias="a_much_longer_name_on_the_wire")
+
+
+class Stretched(Command[None]):
+    """Serialized its own way: each character of ``text`` becomes a hundred."""
+
+    text: str
+
+    @field_serializer("text")
+    def _stretch(self, text: str) -> str:
+        return text * 100
+
+
+def wire_size(message: Any) -> int:
+    """The size the wire checks a message at: its envelope and what each attempt adds."""
+    return encode_message(message, source="n", max_payload=10**9).size() + PER_ATTEMPT
+
+
+def refused(message: Any, max_payload: int) -> bool:
+    """The in-process send's check (`Mediator.send`, `ClusterNode._local_route`)."""
+    room = message_room(type(message), source="n", max_payload=max_payload)
+    try:
+        if len(type(message).__pydantic_serializer__.to_json(message)) > room:
+            encode_message(message, source="n", max_payload=max_payload)
+    except MessageTooLargeError:
+        return True
+    return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(max_size=300),
+    number=st.integers(min_value=-(10**40), max_value=10**40),
+    ratio=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+    flag=st.booleans(),
+    label=st.text(alphabet=st.characters(max_codepoint=127), max_size=50),
+)
+def test_a_message_is_refused_here_exactly_where_the_wire_refuses_it(
+    text: str, number: int, ratio: float | None, flag: bool, label: str
+) -> None:
+    message = Mixed(text=text, number=number, ratio=ratio, flag=flag, label=label)
+    size = wire_size(message)
+    assert refused(message, size - 1), f"{size} bytes on the wire, yet taken under a {size - 1}-byte limit"
+    assert not refused(message, size)
+
+
+def test_a_type_serialized_its_own_way_is_always_encoded() -> None:
+    message = Stretched(text="x" * 2000)  # 2,000 characters here, 200,000 on the wire
+    assert wire_size(message) > 200_000
+    assert refused(message, 64 * 1024)
+    assert not refused(Stretched(text="x" * 20), 64 * 1024)
+
+
+@pytest.mark.parametrize("text", ["plain", "ünïcödé", 'quotes " and \\ and \x00 controls'])
+def test_small_messages_of_any_text_pass(text: str) -> None:
+    assert not refused(Mixed(text=text, number=1, ratio=0.5, flag=True, label="l"), 1024)
+
+
+def test_a_message_with_the_longest_id_and_a_long_type_name_is_refused_as_the_wire_refuses_it() -> None:
+    class Long(Command[None]):
+        type_name = "a." + "very-long-type-name." * 20
+        text: str
+
+    short_one = Long(message_id="i" * 200, text="")
+    for text_size in range(900, 1100, 7):  # around a 2,048-byte limit, headers about 700 bytes of it
+        message = Long(message_id="i" * 200, text="x" * text_size)
+        size = wire_size(message)
+        assert refused(message, size - 1) and not refused(message, size), text_size
+    assert wire_size(short_one) > 512 + 128, "the headers alone are over the headroom"
+    assert Mixed.model_fields["message_id"].metadata[-1].max_length == 200  # `travels._MAX_ID`
