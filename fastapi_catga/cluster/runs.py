@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import operator
 import sys
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, cast
 
 from fastapi_catga.cluster.limits import HandlerLimits
@@ -79,11 +80,10 @@ def _log_failure(what: str | Envelope, error: BaseException | None) -> None:
     logger.error("a run of %s failed", what if isinstance(what, str) else describe(what), exc_info=error)
 
 
-def _cancel_pending(task: asyncio.Task[None]) -> bool:
-    """Whether the running ``task`` will be cancelled at its next suspension. Its count of requests
-    (`Task.cancelling`) is not enough: before 3.13, `Task.uncancel` lowers the count but leaves the
-    cancellation pending."""
-    return bool(task.cancelling() or getattr(task, "_must_cancel", False))
+#: Whether a running task will be cancelled at its next suspension (3.11, where the intake runs: its
+#: tasks have the flag). `Task.cancelling` is not enough: before 3.13, `Task.uncancel` lowers the
+#: count of requests but leaves the cancellation pending.
+_cancel_pending: Callable[[asyncio.Task[None]], bool] = operator.attrgetter("_must_cancel")
 
 
 class _Continue:

@@ -229,7 +229,8 @@ def encode_result(value: Any, adapter: TypeAdapter[Any], *, node_id: str, max_pa
     Raises:
         ValueError: the result is no JSON (`refuse_non_finite`, the serializer's own errors).
     """
-    refuse_non_finite(value)
+    if type(value) is float:
+        refuse_non_finite(value)
     envelope = Envelope({STATUS: "ok", NODE: node_id}, adapter.serializer.to_json(value))  # as dump_json
     if len(envelope.body) + HEADROOM > max_payload:
         try:
