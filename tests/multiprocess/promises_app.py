@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import Counter
@@ -50,6 +51,10 @@ async def fail(command: Fail) -> str:
         raise TransportError("the downstream broker blipped")
     if command.kind == "timeout":
         raise RequestTimeoutError("the downstream call timed out")
+    if command.kind == "cancelled":  # its own, not its task's: something it awaited was cancelled
+        raise asyncio.CancelledError
+    if command.kind == "huge":  # over the broker's limit as it is: its reply is cut to fit
+        raise CatgaError("x" * 2_000_000, details={"rows": list(range(100_000))})
     raise OutOfStock("apple")
 
 
@@ -68,10 +73,10 @@ app.include_router(catga_router)
 
 
 @app.post("/fail/{kind}")
-async def send_fail(kind: str, mediator: MediatorDep) -> dict[str, object]:
+async def send_fail(kind: str, mediator: MediatorDep, node: str | None = None) -> dict[str, object]:
     command, started = Fail(kind=kind), time.monotonic()
     try:
-        await mediator.send(command)
+        await (mediator.send(command) if node is None else mediator.send_to_node(command, node))
     except OutOfStock as exc:  # the user's own class, wherever the handler ran
         return {"caught": "OutOfStock", "node": exc.node_id, "details": exc.details, "id": command.message_id}
     except CatgaError as exc:

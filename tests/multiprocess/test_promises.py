@@ -50,6 +50,11 @@ def test_one_outcome_on_every_node(start_nodes: StartNodes) -> None:
     for key in [f"order-{i}" for i in range(8)]:
         ran_on = {node.post(f"/keyed/{key}").json() for node in nodes for _ in range(2)}
         assert len(ran_on) == 1, f"{key} ran on {ran_on} under local_first"
+    for kind, expected in [("cancelled", "RemoteHandlerError"), ("huge", "CatgaError")]:
+        for name in ("a", "b"):  # here, and across the broker: answered once, at once
+            answer = a.post(f"/fail/{kind}", params={"node": name}).json()
+            assert answer["caught"] == expected, (kind, name, answer)
+            assert runs(nodes)[answer["id"]] == 1 and answer["elapsed"] < 1.0, (kind, name, answer)
     for node in nodes:  # 2 MB, over the 1 MB limit: refused whichever node the router would pick
         statuses = {node.post("/big", params={"size": 2_000_000}).status_code for _ in range(4)}
         assert statuses == {413}, (node.node_id, statuses)
