@@ -27,7 +27,8 @@ all of them.
 As with ``asyncio.timeout``, the cancellation is the task's: a run that swallows it keeps going,
 and when it ends the cancellation request is withdrawn; what it returned is dropped, and its caller
 told the deadline passed, as a remote caller would have been (one that never ends holds its
-caller: only a run in a task of its own could be left behind).
+caller: only a run in a task of its own could be left behind). So is what a run returns after its
+deadline without ever suspending (it held the loop: no timer could fire).
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class Deadlines:
         (`Mediator.send` has the same steps inline: a change here is one there too.)
 
         Args:
-            keep_late: return what a run that swallowed the cancellation returned (a publish the
-                broker took late was taken); otherwise it is `DeadlinePassed` too.
+            keep_late: return what a run that ended after its deadline returned (one that swallowed
+                the cancellation, or never suspended: a publish the broker took late was taken);
+                otherwise it is `DeadlinePassed` too.
 
         Raises:
             DeadlinePassed: it was cancelled at its deadline.
@@ -101,7 +103,7 @@ class Deadlines:
                 self.current = None
             else:
                 late = self.ended(coro)
-        if late and not keep_late:  # it swallowed the cancellation, ended after its deadline
+        if (late or self.clock() > deadline) and not keep_late:  # swallowed, or never suspended
             raise DeadlinePassed
         return result
 

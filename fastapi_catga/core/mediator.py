@@ -165,8 +165,8 @@ class Mediator:
                 late = deadlines.ended(coro)
             if slots.ready:
                 slots.start_waiting()
-        if late:  # it swallowed its deadline's cancellation: its caller, remote, would have moved on
-            raise _timed_out(message, budget)
+        if late or deadlines.clock() > deadline:  # it swallowed the cancellation, or never suspended
+            raise _timed_out(message, budget)  # past its deadline: a caller elsewhere has moved on
         if type(result) is not route[2]:
             result = route[3](message, result)
         route[7](message, result)

@@ -490,3 +490,12 @@ async def test_a_message_just_under_the_limit_before_its_attempt_headers_is_refu
     ):
         with pytest.raises(MessageTooLargeError, match="payload limit"):
             await send
+
+
+async def test_an_in_process_run_that_holds_the_loop_past_its_deadline_times_out(
+    start_node: StartNode,
+) -> None:
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+    with pytest.raises(RequestTimeoutError, match="no answer within 0.05 s"):
+        await alone.mediator.send(Stalls(seconds=0.2), timeout=0.05)  # it never suspends: no timer fires
+    assert await alone.mediator.send(Stalls(seconds=0.0), timeout=0.5) == "alone"

@@ -361,3 +361,26 @@ async def stubborn_handler(message: Stubborn) -> str:
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.sleep(10)
     return "finished anyway"
+
+
+@pytest.mark.parametrize("keep_late", [False, True])
+async def test_a_run_that_holds_the_loop_past_its_deadline_ends_late(keep_late: bool) -> None:
+    """It never suspends, so no timer fires: what it returns after its deadline is dropped (a caller
+    elsewhere has moved on), unless kept."""
+    now = [0.0]
+    deadlines = Deadlines(lambda: now[0])
+
+    async def blocking() -> str:
+        now[0] += 3.0  # as long as a blocking call held the loop
+        return "done late"
+
+    async def quick() -> str:
+        now[0] += 1.0
+        return "done in time"
+
+    assert await deadlines.run(quick(), 2.0, keep_late=keep_late) == "done in time"
+    if keep_late:
+        assert await deadlines.run(blocking(), 2.0, keep_late=True) == "done late"
+    else:
+        with pytest.raises(DeadlinePassed):
+            await deadlines.run(blocking(), 2.0)
