@@ -157,7 +157,8 @@ class Attempts:
             raise AttemptFailed(limits.refused(message.type_name))  # like another node's "busy"
         try:  # at once: whatever raises from here on (an observer's hook too) gives the slot back
             if self._observer is None:
-                return self._travels(message, await self._dispatcher.handle_request(message, timeout))
+                result = await self._dispatcher.handle_request(message, timeout, keep_late=True)
+                return self._travels(message, result)
             return await self._observed_here(self._observer, message, timeout)
         except TimeoutError as exc:
             if isinstance(exc, CatgaError):
@@ -171,7 +172,8 @@ class Attempts:
         token = observer.handle_started(message, {})
         started = time.perf_counter()
         try:
-            result = self._travels(message, await self._dispatcher.handle_request(message, timeout))
+            ran = await self._dispatcher.handle_request(message, timeout, keep_late=True)
+            result = self._travels(message, ran)
         except BaseException as exc:
             observer.handle_ended(token, message, time.perf_counter() - started, exc)
             raise

@@ -27,7 +27,12 @@ from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Request
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.travels import result_not_json
-from fastapi_catga.exceptions import CatgaError, HandlerNotFoundError, RemoteHandlerError
+from fastapi_catga.exceptions import (
+    CatgaError,
+    HandlerNotFoundError,
+    MessageTooLargeError,
+    RemoteHandlerError,
+)
 from fastapi_catga.transports.base import Delivery, Reply, Subscription, Transport
 
 __all__ = ["Responder", "event_subject", "node_subject", "type_subject"]
@@ -186,7 +191,12 @@ class Responder:
                 reply = await self._run_handler(envelope, message, remaining)
         if reply is not None and delivery.reply is not None:
             try:
-                await delivery.reply(reply)
+                try:
+                    await delivery.reply(reply)
+                except MessageTooLargeError as exc:  # what the broker adds tipped it over: say so
+                    await delivery.reply(
+                        encode_error(exc, node_id=self.node_id, max_payload=self._max_payload)
+                    )
             except CatgaError as exc:
                 self._log("reply", "could not answer %s: %s", envelope, exc)
 

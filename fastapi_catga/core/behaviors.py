@@ -96,7 +96,7 @@ class TimeoutBehavior:
         if deadlines is None:
             deadlines = self._called[loop] = Deadlines(self._clock)
         try:
-            return await deadlines.run(call_next(), self._seconds)  # type: ignore[arg-type]
+            return await deadlines.run(call_next(), self._seconds, keep_late=True)  # type: ignore[arg-type]
         except DeadlinePassed:
             raise self._ran_over(message) from TimeoutError()
 
@@ -107,7 +107,8 @@ class TimeoutBehavior:
 
         async def bounded(message: Message) -> Any:
             try:
-                return await deadlines.run(inner(message), seconds)
+                # A result the handler returned late is kept: it ran, and no one has moved on.
+                return await deadlines.run(inner(message), seconds, keep_late=True)
             except DeadlinePassed:
                 raise self._ran_over(message) from TimeoutError()
 

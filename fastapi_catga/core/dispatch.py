@@ -82,8 +82,13 @@ class LocalDispatcher:
         """Whether a handler for this type runs here."""
         return message_type in self.requests or message_type in self._events
 
-    async def handle_request(self, message: Request[Any], timeout: float | None = None) -> Any:
+    async def handle_request(
+        self, message: Request[Any], timeout: float | None = None, *, keep_late: bool = False
+    ) -> Any:
         """Run the command's or query's handler here, within ``timeout`` seconds if given.
+
+        ``keep_late``: return what a run that ended after ``timeout`` returned (its caller, this
+        task, still waits: a run-here attempt past its share of the deadline), see `Deadlines.run`.
 
         Raises:
             HandlerNotFoundError: no handler for it on this node.
@@ -94,9 +99,11 @@ class LocalDispatcher:
         pipeline = self.requests.get(type(message))
         if pipeline is None:
             raise HandlerNotFoundError(f"no handler for {message.type_name} on node {self.node_id}")
-        return await self.run_request(pipeline, message, timeout)
+        return await self.run_request(pipeline, message, timeout, keep_late=keep_late)
 
-    async def run_request(self, pipeline: Pipeline, message: Request[Any], timeout: float | None) -> Any:
+    async def run_request(
+        self, pipeline: Pipeline, message: Request[Any], timeout: float | None, *, keep_late: bool = False
+    ) -> Any:
         """`handle_request` for a pipeline already looked up.
 
         Raises:
@@ -106,7 +113,7 @@ class LocalDispatcher:
             if timeout is None:
                 result = await pipeline(message)
             else:
-                result = await self.deadlines.run(pipeline(message), timeout)
+                result = await self.deadlines.run(pipeline(message), timeout, keep_late=keep_late)
         except DeadlinePassed:
             raise TimeoutError from None
         except BaseException as exc:

@@ -37,6 +37,7 @@ __all__ = [
     "ORIGIN",
     "REPLAYS",
     "PER_ATTEMPT",
+    "PER_REPLY",
     "REPLY_NODE",
     "SOURCE",
     "STATUS",
@@ -73,9 +74,9 @@ REPLAYS = "catga-replays"  # durable messages: how often a dead letter of it was
 ORIGIN = "catga-origin"
 _MAX_DEADLINE_DIGITS = 15  # ms since 1970: 13 digits until the year 2286
 #: Bytes: more than catga's own headers but their values of any length (a message's id, type name
-#: and source; a reply's node id, at most 64) and `PER_ATTEMPT`; bodies closer to the limit are
+#: and source; a reply's node id, at most 64), and `PER_ATTEMPT`; bodies closer to the limit are
 #: measured exactly.
-HEADROOM = 512
+HEADROOM = 640
 
 
 @dataclass(slots=True)
@@ -86,8 +87,8 @@ class Envelope:
     body: bytes = b""
 
     def size(self) -> int:
-        """Bytes on the wire as `pack` frames it (headers are plain ASCII in practice)."""
-        return len(self.body) + 3 + sum(len(k) + len(v) + 6 for k, v in self.headers.items())
+        """Bytes on the wire as `pack` frames it (its headers' JSON as written, escapes included)."""
+        return len(to_json(self.headers)) + 1 + len(self.body)
 
 
 def pack(envelope: Envelope) -> bytes:
@@ -139,12 +140,11 @@ def encode_message(
     if deadline is not None:
         headers[DEADLINE] = deadline_header(deadline)
     envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message))
-    # Counting header bytes costs: only near the limit (the headers of any length are counted in).
-    if (
-        len(envelope.body) + HEADROOM + len(message.message_id) + len(message.type_name) + len(source)
-        > max_payload
-    ):
-        check_size(envelope, max_payload, f"{message.type_name} {message.message_id}", PER_ATTEMPT)
+    # Counting header bytes costs: only near the limit. The headers' values of any length are counted
+    # in: the type name and source are plain ASCII, an id of the caller's may take 6 bytes a character.
+    near = len(message.type_name) + len(source) + 6 * len(message.message_id)
+    if len(envelope.body) + HEADROOM + near > max_payload:
+        check_size(envelope, max_payload, f"{message.type_name} {message.message_id[:200]}", PER_ATTEMPT)
     return envelope
 
 
@@ -156,9 +156,13 @@ def refuse_non_finite(result: Any) -> None:
         raise ValueError(f"{result} has no JSON number")
 
 
-#: Bytes a message's headers grow by on each attempt, after its size was checked: its deadline, its
-#: attempt number and a W3C trace context (``traceparent``; a long ``tracestate`` may need more).
-PER_ATTEMPT = 128
+#: Bytes a message's frame grows by on each attempt, after its size was checked: its deadline, its
+#: attempt number, a W3C trace context (``traceparent``; a long ``tracestate`` may need more), and
+#: the transport's routing (Redis: the reply channel, with a cluster name of up to 64 characters,
+#: and a correlation id).
+PER_ATTEMPT = 384
+#: Bytes a reply's frame grows by after its size was checked: the transport's correlation id.
+PER_REPLY = 64
 
 
 def check_size(envelope: Envelope, max_payload: int, what: str, reserve: int = 0) -> None:
@@ -234,9 +238,9 @@ def encode_result(value: Any, adapter: TypeAdapter[Any], *, node_id: str, max_pa
     envelope = Envelope({STATUS: "ok", NODE: node_id}, adapter.serializer.to_json(value))  # as dump_json
     if len(envelope.body) + HEADROOM > max_payload:
         try:
-            check_size(envelope, max_payload, "the result")
+            check_size(envelope, max_payload, "the result", PER_REPLY)
         except MessageTooLargeError as exc:
-            return encode_error(exc, node_id=node_id)
+            return encode_error(exc, node_id=node_id, max_payload=max_payload)
     return envelope
 
 

@@ -142,8 +142,8 @@ class Mediator:
         slots, deadlines = self._slots, self._deadlines
         if slots.in_flight >= slots.limit:
             raise slots.refused(route[1])
-        if len(route[4](message)) > route[5]:  # the payload limit, as if it went to another node
-            route[6](message)
+        if len(route[4](message)) + 6 * len(message.message_id) > route[5]:  # the payload limit,
+            route[6](message)  # as if it went to another node
         coro = route[0](message)  # an async def's call: it only makes the coroutine
         deadline = deadlines.clock() + budget
         if deadlines.current is not None:

@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 from fastapi_catga.core.envelope import (
     HEADROOM,
     NODE,
+    PER_REPLY,
     STATUS,
     Envelope,
     check_size,
@@ -26,14 +27,12 @@ from fastapi_catga.exceptions import RemoteHandlerError
 
 __all__ = ["check_result_on_wire", "message_room", "result_not_json"]
 
-_MAX_ID = 200  # characters of a message id at most (`Message.message_id`)
-
 
 def message_room(message_type: type[Message], *, source: str, max_payload: int) -> int:
-    """The JSON body size up to which a message of ``message_type`` fits, whatever its id; one over
-    it takes `encode_message`'s exact measure (a run here refuses it where the wire would)."""
-    # The headers' values of any length: the type name, the source, an id (200 characters at most).
-    return max_payload - HEADROOM - len(message_type.type_name) - len(source) - _MAX_ID
+    """The JSON body size up to which a message of ``message_type`` fits, less 6 bytes a character
+    of its id (`encode_message`'s fast path); one over it takes `encode_message`'s exact measure,
+    so a run here refuses it where the wire would."""
+    return max_payload - HEADROOM - len(message_type.type_name) - len(source)
 
 
 def check_result_on_wire(
@@ -58,7 +57,7 @@ def check_result_on_wire(
     except Exception as exc:
         raise result_not_json(message, node_id, exc) from exc
     if len(body) + HEADROOM > max_payload:
-        check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result")
+        check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result", PER_REPLY)
 
 
 def result_not_json(message: Message, node_id: str, exc: BaseException) -> RemoteHandlerError:

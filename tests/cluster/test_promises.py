@@ -499,3 +499,13 @@ async def test_an_in_process_run_that_holds_the_loop_past_its_deadline_times_out
     with pytest.raises(RequestTimeoutError, match="no answer within 0.05 s"):
         await alone.mediator.send(Stalls(seconds=0.2), timeout=0.05)  # it never suspends: no timer fires
     assert await alone.mediator.send(Stalls(seconds=0.0), timeout=0.5) == "alone"
+
+
+async def test_a_run_here_past_its_share_but_within_the_deadline_keeps_its_result(
+    start_node: StartNode,
+) -> None:
+    """Its caller is this task and still waits: the result it has is kept, not run again elsewhere."""
+    a, _ = await cluster(start_node, size=2, routing="local_first")
+    stalled_on.clear()
+    assert await a.mediator.send(Stalls(seconds=0.3), timeout=0.5) == "a"  # its share: 0.25 s of 0.5
+    assert stalled_on == ["a"]

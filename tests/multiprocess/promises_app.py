@@ -68,7 +68,16 @@ async def big(command: Big) -> str:
     return NODE
 
 
-app = FastAPI(lifespan=catga_lifespan(handlers=[fail, keyed, big]))
+class Sized(Command[str]):
+    size: int
+
+
+@handler
+async def sized(command: Sized) -> str:
+    return "x" * command.size
+
+
+app = FastAPI(lifespan=catga_lifespan(handlers=[fail, keyed, big, sized]))
 app.include_router(catga_router)
 
 
@@ -98,6 +107,11 @@ async def send_keyed(key: str, mediator: MediatorDep, timeout: float | None = No
 @app.post("/big")
 async def send_big(mediator: MediatorDep, size: int) -> str:
     return await mediator.send(Big(blob="x" * size))
+
+
+@app.post("/sized/{size}")
+async def send_sized(size: int, mediator: MediatorDep, node: str) -> str:
+    return await mediator.send_to_node(Sized(size=size), node)
 
 
 @app.get("/_test/runs")

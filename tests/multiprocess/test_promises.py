@@ -55,6 +55,10 @@ def test_one_outcome_on_every_node(start_nodes: StartNodes) -> None:
             answer = a.post(f"/fail/{kind}", params={"node": name}).json()
             assert answer["caught"] == expected, (kind, name, answer)
             assert runs(nodes)[answer["id"]] == 1 and answer["elapsed"] < 1.0, (kind, name, answer)
+    limit = 1024 * 1024  # a result just under the limit, before the broker's correlation id: refused
+    for name in ("a", "b"):  # alike here and across the broker, answered, never a timeout and a rerun
+        assert a.post(f"/sized/{limit - 60}", params={"node": name}).status_code == 413, name
+        assert a.post(f"/sized/{limit - 2000}", params={"node": name}).status_code == 200, name
     for node in nodes:  # 2 MB, over the 1 MB limit: refused whichever node the router would pick
         statuses = {node.post("/big", params={"size": 2_000_000}).status_code for _ in range(4)}
         assert statuses == {413}, (node.node_id, statuses)
