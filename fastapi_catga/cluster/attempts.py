@@ -29,7 +29,7 @@ from fastapi_catga.core.envelope import (
 )
 from fastapi_catga.core.messages import Request
 from fastapi_catga.core.observe import Observer
-from fastapi_catga.core.travels import check_result_on_wire
+from fastapi_catga.core.travels import result_check
 from fastapi_catga.exceptions import (
     BusyError,
     CatgaError,
@@ -181,8 +181,7 @@ class Attempts:
         return result
 
     def _travels(self, message: Request[Any], result: Any) -> Any:
-        """``result``, once it is known to travel as a reply would (`check_result_on_wire`)."""
-        adapter = type(message).result_adapter()
-        max_payload = self._transport.max_payload
-        check_result_on_wire(result, adapter, message=message, node_id=self._node_id, max_payload=max_payload)
+        """``result``, once it is known to travel as a reply would (`result_check`)."""
+        adapter, max_payload = type(message).result_adapter(), self._transport.max_payload
+        result_check(adapter, node_id=self._node_id, max_payload=max_payload)(message, result)
         return result

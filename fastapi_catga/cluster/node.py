@@ -22,7 +22,7 @@ from fastapi_catga.cluster.sender import Sender
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.deadlines import DeadlinePassed
 from fastapi_catga.core.dispatch import LocalDispatcher
-from fastapi_catga.core.envelope import HEADROOM, encode_message
+from fastapi_catga.core.envelope import encode_message, message_room
 from fastapi_catga.core.handlers import check_type_name
 from fastapi_catga.core.mediator import LocalRoute
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
@@ -30,7 +30,7 @@ from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer, observed_events
 from fastapi_catga.core.schemas import advertised
 from fastapi_catga.core.tasks import CANCEL_GRACE, cancel_and_wait
-from fastapi_catga.core.travels import check_result_on_wire, message_room
+from fastapi_catga.core.travels import result_check
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -231,23 +231,15 @@ class ClusterNode:
         node_id, max_payload = self.node_id, self.transport.max_payload
         assert issubclass(message_type, Request)
         adapter = message_type.result_adapter()
-        short = (max_payload - HEADROOM - 2) // 6  # an ASCII str result this long or shorter always fits
-
-        def check_result(message: Request[Any], result: Any) -> None:
-            if type(result) is not str or len(result) > short or not result.isascii():
-                check_result_on_wire(
-                    result, adapter, message=message, node_id=node_id, max_payload=max_payload
-                )
-
         return (
             self.limits.within_cap(dispatcher.requests[message_type], type_name),
             type_name,
             dispatcher.exact_results.get(message_type),
             dispatcher.check_of(message_type),
             message_type.__pydantic_serializer__.to_json,
-            message_room(message_type, source=node_id, max_payload=max_payload),
+            message_room(message_type, node_id, max_payload),
             functools.partial(encode_message, source=node_id, max_payload=max_payload),
-            check_result,
+            result_check(adapter, node_id=node_id, max_payload=max_payload),
         )
 
     # -- the mediator's port ----------------------------------------------------------------------

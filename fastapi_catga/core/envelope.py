@@ -52,6 +52,7 @@ __all__ = [
     "encode_result",
     "error_from_reply",
     "made_by_node",
+    "message_room",
     "pack",
     "refuse_non_finite",
     "validation_details",
@@ -140,12 +141,18 @@ def encode_message(
     if deadline is not None:
         headers[DEADLINE] = deadline_header(deadline)
     envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message))
-    # Counting header bytes costs: only near the limit. The headers' values of any length are counted
-    # in: the type name and source are plain ASCII, an id of the caller's may take 6 bytes a character.
-    near = len(message.type_name) + len(source) + 6 * len(message.message_id)
-    if len(envelope.body) + HEADROOM + near > max_payload:
+    # Counting header bytes costs: only near the limit.
+    if len(envelope.body) + 6 * len(message.message_id) > message_room(type(message), source, max_payload):
         check_size(envelope, max_payload, f"{message.type_name} {message.message_id[:200]}", PER_ATTEMPT)
     return envelope
+
+
+def message_room(message_type: type[Message], source: str, max_payload: int) -> int:
+    """The JSON body size under which a message of ``message_type`` from ``source``, less 6 bytes a
+    character of its id, surely fits; `encode_message` measures a larger one exactly. The headers'
+    values of any length are counted in: the type name and source are plain ASCII, an id of the
+    caller's may take 6 bytes a character."""
+    return max_payload - HEADROOM - len(message_type.type_name) - len(source)
 
 
 def refuse_non_finite(result: Any) -> None:

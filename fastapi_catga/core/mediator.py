@@ -51,9 +51,9 @@ class HandlerSlots(Protocol):
 #: `HandlerLimits.within_cap`), its type name, the class its results pass unchecked as
 #: (`LocalDispatcher.exact_results`), the check of other results (`LocalDispatcher.check_of`);
 #: then what holds a run here to what travels, raising what a run on another node would: the
-#: type's JSON serializer, the body size up to which a message fits (`travels.message_room`), the
-#: exact measure of a larger one (`encode_message`), the check of a (checked) result
-#: (`check_result_on_wire`).
+#: type's JSON serializer, the body size under which a message surely fits
+#: (`envelope.message_room`), the exact measure of a larger one (`encode_message`), the check of a
+#: (checked) result (`travels.result_check`).
 LocalRoute = tuple[
     Pipeline,
     str,

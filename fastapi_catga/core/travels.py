@@ -9,6 +9,7 @@ instructions). A bound of its JSON from its fields' values, in Python, measured 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -25,39 +26,38 @@ from fastapi_catga.core.envelope import (
 from fastapi_catga.core.messages import Message
 from fastapi_catga.exceptions import RemoteHandlerError
 
-__all__ = ["check_result_on_wire", "message_room", "result_not_json"]
+__all__ = ["result_check", "result_not_json"]
 
 
-def message_room(message_type: type[Message], *, source: str, max_payload: int) -> int:
-    """The JSON body size up to which a message of ``message_type`` fits, less 6 bytes a character
-    of its id (`encode_message`'s fast path); one over it takes `encode_message`'s exact measure,
-    so a run here refuses it where the wire would."""
-    return max_payload - HEADROOM - len(message_type.type_name) - len(source)
+def result_check(
+    adapter: TypeAdapter[Any], *, node_id: str, max_payload: int
+) -> Callable[[Message, Any], None]:
+    """The check of a (validated) result of a request type with result ``adapter``, made by a run
+    here: it raises what the caller of a remote run gets.
 
-
-def check_result_on_wire(
-    result: Any, adapter: TypeAdapter[Any], *, message: Message, node_id: str, max_payload: int
-) -> None:
-    """Raise what the caller of a remote run gets for this (validated) result: a run here answers as
-    a run on another node would.
-
-    Raises:
+    Raises (the check):
         MessageTooLargeError: over ``max_payload`` bytes encoded (`encode_result`).
         RemoteHandlerError: it is no JSON (`result_not_json`).
     """
-    kind = type(result)
-    if result is None or kind is bool or kind is int and result.bit_length() <= 64:
-        return
-    # An ASCII str holds no lone surrogate, and takes 6 bytes a character at most in JSON.
-    if kind is str and result.isascii() and 6 * len(result) + 2 + HEADROOM <= max_payload:
-        return
-    try:
-        refuse_non_finite(result)
-        body = adapter.serializer.to_json(result)
-    except Exception as exc:
-        raise result_not_json(message, node_id, exc) from exc
-    if len(body) + HEADROOM > max_payload:
-        check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result", PER_REPLY)
+    short = (max_payload - HEADROOM - 2) // 6  # an ASCII str this long or shorter always fits
+
+    def check(message: Message, result: Any) -> None:
+        kind = type(result)
+        if kind is str:
+            # An ASCII str holds no lone surrogate, and takes 6 bytes a character at most in JSON.
+            if len(result) <= short and result.isascii():
+                return
+        elif result is None or kind is bool or kind is int and result.bit_length() <= 64:
+            return
+        try:
+            refuse_non_finite(result)
+            body = adapter.serializer.to_json(result)
+        except Exception as exc:
+            raise result_not_json(message, node_id, exc) from exc
+        if len(body) + HEADROOM > max_payload:
+            check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result", PER_REPLY)
+
+    return check
 
 
 def result_not_json(message: Message, node_id: str, exc: BaseException) -> RemoteHandlerError:

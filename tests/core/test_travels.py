@@ -1,4 +1,4 @@
-"""`travels.message_room`, as the in-process send uses it: a run here refuses exactly the messages
+"""`envelope.message_room`, as the in-process send uses it: a run here refuses exactly the messages
 the wire refuses, ids and type names of any length, serializers of the type's own included."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from pydantic import Field, field_serializer
 
 from fastapi_catga import Command, MessageTooLargeError
-from fastapi_catga.core.envelope import PER_ATTEMPT, encode_message, pack
-from fastapi_catga.core.travels import message_room
+from fastapi_catga.core.envelope import PER_ATTEMPT, encode_message, message_room, pack
 
 
 class Mixed(Command[None]):
@@ -40,7 +39,7 @@ def wire_size(message: Any) -> int:
 
 def refused(message: Any, max_payload: int) -> bool:
     """The in-process send's check (`Mediator.send`, `ClusterNode._local_route`)."""
-    room = message_room(type(message), source="n", max_payload=max_payload)
+    room = message_room(type(message), "n", max_payload)
     try:
         body = type(message).__pydantic_serializer__.to_json(message)
         if len(body) + 6 * len(message.message_id) > room:
