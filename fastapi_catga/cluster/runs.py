@@ -270,7 +270,12 @@ class Runs:
         # Every run ended in its first step: `_intake_ended`'s bookkeeping is done here, and the
         # callback dropped, so that this task's end schedules nothing (when requests come one at
         # a time, that was a turn of the event loop per request).
-        self._intake = None  # now: a run spawned after this one ends needs a new intake at once
+        self._intake_over(me)
+
+    def _intake_over(self, me: asyncio.Task[None]) -> None:
+        """`_intake_ended`'s bookkeeping, done by the intake itself as it ends with no run of its
+        own: its end schedules nothing, and a run spawned after this needs a new intake at once."""
+        self._intake = None
         me.remove_done_callback(self._intake_ended)
         self._tasks.pop(me, None)
 
@@ -279,9 +284,7 @@ class Runs:
         the intake's, whose next run to suspend would get it. Only this code runs in the intake
         meanwhile, so nothing else asked. The request goes with this task, cancelled as it ends;
         the runs still queued get a task each."""
-        self._intake = None
-        me.remove_done_callback(self._intake_ended)
-        self._tasks.pop(me, None)
+        self._intake_over(me)
         while self._queue:
             work, what, slot, context = self._queue.popleft()
             self.spawn(work, what, slot, context=context)
