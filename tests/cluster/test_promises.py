@@ -438,7 +438,8 @@ async def test_a_broadcast_sends_nothing_more_once_its_deadline_passed(start_nod
     results = await a.mediator.broadcast(Stalls(seconds=0.3), timeout=0.1)  # a's own run comes first
     assert stalled_on == ["a"]
     assert isinstance(results["b"], RequestTimeoutError) and isinstance(results["c"], RequestTimeoutError)
-    await asyncio.sleep(0.05)  # what was sent has arrived
+    for name in ("b", "c"):  # answered after anything sent to them before
+        assert await a.mediator.send_to_node(Stalls(seconds=0), name) == name
     dropped = [node.node.responder.stats["expired_dropped"] for node in (b, c)]
     assert dropped == [0, 0], "requests their deadline had passed were sent, only to be dropped"
 
