@@ -181,7 +181,6 @@ class Attempts:
         return result
 
     def _travels(self, message: Request[Any], result: Any) -> Any:
-        """``result``, once it is known to travel as a reply would (`result_check`)."""
+        """``result`` as a reply would bring it (`result_check`)."""
         adapter, max_payload = type(message).result_adapter(), self._transport.max_payload
-        result_check(adapter, node_id=self._node_id, max_payload=max_payload)(message, result)
-        return result
+        return result_check(adapter, node_id=self._node_id, max_payload=max_payload)(message, result)

@@ -55,6 +55,7 @@ __all__ = [
     "message_room",
     "pack",
     "refuse_non_finite",
+    "result_mismatch",
     "validation_details",
     "unpack",
 ]
@@ -326,11 +327,17 @@ def decode_reply(envelope: Envelope, adapter: TypeAdapter[Any]) -> Any:
         try:
             return adapter.validator.validate_json(envelope.body)  # as validate_json, without its wrapper
         except ValidationError as exc:
-            raise MessageValidationError(
-                f"node {node_id} answered with a result that does not match the result type: {exc}",
-                node_id=node_id,
-            ) from exc
+            raise result_mismatch(node_id, exc) from exc
     raise error_from_reply(envelope)
+
+
+def result_mismatch(node_id: Any, exc: ValidationError) -> MessageValidationError:
+    """The error of a result whose JSON does not validate as the result type again (a NaN inside a
+    model is written as ``null``; a field serializer may write what its type does not read)."""
+    return MessageValidationError(
+        f"node {node_id} answered with a result that does not match the result type: {exc}",
+        node_id=node_id,
+    )
 
 
 def error_from_reply(envelope: Envelope) -> CatgaError:

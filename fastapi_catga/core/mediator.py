@@ -53,7 +53,7 @@ class HandlerSlots(Protocol):
 #: then what holds a run here to what travels, raising what a run on another node would: the
 #: type's JSON serializer, the body size under which a message surely fits
 #: (`envelope.message_room`), the exact measure of a larger one (`encode_message`), the check of a
-#: (checked) result (`travels.result_check`).
+#: (checked) result, which returns it as it would arrive from there (`travels.result_check`).
 LocalRoute = tuple[
     Pipeline,
     str,
@@ -62,7 +62,7 @@ LocalRoute = tuple[
     Callable[[Request[Any]], bytes],
     int,
     Callable[[Request[Any]], object],
-    Callable[[Request[Any], Any], None],
+    Callable[[Request[Any], Any], Any],
 ]
 
 
@@ -169,8 +169,8 @@ class Mediator:
             raise _timed_out(message, budget)  # past its deadline: a caller elsewhere has moved on
         if type(result) is not route[2]:
             result = route[3](message, result)
-        route[7](message, result)
-        return result
+        checked: R = route[7](message, result)
+        return checked
 
     def _error_of(
         self, exc: BaseException, coro: Coroutine[Any, Any, Any], message: Request[Any], budget: float

@@ -7,18 +7,22 @@ import asyncio
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, field_serializer
 
 from fastapi_catga import (
     CatgaError,
     Command,
     Event,
     MessageTooLargeError,
+    MessageValidationError,
     NodeUnavailableError,
     Query,
     RemoteHandlerError,
+    Request,
     RequestTimeoutError,
     RetryableError,
     TransportError,
@@ -413,6 +417,62 @@ async def test_a_result_that_is_no_json_is_the_same_error_here_and_on_another_no
             await send
         errors.append(info.value.error_type)
     assert errors == ["PydanticSerializationError"] * 3
+
+
+class Shelf(BaseModel):
+    """A result model whose JSON is not what it holds: a serializer doubles its counts."""
+
+    weight: float
+    counts: list[int] = []
+
+    @field_serializer("counts")
+    def _doubled(self, counts: list[int]) -> list[int]:
+        return [count * 2 for count in counts]
+
+
+SHARED_SHELF = Shelf(weight=1.0, counts=[1, 2])  # a handler's own object, handed out each time
+
+
+class Reshaped(Query[Any]):
+    """Answers what JSON reshapes: ``what`` names it."""
+
+    what: str
+
+
+@handler
+async def reshaped(query: Reshaped) -> Any:
+    return {"set": {3, 1}, "tuple": (1, "a")}[query.what]
+
+
+class GetShelf(Query[Shelf]):
+    """Answers the handler's shared shelf, or one holding a NaN weight (JSON writes ``null``)."""
+
+    nan: bool = False
+
+
+@handler
+async def get_shelf(query: GetShelf) -> Shelf:
+    return Shelf(weight=float("nan")) if query.nan else SHARED_SHELF
+
+
+async def test_a_result_reads_back_from_its_json_on_every_path(start_node: StartNode) -> None:
+    """Here as on another node: a set in an `Any` comes back a list, a serializer's output is what
+    arrives, and the caller gets its own copy, never the object the handler keeps."""
+    a, _, _ = await cluster(start_node)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+
+    def every_path(message: Request[Any]) -> list[Awaitable[Any]]:
+        return [alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")]
+
+    for what, expected in (("set", [1, 3]), ("tuple", [1, "a"])):
+        assert [await send for send in every_path(Reshaped(what=what))] == [expected] * 3
+    for send in every_path(GetShelf()):
+        shelf = await send
+        assert shelf == Shelf(weight=1.0, counts=[2, 4]) and shelf is not SHARED_SHELF
+    for send in every_path(GetShelf(nan=True)):
+        with pytest.raises(MessageValidationError, match="does not match the result type"):
+            await send
+    assert SHARED_SHELF.counts == [1, 2]
 
 
 class Stalls(Command[str]):
