@@ -110,15 +110,16 @@ class Attempts:
         transport: Transport,
         dispatcher: LocalDispatcher,
         node_id: str,
-        wall_clock: Callable[[], float],
+        clocks: tuple[Callable[[], float], Callable[[], float]],
         observer: Observer | None,
         limits: HandlerLimits,
     ) -> None:
+        """``clocks``: the monotonic one of a `Call`'s deadline, and UNIX time for deadlines that travel."""
         self._limits = limits
         self._transport = transport
         self._dispatcher = dispatcher
         self._node_id = node_id
-        self._wall_clock = wall_clock
+        self._clock, self._wall_clock = clocks
         self._observer = observer
 
     async def run(self, call: Call, target: str, attempt: int, timeout: float) -> Any:
@@ -157,9 +158,10 @@ class Attempts:
             raise AttemptFailed(limits.refused(message.type_name))  # like another node's "busy"
         try:  # at once: whatever raises from here on (an observer's hook too) gives the slot back
             if self._observer is None:
-                result = await self._dispatcher.handle_request(message, timeout, keep_late=True)
-                return self._travels(message, result)
-            return await self._observed_here(self._observer, message, timeout)
+                ran = await self._dispatcher.handle_request(message, timeout, keep_late=True)
+                result = self._travels(message, ran)
+            else:
+                result = await self._observed_here(self._observer, message, timeout)
         except TimeoutError as exc:
             if isinstance(exc, CatgaError):
                 raise  # a handler's own RequestTimeoutError
@@ -167,6 +169,12 @@ class Attempts:
             raise AttemptFailed(error) from None
         finally:
             limits.leave(message.type_name)
+        # Past its share, its caller (this task) still waits: kept. Past the whole deadline, a caller
+        # on another node has given up: the same here.
+        if self._clock() > call.deadline:
+            what = f"{message.type_name} {message.message_id}"
+            raise RequestTimeoutError(f"{what}: no answer within {call.budget:g} s")
+        return result
 
     async def _observed_here(self, observer: Observer, message: Request[Any], timeout: float) -> Any:
         token = observer.handle_started(message, {})

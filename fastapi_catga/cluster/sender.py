@@ -82,7 +82,7 @@ class Sender:
         self._connected = connected
         self._clock = clock
         self.observer = observer
-        self._attempter = Attempts(transport, dispatcher, view.node_id, wall_clock, observer, limits)
+        self._attempter = Attempts(transport, dispatcher, view.node_id, (clock, wall_clock), observer, limits)
         self._node_id = view.node_id
 
     @property

@@ -570,3 +570,17 @@ async def test_a_run_here_past_its_share_but_within_the_deadline_keeps_its_resul
     stalled_on.clear()
     assert await a.mediator.send(Stalls(seconds=0.3), timeout=0.5) == "a"  # its share: 0.25 s of 0.5
     assert stalled_on == ["a"]
+
+
+async def test_a_run_here_past_the_whole_deadline_times_out_as_it_would_elsewhere(
+    start_node: StartNode,
+) -> None:
+    a, b = await cluster(start_node, size=2, routing="local_first")
+    stalled_on.clear()
+    with pytest.raises(RequestTimeoutError, match="no answer within 0.1 s"):
+        await a.mediator.send(Stalls(seconds=0.3), timeout=0.1)
+    assert stalled_on == ["a"]  # run once: no other node was tried after the deadline
+    with pytest.raises(RequestTimeoutError, match="no answer within 0.1 s"):
+        await a.mediator.send_to_node(Stalls(seconds=0.3), "a", timeout=0.1)
+    results = await b.mediator.broadcast(Stalls(seconds=0.3), timeout=0.1)
+    assert isinstance(results["b"], RequestTimeoutError), results
