@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD
+from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, MAX_TIMEOUT
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
 
@@ -33,7 +33,9 @@ def new_node_id() -> str:
 class CatgaSettings(BaseSettings):
     """fastapi-catga's settings. Each field reads ``CATGA_<NAME>`` from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="CATGA_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="CATGA_", extra="ignore", validate_default=True, allow_inf_nan=False
+    )
 
     transport: Literal["memory", "nats", "redis"] = Field("memory", description="memory, nats or redis")
     nats_url: str = Field(
@@ -76,7 +78,9 @@ class CatgaSettings(BaseSettings):
     )
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between heartbeats")
     node_ttl: float = Field(15.0, gt=0, description="Seconds without a heartbeat after which a node is dead")
-    request_timeout: float = Field(30.0, gt=0, description="Total deadline of one send, seconds")
+    request_timeout: float = Field(
+        30.0, gt=0, le=MAX_TIMEOUT, description="Total deadline of one send, seconds"
+    )
     retry_attempts: int = Field(
         3, ge=1, le=20, description="Attempts in all, each on another node if one exists"
     )

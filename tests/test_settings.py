@@ -99,6 +99,10 @@ def test_unknown_transport_names_the_variable_and_the_choices(monkeypatch: pytes
         ("CATGA_HEARTBEAT_INTERVAL", "0"),
         ("CATGA_RETRY_ATTEMPTS", "0"),
         ("CATGA_REQUEST_TIMEOUT", "soon"),
+        ("CATGA_REQUEST_TIMEOUT", "inf"),
+        ("CATGA_REQUEST_TIMEOUT", "1e12"),  # no deadline header another node reads
+        ("CATGA_NODE_TTL", "infinity"),
+        ("CATGA_DRAIN_TIMEOUT", "nan"),
         ("CATGA_NODE_ID", "a/b"),
     ],
 )

@@ -29,7 +29,7 @@ from fastapi_catga.core.envelope import (
 )
 from fastapi_catga.core.messages import Request
 from fastapi_catga.core.observe import Observer
-from fastapi_catga.core.travels import result_check
+from fastapi_catga.core.travels import as_received, result_check
 from fastapi_catga.exceptions import (
     BusyError,
     CatgaError,
@@ -152,8 +152,9 @@ class Attempts:
     async def _here(self, call: Call, timeout: float) -> Any:
         """The attempt on this node: its message and result held to what travels (a run that works
         here works on another node, and the other way round)."""
-        message, limits = call.message, self._limits
-        call.envelope(self._node_id, self._transport.max_payload)  # the payload limit, encoded once
+        limits = self._limits
+        envelope = call.envelope(self._node_id, self._transport.max_payload)  # the payload limit, once
+        message = as_received(call.message, envelope.body, self._dispatcher.types)
         if not limits.enter(message.type_name):
             raise AttemptFailed(limits.refused(message.type_name))  # like another node's "busy"
         try:  # at once: whatever raises from here on (an observer's hook too) gives the slot back

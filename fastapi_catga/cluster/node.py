@@ -30,7 +30,7 @@ from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer, observed_events
 from fastapi_catga.core.schemas import advertised
 from fastapi_catga.core.tasks import CANCEL_GRACE, cancel_and_wait
-from fastapi_catga.core.travels import result_check
+from fastapi_catga.core.travels import as_received, message_travels, reads_back_as_is, result_check
 from fastapi_catga.exceptions import MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -236,10 +236,11 @@ class ClusterNode:
             type_name,
             dispatcher.exact_results.get(message_type),
             dispatcher.check_of(message_type),
-            message_type.__pydantic_serializer__.to_json,
+            functools.partial(message_type.__pydantic_serializer__.to_json, by_alias=True),
             message_room(message_type, node_id, max_payload),
-            functools.partial(encode_message, source=node_id, max_payload=max_payload),
+            message_travels(message_type, source=node_id, max_payload=max_payload),
             result_check(adapter, node_id=node_id, max_payload=max_payload),
+            not reads_back_as_is(message_type),
         )
 
     # -- the mediator's port ----------------------------------------------------------------------
@@ -250,6 +251,10 @@ class ClusterNode:
         """Run a command or query on one capable node (see `Sender.send`); a durable one through the
         broker's queue (see `DurableClient.send`). Returns the send to await; what it raises, it
         raises at the call (the mediator awaits at once)."""
+        if not isinstance(message, Request):
+            raise MessageValidationError(
+                f"send() takes a Command or Query, not {type(message).__name__}; publish() events"
+            )
         if not is_durable(type(message)):
             return self.sender.send(message, node_id=node_id, timeout=timeout)
         if node_id is not None:
@@ -302,9 +307,12 @@ class ClusterNode:
         self.observer.send_ended(token, event, "publish", time.perf_counter() - started, None)
 
     async def _publish(self, event: Event) -> None:
+        # The same rules with or without other nodes: within the payload limit, and read here as
+        # they read it (an event their nodes cannot read is refused before anything runs).
+        envelope = encode_message(event, source=self.node_id, max_payload=self.transport.max_payload)
+        received = as_received(event, envelope.body, self.dispatcher.types)
         failure: TransportError | None = None
         if any(event.type_name in node.events for node in self.view.nodes()[1:]) or self.view.stale:
-            envelope = encode_message(event, source=self.node_id, max_payload=self.transport.max_payload)
             if self.observer is not None:
                 self.observer.inject(envelope.headers)
             try:  # bounded like a send: a frozen broker must not hold the publisher
@@ -319,11 +327,12 @@ class ClusterNode:
                     f"the broker did not take {event.type_name} {event.message_id} "
                     f"within {self.settings.request_timeout:g} s"
                 )
-        if self.dispatcher.handles(type(event)):
+        if self.dispatcher.handles(type(received)):
             if self.observer is None:
-                await self.dispatcher.handle_event(event)
+                await self.dispatcher.handle_event(received)
             else:  # in the publisher's context, as an attempt routed to this node
-                await observed_events(self.observer, event, {}, lambda: self.dispatcher.handle_event(event))
+                run = functools.partial(self.dispatcher.handle_event, received)
+                await observed_events(self.observer, event, {}, run)
         if failure is not None:
             raise failure
 

@@ -22,6 +22,7 @@ from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.cluster.routing import RoutingStrategy, choose_node
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.dispatch import LocalDispatcher
+from fastapi_catga.core.envelope import MAX_TIMEOUT
 from fastapi_catga.core.messages import Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer
@@ -94,13 +95,13 @@ class Sender:
 
         Raises:
             NodeUnavailableError: this node was stopped.
-            ValueError: ``timeout`` is not positive.
+            ValueError: ``timeout`` is not positive, or over `MAX_TIMEOUT` (infinite included).
         """
         if self.closed:
             raise NodeUnavailableError(f"node {self.node_id} is stopped; it sends nothing more")
         budget = self.request_timeout if timeout is None else timeout
-        if not budget > 0:
-            raise ValueError(f"timeout must be positive, got {budget}")
+        if not 0 < budget <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be positive seconds, at most {MAX_TIMEOUT:g}; got {budget}")
         return budget
 
     def send(
@@ -109,12 +110,9 @@ class Sender:
         """Run a command or query on one capable node, retrying on another within the deadline.
 
         A plain function that checks its arguments and returns the send to await (one coroutine
-        frame less on every send); what it raises, it raises at the call.
+        frame less on every send); what it raises, it raises at the call. ``message`` is a
+        `Request` (`ClusterNode.send` checks).
         """
-        if not isinstance(message, Request):
-            raise MessageValidationError(
-                f"send() takes a Command or Query, not {type(message).__name__}; publish() events"
-            )
         budget = self.budget(timeout)
         self.view.learn(type(message))
         call = Call(message, self._clock() + budget, budget)

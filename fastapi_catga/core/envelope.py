@@ -31,6 +31,7 @@ __all__ = [
     "DEADLINE",
     "DEFAULT_MAX_PAYLOAD",
     "HEADROOM",
+    "MAX_TIMEOUT",
     "MESSAGE_ID",
     "MESSAGE_TYPE",
     "NODE",
@@ -43,6 +44,7 @@ __all__ = [
     "STATUS",
     "Envelope",
     "check_size",
+    "decode_body",
     "decode_message",
     "deadline_header",
     "deadline_of",
@@ -75,6 +77,8 @@ REPLAYS = "catga-replays"  # durable messages: how often a dead letter of it was
 # message did not decode): "node". The caller may try another node for those, never for a handler's.
 ORIGIN = "catga-origin"
 _MAX_DEADLINE_DIGITS = 15  # ms since 1970: 13 digits until the year 2286
+#: The longest timeout of a call, in seconds (about 31 years): its deadline still fits the header.
+MAX_TIMEOUT = 1e9
 #: Bytes: more than catga's own headers but their values of any length (a message's id, type name
 #: and source; a reply's node id, at most 64), and `PER_ATTEMPT`; bodies closer to the limit are
 #: measured exactly.
@@ -141,7 +145,7 @@ def encode_message(
     }
     if deadline is not None:
         headers[DEADLINE] = deadline_header(deadline)
-    envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message))
+    envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message, by_alias=True))
     # Counting header bytes costs: only near the limit.
     if len(envelope.body) + 6 * len(message.message_id) > message_room(type(message), source, max_payload):
         check_size(envelope, max_payload, f"{message.type_name} {message.message_id[:200]}", PER_ATTEMPT)
@@ -216,13 +220,23 @@ def decode_message(envelope: Envelope, types: dict[str, type[Message]]) -> Messa
     message_type = types.get(type_name)
     if message_type is None:
         raise HandlerNotFoundError(f"no handler for message type {type_name[:100]!r} on this node")
+    return decode_body(message_type, envelope.body)
+
+
+def decode_body(message_type: type[Message], body: bytes) -> Message:
+    """A message of ``message_type`` read from its JSON ``body``.
+
+    Raises:
+        MessageValidationError: the body is not valid JSON for that type.
+    """
     try:
         # The model's core validator, not `model_validate_json`: the same validation without the
         # wrapper's keyword handling, which cost more than the validation of a small message.
-        message: Message = message_type.__pydantic_validator__.validate_json(envelope.body)
+        message: Message = message_type.__pydantic_validator__.validate_json(body)
     except ValidationError as exc:
         raise MessageValidationError(
-            f"invalid {type_name}: {exc.error_count()} validation error(s)", details=validation_details(exc)
+            f"invalid {message_type.type_name}: {exc.error_count()} validation error(s)",
+            details=validation_details(exc),
         ) from exc
     return message
 
@@ -243,7 +257,8 @@ def encode_result(value: Any, adapter: TypeAdapter[Any], *, node_id: str, max_pa
     """
     if type(value) is float:
         refuse_non_finite(value)
-    envelope = Envelope({STATUS: "ok", NODE: node_id}, adapter.serializer.to_json(value))  # as dump_json
+    body = adapter.serializer.to_json(value, by_alias=True)  # as dump_json, in the names validation reads
+    envelope = Envelope({STATUS: "ok", NODE: node_id}, body)
     if len(envelope.body) + HEADROOM > max_payload:
         try:
             check_size(envelope, max_payload, "the result", PER_REPLY)

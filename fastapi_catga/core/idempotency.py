@@ -44,6 +44,9 @@ class IdempotencyBehavior:
     broker, so a duplicate handled by another node is answered from it too (a run that outlasts
     ``lease`` seconds may be started again elsewhere). In this process, at most ``max_entries``
     ids are remembered, oldest dropped first.
+
+    It applies to commands and queries only: an event's handlers each run, on every node (a
+    durable event's runs have their own dedup window).
     """
 
     def __init__(
@@ -72,6 +75,11 @@ class IdempotencyBehavior:
         """Keep results in the cluster's done records (the node does this at start-up)."""
         # Each run claims as a holder of its own: this node, this process's incarnation, a count.
         self._records, self._holder = records, f"{holder}:{os.urandom(4).hex()}"
+
+    @staticmethod
+    def applies_to(message_type: type[Message]) -> bool:
+        """Requests only: an event shares its id between all its handlers, on every node."""
+        return issubclass(message_type, Request)
 
     async def __call__(self, message: Message, call_next: CallNext) -> Any:
         return await self.compose(as_pipeline(call_next))(message)
@@ -175,11 +183,11 @@ class IdempotencyBehavior:
             await asyncio.sleep(0.05)  # another node runs it now: wait for its record, or its lease
         try:
             result = await inner(message)
-        except BaseException:
+            encoded = b"null" if adapter is None else adapter.serializer.to_json(result, by_alias=True)
+        except BaseException:  # the handler's error, or a result no JSON can hold: none is recorded
             with contextlib.suppress(Exception):
                 await asyncio.shield(records.release(key, holder))
             raise
-        encoded = b"null" if adapter is None else adapter.serializer.to_json(result)
         await records.commit(key, holder, encoded, self._window)
         return result
 

@@ -8,6 +8,7 @@ from typing import Any, Protocol, TypeVar
 
 from fastapi_catga.core.dead_letter import DeadLetter
 from fastapi_catga.core.dispatch import LocalDispatcher
+from fastapi_catga.core.envelope import MAX_TIMEOUT
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.pipeline import Pipeline
@@ -52,8 +53,10 @@ class HandlerSlots(Protocol):
 #: (`LocalDispatcher.exact_results`), the check of other results (`LocalDispatcher.check_of`);
 #: then what holds a run here to what travels, raising what a run on another node would: the
 #: type's JSON serializer, the body size under which a message surely fits
-#: (`envelope.message_room`), the exact measure of a larger one (`encode_message`), the check of a
-#: (checked) result, which returns it as it would arrive from there (`travels.result_check`).
+#: (`envelope.message_room`), the message as another node reads it when it is larger or of a type
+#: JSON may change (`travels.message_travels`), the check of a (checked) result, which returns it
+#: as it would arrive from there (`travels.result_check`), and whether the type is such a type
+#: (not `travels.reads_back_as_is`).
 LocalRoute = tuple[
     Pipeline,
     str,
@@ -61,8 +64,9 @@ LocalRoute = tuple[
     Callable[[Request[Any], Any], Any],
     Callable[[Request[Any]], bytes],
     int,
-    Callable[[Request[Any]], object],
+    Callable[[Request[Any], bytes], Any],
     Callable[[Request[Any], Any], Any],
+    bool,
 ]
 
 
@@ -137,13 +141,14 @@ class Mediator:
         # every send): the pipeline awaited in the caller's task, its deadline kept by
         # `Deadlines` (no timer per call), a slot of the node's limit taken as a remote run takes it.
         budget = self._timeout if timeout is None else timeout
-        if not budget > 0:
-            raise ValueError(f"timeout must be positive, got {timeout}")
+        if not 0 < budget <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be positive seconds, at most {MAX_TIMEOUT:g}; got {budget}")
         slots, deadlines = self._slots, self._deadlines
         if slots.in_flight >= slots.limit:
             raise slots.refused(route[1])
-        if len(route[4](message)) + 6 * len(message.message_id) > route[5]:  # the payload limit,
-            route[6](message)  # as if it went to another node
+        body = route[4](message)  # near the payload limit, or of a type that JSON may change:
+        if route[8] or len(body) + 6 * len(message.message_id) > route[5]:
+            message = route[6](message, body)  # as another node would read it, if it fits
         coro = route[0](message)  # an async def's call: it only makes the coroutine
         deadline = deadlines.clock() + budget
         if deadlines.current is not None:

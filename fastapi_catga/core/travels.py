@@ -10,10 +10,12 @@ instructions). A bound of its JSON from its fields' values, in Python, measured 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from fastapi_catga.core.envelope import (
     HEADROOM,
@@ -22,13 +24,16 @@ from fastapi_catga.core.envelope import (
     STATUS,
     Envelope,
     check_size,
+    decode_body,
+    encode_message,
+    message_room,
     refuse_non_finite,
     result_mismatch,
 )
 from fastapi_catga.core.messages import Message
 from fastapi_catga.exceptions import RemoteHandlerError
 
-__all__ = ["result_check", "result_not_json"]
+__all__ = ["as_received", "message_travels", "reads_back_as_is", "result_check", "result_not_json"]
 
 
 def result_check(
@@ -58,7 +63,7 @@ def result_check(
             return result
         try:
             refuse_non_finite(result)
-            body = adapter.serializer.to_json(result)
+            body = adapter.serializer.to_json(result, by_alias=True)
         except Exception as exc:
             raise result_not_json(message, node_id, exc) from exc
         if len(body) + HEADROOM > max_payload:
@@ -71,6 +76,72 @@ def result_check(
             raise result_mismatch(node_id, exc) from exc
 
     return check
+
+
+def message_travels(
+    message_type: type[Message], *, source: str, max_payload: int
+) -> Callable[[Message, bytes], Message]:
+    """What a run here does with a message of ``message_type`` from ``source``, given its JSON
+    ``body``, when it is near the limit (`message_room`) or of a type that JSON may change
+    (`reads_back_as_is`): it returns the message as another node would read it.
+
+    Raises (what it returns):
+        MessageTooLargeError: over ``max_payload`` bytes as it would be sent (`encode_message`).
+        MessageValidationError: its JSON is not valid for its type (`decode_body`).
+    """
+    room, as_is = message_room(message_type, source, max_payload), reads_back_as_is(message_type)
+
+    def travels(message: Message, body: bytes) -> Message:
+        if len(body) + 6 * len(message.message_id) > room:
+            encode_message(message, source=source, max_payload=max_payload)
+        return message if as_is else decode_body(message_type, body)
+
+    return travels
+
+
+def as_received(message: M, body: bytes, types: dict[str, type[Message]]) -> M:
+    """``message``, whose JSON is ``body``, as a node with ``types`` (type name to class) reads it:
+    itself when that is its registered class and it reads back as it is.
+
+    Raises:
+        MessageValidationError: its JSON is not valid for that class (`decode_body`).
+    """
+    message_type = types.get(message.type_name, type(message))
+    if message_type is type(message) and reads_back_as_is(message_type):
+        return message
+    return cast(M, decode_body(message_type, body))  # the class registered for its type name
+
+
+M = TypeVar("M", bound=Message)
+_PLAIN_FIELDS = (str, int, bool)  # their values, once validated, read back from JSON as they are
+
+
+@functools.cache
+def reads_back_as_is(message_type: type[Message]) -> bool:
+    """Whether a (validated) message of ``message_type`` reads back from its JSON as an equal one
+    its handler cannot tell from it: fields of str, int and bool only (a float may be NaN, which
+    JSON writes as null; a container may be the caller's to change), no aliases, no excluded
+    field, constraints only of `annotated_types` (no transforming ones), and no validator,
+    serializer, post-init hook, private attribute or extra field of its own. Others are decoded
+    for each run here (about one validation)."""
+    decorators = message_type.__pydantic_decorators__  # pydantic's own: read with care
+    kinds = dataclasses.fields(decorators) if dataclasses.is_dataclass(decorators) else None
+    if (
+        kinds is None
+        or any(getattr(decorators, kind.name) for kind in kinds)
+        or message_type.model_post_init is not BaseModel.model_post_init
+        or message_type.__private_attributes__
+        or message_type.model_config.get("extra") == "allow"
+    ):
+        return False
+    return all(
+        field.annotation in _PLAIN_FIELDS
+        and field.alias is field.validation_alias is field.serialization_alias is None
+        and not field.exclude
+        and getattr(field, "exclude_if", None) is None
+        and all(type(rule).__module__ == "annotated_types" for rule in field.metadata)
+        for field in message_type.model_fields.values()
+    )
 
 
 def result_not_json(message: Message, node_id: str, exc: BaseException) -> RemoteHandlerError:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, field_serializer
+from pydantic import BaseModel, Field, field_serializer
 
 from fastapi_catga import (
     CatgaError,
@@ -473,6 +473,116 @@ async def test_a_result_reads_back_from_its_json_on_every_path(start_node: Start
         with pytest.raises(MessageValidationError, match="does not match the result type"):
             await send
     assert SHARED_SHELF.counts == [1, 2]
+
+
+class Aliased(Command[str]):
+    """A message, and a result, with camelCase aliases, as an API's models often have."""
+
+    user_id: int = Field(alias="userId")
+
+
+class Account(BaseModel):
+    user_id: int = Field(alias="userId")
+
+
+class Described(Query[Account]):
+    """Describes what its handler got: ``what`` picks the message shape."""
+
+    what: str
+    weight: float = 1.0
+    anything: Any = None
+    counts: list[int] = []
+
+    @field_serializer("counts")
+    def _doubled(self, counts: list[int]) -> list[int]:
+        return [count * 2 for count in counts]
+
+
+described: list[tuple[Any, ...]] = []
+
+
+@handler
+async def aliased(command: Aliased) -> str:
+    return f"user {command.user_id}"
+
+
+@handler
+async def describe(query: Described) -> Account:
+    described.append((query.weight, query.anything, list(query.counts)))
+    query.counts.append(99)  # a handler that changes what it was given
+    return Account(userId=len(query.counts))
+
+
+async def test_a_message_reads_as_its_json_reads_on_every_path(start_node: StartNode) -> None:
+    """The handler gets the message as another node would read it: aliases cross, a tuple in an
+    `Any` is a list, a serializer's output is what arrives, and the caller's object is its own."""
+    a, _, _ = await cluster(start_node)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+
+    def every_path(message: Request[Any]) -> list[Awaitable[Any]]:
+        return [alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")]
+
+    assert [await send for send in every_path(Aliased(userId=7))] == ["user 7"] * 3
+    described.clear()
+    message = Described(what="shape", anything=(1, "a"), counts=[1])
+    assert [(await send).user_id for send in every_path(message)] == [2] * 3
+    assert described == [(1.0, [1, "a"], [2])] * 3 and message.counts == [1]
+    for send in every_path(Described(what="nan", weight=float("nan"))):  # JSON writes null
+        with pytest.raises(MessageValidationError, match="invalid Described"):
+            await send
+    assert len(described) == 3, "a message another node cannot read ran here"
+
+
+class PlaceCopy(Command[str]):
+    """A second class of the wire name `Aliased` has: a client's own copy of the message."""
+
+    type_name = Aliased.type_name
+
+    user_id: int = Field(alias="userId")
+
+
+async def test_a_copy_of_a_message_class_runs_as_the_registered_one_on_every_path(
+    start_node: StartNode,
+) -> None:
+    a, _, _ = await cluster(start_node)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+    sends = [alone.mediator.send(PlaceCopy(userId=3)), a.mediator.send(PlaceCopy(userId=3))]
+    sends += [a.mediator.send_to_node(PlaceCopy(userId=3), n) for n in "ab"]
+    assert [await send for send in sends] == ["user 3"] * 4
+
+
+class Noticed(Event):
+    """An event with an alias, or a float that JSON cannot carry."""
+
+    user_id: int = Field(alias="userId")
+    weight: float = 1.0
+    note: str = ""
+
+
+noticed: list[tuple[str, int]] = []
+
+
+@handler
+async def noticed_by(event: Noticed) -> None:
+    noticed.append((workload.current_node.get(), event.user_id))
+
+
+async def test_an_event_reaches_every_node_as_it_reads_here_or_is_refused_before_any_runs(
+    start_node: StartNode,
+) -> None:
+    a, _, _ = await cluster(start_node)
+    noticed.clear()
+    await a.mediator.publish(Noticed(userId=5))
+    await eventually(lambda: sorted(noticed) == [("a", 5), ("b", 5), ("c", 5)], within=2)
+    noticed.clear()
+    with pytest.raises(MessageValidationError, match="invalid Noticed"):
+        await a.mediator.publish(Noticed(userId=6, weight=float("nan")))  # others would drop it
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+    with pytest.raises(MessageValidationError, match="invalid Noticed"):
+        await alone.mediator.publish(Noticed(userId=6, weight=float("nan")))
+    with pytest.raises(MessageTooLargeError):  # alone as with other nodes, which it may soon have
+        await alone.mediator.publish(Noticed(userId=7, note="x" * 2 * 1024 * 1024))
+    assert noticed == []
 
 
 class Stalls(Command[str]):

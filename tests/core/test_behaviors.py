@@ -10,6 +10,7 @@ import pytest
 
 from fastapi_catga import (
     CallNext,
+    Event,
     IdempotencyBehavior,
     LoggingBehavior,
     Message,
@@ -23,6 +24,10 @@ from fastapi_catga import (
 from fastapi_catga.core.pipeline import build_pipeline
 from tests.core.pipeline_sample import Counter, POther, PPing, echo
 from tests.polling import eventually
+
+
+class PNoted(Event):
+    """An event two handlers share."""
 
 
 class Entered:
@@ -165,6 +170,23 @@ async def test_idempotency_keys_on_type_and_id() -> None:
     assert await build_pipeline(ping, [behavior], PPing)(PPing(message_id="k")) == "ping"
     assert await build_pipeline(query, [behavior], POther)(POther(message_id="k")) == "query"
     assert (ping.calls, query.calls) == (1, 1)
+
+
+async def test_idempotency_leaves_events_to_run_in_every_handler() -> None:
+    """An event's id is shared by all its handlers, on every node: it is not a request's key."""
+    assert IdempotencyBehavior.applies_to(PPing) and not IdempotencyBehavior.applies_to(PNoted)
+    seen: list[str] = []
+
+    async def first(event: PNoted) -> None:
+        seen.append("first")
+
+    async def second(event: PNoted) -> None:
+        seen.append("second")
+
+    behavior, event = IdempotencyBehavior(), PNoted()
+    for handle in (first, second, first):
+        await build_pipeline(handle, [behavior], PNoted)(event)
+    assert seen == ["first", "second", "first"]
 
 
 async def test_idempotency_runs_concurrent_duplicates_once() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import fastapi_catga
+import fastapi_catga.testing
 from fastapi_catga import (
     Catga,
     CatgaSettings,
@@ -218,9 +219,32 @@ async def test_send_with_a_timeout_gives_a_local_handler_the_whole_budget(catga:
         assert len(slow_runs) == 1, f"the handler ran {len(slow_runs)} times"
 
 
-async def test_send_with_a_non_positive_timeout_is_refused(catga: Catga) -> None:
-    with pytest.raises(ValueError, match="timeout must be positive"):
-        await catga.mediator.send(MAdd(a=1, b=2), timeout=0)
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 1e12])
+async def test_a_timeout_no_deadline_header_can_carry_is_refused_on_every_path(
+    catga: Catga, broker: InMemoryBroker, timeout: float
+) -> None:
+    """Alone as with another node: an infinite or vast timeout is no deadline another node reads."""
+    with pytest.raises(ValueError, match="timeout must be positive seconds, at most 1e"):
+        await catga.mediator.send(MAdd(a=1, b=2), timeout=timeout)
+    other = fastapi_catga.testing.memory_node(broker, handlers=[add], node_id="other")
+    await other.start()
+    try:
+        await eventually(lambda: len(catga.node.nodes()) == 2, within=2)
+        for send in (
+            catga.mediator.send_to_node(MAdd(a=1, b=2), "other", timeout=timeout),
+            catga.mediator.broadcast(MAdd(a=1, b=2), timeout=timeout),
+        ):
+            with pytest.raises(ValueError, match="timeout must be positive seconds, at most 1e"):
+                await send
+    finally:
+        await other.stop()
+
+
+@pytest.mark.parametrize("message", [None, {"a": 1}, MAdd, "MAdd"])
+async def test_sending_what_is_no_message_is_a_validation_error(catga: Catga, message: Any) -> None:
+    for send in (catga.mediator.send, lambda m: catga.mediator.send_to_node(m, NODE_ID)):
+        with pytest.raises(MessageValidationError, match="send\\(\\) takes a Command or Query"):
+            await send(message)
 
 
 async def test_broadcast_on_one_node(catga: Catga) -> None:
