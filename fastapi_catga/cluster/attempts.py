@@ -144,7 +144,9 @@ class Attempts:
             raise AttemptFailed(exc) from None
         if reply.headers.get(STATUS) == "error" and made_by_node(reply):
             error = error_from_reply(reply)
-            if isinstance(error, HandlerNotFoundError | BusyError):  # out-of-date record; no slot free
+            # An out-of-date record; no slot free; a node that stopped mid-run (it may have run in part,
+            # as a node that died would have: the same retry, without waiting out the deadline).
+            if isinstance(error, HandlerNotFoundError | BusyError | NodeUnavailableError):
                 raise AttemptFailed(error)
             raise error
         return decode_reply(reply, type(call.message).result_adapter())

@@ -31,6 +31,7 @@ from fastapi_catga.exceptions import (
     CatgaError,
     HandlerNotFoundError,
     MessageTooLargeError,
+    NodeUnavailableError,
     RemoteHandlerError,
 )
 from fastapi_catga.transports.base import Delivery, Reply, Subscription, Transport
@@ -185,10 +186,16 @@ class Responder:
             if not isinstance(message, Request):
                 error = HandlerNotFoundError(f"{message.type_name} is an event; publish it instead")
                 reply = self._cannot_run(envelope, error)
-            elif self._observer is not None:
-                reply = await self._observed_request(envelope, message, remaining)
             else:
-                reply = await self._run_handler(envelope, message, remaining)
+                try:
+                    if self._observer is not None:
+                        reply = await self._observed_request(envelope, message, remaining)
+                    else:
+                        reply = await self._run_handler(envelope, message, remaining)
+                except asyncio.CancelledError:  # the node stops (`Runs.stop`): its caller moves on now
+                    if delivery.reply is not None:
+                        await self._send_reply(delivery.reply, self._stopped(message), describe(envelope))
+                    raise
         if reply is not None and delivery.reply is not None:
             try:
                 try:
@@ -205,6 +212,15 @@ class Responder:
             await send(reply)
         except CatgaError as exc:
             self._log_limit.log(logger, logging.WARNING, "reply", "could not answer %s: %s", what, exc)
+
+    def _stopped(self, message: Request[Any]) -> Envelope:
+        """The answer to a request whose run this stopping node cancelled: the node's own, so that
+        its caller tries another node at once rather than waiting out its deadline."""
+        error = NodeUnavailableError(
+            f"node {self.node_id} stopped while running {message.type_name} {message.message_id}",
+            node_id=self.node_id,
+        )
+        return encode_error(error, node_id=self.node_id, by_node=True)
 
     def _cannot_run(self, envelope: Envelope, exc: CatgaError) -> Envelope:
         """The answer to a request this node cannot run (undecodable, unknown type, an event)."""

@@ -183,7 +183,7 @@ class Sender:
                 return await self._patient_attempt(call, target, attempt, share)
             except AttemptFailed as failed:
                 call.errors.append(failed.error)
-                if isinstance(failed.error, NoResponderError | RequestTimeoutError):
+                if isinstance(failed.error, NoResponderError | RequestTimeoutError | NodeUnavailableError):
                     self.view.suspect(target, self._clock())
             except CatgaError as exc:  # the handler's own answer
                 call.errors.append(exc)

@@ -310,6 +310,43 @@ async def cancels(command: Cancels) -> str:
     return "never"
 
 
+@pytest.mark.parametrize("capable", [1, 2])
+def test_a_run_cut_by_its_nodes_stop_is_answered_at_once(capable: int) -> None:
+    """A stopping node that cancels a run at the end of its drain says so: its caller tries
+    another node, or gives up, at once rather than at its deadline (20 s here)."""
+
+    async def scenario() -> tuple[float, str]:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        module = [sys.modules[__name__]]
+        workers = [virtual_node(broker, f"w{i}", handlers=module, drain_timeout=0.5) for i in range(capable)]
+        caller = virtual_node(broker, "caller", handlers=[], routing="round_robin")
+        for node in (*workers, caller):
+            await node.start()
+        await eventually(lambda: len(caller.node.nodes()) == capable + 1, within=5)
+        began = loop.time()
+        sending = asyncio.create_task(caller.mediator.send(Cancels(own=False), timeout=20))
+        await asyncio.sleep(0.1)
+        running = [w for w in workers if w.node.limits.in_flight]
+        await running[0].stop()
+        try:
+            outcome = repr(await sending)
+        except CatgaError as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        took = loop.time() - began
+        for node in (caller, *workers):
+            if node is not running[0]:
+                await node.stop()
+        return took, outcome
+
+    took, outcome = run_virtual(scenario())
+    if capable == 1:
+        assert outcome.startswith("NodeUnavailableError: node w0 stopped while running Cancels"), outcome
+        assert took < 1.5, f"answered after {took:.1f} s"
+    else:  # the other node ran it (its handler waits 10 s before it would answer)
+        assert took < 12, f"answered after {took:.1f} s: {outcome}"
+
+
 async def test_a_cancelled_error_is_the_handlers_only_when_its_task_is_not_being_cancelled(
     start_node: StartNode,
 ) -> None:
