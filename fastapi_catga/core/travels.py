@@ -33,7 +33,7 @@ from fastapi_catga.core.envelope import (
 from fastapi_catga.core.messages import Message
 from fastapi_catga.exceptions import RemoteHandlerError
 
-__all__ = ["as_received", "message_travels", "reads_back_as_is", "result_check", "result_not_json"]
+__all__ = ["as_received", "body_of", "message_travels", "reads_back_as_is", "result_check", "result_not_json"]
 
 
 def result_check(
@@ -76,6 +76,23 @@ def result_check(
             raise result_mismatch(node_id, exc) from exc
 
     return check
+
+
+def body_of(message_type: type[Message]) -> Callable[[Message], bytes]:
+    """The JSON body of a message of ``message_type``, as `encode_message` writes it (by alias),
+    at the cost of the plain serializer call when the type has no alias (a keyword costs ~15 %
+    of a small message's encoding, and `functools.partial` over it ~150 %)."""
+    to_json = message_type.__pydantic_serializer__.to_json
+    if not any(
+        field.alias is not None or field.serialization_alias is not None
+        for field in message_type.model_fields.values()
+    ):
+        return to_json
+
+    def by_alias(message: Message) -> bytes:
+        return to_json(message, by_alias=True)
+
+    return by_alias
 
 
 def message_travels(
