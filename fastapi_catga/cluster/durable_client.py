@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from fastapi_catga.cluster.durable_policy import COMMANDS, result_subject
 from fastapi_catga.core.envelope import (
     MESSAGE_ID,
+    REPLAYS,
     REPLY_NODE,
     STATUS,
     Envelope,
@@ -204,10 +205,13 @@ class DeadLetters:
         letter, envelope = found
         queue = Queue(letter.queue_kind, letter.message_type, letter.group)
         replays = letter.replays + 1
-        # A fresh dedup id: the broker's duplicate window must not swallow the replay.
-        await store.append(
-            queue.kind, queue.type_name, envelope, dedup_id=f"{letter.message_id}.replay{replays}"
-        )
+        # Counted on the message itself, so that its next dead letter counts on from there, and its
+        # next replay gets a dedup id of its own: the broker's duplicate window must not swallow it.
+        replayed = Envelope({**envelope.headers, REPLAYS: str(replays)}, envelope.body)
+        dedup_id = f"{letter.message_id}.replay{replays}"
+        stored = await store.append(queue.kind, queue.type_name, replayed, dedup_id=dedup_id)
+        if stored.duplicate:  # a replay of the same letter at the same time: it is queued once
+            logger.info("dead letter %s was being replayed already (replay %d)", letter_id, replays)
         await store.remove_dead_letter(letter_id)
         logger.info("dead letter %s replayed (replay %d)", letter_id, replays)
         return True

@@ -205,6 +205,31 @@ def test_a_poison_message_is_dead_lettered_after_exactly_its_attempts_with_the_b
     run_virtual(scenario())
 
 
+def test_a_dead_letter_replayed_again_and_again_runs_each_time_and_counts_its_replays() -> None:
+    """Each replay is stored under a dedup id of its own: the broker's duplicate window (2 min on
+    JetStream) must not swallow the second replay of a message that failed again."""
+
+    async def scenario() -> None:
+        _, (a,) = await cluster("a")
+        command = Charge(amount=5)
+        broken.add(command.message_id)
+        await a.mediator.enqueue(command)
+        for replays in range(3):
+            while not (letters := await a.mediator.dead_letters.list()):
+                await asyncio.sleep(1)
+            (letter,) = letters
+            assert (letter.replays, runs[command.message_id]) == (replays, 3 * (replays + 1))
+            if replays == 2:
+                broken.clear()  # the handler is fixed
+            assert await a.mediator.dead_letters.replay(letter.id)
+        while not effects[command.message_id]:
+            await asyncio.sleep(1)
+        assert runs[command.message_id] == 10 and await a.mediator.dead_letters.list() == []
+        await a.stop()
+
+    run_virtual(scenario())
+
+
 def test_reject_dead_letters_at_once_and_retry_later_waits_its_delay() -> None:
     async def scenario() -> None:
         _, (a,) = await cluster("a")
