@@ -233,17 +233,6 @@ class DurableRunner:
             await self._dead_letter(work, delivery, "invalid", exc, message_id_of(envelope))
             return
         key = f"{work.queue.group}:{message.message_id}"
-        done = await self.store.done(key)
-        if done is not None:  # done already (a redelivery, or a re-send of the same id)
-            await delivery.ack()
-            await self._answer(envelope, Envelope({STATUS: "ok", NODE: self._settings.node_id}, done))
-            return
-        if delivery.deliveries > work.policy.attempts:  # its earlier runs crashed their nodes
-            error = CatgaError(
-                f"delivered {delivery.deliveries} times without a success (its nodes crashed?)"
-            )
-            await self._dead_letter(work, delivery, "attempts", error, message.message_id)
-            return
         # The holder is this run, not this node: a second delivery of the same id on this node (a
         # re-send, a redelivery while the first run lives) must wait for the first like anyone else.
         holder, lease = f"{self._settings.node_id}/{os.urandom(6).hex()}", work.policy.lease
@@ -251,12 +240,22 @@ class DurableRunner:
             # Another node runs this message id now (a second copy of it, or a redelivery while its
             # holder lives). Hold this delivery, without counting an attempt, until that run commits
             # (then this copy is done) or its lease lapses (then it is ours).
-            if (done := await self.store.done(key)) is not None:
-                await delivery.ack()
-                await self._answer(envelope, Envelope({STATUS: "ok", NODE: self._settings.node_id}, done))
+            if await self._done_already(envelope, delivery, key):
                 return
             await delivery.keep_alive()
             await asyncio.sleep(min(1.0, lease / 3))
+        # Looked up once the lease is held: a commit writes the done record before it lets the lease
+        # go, so a run that ended just before this claim is seen here, never run a second time.
+        if await self._done_already(envelope, delivery, key):
+            await self.store.release(key, holder)
+            return
+        if delivery.deliveries > work.policy.attempts:  # its earlier runs crashed their nodes
+            await self.store.release(key, holder)
+            error = CatgaError(
+                f"delivered {delivery.deliveries} times without a success (its nodes crashed?)"
+            )
+            await self._dead_letter(work, delivery, "attempts", error, message.message_id)
+            return
         keeper = asyncio.get_running_loop().create_task(self._keep(key, holder, delivery, lease))
         try:
             encoded = await observed_run(self._observer, message, envelope.headers, work.run, work.encode)
@@ -284,6 +283,16 @@ class DurableRunner:
                 message.type_name,
                 message.message_id,
             )
+
+    async def _done_already(self, envelope: Envelope, delivery: DurableDelivery, key: str) -> bool:
+        """Whether a run of this message id succeeded already (a redelivery, a re-send of the same
+        id): then this delivery is acked and its caller answered with that run's result."""
+        done = await self.store.done(key)
+        if done is None:
+            return False
+        await delivery.ack()
+        await self._answer(envelope, Envelope({STATUS: "ok", NODE: self._settings.node_id}, done))
+        return True
 
     async def _keep(self, key: str, holder: str, delivery: DurableDelivery, lease: float) -> None:
         while True:

@@ -186,7 +186,9 @@ class DeadLetters:
         self._transport = transport
 
     async def list(self, limit: int = 100) -> list[DeadLetter]:
-        """Up to ``limit`` dead letters, oldest first."""
+        """Up to ``limit`` dead letters, oldest first (none for a ``limit`` under 1)."""
+        if limit < 1:
+            return []
         return [letter for letter, _ in await self._transport.durable.dead_letters(limit)]
 
     async def get(self, letter_id: str) -> DeadLetter | None:

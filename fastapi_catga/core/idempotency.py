@@ -174,13 +174,16 @@ class IdempotencyBehavior:
             adapter = self._adapters[type(message)] = (
                 type(message).result_adapter() if isinstance(message, Request) else None
             )
-        while True:
-            done = await records.done(key)
-            if done is not None:
+        while not await records.claim(key, holder, self._lease):
+            if (done := await records.done(key)) is not None:
                 return None if adapter is None else adapter.validator.validate_json(done)
-            if await records.claim(key, holder, self._lease):
-                break
             await asyncio.sleep(0.05)  # another node runs it now: wait for its record, or its lease
+        # Looked up once the lease is held: a commit writes the record before it lets the lease go,
+        # so a run that ended just before this claim is seen here, never run a second time.
+        if (done := await records.done(key)) is not None:
+            with contextlib.suppress(Exception):
+                await records.release(key, holder)
+            return None if adapter is None else adapter.validator.validate_json(done)
         try:
             result = await inner(message)
             encoded = b"null" if adapter is None else adapter.serializer.to_json(result, by_alias=True)

@@ -205,6 +205,22 @@ def test_a_poison_message_is_dead_lettered_after_exactly_its_attempts_with_the_b
     run_virtual(scenario())
 
 
+def test_copies_of_one_message_sent_at_once_run_it_once() -> None:
+    """The second copy waits on the first's lease; once it is let go, the done record the first
+    wrote before letting go answers the copy: it never runs the handler again."""
+
+    async def scenario() -> None:
+        _, (a, b) = await cluster("a", "b")
+        command = Charge(amount=4, work=1.0)
+        sends = [a.mediator.send(command), b.mediator.send(command), a.mediator.send(command)]
+        assert await asyncio.gather(*sends) == ["charged 4"] * 3
+        assert runs[command.message_id] == 1
+        for catga in (a, b):
+            await catga.stop()
+
+    run_virtual(scenario())
+
+
 def test_a_dead_letter_replayed_again_and_again_runs_each_time_and_counts_its_replays() -> None:
     """Each replay is stored under a dedup id of its own: the broker's duplicate window (2 min on
     JetStream) must not swallow the second replay of a message that failed again."""

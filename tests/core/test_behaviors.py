@@ -189,6 +189,41 @@ async def test_idempotency_leaves_events_to_run_in_every_handler() -> None:
     assert seen == ["first", "second", "first"]
 
 
+class CommitsAfterFirstLook:
+    """Done records where another node's run commits (its record written, then its lease let go)
+    right after the first lookup: the window between a lookup and a claim."""
+
+    def __init__(self) -> None:
+        self.committed = False
+        self.released: list[str] = []
+
+    async def done(self, key: str) -> bytes | None:
+        record, self.committed = (b'"pong"' if self.committed else None), True
+        return record
+
+    async def claim(self, key: str, holder: str, ttl: float) -> bool:
+        return self.committed
+
+    async def release(self, key: str, holder: str) -> None:
+        self.released.append(holder)
+
+    async def commit(self, key: str, holder: str, result: bytes, ttl: float) -> bool:
+        raise AssertionError("the handler ran again")
+
+
+async def test_idempotency_reads_the_record_once_it_holds_the_claim() -> None:
+    records, ran = CommitsAfterFirstLook(), []
+
+    async def handle(message: PPing) -> str:
+        ran.append(message.text)
+        return "ran again"
+
+    behavior = IdempotencyBehavior()
+    behavior.share(records, "node-a")
+    assert await build_pipeline(handle, [behavior], PPing)(PPing()) == "pong"
+    assert ran == [] and len(records.released) == 1
+
+
 async def test_idempotency_runs_concurrent_duplicates_once() -> None:
     gate = asyncio.Event()
     calls = 0
