@@ -147,15 +147,16 @@ class DurableRunner:
         ]
 
     async def prepare(self) -> None:
-        """Create (again, after a reconnect) what the queues need on the broker."""
-        leases = [work.policy.lease for work in self._works] or [self._settings.durable_lease]
+        """Create (again, after a reconnect) what the queues need on the broker: each queue with its
+        type's own lease (a JetStream consumer's ack wait), the stores with the longest window."""
+        by_lease: dict[float, list[Queue]] = {}
+        for work in self._works:
+            by_lease.setdefault(work.policy.lease, []).append(work.queue)
         windows = [work.policy.dedup_window for work in self._works] or [self._settings.durable_dedup_window]
-        await self.store.prepare(
-            self.queues,
-            lease=max(leases),
-            dedup_window=max(windows),
-            retention=self._settings.durable_retention,
-        )
+        for lease, queues in by_lease.items() or [(self._settings.durable_lease, [])]:
+            await self.store.prepare(
+                queues, lease=lease, dedup_window=max(windows), retention=self._settings.durable_retention
+            )
 
     async def stop(self, drain_timeout: float) -> None:
         """Stop fetching; let runs in flight finish (their deliveries come back after the lease if not).

@@ -205,6 +205,36 @@ def test_a_poison_message_is_dead_lettered_after_exactly_its_attempts_with_the_b
     run_virtual(scenario())
 
 
+class Quick(Command[str]):
+    durable: ClassVar[Durable | bool] = Durable(lease=1.0)
+
+
+@handler
+async def quick(command: Quick) -> str:
+    return "quick"
+
+
+def test_each_durable_queue_is_prepared_with_its_own_types_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JetStream consumer's ack wait is the lease: a type's own, not the longest of the node's."""
+    prepared: dict[str, float] = {}
+
+    async def scenario() -> None:
+        _, (a,) = await cluster("a")
+        store = a.node.transport.durable
+        real = store.prepare
+
+        async def recorded(queues: Any, *, lease: float, **settings: Any) -> None:
+            prepared.update((queue.type_name, lease) for queue in queues)
+            await real(queues, lease=lease, **settings)
+
+        monkeypatch.setattr(store, "prepare", recorded)
+        await a.node.durable_runner.prepare()
+        await a.stop()
+
+    run_virtual(scenario())
+    assert (prepared["Quick"], prepared["Charge"]) == (1.0, 2.0), prepared
+
+
 def test_copies_of_one_message_sent_at_once_run_it_once() -> None:
     """The second copy waits on the first's lease; once it is let go, the done record the first
     wrote before letting go answers the copy: it never runs the handler again."""
