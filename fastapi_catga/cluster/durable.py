@@ -57,6 +57,7 @@ from fastapi_catga.core.tasks import cancel_and_wait
 from fastapi_catga.core.travels import result_not_json
 from fastapi_catga.exceptions import (
     CatgaError,
+    MessageTooLargeError,
     MessageValidationError,
     Reject,
     RetryLater,
@@ -327,7 +328,13 @@ class DurableRunner:
     ) -> None:
         queue = work.queue
         letter = dead_letter_for(queue, delivery, reason, exc, message_id, self._settings.node_id)
-        await self.store.add_dead_letter(letter, delivery.envelope)
+        try:
+            await self.store.add_dead_letter(letter, delivery.envelope)
+        except MessageTooLargeError as too_large:  # NATS: even its bare letter does not fit beside it
+            logger.error(
+                "durable %s %s is dropped: it cannot be dead-lettered (%s); it was %s: %s",
+                queue.type_name, message_id, too_large, reason, letter.error,
+            )  # fmt: skip
         await delivery.drop()
         if self._observer is not None:
             self._observer.dead_lettered(queue.type_name, str(reason))

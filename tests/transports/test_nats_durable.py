@@ -286,6 +286,26 @@ def letter(n: int, group: str = "workers") -> DeadLetter:
     )
 
 
+async def test_a_letter_beside_a_message_near_the_limit_keeps_the_message_and_cuts_its_error(
+    nats_server: NatsServer, open_nats: Open
+) -> None:
+    """A message just under the payload limit (what a send lets through) dead-lettered with a long
+    error: the two must share one NATS message, so the error text gives way, never the message."""
+    transport = await open_nats(nats_server.url)
+    durable = await prepared(transport)
+    body = b"x" * (transport.max_payload - 500)
+    big = Envelope({"catga-id": "m1", "catga-type": CMD.type_name}, body)
+    long_error = letter(1).model_copy(update={"error": "ошибка 🙈 " * 100})  # ~12 KB as ASCII JSON
+    await durable.add_dead_letter(long_error, big)
+    found = await durable.dead_letter("workers:m1")
+    assert found is not None
+    stored, kept = found
+    assert kept.body == body and stored.error.endswith("[cut to fit]")
+    assert stored.error.startswith("ошибка 🙈") and stored.model_copy(update={"error": ""}) == letter(
+        1
+    ).model_copy(update={"error": ""})
+
+
 async def test_a_discarded_dead_letter_can_come_again_at_once(
     any_server: NatsServer, open_nats: Open
 ) -> None:

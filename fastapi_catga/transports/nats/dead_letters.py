@@ -20,7 +20,7 @@ import nats.js.errors
 from nats.js import api
 from pydantic import ValidationError
 
-from fastapi_catga.core.envelope import Envelope, unpack
+from fastapi_catga.core.envelope import Envelope, pack, unpack
 from fastapi_catga.exceptions import MessageValidationError
 from fastapi_catga.transports._shared import frame
 from fastapi_catga.transports.durable import DeadLetter
@@ -62,12 +62,16 @@ class NatsDeadLetters:
         return self._prefix + safe_name(letter_id)
 
     async def add(self, letter: DeadLetter, envelope: Envelope) -> None:
+        """Store the letter beside its message, its error text cut as far as the two must fit in
+        one NATS message (a message near the payload limit leaves little room for the letter).
+
+        Raises:
+            MessageTooLargeError: even without its error text, the letter does not fit.
+        """
         js, subject = self._connection.live()[1], self._subject(letter.id)
-        headers = {
-            _HEADER: json.dumps(letter.model_dump(mode="json"), separators=(",", ":")),  # ASCII only
-            "Nats-Expected-Last-Subject-Sequence": "0",
-        }
-        data = frame(envelope, self._payload_limit() - header_room(headers), "NATS")
+        limit = self._payload_limit()
+        headers = _headers(letter, limit - len(pack(envelope)))
+        data = frame(envelope, limit - header_room(headers), "NATS")
         with NatsErrors(f"dead letter {letter.id}"):
             try:
                 await js.publish(subject, data, headers=headers)
@@ -115,6 +119,23 @@ class NatsDeadLetters:
             if "error" in answer:
                 raise nats.js.errors.APIError.from_error(answer["error"])
         return bool(answer.get("purged"))
+
+
+def _headers(letter: DeadLetter, room: int) -> dict[str, str]:
+    """The letter's headers, within ``room`` bytes if cutting its error text can do it."""
+    while True:
+        headers = {
+            _HEADER: json.dumps(letter.model_dump(mode="json"), separators=(",", ":")),  # ASCII only
+            "Nats-Expected-Last-Subject-Sequence": "0",
+        }
+        over = header_room(headers) - room
+        if over <= 0 or not letter.error:
+            return headers
+        # Cut in proportion to the bytes each character takes (up to 12 escaped), and by one at least.
+        text, size = letter.error, len(json.dumps(letter.error))
+        keep = min(len(text) - 1, len(text) * (size - over - 30) // size)
+        cut = text[: max(0, keep)].removesuffix(" [cut to fit]")
+        letter = letter.model_copy(update={"error": f"{cut} [cut to fit]" if cut else ""})
 
 
 def _letter(msg: api.RawStreamMsg) -> tuple[DeadLetter, Envelope] | None:
