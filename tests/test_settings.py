@@ -192,6 +192,11 @@ def test_settings_never_show_a_broker_password() -> None:
         ("nats://tok3n@h:4222", "nats://***@h:4222"),
         ("redis://default:pw@h/0?password=pw&db=1", "redis://default:***@h/0?password=***&db=1"),
         ("nats://h:4222", "nats://h:4222"),
+        # The user part ends at the last @, as URL parsers read it; a password may hold @ , and /.
+        ("redis://catga:p@ssw0rd@h:6379/0", "redis://catga:***@h:6379/0"),
+        ("nats://catga:pass,word@h:4222", "nats://catga:***@h:4222"),
+        ("rediss+sentinel://u:pa,ss/w@s1:26379,s2:26379/m", "rediss+sentinel://u:***@s1:26379,s2:26379/m"),
+        ("nats://a:x@n1:4222,nats://b:y@n2:4222", "nats://a:***@n1:4222,nats://b:***@n2:4222"),
     ],
 )
 def test_redact_url_hides_passwords_and_tokens(url: str, shown: str) -> None:

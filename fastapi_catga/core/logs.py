@@ -6,26 +6,56 @@ from __future__ import annotations
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Hashable
 
-__all__ = ["LogLimiter", "redact_url"]
+__all__ = ["LogLimiter", "redact_text", "redact_url"]
 
-_USERINFO = re.compile(r"(?<=//)([^@/\s,]*)@")
-_SECRET_PARAM = re.compile(r"(?i)\b(password|pass|token|auth)=[^&\s,]*")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_SECRET_PARAM = re.compile(r"(?i)\b(password|pass|token|auth)=([^&\s,]*)")
 
 
 def redact_url(url: str) -> str:
     """The URL (or comma-separated URLs) with every password or token replaced by ``***``.
 
     ``nats://user:pw@h`` -> ``nats://user:***@h``; ``nats://token@h`` -> ``nats://***@h``;
-    ``redis://h/0?password=pw`` -> ``redis://h/0?password=***``.
+    ``redis://h/0?password=pw`` -> ``redis://h/0?password=***``. A URL's user part ends at its
+    last ``@``, as URL parsers read it: a password may hold ``@``, ``,`` or ``/``.
     """
+    pieces, done = [], 0
+    for start, end in _userinfo_spans(url):
+        user, colon, _ = url[start:end].partition(":")
+        pieces += [url[done:start], f"{user}:***" if colon else "***"]
+        done = end
+    pieces.append(url[done:])
+    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=***", "".join(pieces))
 
-    def mask(match: re.Match[str]) -> str:
-        user, colon, _ = match.group(1).partition(":")
-        return f"{user}:***@" if colon else "***@"
 
-    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=***", _USERINFO.sub(mask, url))
+def redact_text(text: str, url: str) -> str:
+    """``text`` (a parser's error, say) with every password or token of ``url`` in it, as written
+    or percent-decoded, replaced by ``***``."""
+    secrets = {m.group(2) for m in _SECRET_PARAM.finditer(url)}
+    for start, end in _userinfo_spans(url):
+        user, colon, password = url[start:end].partition(":")
+        secrets.add(password if colon else user)
+    # A parser that reads the user part only up to a ``#``, ``?`` or ``/`` quotes what comes before.
+    secrets |= {urllib.parse.unquote(secret) for secret in secrets}
+    secrets |= {cut for secret in secrets if len(cut := re.split(r"[#?/]", secret)[0]) >= 4}
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _userinfo_spans(url: str) -> list[tuple[int, int]]:
+    """Where each URL's user part is: from its ``scheme://`` to its last ``@`` before the next URL."""
+    schemes = list(_SCHEME.finditer(url))
+    spans = []
+    for scheme, following in zip(schemes, [*schemes[1:], None], strict=True):
+        start, stop = scheme.end(), len(url) if following is None else following.start()
+        at = url.rfind("@", start, stop)
+        if at >= 0:
+            spans.append((start, at))
+    return spans
 
 
 class LogLimiter:

@@ -15,7 +15,7 @@ from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
-from fastapi_catga.core.logs import redact_url
+from fastapi_catga.core.logs import redact_text, redact_url
 from fastapi_catga.exceptions import ConfigurationError
 from fastapi_catga.transports.redis.locate import LocatedConnection, LocatedSSLConnection, Locator
 from fastapi_catga.transports.tls import TlsFiles
@@ -139,7 +139,9 @@ def command_pool(
     try:
         options: dict[str, Any] = dict(parse_url(url))  # as from_url(), but with a located class
     except ValueError as exc:
-        raise ConfigurationError(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
+        raise ConfigurationError(
+            f"invalid CATGA_REDIS_URL {redact_url(url)}: {redact_text(str(exc), url)}"
+        ) from exc
     if locator is not None:
         located = LocatedSSLConnection if uses_tls(url) else LocatedConnection
         options.update(connection_class=located, locator=locator)
@@ -158,7 +160,9 @@ def command_pool(
     try:
         return BlockingConnectionPool(**kwargs)
     except ValueError as exc:  # an option of the URL's query out of range
-        raise ConfigurationError(f"invalid Redis URL {redact_url(url)}: {exc}") from exc
+        raise ConfigurationError(
+            f"invalid CATGA_REDIS_URL {redact_url(url)}: {redact_text(str(exc), url)}"
+        ) from exc
 
 
 def once_pool(

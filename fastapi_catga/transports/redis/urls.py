@@ -7,7 +7,7 @@ from urllib.parse import unquote, urlsplit
 
 from redis.crc import key_slot
 
-from fastapi_catga.core.logs import redact_url
+from fastapi_catga.core.logs import redact_text, redact_url
 from fastapi_catga.exceptions import ConfigurationError
 from fastapi_catga.transports.redis.connections import uses_tls
 from fastapi_catga.transports.redis.locate import Locator, SentinelLocator
@@ -81,7 +81,8 @@ def _host(part: str, default_port: int, url: str) -> tuple[str, int]:
     elif ":" in part:
         host, _, port = part.rpartition(":")
     if not host or port and not port.isdigit():
-        raise ConfigurationError(f"bad host:port {part!r} in the Redis URL {redact_url(url)}")
+        shown = redact_text(repr(part), url)
+        raise ConfigurationError(f"bad host:port {shown} in CATGA_REDIS_URL {redact_url(url)}")
     return host, int(port) if port else default_port
 
 
