@@ -197,6 +197,7 @@ def test_settings_never_show_a_broker_password() -> None:
         ("nats://catga:pass,word@h:4222", "nats://catga:***@h:4222"),
         ("rediss+sentinel://u:pa,ss/w@s1:26379,s2:26379/m", "rediss+sentinel://u:***@s1:26379,s2:26379/m"),
         ("nats://a:x@n1:4222,nats://b:y@n2:4222", "nats://a:***@n1:4222,nats://b:***@n2:4222"),
+        ("tok3n@h:4222", "***@h:4222"),  # nats-py's nats:// is implied
     ],
 )
 def test_redact_url_hides_passwords_and_tokens(url: str, shown: str) -> None:

@@ -48,10 +48,10 @@ def redact_text(text: str, url: str) -> str:
 
 def _userinfo_spans(url: str) -> list[tuple[int, int]]:
     """Where each URL's user part is: from its ``scheme://`` to its last ``@`` before the next URL."""
-    schemes = list(_SCHEME.finditer(url))
+    starts = [scheme.end() for scheme in _SCHEME.finditer(url)] or [0]  # none: nats-py's host:port
+    stops = [scheme.start() for scheme in _SCHEME.finditer(url)][1:] + [len(url)]
     spans = []
-    for scheme, following in zip(schemes, [*schemes[1:], None], strict=True):
-        start, stop = scheme.end(), len(url) if following is None else following.start()
+    for start, stop in zip(starts, stops, strict=True):
         at = url.rfind("@", start, stop)
         if at >= 0:
             spans.append((start, at))

@@ -165,6 +165,24 @@ def test_bad_settings_fail_at_construction(servers: str, cluster: str, complaint
         NatsTransport(servers, cluster=cluster)
 
 
+@pytest.mark.parametrize(
+    ("servers", "complaint"),
+    [
+        ("nats://", "names no host"),
+        ("nats://127.0.0.1:99999", "port is no number"),
+        ("http://127.0.0.1:4222", "scheme is not one of"),
+        ("nats://app:se/cret@127.0.0.1:4222", "port is no number"),  # a / not percent-encoded
+        ("nats://app:se,cret@127.0.0.1:4222", "port is no number"),  # the , splits the list
+    ],
+)
+def test_a_malformed_url_is_a_configuration_error_that_shows_no_password(
+    servers: str, complaint: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"invalid CATGA_NATS_URL .*{complaint}") as raised:
+        NatsTransport(servers)
+    assert "cret" not in str(raised.value)
+
+
 def test_missing_nats_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "nats", None)
     for name in [name for name in sys.modules if name.startswith("fastapi_catga.transports.nats")]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -65,6 +66,13 @@ class NatsConnection:
         if not self.servers:
             raise ConfigurationError("no NATS server URL given (CATGA_NATS_URL, e.g. nats://localhost:4222)")
         self.where = redact_url(", ".join(self.servers))  # for messages and logs: no password
+        for url in self.servers:
+            if (problem := _url_problem(url)) is not None:
+                given = redact_url(servers if isinstance(servers, str) else ",".join(servers))
+                raise ConfigurationError(
+                    f"invalid CATGA_NATS_URL {given}: {problem} (expected comma-separated "
+                    "nats://[user:password@]host:port URLs; percent-encode , / @ : in a password)"
+                )
         self.connect_timeout = connect_timeout
         self.state = ConnectionState()
         #: Messages nats-py dropped because a subscription's pending queue was full.
@@ -152,7 +160,8 @@ class NatsConnection:
         self.state.close()
         if self.nc is not None:
             # After a failed TLS handshake asyncio's stream never finishes closing: bound the wait.
-            with contextlib.suppress(TimeoutError):
+            # A client that failed before it was set up refuses to close (an AssertionError).
+            with contextlib.suppress(TimeoutError, AssertionError):
                 async with asyncio.timeout(_CLOSE_TIMEOUT):
                     await self.nc.close()
 
@@ -188,3 +197,21 @@ class NatsConnection:
     async def _on_closed(self) -> None:
         if not self.state.closed:
             logger.warning("the NATS connection closed for good (%s)", self.where)
+
+
+_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def _url_problem(url: str) -> str | None:
+    """What nats-py would choke on in one server URL (no scheme means nats://), or None; it names
+    no part of the URL, which may hold a password."""
+    parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.scheme not in _SCHEMES:
+        return f"a URL's scheme is not one of {', '.join(_SCHEMES)}"
+    if not parts.hostname:
+        return "a URL names no host"
+    try:
+        parts.port  # noqa: B018 (it parses, and raises for a port out of range)
+    except ValueError:
+        return "a URL's port is no number from 0 to 65535"
+    return None
