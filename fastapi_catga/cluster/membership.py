@@ -151,7 +151,8 @@ class Membership:
                 delay = min(1.0, delay * 2)
 
     async def stop(self, timeout: float = 2.0) -> None:
-        """Leave: delete this node's record (peers drop it at once), stop every loop and wait for it."""
+        """Leave: delete this node's record (peers drop it at once), stop every loop and wait for it.
+        A node whose claim failed deletes nothing: the record is a live twin's."""
         self._stopping = True
         tasks = [task for task in (*self._loops, self._watch_task, self._resync_task) if task is not None]
         for task in tasks:
@@ -159,7 +160,7 @@ class Membership:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._stop_watch()
-        if self._transport.connected:
+        if self._claimed and self._transport.connected:
             try:
                 async with asyncio.timeout(timeout):
                     await self._store.delete(self.node_id)

@@ -33,6 +33,8 @@ def test_a_second_process_with_a_live_nodes_id_is_refused_at_start() -> None:
         with pytest.raises(ConfigurationError, match="'pod-0' belongs to a live node"):
             await node(broker, "pod-0").start()
         assert loop.time() - started <= TIMING["heartbeat_interval"] + 0.5, "refused within a heartbeat"
+        store = first.node.transport.members
+        assert list(await store.list()) == ["pod-0"], "the refused twin deleted its record"
         assert [n.node_id for n in first.node.nodes()] == ["pod-0"]
         assert await first.mediator.send(workload.Work()) == "?"  # the first one goes on serving
         await first.stop()
