@@ -22,7 +22,7 @@ from fastapi_catga.cli.render import (
     node_rows,
     table,
 )
-from fastapi_catga.cluster.durable_client import DeadLetters
+from fastapi_catga.cluster.durable_client import DeadLetters, PreparedStore
 from fastapi_catga.cluster.identity import read_record
 from fastapi_catga.core.dead_letter import DeadLetter
 from fastapi_catga.core.envelope import Envelope
@@ -170,14 +170,9 @@ async def dead_letters(ctx: Context, action: str, letter_id: str | None, limit: 
     settings = ctx.settings
     async with connected(ctx) as transport:
         # Makes the dead-letter stream where no node made it yet; what exists stays as it is.
-        prepare = transport.durable.prepare(
-            [],
-            lease=settings.durable_lease,
-            dedup_window=settings.durable_dedup_window,
-            retention=settings.durable_retention,
-        )
-        await within(ctx, prepare, "preparing the durable store")
-        letters = DeadLetters(transport)
+        store = PreparedStore(transport, settings)
+        await within(ctx, store.ready(), "preparing the durable store")
+        letters = DeadLetters(store)
         if action == "list":
             found = await within(ctx, letters.list(limit), "listing dead letters")
             if ctx.as_json:

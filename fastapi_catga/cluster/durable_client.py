@@ -34,10 +34,11 @@ from fastapi_catga.core.envelope import (
 from fastapi_catga.core.messages import Accepted, Event, Message, Request, new_message_id
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import NodeUnavailableError, RequestTimeoutError
+from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Delivery, Subscription, Transport
-from fastapi_catga.transports.durable import DeadLetter, Queue, QueueKind
+from fastapi_catga.transports.durable import DeadLetter, DurableStore, Queue, QueueKind
 
-__all__ = ["DeadLetters", "DurableClient", "is_durable"]
+__all__ = ["DeadLetters", "DurableClient", "PreparedStore", "is_durable"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class DurableClient:
         clock: Callable[[], float],
         *,
         observer: Observer | None = None,
+        settings: CatgaSettings | None = None,
     ) -> None:
         self._transport = transport
         self._node_id = node_id
@@ -70,7 +72,8 @@ class DurableClient:
         self._observer = observer
         self._waiting: dict[str, list[asyncio.Future[Envelope]]] = {}  # message id -> its waiting sends
         self._subscription: Subscription | None = None
-        self.dead_letters = DeadLetters(transport)
+        self._store = PreparedStore(transport, settings or CatgaSettings())
+        self.dead_letters = DeadLetters(self._store)
 
     async def start(self) -> None:
         """Listen for the outcomes of the commands this node waits for."""
@@ -102,7 +105,8 @@ class DurableClient:
         if self._observer is not None:
             self._observer.inject(envelope.headers)
         kind: QueueKind = "evt" if isinstance(message, Event) else "cmd"
-        stored = await self._transport.durable.append(
+        store = await self._store.ready()
+        stored = await store.append(
             kind, message.type_name, envelope, dedup_id=dedup_id or message.message_id
         )
         return Accepted(message.message_id, stored.duplicate)
@@ -119,6 +123,19 @@ class DurableClient:
             raise
         self._observer.send_ended(token, message, operation, time.perf_counter() - started, None)
         return done
+
+    async def _store_once(self, message: Request[Any], key: str) -> bytes | None:
+        """Store a command sent with a wait for its outcome; the stored outcome of an earlier run of
+        its id, if that is done already."""
+        if (await self._append(message, wait=True)).duplicate:
+            done = await self._transport.durable.done(key)
+            if done is not None:
+                return done
+            # The broker remembers this id, yet no outcome is on record: the first run's record
+            # expired, or the first append still waits in the queue. Queue it again; if the
+            # first is still there, whichever runs second finds the other's done record.
+            await self._append(message, wait=True, dedup_id=f"{message.message_id}.{new_message_id()}")
+        return None
 
     async def enqueue(self, message: Request[Any]) -> Accepted:
         """Store a durable command; return once the broker has it."""
@@ -144,14 +161,17 @@ class DurableClient:
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(message.message_id, []).append(future)
         try:
-            if (await self._append(message, wait=True)).duplicate:
-                done = await self._transport.durable.done(key)
-                if done is not None:  # a re-send of a finished command: its stored outcome
-                    return decode_reply(Envelope({STATUS: "ok"}, done), type(message).result_adapter())
-                # The broker remembers this id, yet no outcome is on record: the first run's record
-                # expired, or the first append still waits in the queue. Queue it again; if the
-                # first is still there, whichever runs second finds the other's done record.
-                await self._append(message, wait=True, dedup_id=f"{message.message_id}.{new_message_id()}")
+            try:  # a frozen broker must not hold the caller past its deadline
+                async with asyncio.timeout(budget):
+                    done = await self._store_once(message, key)
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"{message.type_name} {message.message_id}: the broker did not confirm it within "
+                    f"{budget:g} s; it may or may not be stored (send it again with the same message_id)",
+                    details={"accepted": None, "message_id": message.message_id},
+                ) from None
+            if done is not None:  # a re-send of a finished command: its stored outcome
+                return decode_reply(Envelope({STATUS: "ok"}, done), type(message).result_adapter())
             while True:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
@@ -165,7 +185,8 @@ class DurableClient:
                         reply = await asyncio.shield(future)
                     break
                 except TimeoutError:
-                    done = await self._transport.durable.done(key)
+                    async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                        done = await self._transport.durable.done(key)
                     if done is not None:
                         reply = Envelope({STATUS: "ok"}, done)
                         break
@@ -179,28 +200,61 @@ class DurableClient:
                 future.exception()  # retrieved: a stop may have failed it after this send gave up
 
 
+class PreparedStore:
+    """A transport's durable store, with what messages and dead letters need made on the broker
+    before the first use, where no durable worker of this node made it (a node that only enqueues,
+    publishes or reads dead letters; JetStream has no stream until someone makes it). Made again
+    after a reconnect: the broker may have come back without it."""
+
+    def __init__(self, transport: Transport, settings: CatgaSettings) -> None:
+        self._transport = transport
+        self._settings = settings
+        self._made = False
+        self._lock = asyncio.Lock()
+        transport.add_connection_listener(self._on_connection)
+
+    def _on_connection(self, connected: bool) -> None:
+        if not connected:
+            self._made = False
+
+    async def ready(self) -> DurableStore:
+        store = self._transport.durable
+        if not self._made:
+            async with self._lock:
+                if not self._made:
+                    settings = self._settings
+                    await store.prepare(
+                        [],
+                        lease=settings.durable_lease,
+                        dedup_window=settings.durable_dedup_window,
+                        retention=settings.durable_retention,
+                    )
+                    self._made = True
+        return store
+
+
 class DeadLetters:
     """The dead-letter store: messages that will not run until replayed (``mediator.dead_letters``)."""
 
-    def __init__(self, transport: Transport) -> None:
-        self._transport = transport
+    def __init__(self, store: PreparedStore) -> None:
+        self._store = store
 
     async def list(self, limit: int = 100) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first (none for a ``limit`` under 1)."""
         if limit < 1:
             return []
-        return [letter for letter, _ in await self._transport.durable.dead_letters(limit)]
+        return [letter for letter, _ in await (await self._store.ready()).dead_letters(limit)]
 
     async def get(self, letter_id: str) -> DeadLetter | None:
         """One dead letter by its id (``<group>:<message id>``), or None."""
-        found = await self._transport.durable.dead_letter(letter_id)
+        found = await (await self._store.ready()).dead_letter(letter_id)
         return None if found is None else found[0]
 
     async def replay(self, letter_id: str) -> bool:
         """Put the message back in its queue (same message id) and drop the dead letter; False when
         there is none. For an event, every handler group gets it again: those that ran it already
         skip it while their done record lasts."""
-        store = self._transport.durable
+        store = await self._store.ready()
         found = await store.dead_letter(letter_id)
         if found is None:
             return False
@@ -220,7 +274,7 @@ class DeadLetters:
 
     async def discard(self, letter_id: str) -> bool:
         """Drop a dead letter for good; False when there is none."""
-        return await self._transport.durable.remove_dead_letter(letter_id)
+        return await (await self._store.ready()).remove_dead_letter(letter_id)
 
 
 def is_durable(message_type: type[Message]) -> bool:

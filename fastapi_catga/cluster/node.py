@@ -131,7 +131,7 @@ class ClusterNode:
             observer=observer,
         )
         self.durable_runner = DurableRunner(transport, dispatcher, settings, observer=observer)
-        self.durable = DurableClient(transport, settings.node_id, clock, observer=observer)
+        self.durable = DurableClient(transport, settings.node_id, clock, observer=observer, settings=settings)
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.
         self.local_routes: dict[type[Message], LocalRoute] = {}

@@ -8,13 +8,14 @@ import logging
 import shutil
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
+from fastapi_catga import Catga, CatgaSettings, Command, Durable, build, handler
 from fastapi_catga.core.envelope import Envelope
 from fastapi_catga.exceptions import MessageTooLargeError, NoResponderError, TransportError
 from fastapi_catga.transports.durable import DeadLetter, DurableConsumer, DurableDelivery, Queue
@@ -23,6 +24,7 @@ from fastapi_catga.transports.nats.durable import NatsDurable
 from fastapi_catga.transports.nats.leases import kv_key
 from fastapi_catga.transports.nats.pull import NatsConsumer
 from fastapi_catga.transports.nats.streams import safe_name
+from tests.polling import eventually
 from tests.servers import NatsServer
 from tests.transports.conftest import OpenNats
 from tests.transports.durable_contract import CMD, LEASE, DurableContract, MakeStore, envelope, fetch_all
@@ -330,3 +332,49 @@ async def test_dead_letters_are_readable_with_raw_nats(
     assert DeadLetter.model_validate_json(msg.headers["Catga-Dead-Letter"]) == letter(1)
     assert msg.data == b'{"catga-id":"m1","catga-type":"orders.Place"}\n{"n": 1}'
     await nc.close()
+
+
+# -- a node that only sends ---------------------------------------------------------------------------------
+
+
+class Fulfil(Command[str]):
+    durable: ClassVar[Durable | bool] = Durable(lease=5)
+    order: str
+
+
+fulfilled: list[str] = []
+
+
+@handler
+async def fulfil(command: Fulfil) -> str:
+    fulfilled.append(command.order)
+    return command.order
+
+
+async def test_a_node_without_durable_handlers_enqueues_and_reads_dead_letters_before_any_worker(
+    nats_server: NatsServer, cluster: str
+) -> None:
+    """JetStream has no stream until someone makes it: the first node to need one makes it, be it
+    a worker or a node that only enqueues (a gateway), started first or alone."""
+
+    def node(node_id: str, handlers: list[Any]) -> Catga:
+        settings = CatgaSettings(transport="nats", nats_url=nats_server.url, cluster=cluster, node_id=node_id)
+        return build(settings, handlers=handlers)
+
+    fulfilled.clear()
+    gateway = node("gateway", [])
+    await gateway.start()
+    try:
+        assert await gateway.mediator.dead_letters.list() == []
+        assert await gateway.mediator.dead_letters.get("workers:nothing") is None
+        accepted = await gateway.mediator.enqueue(Fulfil(order="o-1"))
+        assert not accepted.duplicate
+        worker = node("worker", [fulfil])
+        await worker.start()
+        try:
+            await eventually(lambda: fulfilled == ["o-1"], within=10)
+            assert await gateway.mediator.send(Fulfil(order="o-2"), timeout=10) == "o-2"
+        finally:
+            await worker.stop()
+    finally:
+        await gateway.stop()
