@@ -162,7 +162,10 @@ class LocalDispatcher:
         text = f"{message.type_name} handler raised {error_type} on node {self.node_id}"
         text += f" (message {message.message_id})"
         if self.expose_errors:
-            text += f": {exc}"
+            try:
+                text += f": {exc}"
+            except Exception as broken:  # its __str__ raises: the error still gets its answer
+                text += f" (its text could not be read: {type(broken).__name__})"
         return RemoteHandlerError(
             text, error_type=error_type, node_id=self.node_id, retryable=_retryable(exc)
         )

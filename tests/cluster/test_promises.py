@@ -70,6 +70,13 @@ class Interrupted(BaseException):
     """A user's BaseException that is neither an exit nor a cancellation."""
 
 
+class Unreadable(Exception):
+    """An error whose text cannot be read: its __str__ raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
 class NoInit(CatgaError):
     """A user error class that never calls ``CatgaError.__init__``: no message, no node."""
 
@@ -95,6 +102,7 @@ ERRORS: dict[str, Any] = {
     "builtin-timeout": lambda: TimeoutError("socket timed out"),
     "out-of-stock": lambda: OutOfStock("apple"),
     "plain": lambda: ValueError("secret detail"),
+    "unreadable": lambda: Unreadable(),
     "retryable": lambda: RetryableError("try elsewhere"),
 }
 
@@ -197,6 +205,15 @@ async def test_the_handlers_text_stays_on_its_node_unless_exposed(start_node: St
     dev = await start_node("dev", handlers=[sys.modules[__name__]], cluster="dev", expose_errors=True)
     with pytest.raises(RemoteHandlerError, match="ValueError on node dev .*: secret detail"):
         await dev.mediator.send(Fail(kind="plain"))
+    await start_node("exposed", handlers=[sys.modules[__name__]], cluster="dev", expose_errors=True)
+    await eventually(lambda: len(dev.node.nodes()) == 2, within=2)
+    for send in (
+        dev.mediator.send(Fail(kind="unreadable")),
+        dev.mediator.send_to_node(Fail(kind="unreadable"), "exposed"),
+    ):
+        with pytest.raises(RemoteHandlerError, match="its text could not be read") as raised:
+            await send
+        assert raised.value.error_type == "Unreadable"
 
 
 @pytest.mark.parametrize("routing", ["round_robin", "random", "local_first"])
