@@ -76,8 +76,10 @@ class CatgaSettings(BaseSettings):
         max_length=64,
         description="Your app's version, shown in /catga/nodes and in logs (rolling upgrades)",
     )
-    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between heartbeats")
-    node_ttl: float = Field(15.0, gt=0, description="Seconds without a heartbeat after which a node is dead")
+    heartbeat_interval: float = Field(5.0, gt=0, le=MAX_TIMEOUT, description="Seconds between heartbeats")
+    node_ttl: float = Field(
+        15.0, gt=0, le=MAX_TIMEOUT, description="Seconds without a heartbeat after which a node is dead"
+    )
     request_timeout: float = Field(
         30.0, gt=0, le=MAX_TIMEOUT, description="Total deadline of one send, seconds"
     )
@@ -88,7 +90,9 @@ class CatgaSettings(BaseSettings):
         "round_robin", description="How send picks among capable nodes (messages with a routing key hash)"
     )
     max_payload: int = Field(DEFAULT_MAX_PAYLOAD, ge=1024, description="Largest encoded message, bytes")
-    drain_timeout: float = Field(10.0, ge=0, description="Seconds a stopping node waits for work in flight")
+    drain_timeout: float = Field(
+        10.0, ge=0, le=MAX_TIMEOUT, description="Seconds a stopping node waits for work in flight"
+    )
     expose_errors: bool = Field(
         False,
         description="Put a failing handler's exception text in the error callers get (development only)",
@@ -101,13 +105,19 @@ class CatgaSettings(BaseSettings):
         description="Comma-separated seconds between durable attempts, the last repeated",
     )
     durable_lease: float = Field(
-        30.0, gt=0, description="Seconds a durable handler's node may go silent before another takes over"
+        30.0,
+        gt=0,
+        le=MAX_TIMEOUT,
+        description="Seconds a durable handler's node may go silent before another takes over",
     )
     durable_dedup_window: float = Field(
-        86400.0, gt=0, description="Seconds a durable message id that succeeded is not run again"
+        86400.0,
+        gt=0,
+        le=MAX_TIMEOUT,
+        description="Seconds a durable message id that succeeded is not run again",
     )
     durable_retention: float = Field(
-        14 * 86400.0, gt=0, description="Seconds dead letters and durable events are kept"
+        14 * 86400.0, gt=0, le=MAX_TIMEOUT, description="Seconds dead letters and durable events are kept"
     )
     durable_concurrency: int = Field(
         8, ge=1, le=10_000, description="Durable handlers of one type running at once per node"
@@ -135,8 +145,8 @@ class CatgaSettings(BaseSettings):
     @field_validator("durable_backoff")
     @classmethod
     def _some_delays(cls, value: list[float]) -> list[float]:
-        if not value or min(value) < 0:
-            raise ValueError("give one or more delays of 0 s or more, e.g. 1,5,30,120")
+        if not value or min(value) < 0 or max(value) > MAX_TIMEOUT:
+            raise ValueError(f"give one or more delays of 0 to {MAX_TIMEOUT:g} s, e.g. 1,5,30,120")
         return value
 
     @field_validator("handler_modules", mode="before")

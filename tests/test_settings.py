@@ -103,6 +103,9 @@ def test_unknown_transport_names_the_variable_and_the_choices(monkeypatch: pytes
         ("CATGA_REQUEST_TIMEOUT", "1e12"),  # no deadline header another node reads
         ("CATGA_NODE_TTL", "infinity"),
         ("CATGA_DRAIN_TIMEOUT", "nan"),
+        ("CATGA_NODE_TTL", "1e10"),  # a TTL no broker takes
+        ("CATGA_DURABLE_RETENTION", "1e300"),
+        ("CATGA_DURABLE_BACKOFF", "1,1e300"),
         ("CATGA_NODE_ID", "a/b"),
     ],
 )

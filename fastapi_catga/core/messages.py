@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -61,12 +62,14 @@ class Durable:
     def __post_init__(self) -> None:
         if self.attempts is not None and self.attempts < 1:
             raise ValueError("Durable(attempts=...) needs at least 1")
-        if self.backoff is not None and (not self.backoff or min(self.backoff) < 0):
-            raise ValueError("Durable(backoff=...) needs one or more delays of 0 s or more")
+        if self.backoff is not None and (
+            not self.backoff or not all(0 <= delay < math.inf for delay in self.backoff)
+        ):
+            raise ValueError("Durable(backoff=...) needs one or more finite delays of 0 s or more")
         for name in ("lease", "dedup_window"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"Durable({name}=...) must be positive")
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"Durable({name}=...) must be a positive, finite number of seconds")
 
 
 @dataclass(frozen=True, slots=True)

@@ -472,7 +472,11 @@ def test_a_message_whose_lease_another_node_holds_waits_and_one_run_commits() ->
 
 
 def test_durable_options_are_checked() -> None:
-    for bad in ({"attempts": 0}, {"backoff": ()}, {"backoff": (-1.0,)}, {"lease": 0}, {"dedup_window": -5}):
+    nan, inf = float("nan"), float("inf")
+    for bad in (
+        {"attempts": 0}, {"backoff": ()}, {"backoff": (-1.0,)}, {"backoff": (1.0, nan)}, {"lease": 0},
+        {"lease": inf}, {"dedup_window": -5}, {"dedup_window": nan},
+    ):  # fmt: skip
         with pytest.raises(ValueError, match="Durable"):
             Durable(**bad)
     with pytest.raises(ValueError, match="delays"):
