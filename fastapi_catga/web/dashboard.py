@@ -135,6 +135,11 @@ def snapshot(
     }
 
 
+#: The longest a stream may be asked to stay open: a graceful shutdown waits for it, and this
+#: keeps that wait well inside Kubernetes' default 30 s grace period.
+MAX_STREAM_SECONDS = 15.0
+
+
 async def snapshots(
     catga: Catga, interval: float, seconds: float, clock: Callable[[], float] = time.monotonic
 ) -> AsyncIterator[str]:
@@ -142,7 +147,8 @@ async def snapshots(
 
     It also ends when the node stops. Starlette ends it when the client goes away. The limit on
     its life exists because a graceful uvicorn shutdown waits for open responses before it stops
-    the app: a stream that ends on its own lets it proceed; the page's EventSource reconnects at once.
+    the app (and the node): a stream that ends on its own lets it proceed, within
+    `MAX_STREAM_SECONDS` whatever a client asks; the page's EventSource reconnects at once.
     """
     # Tell EventSource to reconnect after 1 s (its default is 3 s).
     yield "retry: 1000\n\n"
@@ -177,7 +183,13 @@ async def events(
     catga: CatgaDep,
     interval: Annotated[float, Query(ge=0.05, le=60, description="seconds between snapshots")] = 1.0,
     seconds: Annotated[
-        float, Query(gt=0, le=3600, description="how long the stream stays open (the page reconnects)")
+        float,
+        Query(
+            gt=0,
+            le=MAX_STREAM_SECONDS,
+            description="how long the stream stays open (the page reconnects); a graceful shutdown "
+            "waits for it",
+        ),
     ] = 10.0,
 ) -> StreamingResponse:
     return StreamingResponse(

@@ -90,6 +90,7 @@ def test_bad_query_values_are_rejected() -> None:
     with TestClient(dashboard_app()) as client:
         assert client.get("/catga/dashboard/events?interval=0").status_code == 422
         assert client.get("/catga/dashboard/events?seconds=0").status_code == 422
+        assert client.get("/catga/dashboard/events?seconds=3600").status_code == 422  # would hold a shutdown
 
 
 def test_the_observer_counts_a_failed_run_as_handled_and_failed() -> None:
