@@ -164,7 +164,7 @@ class CatgaSettings(BaseSettings):
     def _ttl_covers_heartbeats(self) -> Self:
         if self.node_ttl <= self.heartbeat_interval:
             raise ValueError(
-                f"node_ttl ({self.node_ttl:g} s) must be longer than heartbeat_interval "
+                f"CATGA_NODE_TTL ({self.node_ttl:g} s) must be longer than CATGA_HEARTBEAT_INTERVAL "
                 f"({self.heartbeat_interval:g} s); three heartbeats per TTL is the usual choice"
             )
         return self
