@@ -143,7 +143,9 @@ def test_node_ttl_must_exceed_the_heartbeat(
 ) -> None:
     monkeypatch.setenv("CATGA_HEARTBEAT_INTERVAL", heartbeat)
     monkeypatch.setenv("CATGA_NODE_TTL", ttl)
-    with pytest.raises(ConfigurationError, match="CATGA_NODE_TTL .* must be longer than CATGA_HEARTBEAT_INTERVAL"):
+    with pytest.raises(
+        ConfigurationError, match="CATGA_NODE_TTL .* must be longer than CATGA_HEARTBEAT_INTERVAL"
+    ):
         load_settings()
     with pytest.raises(ValidationError, match="node_ttl"):
         CatgaSettings()

@@ -149,6 +149,11 @@ class Sender:
         try:
             return await self._patient_attempt(call, node_id, 1, math.inf)
         except AttemptFailed as failed:
+            if isinstance(failed.error, RequestTimeoutError):  # in the words of every other path
+                what = f"{call.message.type_name} {call.message.message_id}"
+                raise RequestTimeoutError(
+                    f"{what}: no answer within {call.budget:g} s from node {node_id}", node_id=node_id
+                ) from None
             if isinstance(failed.error, NoResponderError):
                 self.view.suspect(node_id, self._clock())
                 raise NodeUnavailableError(

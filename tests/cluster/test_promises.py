@@ -748,3 +748,8 @@ async def test_a_run_here_past_the_whole_deadline_times_out_as_it_would_elsewher
         await a.mediator.send_to_node(Stalls(seconds=0.3), "a", timeout=0.1)
     results = await b.mediator.broadcast(Stalls(seconds=0.3), timeout=0.1)
     assert isinstance(results["b"], RequestTimeoutError), results
+    for target in ("a", "b"):  # in the same words whichever node ran out of time
+        with pytest.raises(
+            RequestTimeoutError, match=f"Cancels .*: no answer within 0.1 s from node {target}$"
+        ):
+            await a.mediator.send_to_node(Cancels(own=False), target, timeout=0.1)
