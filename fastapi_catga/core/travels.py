@@ -130,13 +130,14 @@ def as_received(message: M, body: bytes, types: dict[str, type[Message]]) -> M:
 
 
 M = TypeVar("M", bound=Message)
-_PLAIN_FIELDS = (str, int, bool)  # their values, once validated, read back from JSON as they are
+# Their values, once validated, read back from JSON as they are (None as null).
+_PLAIN_FIELDS = (str, int, bool, str | None, int | None, bool | None)
 
 
 @functools.cache
 def reads_back_as_is(message_type: type[Message]) -> bool:
     """Whether a (validated) message of ``message_type`` reads back from its JSON as an equal one
-    its handler cannot tell from it: fields of str, int and bool only (a float may be NaN, which
+    its handler cannot tell from it: fields of str, int and bool, or None, only (a float may be NaN, which
     JSON writes as null; a container may be the caller's to change), no aliases, no excluded
     field, constraints only of `annotated_types` (no transforming ones), and no validator,
     serializer, post-init hook, private attribute or extra field of its own. Others are decoded
