@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar, get_type_hints
 
-from fastapi_catga.core.messages import Event, Message, Request
+from fastapi_catga.core.messages import Command, Event, Message, Query, Request
 from fastapi_catga.core.pipeline import Pipeline
 from fastapi_catga.exceptions import ConfigurationError, DuplicateHandlerError
 
 __all__ = ["HandlerRegistry", "HandlerSpec", "HandlerSource", "declared_handlers", "handler"]
+
+_BASES = (Message, Request, Command, Query, Event)  # what no message is an instance of only
 
 F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
 #: What an app names to register handlers: a module, a module's dotted name, or a function.
@@ -103,8 +105,11 @@ def _message_type_of(func: Callable[..., Any]) -> type[Message]:
             f"handler {where}: annotate its first parameter with a Command, Query or Event subclass "
             f"(got {message_type!r})"
         )
-    if "[" in message_type.__name__:
-        raise ConfigurationError(f"handler {where}: {message_type.__name__} is a generic base, not a message")
+    if "[" in message_type.__name__ or message_type in _BASES:
+        raise ConfigurationError(
+            f"handler {where}: {message_type.__name__} is a base class, not a message: a handler of it "
+            "would run only for that class itself (annotate it with your own subclass)"
+        )
     return message_type
 
 

@@ -197,6 +197,11 @@ class InMemoryTransport:
         self.broker._transports[self] = None
         self._set_connected(True)
 
+    def reopened(self) -> InMemoryTransport:
+        """A new transport to the same broker, with the same options: this one closed or crashed
+        for good (a lifespan that runs again, for another test client, takes one)."""
+        return InMemoryTransport(self.broker, cluster=self.cluster, max_payload=self.max_payload)
+
     async def aclose(self) -> None:
         if self.closed:
             return

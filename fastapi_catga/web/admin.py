@@ -36,7 +36,7 @@ async def list_dead_letters(
 
 
 @catga_admin_router.get(
-    "/{letter_id}", response_model=DeadLetter, responses=_NOT_FOUND, summary="One dead letter"
+    "/{letter_id:path}", response_model=DeadLetter, responses=_NOT_FOUND, summary="One dead letter"
 )
 async def get_dead_letter(letter_id: str, mediator: MediatorDep) -> DeadLetter:
     letter = await mediator.dead_letters.get(letter_id)
@@ -46,7 +46,7 @@ async def get_dead_letter(letter_id: str, mediator: MediatorDep) -> DeadLetter:
 
 
 @catga_admin_router.post(
-    "/{letter_id}/replay", status_code=202, responses=_NOT_FOUND, summary="Put it back in its queue"
+    "/{letter_id:path}/replay", status_code=202, responses=_NOT_FOUND, summary="Put it back in its queue"
 )
 async def replay_dead_letter(letter_id: str, mediator: MediatorDep) -> dict[str, str]:
     if not await mediator.dead_letters.replay(letter_id):
@@ -54,7 +54,7 @@ async def replay_dead_letter(letter_id: str, mediator: MediatorDep) -> dict[str,
     return {"replayed": letter_id}
 
 
-@catga_admin_router.delete("/{letter_id}", status_code=204, responses=_NOT_FOUND, summary="Discard it")
+@catga_admin_router.delete("/{letter_id:path}", status_code=204, responses=_NOT_FOUND, summary="Discard it")
 async def discard_dead_letter(letter_id: str, mediator: MediatorDep) -> Response:
     if not await mediator.dead_letters.discard(letter_id):
         raise HTTPException(404, f"no dead letter {letter_id!r}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
+from starlette.requests import HTTPConnection
 
 from fastapi_catga.bootstrap import Catga
 from fastapi_catga.core.mediator import Mediator
@@ -12,24 +13,24 @@ from fastapi_catga.exceptions import ConfigurationError
 
 __all__ = ["MediatorDep", "get_catga", "get_mediator"]
 
-STATE_KEY = "catga"
+STATE_KEY = "fastapi_catga"  # in the lifespan's state; a name of the app's own stays its own
 
 
 # Both dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency
 # in its thread pool, a thread hop per request (~0.3 ms of CPU per POST on a 2-core box: more than
 # the whole cross-node send the route then makes).
-async def get_catga(request: Request) -> Catga:
-    """The running node, as the lifespan left it in the app state."""
+async def get_catga(request: HTTPConnection) -> Catga:
+    """The running node, as the lifespan left it in the app state (HTTP and WebSocket routes)."""
     return _running(request)
 
 
-async def get_mediator(request: Request) -> Mediator:
-    """Use as ``mediator: Mediator = Depends(get_mediator)``."""
+async def get_mediator(request: HTTPConnection) -> Mediator:
+    """Use as ``mediator: Mediator = Depends(get_mediator)``, in HTTP and WebSocket routes."""
     return _running(request).mediator
 
 
-def _running(request: Request) -> Catga:
-    catga = getattr(request.state, STATE_KEY, None) or getattr(request.app.state, STATE_KEY, None)
+def _running(request: HTTPConnection) -> Catga:
+    catga = getattr(request.state, STATE_KEY, None) or getattr(request.app.state, "catga", None)
     if not isinstance(catga, Catga):
         raise ConfigurationError(
             "fastapi-catga is not running in this app: create it with FastAPI(lifespan=catga_lifespan) "

@@ -6,7 +6,7 @@ import json
 import logging
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from fastapi_catga.exceptions import (
     BusyError,
@@ -46,27 +46,45 @@ def status_for(exc: CatgaError) -> tuple[int, str]:
     return 500, "Catga error"
 
 
-async def problem_response(request: Request, exc: Exception) -> JSONResponse:
-    """Exception handler: a `CatgaError` escaping a route becomes a problem+json answer."""
+async def problem_response(request: Request, exc: Exception) -> Response:
+    """Exception handler: a `CatgaError` escaping a route becomes a problem+json answer, whatever it
+    holds (``details`` that JSON cannot carry are dropped, and the log says so)."""
     assert isinstance(exc, CatgaError)
     status, title = status_for(exc)
     if status >= 500:
-        logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+        logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, _text(exc))
     body: dict[str, object] = {
         "type": f"urn:catga:error:{exc.code}",
         "title": title,
         "status": status,
-        "detail": exc.message,
+        "detail": _text(exc, "message"),
         "instance": request.url.path,
     }
     if exc.node_id:
         body["node_id"] = exc.node_id
     if isinstance(exc, RemoteHandlerError):
         body["error_type"] = exc.error_type
+    content = _render(body)
     if exc.details is not None:
         # Details may hold what JSON cannot (pydantic's errors() keeps the exception in ctx).
-        details = json.loads(json.dumps(exc.details, default=str))
-        body["errors" if isinstance(exc, MessageValidationError) else "details"] = details
+        body["errors" if isinstance(exc, MessageValidationError) else "details"] = exc.details
+        try:
+            content = _render(body)
+        except (ValueError, TypeError, RecursionError) as unfit:  # a cycle, a NaN, a tuple key
+            logger.warning("dropped the details of %s from its answer: %s", type(exc).__name__, unfit)
     # Busy: the node(s) had no room now; say when trying again makes sense (RFC 9110, seconds).
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, BusyError) else None
-    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
+    return Response(content, status_code=status, headers=headers, media_type="application/problem+json")
+
+
+def _render(body: dict[str, object]) -> bytes:
+    """JSON as FastAPI writes it, but never failing on text: a lone surrogate is escaped."""
+    return json.dumps(body, default=str, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _text(exc: CatgaError, attribute: str | None = None) -> str:
+    """The error's message (or text), or a word that it has none that can be read."""
+    try:
+        return str(getattr(exc, attribute) if attribute else exc)
+    except Exception as broken:
+        return f"{type(exc).__name__} (its text could not be read: {type(broken).__name__})"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, overload
 
 from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.middleware.exceptions import ExceptionMiddleware
+from starlette.routing import Mount
 
 from fastapi_catga.bootstrap import build
 from fastapi_catga.core.handlers import HandlerSource
@@ -15,10 +19,13 @@ from fastapi_catga.core.pipeline import PipelineBehavior
 from fastapi_catga.exceptions import CatgaError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
+from fastapi_catga.transports.memory import InMemoryTransport
 from fastapi_catga.web.dependencies import STATE_KEY
 from fastapi_catga.web.errors import problem_response
 
 __all__ = ["catga_lifespan"]
+
+logger = logging.getLogger(__name__)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
@@ -75,9 +82,10 @@ def catga_lifespan(
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        catga = build(
-            settings, handlers=handlers, behaviors=behaviors, transport=transport, observers=observers
-        )
+        given = transport
+        if isinstance(given, InMemoryTransport) and (given.closed or given.crashed):
+            given = given.reopened()  # the lifespan runs again (another TestClient): the same broker
+        catga = build(settings, handlers=handlers, behaviors=behaviors, transport=given, observers=observers)
         _install_error_handler(app)
         await catga.start()
         app.state.catga = catga
@@ -88,16 +96,37 @@ def catga_lifespan(
                 async with lifespan(app) as state:
                     yield {**(state or {}), STATE_KEY: catga}
         finally:
-            await catga.stop()
+            try:
+                await catga.stop()
+            finally:
+                if getattr(app.state, "catga", None) is catga:
+                    del app.state.catga  # a stopped node serves nothing: routes say it is not running
 
     return run if app is None else run(app)
 
 
-def _install_error_handler(app: FastAPI) -> None:
+def _install_error_handler(app: Starlette) -> None:
+    """The problem+json answer for `CatgaError`s, in ``app`` and the apps mounted in it, unless one
+    has a handler of its own. Starlette builds an app's middleware stack, which holds the handlers,
+    on the app's first ASGI call (this lifespan's, for the app the server runs): the handler goes
+    into the built stack's `ExceptionMiddleware` as well. The stack is never built again, which
+    would make the app's middleware anew."""
+    for mounted in app.routes:
+        if isinstance(mounted, Mount) and isinstance(mounted.app, Starlette):
+            _install_error_handler(mounted.app)
     if CatgaError in app.exception_handlers:
         return
     app.add_exception_handler(CatgaError, problem_response)
-    # Starlette builds its middleware stack (which holds the exception handlers) on the first
-    # ASGI call, which is this lifespan's: rebuild it so the handler is in place for requests.
-    if app.middleware_stack is not None:
-        app.middleware_stack = app.build_middleware_stack()
+    layer: Any = app.middleware_stack
+    for _ in range(1000):  # down the chain of middleware, each holding the next as ``app``
+        if layer is None or isinstance(layer, ExceptionMiddleware):
+            break
+        layer = getattr(layer, "app", None)
+    if isinstance(layer, ExceptionMiddleware):
+        layer.add_exception_handler(CatgaError, problem_response)
+    elif app.middleware_stack is not None:
+        logger.warning(
+            "could not reach the app's exception middleware past its own middleware: CatgaErrors "
+            "escaping routes are 500s; add app.add_exception_handler(CatgaError, problem_response) "
+            "before the app starts (from fastapi_catga.web.errors import problem_response)"
+        )

@@ -109,7 +109,9 @@ def test_non_async_function_is_refused_by_name() -> None:
         (None, "annotate its first parameter with a Command, Query or Event subclass"),
         (int, r"annotate its first parameter .*got <class 'int'>"),
         (BaseModel, "annotate its first parameter"),
-        (Query[str], r"Query\[str\] is a generic base, not a message"),
+        (Query[str], r"Query\[str\] is a base class, not a message"),
+        (Event, "Event is a base class, not a message: a handler of it would run only for that class"),
+        (Command, "Command is a base class"),
         ("DoesNotExist", "cannot resolve its annotations"),
     ],
 )

@@ -50,8 +50,9 @@ def admin_app() -> FastAPI:
     app.include_router(catga_admin_router, dependencies=[Depends(require_admin)])
 
     @app.post("/refunds/{order}", status_code=202)
-    async def post_refund(order: str, mediator: MediatorDep) -> dict[str, str]:
-        accepted = await mediator.enqueue(Refund(order=order))
+    async def post_refund(order: str, mediator: MediatorDep, message_id: str | None = None) -> dict[str, str]:
+        command = Refund(order=order) if message_id is None else Refund(order=order, message_id=message_id)
+        accepted = await mediator.enqueue(command)
         return {"message_id": accepted.message_id}
 
     return app
@@ -88,3 +89,22 @@ def test_dead_letters_are_listed_replayed_and_discarded_over_http() -> None:
         assert client.delete(f"/catga/dead-letters/workers:{second}", headers=admin).status_code == 204
         assert client.delete(f"/catga/dead-letters/workers:{second}", headers=admin).status_code == 404
         assert listed() == []
+
+
+def test_a_dead_letter_whose_id_holds_a_slash_is_reached_over_http() -> None:
+    """A caller's own message id may hold any character: the id is the rest of the path."""
+    global fixed
+    fixed = False
+    admin = {"x-admin": "yes"}
+    with TestClient(admin_app()) as client:
+        client.post("/refunds/o-3", params={"message_id": "orders/o-3"})
+        deadline = time.monotonic() + 5
+        while client.get("/catga/dead-letters/workers:orders/o-3", headers=admin).status_code != 200:
+            assert time.monotonic() < deadline, "the dead letter never showed"
+            time.sleep(0.02)
+        assert client.post("/catga/dead-letters/workers:orders/o-3/replay", headers=admin).status_code == 202
+        deadline = time.monotonic() + 5
+        while client.get("/catga/dead-letters/workers:orders/o-3", headers=admin).status_code != 200:
+            assert time.monotonic() < deadline, "the replayed message was not dead-lettered again"
+            time.sleep(0.02)
+        assert client.delete("/catga/dead-letters/workers:orders/o-3", headers=admin).status_code == 204

@@ -184,3 +184,20 @@ def test_unhandled_query_is_a_404_problem() -> None:
     assert response.status_code == 404
     assert response.headers["content-type"] == PROBLEM_JSON
     assert response.json()["type"] == "urn:catga:error:handler_not_found"
+
+
+def test_details_json_cannot_carry_are_dropped_and_the_status_kept() -> None:
+    cyclic: dict[str, object] = {}
+    cyclic["self"] = cyclic
+    app = errors_app()
+
+    @app.get("/odd/{kind}")
+    async def odd(kind: str) -> None:
+        details = {"nan": {"waited": float("nan")}, "cycle": cyclic, "keys": {(1, 2): "tuple key"}}[kind]
+        raise RequestTimeoutError("slow downstream \ud800", details=details)
+
+    with TestClient(app) as client:
+        for kind in ("nan", "cycle", "keys"):
+            answer = client.get(f"/odd/{kind}")
+            assert (answer.status_code, answer.headers["content-type"]) == (504, PROBLEM_JSON), kind
+            assert answer.json()["detail"] == "slow downstream \ud800" and "details" not in answer.json()

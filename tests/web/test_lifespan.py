@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
@@ -122,3 +122,88 @@ def test_the_apps_own_catga_error_handler_is_kept() -> None:
     with TestClient(app) as client:
         response = client.get("/missing")
     assert (response.status_code, response.json()) == (418, {"mine": "no handler for X"})
+
+
+class Counted:
+    """A pure ASGI middleware that counts how often the app makes it, and what it serves."""
+
+    made = 0
+
+    def __init__(self, app: Any) -> None:
+        Counted.made += 1
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def test_the_apps_own_middleware_is_made_once_and_errors_still_become_problems() -> None:
+    """The problem+json handler goes into the stack Starlette built: making the stack again would
+    make the app's middleware again (a metrics middleware registering its counters twice fails)."""
+    Counted.made = 0
+    app = catga_app()
+    app.add_middleware(Counted)
+
+    @app.get("/unhandled")
+    async def unhandled(mediator: MediatorDep) -> None:
+        raise HandlerNotFoundError("nobody")
+
+    with TestClient(app) as client:
+        answer = client.get("/unhandled")
+        assert (answer.status_code, answer.headers["content-type"]) == (404, "application/problem+json")
+        assert client.get("/double/2").json() == 4
+    assert Counted.made == 1
+
+
+def test_a_mounted_app_answers_catga_errors_as_problems_too() -> None:
+    app, sub = catga_app(), FastAPI()
+
+    @sub.get("/unhandled")
+    async def unhandled(mediator: MediatorDep) -> None:
+        raise HandlerNotFoundError("nobody here")
+
+    app.mount("/sub", sub)
+    with TestClient(app) as client:
+        answer = client.get("/sub/unhandled")
+    assert (answer.status_code, answer.json()["detail"]) == (404, "nobody here")
+
+
+def test_a_websocket_route_gets_the_mediator() -> None:
+    app = catga_app()
+
+    @app.websocket("/ws")
+    async def doubled(socket: WebSocket, mediator: MediatorDep) -> None:
+        await socket.accept()
+        await socket.send_json(await mediator.send(SampleDouble(value=int(await socket.receive_text()))))
+        await socket.close()
+
+    with TestClient(app) as client, client.websocket_connect("/ws") as socket:
+        socket.send_text("4")
+        assert socket.receive_json() == 8
+
+
+def test_an_app_with_a_given_memory_transport_starts_again_for_each_client() -> None:
+    """A module-level app in tests: each `with TestClient(app)` runs its lifespan anew."""
+    app = catga_app()
+    for _ in range(3):
+        with TestClient(app) as client:
+            assert client.get("/double/3").json() == 6
+
+
+def test_the_apps_own_state_keys_are_its_own_and_a_stopped_node_is_not_running() -> None:
+    @asynccontextmanager
+    async def own(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        yield {"catga": "the app's own"}
+
+    app = catga_app(lifespan=own)
+
+    @app.get("/own")
+    async def own_state(request: Request) -> str:
+        return str(request.state.catga)
+
+    with TestClient(app) as client:
+        assert client.get("/own").json() == "the app's own"
+        assert client.get("/double/5").json() == 10
+    assert not hasattr(app.state, "catga"), "the app still holds the stopped node"
+    answer = TestClient(app).get("/double/5")  # no lifespan this time
+    assert answer.status_code == 500 and "not running in this app" in answer.json()["detail"]
