@@ -185,8 +185,11 @@ class DurableClient:
                         reply = await asyncio.shield(future)
                     break
                 except TimeoutError:
-                    async with asyncio.timeout(max(0.0, deadline - self._clock())):
-                        done = await self._transport.durable.done(key)
+                    try:  # within the deadline too: a frozen broker must not hold the caller
+                        async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                            done = await self._transport.durable.done(key)
+                    except TimeoutError:
+                        continue  # the deadline came first: "accepted, and still runs"
                     if done is not None:
                         reply = Envelope({STATUS: "ok"}, done)
                         break

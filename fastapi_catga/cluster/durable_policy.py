@@ -103,7 +103,7 @@ def _text(error: CatgaError) -> str:
 def encode_result(message: Message, result: Any) -> bytes:
     assert isinstance(message, Request)
     refuse_non_finite(result)
-    return type(message).result_adapter().dump_json(result)
+    return type(message).result_adapter().dump_json(result, by_alias=True)  # as a reply is written
 
 
 def event_runner(dispatcher: LocalDispatcher, pipeline: Pipeline) -> Callable[[Message], Awaitable[Any]]:

@@ -560,6 +560,17 @@ async def aliased(command: Aliased) -> str:
     return f"user {command.user_id}"
 
 
+class OpenAccount(Command[str]):
+    """A message whose aliases are in a model it holds."""
+
+    account: Account
+
+
+@handler
+async def open_account(command: OpenAccount) -> str:
+    return f"account {command.account.user_id}"
+
+
 @handler
 async def describe(query: Described) -> Account:
     described.append((query.weight, query.anything, list(query.counts)))
@@ -577,6 +588,7 @@ async def test_a_message_reads_as_its_json_reads_on_every_path(start_node: Start
         return [alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")]
 
     assert [await send for send in every_path(Aliased(userId=7))] == ["user 7"] * 3
+    assert [await send for send in every_path(OpenAccount(account=Account(userId=8)))] == ["account 8"] * 3
     described.clear()
     message = Described(what="shape", anything=(1, "a"), counts=[1])
     assert [(await send).user_id for send in every_path(message)] == [2] * 3

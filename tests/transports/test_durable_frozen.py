@@ -1,23 +1,32 @@
-"""A durable send while its broker is frozen (SIGSTOP), on real servers: it ends by its deadline."""
+"""A durable send on real servers ends by its deadline, with an error that says whether the command
+was stored: its broker frozen (SIGSTOP), or its handler slower than the deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import ClassVar
 
 import pytest
+from pydantic import BaseModel, Field
 
 from fastapi_catga import CatgaSettings, Command, Durable, RequestTimeoutError, build, handler
 from tests.servers import NatsServer, RedisServer
 
 
-class Settle(Command[str]):
+class Account(BaseModel):
+    user_id: int = Field(alias="userId")
+
+
+class Settle(Command[Account]):
     durable: ClassVar[Durable | bool] = Durable(lease=5)
+    seconds: float = 0.0
 
 
 @handler
-async def settle(command: Settle) -> str:
-    return "settled"
+async def settle(command: Settle) -> Account:
+    await asyncio.sleep(command.seconds)
+    return Account(userId=7)  # written by alias, as every result is
 
 
 @pytest.mark.parametrize(
@@ -31,14 +40,17 @@ async def test_a_durable_send_to_a_frozen_broker_ends_by_its_deadline(
     catga = build(CatgaSettings(transport=broker, cluster="frozen", **url), handlers=[settle])  # type: ignore[arg-type]
     await catga.start()
     try:
-        assert await catga.mediator.send(Settle(), timeout=10) == "settled"
+        assert await catga.mediator.send(Settle(), timeout=10) == Account(userId=7)
+        with pytest.raises(RequestTimeoutError, match="accepted and still runs") as slow:
+            await catga.mediator.send(Settle(seconds=3), timeout=1)
+        assert slow.value.details is not None and slow.value.details["accepted"] is True
         server.pause()
         started = time.monotonic()
         with pytest.raises(RequestTimeoutError, match="may or may not be stored"):
             await catga.mediator.send(Settle(), timeout=1)
         assert time.monotonic() - started < 1.5, "the send outlived its deadline"
         server.resume()
-        assert await catga.mediator.send(Settle(), timeout=10) == "settled"
+        assert await catga.mediator.send(Settle(), timeout=10) == Account(userId=7)
     finally:
         server.resume()
         await catga.stop()
