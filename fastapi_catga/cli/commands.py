@@ -170,7 +170,15 @@ async def dead_letters(ctx: Context, action: str, letter_id: str | None, limit: 
     settings = ctx.settings
     async with connected(ctx) as transport:
         # Makes the dead-letter stream where no node made it yet; what exists stays as it is.
-        store = PreparedStore(transport, settings)
+        store = PreparedStore(
+            transport,
+            lambda: transport.durable.prepare(
+                [],
+                lease=settings.durable_lease,
+                dedup_window=settings.durable_dedup_window,
+                retention=settings.durable_retention,
+            ),
+        )
         await within(ctx, store.ready(), "preparing the durable store")
         letters = DeadLetters(store)
         if action == "list":

@@ -97,7 +97,7 @@ def final_error(call: Call, now: float) -> CatgaError:
                 f"{what}: no live node could take it ({len(call.errors)} attempt(s))"
             )
     else:
-        return last  # a handler's retryable error, after the last attempt
+        return last  # a handler's retryable error, or a node's "stopped mid-run", after the last attempt
     error.__cause__ = last
     return error
 
@@ -120,6 +120,7 @@ class Attempts:
         self._dispatcher = dispatcher
         self._node_id = node_id
         self._clock, self._wall_clock = clocks
+        self._checks: dict[type[Request[Any]], Callable[[Request[Any], Any], Any]] = {}
         self._observer = observer
 
     async def run(self, call: Call, target: str, attempt: int, timeout: float) -> Any:
@@ -192,6 +193,11 @@ class Attempts:
         return result
 
     def _travels(self, message: Request[Any], result: Any) -> Any:
-        """``result`` as a reply would bring it (`result_check`)."""
-        adapter, max_payload = type(message).result_adapter(), self._transport.max_payload
-        return result_check(adapter, node_id=self._node_id, max_payload=max_payload)(message, result)
+        """``result`` as a reply would bring it (`result_check`, made once per type)."""
+        check = self._checks.get(type(message))
+        if check is None:
+            adapter, max_payload = type(message).result_adapter(), self._transport.max_payload
+            check = self._checks[type(message)] = result_check(
+                adapter, node_id=self._node_id, max_payload=max_payload
+            )
+        return check(message, result)

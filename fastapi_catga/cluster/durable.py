@@ -330,14 +330,16 @@ class DurableRunner:
         letter = dead_letter_for(queue, delivery, reason, exc, message_id, self._settings.node_id)
         try:
             await self.store.add_dead_letter(letter, delivery.envelope)
-        except MessageTooLargeError as too_large:  # NATS: even its bare letter does not fit beside it
+        except MessageTooLargeError as too_large:  # NATS: its letter does not fit beside it (its ids
+            # hold thousands of escaped characters, or it was stored without `DEAD_LETTER_ROOM`)
             logger.error(
                 "durable %s %s is dropped: it cannot be dead-lettered (%s); it was %s: %s",
                 queue.type_name, message_id, too_large, reason, letter.error,
             )  # fmt: skip
+        else:
+            if self._observer is not None:
+                self._observer.dead_lettered(queue.type_name, str(reason))
         await delivery.drop()
-        if self._observer is not None:
-            self._observer.dead_lettered(queue.type_name, str(reason))
         logger.warning(
             "durable %s %s dead-lettered (%s after %d deliveries): %s",
             queue.type_name, message_id, reason, delivery.deliveries, letter.error,

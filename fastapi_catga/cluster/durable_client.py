@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from fastapi_catga.cluster.durable_policy import COMMANDS, result_subject
 from fastapi_catga.core.envelope import (
+    DEAD_LETTER_ROOM,
     MESSAGE_ID,
     REPLAYS,
     REPLY_NODE,
@@ -34,7 +35,6 @@ from fastapi_catga.core.envelope import (
 from fastapi_catga.core.messages import Accepted, Event, Message, Request, new_message_id
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.exceptions import NodeUnavailableError, RequestTimeoutError
-from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Delivery, Subscription, Transport
 from fastapi_catga.transports.durable import DeadLetter, DurableStore, Queue, QueueKind
 
@@ -64,7 +64,7 @@ class DurableClient:
         clock: Callable[[], float],
         *,
         observer: Observer | None = None,
-        settings: CatgaSettings | None = None,
+        prepare: Callable[[], Awaitable[None]],
     ) -> None:
         self._transport = transport
         self._node_id = node_id
@@ -72,7 +72,7 @@ class DurableClient:
         self._observer = observer
         self._waiting: dict[str, list[asyncio.Future[Envelope]]] = {}  # message id -> its waiting sends
         self._subscription: Subscription | None = None
-        self._store = PreparedStore(transport, settings or CatgaSettings())
+        self._store = PreparedStore(transport, prepare)
         self.dead_letters = DeadLetters(self._store)
 
     async def start(self) -> None:
@@ -99,7 +99,9 @@ class DurableClient:
                 future.set_result(delivery.envelope)
 
     async def _append(self, message: Message, *, wait: bool, dedup_id: str | None = None) -> Accepted:
-        envelope = encode_message(message, source=self._node_id, max_payload=self._transport.max_payload)
+        envelope = encode_message(  # with room for its dead letter: whatever happens, it fits there
+            message, source=self._node_id, max_payload=self._transport.max_payload, reserve=DEAD_LETTER_ROOM
+        )
         if wait:
             envelope.headers[REPLY_NODE] = self._node_id
         if self._observer is not None:
@@ -205,13 +207,18 @@ class DurableClient:
 
 class PreparedStore:
     """A transport's durable store, with what messages and dead letters need made on the broker
-    before the first use, where no durable worker of this node made it (a node that only enqueues,
-    publishes or reads dead letters; JetStream has no stream until someone makes it). Made again
-    after a reconnect: the broker may have come back without it."""
+    before the first use, where no durable worker of this node made it yet (a node that only
+    enqueues, publishes or reads dead letters: JetStream has no stream until someone makes it).
+    Made again after a reconnect: the broker may have come back without it.
 
-    def __init__(self, transport: Transport, settings: CatgaSettings) -> None:
+    Args:
+        prepare: makes it, with this node's own settings (`DurableRunner.prepare`: its types' own
+            leases and windows, or the ``CATGA_DURABLE_*`` ones where it runs none).
+    """
+
+    def __init__(self, transport: Transport, prepare: Callable[[], Awaitable[None]]) -> None:
         self._transport = transport
-        self._settings = settings
+        self._prepare = prepare
         self._made = False
         self._lock = asyncio.Lock()
         transport.add_connection_listener(self._on_connection)
@@ -221,19 +228,12 @@ class PreparedStore:
             self._made = False
 
     async def ready(self) -> DurableStore:
-        store = self._transport.durable
         if not self._made:
             async with self._lock:
                 if not self._made:
-                    settings = self._settings
-                    await store.prepare(
-                        [],
-                        lease=settings.durable_lease,
-                        dedup_window=settings.durable_dedup_window,
-                        retention=settings.durable_retention,
-                    )
+                    await self._prepare()
                     self._made = True
-        return store
+        return self._transport.durable
 
 
 class DeadLetters:

@@ -131,7 +131,9 @@ class ClusterNode:
             observer=observer,
         )
         self.durable_runner = DurableRunner(transport, dispatcher, settings, observer=observer)
-        self.durable = DurableClient(transport, settings.node_id, clock, observer=observer, settings=settings)
+        self.durable = DurableClient(
+            transport, settings.node_id, clock, observer=observer, prepare=self.durable_runner.prepare
+        )
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.
         self.local_routes: dict[type[Message], LocalRoute] = {}

@@ -261,8 +261,8 @@ class Sender:
         return sum(1 for node in self.view.capable(message.type_name) if node.node_id not in tried)
 
     async def _backoff(self, error: CatgaError, deadline: float) -> None:
-        if isinstance(error, NoResponderError | HandlerNotFoundError | BusyError):
-            return  # the broker (or the node) answered at once: switch now
+        if isinstance(error, NoResponderError | HandlerNotFoundError | BusyError | NodeUnavailableError):
+            return  # the broker (or the node, busy or stopping) answered at once: switch now
         delay = min(random.uniform(0.05, 0.2), max(0.0, deadline - self._clock()))
         await asyncio.sleep(delay)
 

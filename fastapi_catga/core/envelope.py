@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import from_json, to_json
 
-from fastapi_catga.core.messages import Message
+from fastapi_catga.core.messages import MAX_TIMEOUT, Message
 from fastapi_catga.exceptions import (
     CatgaError,
     HandlerNotFoundError,
@@ -30,6 +30,7 @@ __all__ = [
     "ATTEMPT",
     "DEADLINE",
     "DEFAULT_MAX_PAYLOAD",
+    "DEAD_LETTER_ROOM",
     "HEADROOM",
     "MAX_TIMEOUT",
     "MESSAGE_ID",
@@ -77,8 +78,7 @@ REPLAYS = "catga-replays"  # durable messages: how often a dead letter of it was
 # message did not decode): "node". The caller may try another node for those, never for a handler's.
 ORIGIN = "catga-origin"
 _MAX_DEADLINE_DIGITS = 15  # ms since 1970: 13 digits until the year 2286
-#: The longest timeout of a call, in seconds (about 31 years): its deadline still fits the header.
-MAX_TIMEOUT = 1e9
+
 #: Bytes: more than catga's own headers but their values of any length (a message's id, type name
 #: and source; a reply's node id, at most 64), and `PER_ATTEMPT`; bodies closer to the limit are
 #: measured exactly.
@@ -131,8 +131,10 @@ def encode_message(
     max_payload: int,
     attempt: int = 1,
     deadline: float | None = None,
+    reserve: int = 0,
 ) -> Envelope:
-    """Encode a message for the wire.
+    """Encode a message for the wire, with room for what each attempt adds (`PER_ATTEMPT`) and
+    ``reserve`` bytes more.
 
     Raises:
         MessageTooLargeError: the encoded message is over ``max_payload`` bytes.
@@ -147,8 +149,10 @@ def encode_message(
         headers[DEADLINE] = deadline_header(deadline)
     envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message, by_alias=True))
     # Counting header bytes costs: only near the limit.
-    if len(envelope.body) + 6 * len(message.message_id) > message_room(type(message), source, max_payload):
-        check_size(envelope, max_payload, f"{message.type_name} {message.message_id[:200]}", PER_ATTEMPT)
+    room = message_room(type(message), source, max_payload) - reserve
+    if len(envelope.body) + 6 * len(message.message_id) > room:
+        what = f"{message.type_name} {message.message_id[:200]}"
+        check_size(envelope, max_payload, what, PER_ATTEMPT + reserve)
     return envelope
 
 
@@ -175,6 +179,9 @@ def refuse_non_finite(result: Any) -> None:
 PER_ATTEMPT = 384
 #: Bytes a reply's frame grows by after its size was checked: the transport's correlation id.
 PER_REPLY = 64
+#: Bytes a durable message leaves for its dead letter's record, which is stored beside it in one
+#: broker message (NATS): its ids, reason and node, and some of its error's text.
+DEAD_LETTER_ROOM = 1024
 
 
 def check_size(envelope: Envelope, max_payload: int, what: str, reserve: int = 0) -> None:

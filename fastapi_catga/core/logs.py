@@ -11,7 +11,7 @@ from collections.abc import Callable, Hashable
 
 __all__ = ["LogLimiter", "redact_text", "redact_url"]
 
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_SCHEME = re.compile(r"(?<![^,\s])[A-Za-z][A-Za-z0-9+.-]*://")  # a URL starts a list's item
 _SECRET_PARAM = re.compile(r"(?i)\b(password|pass|token|auth)=([^&\s,]*)")
 
 

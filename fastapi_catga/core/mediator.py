@@ -130,6 +130,8 @@ class Mediator:
             RemoteHandlerError: the handler raised (``error_type`` names the exception; its text
                 stays in the handling node's log), or returned a result of the wrong type.
             MessageTooLargeError: over the payload limit; nothing was sent.
+            MessageValidationError: the message does not read back from its JSON as its type (a
+                NaN in a float field); nothing ran, here or elsewhere.
             ConfigurationError: the type's ``type_name`` is none a handler could register.
             CatgaError: any `CatgaError` the handler raised, as its own class.
         """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -11,11 +10,24 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-__all__ = ["Accepted", "Command", "Durable", "Event", "Message", "Query", "Request", "new_message_id"]
+__all__ = [
+    "MAX_TIMEOUT",
+    "Accepted",
+    "Command",
+    "Durable",
+    "Event",
+    "Message",
+    "Query",
+    "Request",
+    "new_message_id",
+]
 
 R = TypeVar("R")
 
 
+#: The longest span of time any setting or option takes, in seconds (about 31 years): a call's
+#: deadline still fits its header, and a broker takes it as a TTL (in nanoseconds, for NATS).
+MAX_TIMEOUT = 1e9
 _IDS_PER_READ = 256
 _ids: deque[str] = deque()  # ids read ahead from os.urandom; popleft and extend are thread-safe
 os.register_at_fork(after_in_child=_ids.clear)  # a forked child must not hand out its parent's
@@ -63,13 +75,13 @@ class Durable:
         if self.attempts is not None and self.attempts < 1:
             raise ValueError("Durable(attempts=...) needs at least 1")
         if self.backoff is not None and (
-            not self.backoff or not all(0 <= delay < math.inf for delay in self.backoff)
+            not self.backoff or not all(0 <= delay <= MAX_TIMEOUT for delay in self.backoff)
         ):
-            raise ValueError("Durable(backoff=...) needs one or more finite delays of 0 s or more")
+            raise ValueError(f"Durable(backoff=...) needs one or more delays of 0 to {MAX_TIMEOUT:g} s")
         for name in ("lease", "dedup_window"):
             value = getattr(self, name)
-            if value is not None and not 0 < value < math.inf:
-                raise ValueError(f"Durable({name}=...) must be a positive, finite number of seconds")
+            if value is not None and not 0 < value <= MAX_TIMEOUT:
+                raise ValueError(f"Durable({name}=...) must be more than 0 and at most {MAX_TIMEOUT:g} s")
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,8 @@ from fastapi_catga.core.envelope import (
 from fastapi_catga.core.messages import Message
 from fastapi_catga.exceptions import RemoteHandlerError
 
+M = TypeVar("M", bound=Message)
+
 __all__ = ["as_received", "body_of", "message_travels", "reads_back_as_is", "result_check", "result_not_json"]
 
 
@@ -52,15 +54,16 @@ def result_check(
     """
     short = (max_payload - HEADROOM - 2) // 6  # an ASCII str this long or shorter always fits
     validate_json = adapter.validator.validate_json
+    as_is = not _serializes_its_own_way(adapter.core_schema)  # a scalar's JSON reads back as it is
 
     def check(message: Message, result: Any) -> Any:
         kind = type(result)
-        if kind is str:
+        if as_is:
             # An ASCII str holds no lone surrogate, and takes 6 bytes a character at most in JSON.
-            if len(result) <= short and result.isascii():
+            if kind is str and len(result) <= short and result.isascii():
                 return result
-        elif result is None or kind is bool or kind is int and result.bit_length() <= 64:
-            return result
+            if result is None or kind is bool or kind is int and result.bit_length() <= 64:
+                return result
         try:
             refuse_non_finite(result)
             body = adapter.serializer.to_json(result, by_alias=True)
@@ -68,7 +71,7 @@ def result_check(
             raise result_not_json(message, node_id, exc) from exc
         if len(body) + HEADROOM > max_payload:
             check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result", PER_REPLY)
-        if kind is str or kind is int or kind is float:
+        if as_is and (kind is str or kind is int or kind is float):
             return result  # what its JSON reads back as
         try:
             return validate_json(body)
@@ -127,7 +130,6 @@ def as_received(message: M, body: bytes, types: dict[str, type[Message]]) -> M:
     return cast(M, decode_body(message_type, body))  # the class registered for its type name
 
 
-M = TypeVar("M", bound=Message)
 # Their values, once validated, read back from JSON as they are (None as null).
 _PLAIN_FIELDS = (str, int, bool, str | None, int | None, bool | None)
 
@@ -158,6 +160,15 @@ def reads_back_as_is(message_type: type[Message]) -> bool:
         and all(type(rule).__module__ == "annotated_types" for rule in field.metadata)
         for field in message_type.model_fields.values()
     )
+
+
+def _serializes_its_own_way(schema: Any) -> bool:
+    """Whether a pydantic core schema, anywhere in it, writes a value with a serializer of its own."""
+    if isinstance(schema, dict):
+        return "serialization" in schema or any(_serializes_its_own_way(part) for part in schema.values())
+    if isinstance(schema, list | tuple):
+        return any(_serializes_its_own_way(part) for part in schema)
+    return False
 
 
 def result_not_json(message: Message, node_id: str, exc: BaseException) -> RemoteHandlerError:

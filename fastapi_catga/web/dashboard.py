@@ -148,7 +148,7 @@ async def snapshots(
     It also ends when the node stops. Starlette ends it when the client goes away. The limit on
     its life exists because a graceful uvicorn shutdown waits for open responses before it stops
     the app (and the node): a stream that ends on its own lets it proceed, within
-    `MAX_STREAM_SECONDS` whatever a client asks; the page's EventSource reconnects at once.
+    `MAX_STREAM_SECONDS` (a longer ``seconds`` is refused); the page's EventSource reconnects at once.
     """
     # Tell EventSource to reconnect after 1 s (its default is 3 s).
     yield "retry: 1000\n\n"

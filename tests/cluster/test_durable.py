@@ -475,7 +475,7 @@ def test_durable_options_are_checked() -> None:
     nan, inf = float("nan"), float("inf")
     for bad in (
         {"attempts": 0}, {"backoff": ()}, {"backoff": (-1.0,)}, {"backoff": (1.0, nan)}, {"lease": 0},
-        {"lease": inf}, {"dedup_window": -5}, {"dedup_window": nan},
+        {"lease": inf}, {"lease": 1e12}, {"dedup_window": -5}, {"dedup_window": nan}, {"backoff": (1e10,)},
     ):  # fmt: skip
         with pytest.raises(ValueError, match="Durable"):
             Durable(**bad)

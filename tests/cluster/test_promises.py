@@ -8,10 +8,10 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-from pydantic import BaseModel, Field, field_serializer
+from pydantic import BaseModel, Field, PlainSerializer, field_serializer
 
 from fastapi_catga import (
     CatgaError,
@@ -498,6 +498,15 @@ async def reshaped(query: Reshaped) -> Any:
     return {"set": {3, 1}, "tuple": (1, "a")}[query.what]
 
 
+class Shouted(Query[Annotated[str, PlainSerializer(str.upper)]]):
+    """A str result with a serializer of its own: what arrives is the serializer's output."""
+
+
+@handler
+async def shouted(query: Shouted) -> str:
+    return "alice"
+
+
 class GetShelf(Query[Shelf]):
     """Answers the handler's shared shelf, or one holding a NaN weight (JSON writes ``null``)."""
 
@@ -520,6 +529,7 @@ async def test_a_result_reads_back_from_its_json_on_every_path(start_node: Start
 
     for what, expected in (("set", [1, 3]), ("tuple", [1, "a"])):
         assert [await send for send in every_path(Reshaped(what=what))] == [expected] * 3
+    assert [await send for send in every_path(Shouted())] == ["ALICE"] * 3
     for send in every_path(GetShelf()):
         shelf = await send
         assert shelf == Shelf(weight=1.0, counts=[2, 4]) and shelf is not SHARED_SHELF

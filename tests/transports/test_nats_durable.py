@@ -4,6 +4,7 @@ is NATS-specific (a broker kill -9, a lost consumer, subjects it must not captur
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import time
@@ -15,7 +16,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
-from fastapi_catga import Catga, CatgaSettings, Command, Durable, build, handler
+from fastapi_catga import Catga, CatgaSettings, Command, Durable, Reject, build, handler
 from fastapi_catga.core.envelope import Envelope
 from fastapi_catga.exceptions import MessageTooLargeError, NoResponderError, TransportError
 from fastapi_catga.transports.durable import DeadLetter, DurableConsumer, DurableDelivery, Queue
@@ -378,3 +379,39 @@ async def test_a_node_without_durable_handlers_enqueues_and_reads_dead_letters_b
             await worker.stop()
     finally:
         await gateway.stop()
+
+
+class Bulky(Command[str]):
+    durable: ClassVar[Durable | bool] = Durable(attempts=1)
+    blob: str
+
+
+@handler
+async def bulky(command: Bulky) -> str:
+    raise Reject("не принято 🙈 " * 400)  # ~20 KB as the letter's ASCII JSON
+
+
+async def test_a_durable_message_near_the_limit_is_dead_lettered_whole_or_refused_up_front(
+    nats_server: NatsServer, cluster: str
+) -> None:
+    settings = CatgaSettings(transport="nats", nats_url=nats_server.url, cluster=cluster, node_id="n")
+    catga = build(settings, handlers=[bulky])
+    await catga.start()
+    try:
+        limit = catga.node.transport.max_payload
+        with pytest.raises(MessageTooLargeError, match="payload limit"):  # no room for its letter
+            await catga.mediator.enqueue(Bulky(blob="x" * (limit - 1000)))
+        command = Bulky(blob="x" * (limit - 2500))
+        await catga.mediator.enqueue(command)
+
+        async def letter() -> bool:
+            return await catga.mediator.dead_letters.get(f"workers:{command.message_id}") is not None
+
+        await eventually(letter, within=10)
+        found = await catga.node.transport.durable.dead_letter(f"workers:{command.message_id}")
+        assert found is not None
+        stored, kept = found
+        assert stored.reason == "rejected" and stored.error.startswith("не принято 🙈")
+        assert json.loads(kept.body)["blob"] == command.blob
+    finally:
+        await catga.stop()
