@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.routing import Mount
 
-from fastapi_catga.bootstrap import build
+from fastapi_catga.bootstrap import Catga, build
 from fastapi_catga.core.handlers import HandlerSource
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.pipeline import PipelineBehavior
@@ -65,10 +65,11 @@ def catga_lifespan(
     Use it bare, ``FastAPI(lifespan=catga_lifespan)`` (settings from ``CATGA_*``, every imported
     ``@handler``), or configured, ``FastAPI(lifespan=catga_lifespan(handlers=[orders], ...))``.
 
-    At start-up: connect, subscribe the handlers, join the cluster (the view is complete before the
-    app serves), then enter ``lifespan`` if given. At shutdown, in reverse: leave ``lifespan``,
-    deregister (peers drop the node at once), drain work in flight, close. It also installs the
-    problem+json answer for `CatgaError`s escaping routes.
+    At start-up: enter ``lifespan`` if given (it opens what the handlers use), then connect,
+    subscribe the handlers, join the cluster (the view is complete before the app serves). At
+    shutdown, in reverse: deregister (peers drop the node at once), drain work in flight, close,
+    then leave ``lifespan``: no handler runs before the app's own resources are open or after
+    they are closed. It also installs the problem+json answer for `CatgaError`s escaping routes.
 
     Args:
         settings: defaults to `CatgaSettings` from the environment.
@@ -87,22 +88,32 @@ def catga_lifespan(
             given = given.reopened()  # the lifespan runs again (another TestClient): the same broker
         catga = build(settings, handlers=handlers, behaviors=behaviors, transport=given, observers=observers)
         _install_error_handler(app)
-        await catga.start()
-        app.state.catga = catga
-        try:
-            if lifespan is None:
+        if lifespan is None:
+            async with _serving(app, catga):
                 yield {STATE_KEY: catga}
-            else:
-                async with lifespan(app) as state:
-                    yield {**(state or {}), STATE_KEY: catga}
-        finally:
-            try:
-                await catga.stop()
-            finally:
-                if getattr(app.state, "catga", None) is catga:
-                    del app.state.catga  # a stopped node serves nothing: routes say it is not running
+            return
+        # The app's own resources (a database pool) outlive the node: its handlers, here or for
+        # other nodes, never run before they are open or after they are closed.
+        async with lifespan(app) as state, _serving(app, catga):
+            yield {**(state or {}), STATE_KEY: catga}
 
     return run if app is None else run(app)
+
+
+@asynccontextmanager
+async def _serving(app: FastAPI, catga: Catga) -> AsyncIterator[None]:
+    """The node started (joined, taking requests) for the block, and stopped (deregistered,
+    drained, closed) after it."""
+    await catga.start()
+    app.state.catga = catga
+    try:
+        yield
+    finally:
+        try:
+            await catga.stop()
+        finally:
+            if getattr(app.state, "catga", None) is catga:
+                del app.state.catga  # a stopped node serves nothing: routes say it is not running
 
 
 def _install_error_handler(app: Starlette) -> None:

@@ -73,13 +73,13 @@ def test_user_lifespan_runs_inside_and_keeps_its_state() -> None:
     async def state(request: Request, mediator: MediatorDep) -> dict[str, Any]:
         return {"db": request.state.db, "double": await mediator.send(SampleDouble(value=4))}
 
-    with TestClient(app) as client:
-        assert log == ["transport:connect", "user:start"]
+    with TestClient(app) as client:  # the app's resources outlive the node
+        assert log == ["user:start", "transport:connect"]
         assert client.get("/state").json() == {"db": "connected", "double": 8}
-    assert log == ["transport:connect", "user:start", "user:stop", "transport:close"]
+    assert log == ["user:start", "transport:connect", "transport:close", "user:stop"]
 
 
-def test_user_lifespan_failing_at_startup_stops_the_node() -> None:
+def test_user_lifespan_failing_at_startup_starts_no_node() -> None:
     log: list[str] = []
 
     @asynccontextmanager
@@ -91,7 +91,7 @@ def test_user_lifespan_failing_at_startup_stops_the_node() -> None:
     app = catga_app(lifespan=user_lifespan, transport=RecordingTransport(log))
     with pytest.raises(RuntimeError, match="database unreachable"), TestClient(app):
         pass
-    assert log == ["transport:connect", "user:start", "transport:close"]
+    assert log == ["user:start"], "no node started for an app whose own start-up failed"
 
 
 def test_user_lifespan_yielding_nothing() -> None:
