@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -86,6 +87,7 @@ class Membership:
         # latest proof that the store carries heartbeats.
         self._proven_at = clock()
         self._after_outage = False  # the next resync follows a broker or store outage
+        self._grace_until = -math.inf  # until then, a deleted record evicts nobody (after an outage)
         self._log_limit = LogLimiter()
         transport.add_connection_listener(self._on_connection)
 
@@ -180,6 +182,9 @@ class Membership:
         now = self._clock()
         if after_outage:  # nobody could heartbeat through the outage: give everyone a full TTL
             self.view.refresh_all(now)
+            # Records that lapsed in the outage may still expire in the store as it comes back:
+            # those deletes do not evict anyone within the TTL; the sweep does, if no heartbeat came.
+            self._grace_until = now + self.view.ttl
         for node_id, value in records.items():
             if node_id != self.node_id:
                 self._apply(MemberEvent("put", node_id, value), now)
@@ -218,6 +223,10 @@ class Membership:
                     "node %s: own record vanished (expired while paused?); registering again", self.node_id
                 )
                 self._schedule_resync()
+            elif event.node_id != self.node_id and now < self._grace_until:
+                logger.info(
+                    "node %s: its record lapsed with the outage; it has a TTL to show up", event.node_id
+                )
             elif event.node_id != self.node_id and self.view.remove(event.node_id):
                 logger.info("node %s left the cluster", event.node_id)
                 if self._observer is not None:
@@ -294,7 +303,7 @@ class Membership:
                 return
             except (TransportError, TimeoutError) as exc:
                 logger.debug(
-                    "resync failed (%s); retrying in %.2f s", exc or "the store did not answer", delay
+                    "resync failed (%s); retrying in %.2f s", str(exc) or "the store did not answer", delay
                 )
             except Exception:
                 self.failures["resync"] += 1
@@ -322,7 +331,7 @@ class Membership:
             # Connected, yet the store refuses or stalls (a NATS cluster electing a new leader for
             # the bucket, a Redis replica in read-only mode, a frozen server...). Peers' heartbeats
             # are likely failing too: judge nobody until the store works again, then resync.
-            self._distrust_view(f"heartbeat failed ({exc or 'the store did not answer'})")
+            self._distrust_view(f"heartbeat failed ({str(exc) or 'the store did not answer'})")
 
     async def _sweep(self) -> None:
         before = self._clock()
