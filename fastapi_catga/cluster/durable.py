@@ -328,21 +328,21 @@ class DurableRunner:
     ) -> None:
         queue = work.queue
         letter = dead_letter_for(queue, delivery, reason, exc, message_id, self._settings.node_id)
+        stored = "dead-lettered"
         try:
             await self.store.add_dead_letter(letter, delivery.envelope)
-        except MessageTooLargeError as too_large:  # NATS: its letter does not fit beside it (its ids
-            # hold thousands of escaped characters, or it was stored without `DEAD_LETTER_ROOM`)
-            logger.error(
-                "durable %s %s is dropped: it cannot be dead-lettered (%s); it was %s: %s",
-                queue.type_name, message_id, too_large, reason, letter.error,
-            )  # fmt: skip
-        else:
-            if self._observer is not None:
-                self._observer.dead_lettered(queue.type_name, str(reason))
+        except MessageTooLargeError as too_large:  # NATS: its letter does not fit beside it, which
+            # `dead_letter_room` prevents for what this version enqueued
+            stored = f"dropped, as it cannot be dead-lettered ({too_large})"
         await delivery.drop()
-        logger.warning(
-            "durable %s %s dead-lettered (%s after %d deliveries): %s",
-            queue.type_name, message_id, reason, delivery.deliveries, letter.error,
+        if self._observer is not None:
+            self._observer.dead_lettered(
+                queue.type_name, str(reason) if stored == "dead-lettered" else "dropped"
+            )
+        logger.log(
+            logging.WARNING if stored == "dead-lettered" else logging.ERROR,
+            "durable %s %s %s (%s after %d deliveries): %s",
+            queue.type_name, message_id, stored, reason, delivery.deliveries, letter.error,
         )  # fmt: skip
         answer = encode_error(exc, node_id=self._settings.node_id, max_payload=self._settings.max_payload)
         await self._answer(delivery.envelope, answer)

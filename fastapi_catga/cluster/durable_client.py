@@ -23,12 +23,12 @@ from typing import Any, TypeVar
 
 from fastapi_catga.cluster.durable_policy import COMMANDS, result_subject
 from fastapi_catga.core.envelope import (
-    DEAD_LETTER_ROOM,
     MESSAGE_ID,
     REPLAYS,
     REPLY_NODE,
     STATUS,
     Envelope,
+    dead_letter_room,
     decode_reply,
     encode_message,
 )
@@ -100,7 +100,10 @@ class DurableClient:
 
     async def _append(self, message: Message, *, wait: bool, dedup_id: str | None = None) -> Accepted:
         envelope = encode_message(  # with room for its dead letter: whatever happens, it fits there
-            message, source=self._node_id, max_payload=self._transport.max_payload, reserve=DEAD_LETTER_ROOM
+            message,
+            source=self._node_id,
+            max_payload=self._transport.max_payload,
+            reserve=dead_letter_room(message),
         )
         if wait:
             envelope.headers[REPLY_NODE] = self._node_id

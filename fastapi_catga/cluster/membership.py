@@ -87,7 +87,7 @@ class Membership:
         # latest proof that the store carries heartbeats.
         self._proven_at = clock()
         self._after_outage = False  # the next resync follows a broker or store outage
-        self._grace_until = -math.inf  # until then, a deleted record evicts nobody (after an outage)
+        self._grace_until = -math.inf  # until then, an expired record evicts nobody (after an outage)
         self._log_limit = LogLimiter()
         transport.add_connection_listener(self._on_connection)
 
@@ -183,7 +183,8 @@ class Membership:
         if after_outage:  # nobody could heartbeat through the outage: give everyone a full TTL
             self.view.refresh_all(now)
             # Records that lapsed in the outage may still expire in the store as it comes back:
-            # those deletes do not evict anyone within the TTL; the sweep does, if no heartbeat came.
+            # those expiries evict nobody within the TTL (the sweep does, if no heartbeat came);
+            # a node that leaves (its own delete) is dropped at once, as ever.
             self._grace_until = now + self.view.ttl
         for node_id, value in records.items():
             if node_id != self.node_id:
@@ -223,7 +224,7 @@ class Membership:
                     "node %s: own record vanished (expired while paused?); registering again", self.node_id
                 )
                 self._schedule_resync()
-            elif event.node_id != self.node_id and now < self._grace_until:
+            elif event.node_id != self.node_id and event.expired and now < self._grace_until:
                 logger.info(
                     "node %s: its record lapsed with the outage; it has a TTL to show up", event.node_id
                 )

@@ -49,6 +49,7 @@ __all__ = [
     "decode_message",
     "deadline_header",
     "deadline_of",
+    "dead_letter_room",
     "decode_reply",
     "encode_error",
     "encode_message",
@@ -180,8 +181,15 @@ PER_ATTEMPT = 384
 #: Bytes a reply's frame grows by after its size was checked: the transport's correlation id.
 PER_REPLY = 64
 #: Bytes a durable message leaves for its dead letter's record, which is stored beside it in one
-#: broker message (NATS): its ids, reason and node, and some of its error's text.
+#: broker message (NATS), besides its id and type name (`dead_letter_room`): the record's group,
+#: reason, node, time and counts, and some of its error's text.
 DEAD_LETTER_ROOM = 1024
+
+
+def dead_letter_room(message: Message) -> int:
+    """What ``message`` leaves for its dead letter: `DEAD_LETTER_ROOM`, and its id (twice) and type
+    name as the record's ASCII JSON writes them (up to 12 bytes a character)."""
+    return DEAD_LETTER_ROOM + 2 * len(json.dumps(message.message_id)) + len(json.dumps(message.type_name))
 
 
 def check_size(envelope: Envelope, max_payload: int, what: str, reserve: int = 0) -> None:

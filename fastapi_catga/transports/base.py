@@ -96,6 +96,9 @@ class MemberEvent:
     kind: Literal["put", "delete"]
     node_id: str
     value: bytes | None = None
+    #: A delete that the broker made, the record's TTL having run out (NATS 2.11+ says so), not
+    #: the node leaving.
+    expired: bool = False
 
 
 class MemberWatch(Protocol):

@@ -190,24 +190,22 @@ class InMemoryTransport:
         self._check()
 
     async def connect(self) -> None:
-        if self.closed or self.crashed:
-            raise TransportError("this transport was closed; create a new one")
+        """Connect; again after `aclose` too (an app's lifespan that runs again, for another test
+        client, with the transport it was given), not after `crash`."""
+        if self.crashed:
+            raise TransportError("this transport crashed; create a new one")
         if not self.broker.up:
             raise TransportError("in-memory broker is down")
+        self.closed = False
         self.broker._transports[self] = None
         self._set_connected(True)
-
-    def reopened(self) -> InMemoryTransport:
-        """A new transport to the same broker, with the same options: this one closed or crashed
-        for good (a lifespan that runs again, for another test client, takes one)."""
-        return InMemoryTransport(self.broker, cluster=self.cluster, max_payload=self.max_payload)
 
     async def aclose(self) -> None:
         if self.closed:
             return
         self.closed = True
         self._drop()
-        self._state.up = False
+        self._state = ConnectionState()  # down, and deaf to the node that used it
 
     def crash(self) -> None:
         """Die like ``kill -9``: subscriptions vanish at once, the membership record stays."""

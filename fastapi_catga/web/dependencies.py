@@ -13,7 +13,9 @@ from fastapi_catga.exceptions import ConfigurationError
 
 __all__ = ["MediatorDep", "get_catga", "get_mediator"]
 
-STATE_KEY = "fastapi_catga"  # in the lifespan's state; a name of the app's own stays its own
+#: Where the lifespan leaves the running node, in its state and in ``app.state``: a name the app's
+#: own state would not use.
+STATE_KEY = "fastapi_catga"
 
 
 # Both dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency
@@ -30,7 +32,7 @@ async def get_mediator(request: HTTPConnection) -> Mediator:
 
 
 def _running(request: HTTPConnection) -> Catga:
-    catga = getattr(request.state, STATE_KEY, None) or getattr(request.app.state, "catga", None)
+    catga = getattr(request.state, STATE_KEY, None) or getattr(request.app.state, STATE_KEY, None)
     if not isinstance(catga, Catga):
         raise ConfigurationError(
             "fastapi-catga is not running in this app: create it with FastAPI(lifespan=catga_lifespan) "

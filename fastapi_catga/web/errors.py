@@ -60,18 +60,20 @@ async def problem_response(request: Request, exc: Exception) -> Response:
         "detail": _text(exc, "message"),
         "instance": request.url.path,
     }
-    if exc.node_id:
-        body["node_id"] = exc.node_id
+    # A subclass may skip CatgaError.__init__: what it sets may be missing.
+    if node_id := getattr(exc, "node_id", None):
+        body["node_id"] = str(node_id)
     if isinstance(exc, RemoteHandlerError):
-        body["error_type"] = exc.error_type
-    content = _render(body)
-    if exc.details is not None:
-        # Details may hold what JSON cannot (pydantic's errors() keeps the exception in ctx).
-        body["errors" if isinstance(exc, MessageValidationError) else "details"] = exc.details
-        try:
-            content = _render(body)
-        except (ValueError, TypeError, RecursionError) as unfit:  # a cycle, a NaN, a tuple key
-            logger.warning("dropped the details of %s from its answer: %s", type(exc).__name__, unfit)
+        body["error_type"] = str(getattr(exc, "error_type", type(exc).__name__))
+    details, content = getattr(exc, "details", None), None
+    if details is not None:
+        key = "errors" if isinstance(exc, MessageValidationError) else "details"
+        try:  # details may hold what JSON cannot (pydantic's errors() keep the exception in ctx)
+            content = _render({**body, key: details})
+        except Exception as unfit:  # a cycle, a NaN, a tuple key, an object whose str() raises
+            logger.warning("dropped the details of %s from its answer: %r", type(exc).__name__, unfit)
+    if content is None:
+        content = _render(body)
     # Busy: the node(s) had no room now; say when trying again makes sense (RFC 9110, seconds).
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, BusyError) else None
     return Response(content, status_code=status, headers=headers, media_type="application/problem+json")

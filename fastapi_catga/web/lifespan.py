@@ -1,16 +1,16 @@
-"""`catga_lifespan`: starts the node with the app and stops it after, wrapping a user lifespan."""
+"""`catga_lifespan`: starts the node with the app and stops it after, inside the app's own lifespan."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, overload
 
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.middleware.exceptions import ExceptionMiddleware
-from starlette.routing import Mount
+from starlette.routing import BaseRoute, Host, Mount
 
 from fastapi_catga.bootstrap import Catga, build
 from fastapi_catga.core.handlers import HandlerSource
@@ -19,7 +19,6 @@ from fastapi_catga.core.pipeline import PipelineBehavior
 from fastapi_catga.exceptions import CatgaError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
-from fastapi_catga.transports.memory import InMemoryTransport
 from fastapi_catga.web.dependencies import STATE_KEY
 from fastapi_catga.web.errors import problem_response
 
@@ -73,7 +72,9 @@ def catga_lifespan(
 
     Args:
         settings: defaults to `CatgaSettings` from the environment.
-        lifespan: the app's own lifespan, run inside this one; state it yields is kept.
+        lifespan: the app's own lifespan: the node runs inside it (it enters before the node
+            starts and exits after the node stopped, so its start-up and shutdown code cannot use
+            the mediator); state it yields is kept.
         handlers: modules, dotted module names or functions whose ``@handler``s to run.
         behaviors: pipeline behaviors, outermost first.
         transport: a ready transport instance (tests: an `InMemoryTransport` on a shared broker).
@@ -83,10 +84,9 @@ def catga_lifespan(
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        given = transport
-        if isinstance(given, InMemoryTransport) and (given.closed or given.crashed):
-            given = given.reopened()  # the lifespan runs again (another TestClient): the same broker
-        catga = build(settings, handlers=handlers, behaviors=behaviors, transport=given, observers=observers)
+        catga = build(
+            settings, handlers=handlers, behaviors=behaviors, transport=transport, observers=observers
+        )
         _install_error_handler(app)
         if lifespan is None:
             async with _serving(app, catga):
@@ -105,15 +105,25 @@ async def _serving(app: FastAPI, catga: Catga) -> AsyncIterator[None]:
     """The node started (joined, taking requests) for the block, and stopped (deregistered,
     drained, closed) after it."""
     await catga.start()
-    app.state.catga = catga
+    setattr(app.state, STATE_KEY, catga)
     try:
         yield
     finally:
         try:
             await catga.stop()
         finally:
-            if getattr(app.state, "catga", None) is catga:
-                del app.state.catga  # a stopped node serves nothing: routes say it is not running
+            if getattr(app.state, STATE_KEY, None) is catga:
+                delattr(app.state, STATE_KEY)  # a stopped node serves nothing: routes say it is not running
+
+
+def _apps_within(routes: Iterable[BaseRoute]) -> Iterator[Starlette]:
+    """The apps mounted among ``routes``, under plain routers (``Mount(routes=...)``) and hosts too."""
+    for route in routes:
+        if isinstance(route, Mount | Host):
+            if isinstance(route.app, Starlette):
+                yield route.app
+            else:
+                yield from _apps_within(route.routes)
 
 
 def _install_error_handler(app: Starlette) -> None:
@@ -122,9 +132,8 @@ def _install_error_handler(app: Starlette) -> None:
     on the app's first ASGI call (this lifespan's, for the app the server runs): the handler goes
     into the built stack's `ExceptionMiddleware` as well. The stack is never built again, which
     would make the app's middleware anew."""
-    for mounted in app.routes:
-        if isinstance(mounted, Mount) and isinstance(mounted.app, Starlette):
-            _install_error_handler(mounted.app)
+    for mounted in _apps_within(app.routes):
+        _install_error_handler(mounted)
     if CatgaError in app.exception_handlers:
         return
     app.add_exception_handler(CatgaError, problem_response)

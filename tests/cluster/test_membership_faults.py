@@ -134,7 +134,8 @@ def test_a_connection_lost_as_a_resync_ends_keeps_the_outages_grace_for_the_next
     run_virtual(scenario())
 
 
-def test_records_that_lapse_as_the_broker_comes_back_evict_nobody_within_a_ttl() -> None:
+@pytest.mark.parametrize("crash", [True, False])
+def test_records_that_lapse_as_the_broker_comes_back_evict_nobody_within_a_ttl(crash: bool) -> None:
     """A broker frozen past the TTL expires the records it holds as it resumes, after the nodes
     have resynced (seen on nats-server 2.11+): those deletes are the outage's, not departures."""
 
@@ -149,10 +150,15 @@ def test_records_that_lapse_as_the_broker_comes_back_evict_nobody_within_a_ttl()
         broker.restore()
         await asyncio.sleep(0.5)
         assert not a.node.health()["view_stale"]
-        a.node.membership._apply(MemberEvent("delete", "b"), loop.time())  # the late expiry
+        a.node.membership._apply(MemberEvent("delete", "b", expired=True), loop.time())  # the late expiry
         for _ in range(20):
             await asyncio.sleep(0.1)
             assert {n.node_id for n in a.node.nodes()} == {"a", "b"}, "b evicted for the outage"
+        if not crash:  # b leaves: its own delete drops it at once, grace or not
+            await b.stop()
+            assert [n.node_id for n in a.node.nodes()] == ["a"]
+            await a.stop()
+            return
         b.node.transport.crash()  # type: ignore[attr-defined]  # b really dies now: the sweep evicts it within a TTL or so
         for _ in range(50):
             await asyncio.sleep(0.1)

@@ -618,6 +618,11 @@ async def test_watch_sees_expiry_on_2_15(nats_server: NatsServer, open_nats: Ope
     elapsed = await eventually(lambda: collector.saw("delete", "node-x"), within=4)
     assert elapsed > 0.5
     assert "node-x" not in await transport.members.list()
+    assert [e.expired for e in collector.events if e.kind == "delete"] == [True], "an expiry, not a leave"
+    await transport.members.put("node-y", b"{}", 10)
+    await transport.members.delete("node-y")  # a node leaving
+    await eventually(lambda: collector.saw("delete", "node-y"), within=2)
+    assert [e.expired for e in collector.events if e.kind == "delete"] == [True, False]
     await watch.stop()
     await eventually(collector.task.done, within=1)
 

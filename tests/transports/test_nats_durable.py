@@ -398,11 +398,17 @@ async def test_a_durable_message_near_the_limit_is_dead_lettered_whole_or_refuse
     catga = build(settings, handlers=[bulky])
     await catga.start()
     try:
-        limit = catga.node.transport.max_payload
+        limit, message_id = catga.node.transport.max_payload, "é" * 100  # 6 bytes a character in the letter
         with pytest.raises(MessageTooLargeError, match="payload limit"):  # no room for its letter
-            await catga.mediator.enqueue(Bulky(blob="x" * (limit - 1000)))
-        command = Bulky(blob="x" * (limit - 2500))
-        await catga.mediator.enqueue(command)
+            await catga.mediator.enqueue(Bulky(blob="x" * (limit - 1000), message_id=message_id))
+        size = limit
+        while True:  # the largest the enqueue takes, to 20 bytes: at the edge of the letter's room
+            command = Bulky(blob="x" * size, message_id=message_id)
+            try:
+                await catga.mediator.enqueue(command)
+                break
+            except MessageTooLargeError:
+                size -= 20
 
         async def letter() -> bool:
             return await catga.mediator.dead_letters.get(f"workers:{command.message_id}") is not None

@@ -81,7 +81,7 @@ def test_rates_are_per_second_over_the_last_interval() -> None:
 async def test_the_stream_ends_when_the_node_stops() -> None:
     app = dashboard_app()
     with TestClient(app):
-        catga = app.state.catga
+        catga = app.state.fastapi_catga
     assert catga.node.stopped
     assert [chunk async for chunk in snapshots(catga, 0.05, 10)] == ["retry: 1000\n\n"]
 

@@ -26,7 +26,7 @@ def test_both_spellings_give_the_running_nodes_mediator() -> None:
 
     @app.get("/same")
     async def same(request: Request, annotated: MediatorDep, plain: Mediator = Depends(get_mediator)) -> bool:
-        return annotated is plain is request.app.state.catga.mediator
+        return annotated is plain is request.app.state.fastapi_catga.mediator
 
     with TestClient(app) as client:
         assert client.get("/same").json() is True

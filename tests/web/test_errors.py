@@ -191,13 +191,36 @@ def test_details_json_cannot_carry_are_dropped_and_the_status_kept() -> None:
     cyclic["self"] = cyclic
     app = errors_app()
 
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
     @app.get("/odd/{kind}")
     async def odd(kind: str) -> None:
-        details = {"nan": {"waited": float("nan")}, "cycle": cyclic, "keys": {(1, 2): "tuple key"}}[kind]
+        details = {
+            "nan": {"waited": float("nan")}, "cycle": cyclic, "keys": {(1, 2): "tuple key"},
+            "unprintable": {"what": Unprintable()},
+        }[kind]  # fmt: skip
         raise RequestTimeoutError("slow downstream \ud800", details=details)
 
     with TestClient(app) as client:
-        for kind in ("nan", "cycle", "keys"):
+        for kind in ("nan", "cycle", "keys", "unprintable"):
             answer = client.get(f"/odd/{kind}")
             assert (answer.status_code, answer.headers["content-type"]) == (504, PROBLEM_JSON), kind
             assert answer.json()["detail"] == "slow downstream \ud800" and "details" not in answer.json()
+
+
+def test_an_error_class_that_skips_catga_errors_init_is_still_a_problem() -> None:
+    class Bare(RequestTimeoutError):
+        def __init__(self) -> None:  # sets nothing CatgaError would
+            Exception.__init__(self, "bare")
+
+    app = errors_app()
+
+    @app.get("/bare")
+    async def bare() -> None:
+        raise Bare()
+
+    with TestClient(app) as client:
+        answer = client.get("/bare")
+    assert (answer.status_code, answer.headers["content-type"]) == (504, PROBLEM_JSON)

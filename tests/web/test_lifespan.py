@@ -10,6 +10,7 @@ import pytest
 from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
+from starlette.routing import Mount
 
 from fastapi_catga import (
     CatgaError,
@@ -163,9 +164,11 @@ def test_a_mounted_app_answers_catga_errors_as_problems_too() -> None:
         raise HandlerNotFoundError("nobody here")
 
     app.mount("/sub", sub)
+    app.router.routes.append(Mount("/group", routes=[Mount("/inner", app=sub)]))  # under a plain router
     with TestClient(app) as client:
-        answer = client.get("/sub/unhandled")
-    assert (answer.status_code, answer.json()["detail"]) == (404, "nobody here")
+        for path in ("/sub/unhandled", "/group/inner/unhandled"):
+            answer = client.get(path)
+            assert (answer.status_code, answer.json()["detail"]) == (404, "nobody here"), path
 
 
 def test_a_websocket_route_gets_the_mediator() -> None:
@@ -204,6 +207,6 @@ def test_the_apps_own_state_keys_are_its_own_and_a_stopped_node_is_not_running()
     with TestClient(app) as client:
         assert client.get("/own").json() == "the app's own"
         assert client.get("/double/5").json() == 10
-    assert not hasattr(app.state, "catga"), "the app still holds the stopped node"
+    assert not hasattr(app.state, "fastapi_catga"), "the app still holds the stopped node"
     answer = TestClient(app).get("/double/5")  # no lifespan this time
     assert answer.status_code == 500 and "not running in this app" in answer.json()["detail"]

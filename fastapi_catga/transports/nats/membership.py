@@ -49,7 +49,7 @@ def _member_event(msg: Msg, prefix: str) -> MemberEvent | None:
     key = msg.subject[len(prefix) :]
     reason = headers.get("Nats-Marker-Reason")
     if headers.get("KV-Operation") in ("DEL", "PURGE") or reason in _REMOVED_REASONS:
-        return MemberEvent("delete", key)
+        return MemberEvent("delete", key, expired=reason == "MaxAge")
     return MemberEvent("put", key, msg.data) if reason is None else None
 
 
