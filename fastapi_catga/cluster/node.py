@@ -277,7 +277,17 @@ class ClusterNode:
         return await self.durable.enqueue(message)
 
     async def broadcast(self, message: Request[Any], *, timeout: float | None = None) -> dict[str, Any]:
-        """Run a command or query on every live node."""
+        """Run a command or query on every live node.
+
+        Raises:
+            MessageValidationError: the type is durable (run at least once by one node of its
+                group, once per message id: never on every node).
+        """
+        if isinstance(message, Request) and is_durable(type(message)):
+            raise MessageValidationError(
+                f"{message.type_name} is durable: one node of its group runs it, once per message id; "
+                "broadcast cannot run it on every node"
+            )
         return await self.sender.broadcast(message, timeout=timeout)
 
     async def publish(self, event: Event) -> None:

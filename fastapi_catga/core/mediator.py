@@ -236,7 +236,12 @@ class Mediator:
     async def broadcast(
         self, message: Request[R], *, timeout: float | None = None
     ) -> dict[str, R | CatgaError]:
-        """Run a command or query on every live node; one entry per node id: its result or its error."""
+        """Run a command or query on every live node; one entry per node id: its result or its error.
+
+        Raises:
+            MessageValidationError: the type is durable (one node of its group runs it, once per
+                message id); nothing ran.
+        """
         return await self._cluster.broadcast(message, timeout=timeout)
 
     async def get_nodes(self) -> list[NodeInfo]:

@@ -375,13 +375,15 @@ def test_the_dedup_window_ends() -> None:
     run_virtual(scenario())
 
 
-def test_enqueue_and_send_to_node_refuse_what_they_cannot_do() -> None:
+def test_enqueue_send_to_node_and_broadcast_refuse_what_they_cannot_do() -> None:
     async def scenario() -> None:
         _, (a,) = await cluster("a")
         with pytest.raises(MessageValidationError, match="durable Command"):
             await a.mediator.enqueue(Shipped(order="x"))  # type: ignore[arg-type]
         with pytest.raises(MessageValidationError, match="send_to_node cannot pick one"):
             await a.mediator.send_to_node(Charge(amount=1), "a")
+        with pytest.raises(MessageValidationError, match="broadcast cannot run it on every node"):
+            await a.mediator.broadcast(Charge(amount=1))  # it would charge once per node
         await a.stop()
 
     run_virtual(scenario())
