@@ -68,6 +68,9 @@ class CatgaError(Exception):
     """Root of every error fastapi-catga raises on purpose; subclass it for your handlers' errors."""
 
     code: ClassVar[str] = "catga_error"
+    #: The HTTP status of the problem+json answer when the error escapes a route (400-599); None
+    #: (the default): by its nearest built-in family, 500 for a class of none (README, Errors).
+    http_status: ClassVar[int | None] = None
     #: Whether another attempt may succeed. The retry behavior retries such errors in place;
     #: across nodes only a `RetryableError` a handler raised is tried again.
     retryable: bool = False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from http import HTTPStatus
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -16,8 +18,11 @@ from fastapi_catga.exceptions import (
     MessageTooLargeError,
     MessageValidationError,
     NodeUnavailableError,
+    Reject,
     RemoteHandlerError,
     RequestTimeoutError,
+    RetryableError,
+    RetryLater,
     TransportError,
 )
 
@@ -34,12 +39,21 @@ _STATUS: list[tuple[type[CatgaError], int, str]] = [
     (TransportError, 503, "Broker unavailable"),
     (RequestTimeoutError, 504, "Timed out"),
     (RemoteHandlerError, 502, "Handler failed"),
+    (RetryableError, 503, "Try again later"),  # every attempt failed with what may pass
+    (Reject, 422, "Rejected"),  # a handler refused the message: no retry can succeed
     (ConfigurationError, 500, "Misconfigured"),
 ]
 
 
 def status_for(exc: CatgaError) -> tuple[int, str]:
-    """The HTTP status and title for an error."""
+    """The HTTP status and title for an error: its class's ``http_status`` when that is one of
+    400-599, else its nearest built-in family's, else 500."""
+    own = getattr(type(exc), "http_status", None)
+    if type(own) is int and 400 <= own <= 599:
+        try:
+            return own, HTTPStatus(own).phrase
+        except ValueError:  # a status with no registered phrase (say 499)
+            return own, "Catga error"
     for cls, status, title in _STATUS:
         if isinstance(exc, cls):
             return status, title
@@ -75,8 +89,18 @@ async def problem_response(request: Request, exc: Exception) -> Response:
     if content is None:
         content = _render(body)
     # Busy: the node(s) had no room now; say when trying again makes sense (RFC 9110, seconds).
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, BusyError) else None
+    headers = {"Retry-After": str(retry_after)} if (retry_after := _retry_after(exc)) else None
     return Response(content, status_code=status, headers=headers, media_type="application/problem+json")
+
+
+def _retry_after(exc: CatgaError) -> int | None:
+    """Seconds after which trying again makes sense (RFC 9110), for an error that says so."""
+    if isinstance(exc, BusyError):
+        return exc.retry_after
+    delay = getattr(exc, "delay", None) if isinstance(exc, RetryLater) else None
+    if isinstance(delay, int | float) and 0 < delay < 1e9:  # a subclass may skip its __init__
+        return max(1, math.ceil(delay))
+    return None
 
 
 def _render(body: dict[str, object]) -> bytes:

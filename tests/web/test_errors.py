@@ -23,15 +23,36 @@ from fastapi_catga import (
     NodeUnavailableError,
     NoResponderError,
     Query,
+    Reject,
     RemoteHandlerError,
     RequestTimeoutError,
     RetryableError,
+    RetryLater,
     TransportError,
 )
 from fastapi_catga.web.errors import status_for
 from tests.web.apps import catga_app
 
 PROBLEM_JSON = "application/problem+json"
+
+
+class Conflict(CatgaError):
+    """An app's own error, with the status its routes answer."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class ConflictLike(RemoteHandlerError):
+    http_status = 409
+
+
+class Unusual(CatgaError):
+    http_status = 499
+
+
+class OutOfRange(CatgaError):
+    http_status = 200
 
 
 class WBoom(Command[None]):
@@ -57,7 +78,10 @@ ERRORS: dict[str, tuple[Callable[[], CatgaError], int]] = {
     "timeout": (lambda: RequestTimeoutError("too slow", node_id="n9"), 504),
     "remote": (lambda: RemoteHandlerError("it raised", error_type="KeyError", node_id="n9"), 502),
     "config": (lambda: ConfigurationError("misconfigured"), 500),
-    "retryable": (lambda: RetryableError("try again"), 500),
+    "retryable": (lambda: RetryableError("try again"), 503),
+    "rejected": (lambda: Reject("never"), 422),
+    "retry-later": (lambda: RetryLater("in a minute", delay=59.5), 503),
+    "conflict": (lambda: Conflict("order o-1 was placed already"), 409),
 }
 
 
@@ -110,8 +134,14 @@ def test_catga_error_becomes_problem_json(name: str) -> None:
         (NoResponderError, 503, "Broker unavailable"),  # a TransportError
         (DuplicateHandlerError, 500, "Misconfigured"),  # a ConfigurationError
         (RequestTimeoutError, 504, "Timed out"),
-        (RetryableError, 500, "Catga error"),  # no family of its own
-        (CatgaError, 500, "Catga error"),
+        (RetryableError, 503, "Try again later"),
+        (RetryLater, 503, "Try again later"),  # a RetryableError
+        (Reject, 422, "Rejected"),
+        (CatgaError, 500, "Catga error"),  # no family of its own
+        (Conflict, 409, "Conflict"),  # its own http_status
+        (ConflictLike, 409, "Conflict"),  # inherited, over RemoteHandlerError's 502
+        (Unusual, 499, "Catga error"),  # a status with no phrase of its own
+        (OutOfRange, 500, "Catga error"),  # not an error status: ignored
     ],
 )
 def test_status_for_goes_by_the_nearest_error_family(
@@ -127,6 +157,35 @@ def test_busy_says_when_to_try_again_and_no_other_error_does() -> None:
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert busy.json()["title"] == "Busy" and busy.json()["type"] == "urn:catga:error:busy"
     assert gone.status_code == 503 and "retry-after" not in gone.headers
+
+
+def test_retry_later_says_when_in_whole_seconds() -> None:
+    with TestClient(errors_app()) as client:
+        later = client.get("/raise/retry-later")
+        retryable = client.get("/raise/retryable")
+    assert later.status_code == 503 and later.headers["retry-after"] == "60"  # 59.5 s, rounded up
+    assert retryable.status_code == 503 and "retry-after" not in retryable.headers  # it says no delay
+
+
+class Taken(Command[None]):
+    pass
+
+
+async def taken(command: Taken) -> None:
+    raise Conflict("that name is taken")
+
+
+def test_a_handlers_own_error_class_answers_with_its_http_status() -> None:
+    app = catga_app(handlers=[taken])
+
+    @app.post("/taken")
+    async def send_taken(mediator: MediatorDep) -> None:
+        await mediator.send(Taken())
+
+    with TestClient(app) as client:
+        response = client.post("/taken")
+    assert response.status_code == 409
+    assert response.json()["type"] == "urn:catga:error:conflict" and response.json()["title"] == "Conflict"
 
 
 def test_server_errors_are_logged_and_client_errors_are_not(caplog: pytest.LogCaptureFixture) -> None:
