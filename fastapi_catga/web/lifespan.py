@@ -80,7 +80,16 @@ def catga_lifespan(
         transport: a ready transport instance (tests: an `InMemoryTransport` on a shared broker).
         observers: tracing and metrics hooks (see `build`); a metrics one also answers
             ``GET /catga/metrics`` on `catga_router`.
+
+    Raises:
+        TypeError: given something else than the app as its one positional argument (the app's
+            own lifespan goes in ``lifespan=``).
     """
+    if app is not None and not isinstance(app, Starlette):
+        raise TypeError(
+            f"catga_lifespan takes the app as its only positional argument, got {app!r}; "
+            "pass your own lifespan as catga_lifespan(lifespan=...)"
+        )
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[dict[str, Any]]:

@@ -170,6 +170,7 @@ def test_bad_settings_fail_at_construction(servers: str, cluster: str, complaint
     [
         ("nats://", "names no host"),
         ("nats://127.0.0.1:99999", "port is no number"),
+        ("nats://127.0.0.1:4222,bad url", "host holds a space"),  # nats-py took it, and failed later
         ("http://127.0.0.1:4222", "scheme is not one of"),
         ("nats://app:se/cret@127.0.0.1:4222", "port is no number"),  # a / not percent-encoded
         ("nats://app:se,cret@127.0.0.1:4222", "port is no number"),  # the , splits the list

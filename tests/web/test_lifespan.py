@@ -80,6 +80,15 @@ def test_user_lifespan_runs_inside_and_keeps_its_state() -> None:
     assert log == ["user:start", "transport:connect", "transport:close", "user:stop"]
 
 
+def test_a_user_lifespan_passed_as_the_app_is_refused_at_once() -> None:
+    @asynccontextmanager
+    async def user_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+
+    with pytest.raises(TypeError, match=r"catga_lifespan\(lifespan=\.\.\.\)"):
+        catga_lifespan(user_lifespan, handlers=[])  # type: ignore[call-overload]
+
+
 def test_user_lifespan_failing_at_startup_starts_no_node() -> None:
     log: list[str] = []
 

@@ -210,6 +210,8 @@ def _url_problem(url: str) -> str | None:
         return f"a URL's scheme is not one of {', '.join(_SCHEMES)}"
     if not parts.hostname:
         return "a URL names no host"
+    if any(char.isspace() or not char.isprintable() for char in parts.hostname):
+        return "a URL's host holds a space or a control character"
     try:
         parts.port  # noqa: B018 (it parses, and raises for a port out of range)
     except ValueError:
