@@ -4,6 +4,10 @@ the test double of JetStream and Redis Streams).
 It keeps the seam's rules (broker-counted deliveries, leases that run out, groups that start at
 their creation for events, fenced done records, dead letters), not the data: nothing outlives the
 process. One `MemoryDurable` per `InMemoryBroker`; each transport gets a view of it for its cluster.
+
+Nothing grows with the messages that went through, as on the brokers: an entry every group of its
+queue has read leaves the queue (as JetStream's work queue and Redis's acked commands do), and a
+lease, done record or dedup id that ended is dropped by a sweep each time their table doubles.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from fastapi_catga.core.envelope import Envelope
 from fastapi_catga.transports.durable import DeadLetter, DurableDelivery, Queue, QueueKind, Stored
 
 __all__ = ["MemoryDurable", "MemoryDurableStore"]
+
+V = TypeVar("V")
 
 
 @dataclass(eq=False)
@@ -34,9 +41,53 @@ class _Pending:
 
 @dataclass(eq=False)
 class _Group:
-    cursor: int  # the next entry's index in the queue this group has not yet been given
+    cursor: int  # the index, counted from the queue's first entry ever, of the next one to give it
     pending: dict[int, _Pending] = field(default_factory=dict)
-    done: set[int] = field(default_factory=set)
+
+
+@dataclass(eq=False)
+class _Log:
+    """One queue's entries, from the first one some group has not read yet."""
+
+    entries: list[_Entry] = field(default_factory=list)
+    base: int = 0  # how many entries every group had read and were dropped from the front
+    groups: list[_Group] = field(default_factory=list)
+
+    def trim(self) -> None:
+        """Drop what every group has read once that is most of the list (a copy per halving)."""
+        if self.groups:
+            read = min(group.cursor for group in self.groups) - self.base
+            if read >= 1024 and 2 * read >= len(self.entries):
+                del self.entries[:read]
+                self.base += read
+
+
+class _Expiring(Generic[V]):
+    """Values that each end at a time of the clock; the ended ones are swept out each time the
+    table doubles since the last sweep (O(1) a write, at most twice the live ones kept)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._items: dict[tuple[str, str], tuple[V, float]] = {}
+        self._sweep_at = 1024
+
+    def get(self, key: tuple[str, str]) -> V | None:
+        item = self._items.get(key)
+        return item[0] if item is not None and item[1] > self._clock() else None
+
+    def set(self, key: tuple[str, str], value: V, ttl: float) -> None:
+        items = self._items
+        items[key] = (value, self._clock() + ttl)
+        if len(items) >= self._sweep_at:
+            now = self._clock()
+            self._items = {k: item for k, item in items.items() if item[1] > now}
+            self._sweep_at = max(1024, 2 * len(self._items))
+
+    def pop(self, key: tuple[str, str]) -> None:
+        self._items.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class MemoryDurable:
@@ -45,11 +96,11 @@ class MemoryDurable:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self._seqs = itertools.count(1)
-        self._queues: dict[tuple[str, QueueKind, str], list[_Entry]] = {}
+        self._queues: dict[tuple[str, QueueKind, str], _Log] = {}
         self._groups: dict[tuple[str, Queue], _Group] = {}
-        self._dedup: dict[tuple[str, str], float] = {}
-        self._leases: dict[tuple[str, str], tuple[str, float]] = {}
-        self._done: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self._dedup: _Expiring[bool] = _Expiring(clock)
+        self._leases: _Expiring[str] = _Expiring(clock)
+        self._done: _Expiring[bytes] = _Expiring(clock)
         self._letters: dict[str, dict[str, tuple[DeadLetter, Envelope]]] = {}
         self.changed = asyncio.Event()
 
@@ -57,26 +108,30 @@ class MemoryDurable:
         self.changed.set()
         self.changed = asyncio.Event()
 
-    def entries(self, cluster: str, kind: QueueKind, type_name: str) -> list[_Entry]:
-        return self._queues.setdefault((cluster, kind, type_name), [])
+    def log(self, cluster: str, kind: QueueKind, type_name: str) -> _Log:
+        log = self._queues.get((cluster, kind, type_name))
+        if log is None:
+            log = self._queues[(cluster, kind, type_name)] = _Log()
+        return log
 
     def group(self, cluster: str, queue: Queue) -> _Group:
         state = self._groups.get((cluster, queue))
         if state is None:
-            # Commands: everything already queued; events: from now on.
-            start = 0 if queue.kind == "cmd" else len(self.entries(cluster, queue.kind, queue.type_name))
-            state = self._groups[(cluster, queue)] = _Group(start)
+            log = self.log(cluster, queue.kind, queue.type_name)
+            # Commands: everything still queued; events: from now on.
+            state = _Group(log.base if queue.kind == "cmd" else log.base + len(log.entries))
+            self._groups[(cluster, queue)] = state
+            log.groups.append(state)
         return state
 
     def append(
         self, cluster: str, kind: QueueKind, type_name: str, envelope: Envelope, dedup_id: str, window: float
     ) -> Stored:
-        now = self.clock()
         key = (cluster, dedup_id)
-        if self._dedup.get(key, -1.0) > now:
+        if self._dedup.get(key):
             return Stored(duplicate=True)
-        self._dedup[key] = now + window
-        self.entries(cluster, kind, type_name).append(_Entry(next(self._seqs), envelope))
+        self._dedup.set(key, True, window)
+        self.log(cluster, kind, type_name).entries.append(_Entry(next(self._seqs), envelope))
         self._wake()
         return Stored()
 
@@ -84,12 +139,13 @@ class MemoryDurable:
         """Up to ``limit`` entries for the group: those whose lease or retry delay ran out, then new ones."""
         now, state = self.clock(), self.group(cluster, queue)
         taken = [p for p in state.pending.values() if p.available_at <= now][:limit]
-        entries = self.entries(cluster, queue.kind, queue.type_name)
-        while len(taken) < limit and state.cursor < len(entries):
-            entry = entries[state.cursor]
+        log = self.log(cluster, queue.kind, queue.type_name)
+        entries, base = log.entries, log.base
+        while len(taken) < limit and state.cursor - base < len(entries):
+            entry = entries[state.cursor - base]
             state.cursor += 1
-            if entry.seq not in state.done:
-                taken.append(state.pending.setdefault(entry.seq, _Pending(entry, 0, now)))
+            taken.append(state.pending.setdefault(entry.seq, _Pending(entry, 0, now)))
+        log.trim()  # what is taken and not settled stays in the group's pending
         for pending in taken:
             pending.deliveries += 1
             pending.available_at = now + lease
@@ -103,7 +159,6 @@ class MemoryDurable:
             return
         if available_at is None:
             del state.pending[seq]
-            state.done.add(seq)
         else:
             pending.available_at = available_at
         self._wake()
@@ -115,21 +170,28 @@ class MemoryDurable:
     # -- leases and done records ---------------------------------------------------------------------
 
     def holder(self, cluster: str, key: str) -> str | None:
-        lease = self._leases.get((cluster, key))
-        return lease[0] if lease is not None and lease[1] > self.clock() else None
+        return self._leases.get((cluster, key))
 
     def set_lease(self, cluster: str, key: str, holder: str | None, ttl: float) -> None:
         if holder is None:
-            self._leases.pop((cluster, key), None)
+            self._leases.pop((cluster, key))
         else:
-            self._leases[(cluster, key)] = (holder, self.clock() + ttl)
+            self._leases.set((cluster, key), holder, ttl)
 
     def done(self, cluster: str, key: str) -> bytes | None:
-        record = self._done.get((cluster, key))
-        return record[0] if record is not None and record[1] > self.clock() else None
+        return self._done.get((cluster, key))
 
     def set_done(self, cluster: str, key: str, result: bytes, ttl: float) -> None:
-        self._done[(cluster, key)] = (result, self.clock() + ttl)
+        self._done.set((cluster, key), result, ttl)
+
+    def sizes(self) -> dict[str, int]:
+        """How many entries, leases, done records and dedup ids are kept (for tests of growth)."""
+        return {
+            "entries": sum(len(log.entries) for log in self._queues.values()),
+            "leases": len(self._leases),
+            "done": len(self._done),
+            "dedup": len(self._dedup),
+        }
 
     def letters(self, cluster: str) -> dict[str, tuple[DeadLetter, Envelope]]:
         return self._letters.setdefault(cluster, {})
