@@ -53,13 +53,16 @@ class _Log:
     base: int = 0  # how many entries every group had read and were dropped from the front
     groups: list[_Group] = field(default_factory=list)
 
+    def unread(self) -> int:
+        """The index of the first entry some group has not read (the base when no group reads)."""
+        return min((group.cursor for group in self.groups), default=self.base)
+
     def trim(self) -> None:
         """Drop what every group has read once that is most of the list (a copy per halving)."""
-        if self.groups:
-            read = min(group.cursor for group in self.groups) - self.base
-            if read >= 1024 and 2 * read >= len(self.entries):
-                del self.entries[:read]
-                self.base += read
+        read = self.unread() - self.base
+        if read >= 1024 and 2 * read >= len(self.entries):
+            del self.entries[:read]
+            self.base += read
 
 
 class _Expiring(Generic[V]):
@@ -118,8 +121,8 @@ class MemoryDurable:
         state = self._groups.get((cluster, queue))
         if state is None:
             log = self.log(cluster, queue.kind, queue.type_name)
-            # Commands: everything still queued; events: from now on.
-            state = _Group(log.base if queue.kind == "cmd" else log.base + len(log.entries))
+            # Commands: what no group has read yet (what the brokers still hold); events: from now on.
+            state = _Group(log.unread() if queue.kind == "cmd" else log.base + len(log.entries))
             self._groups[(cluster, queue)] = state
             log.groups.append(state)
         return state
