@@ -7,23 +7,22 @@ process. One `MemoryDurable` per `InMemoryBroker`; each transport gets a view of
 
 Nothing grows with the messages that went through, as on the brokers: an entry every group of its
 queue has read leaves the queue (as JetStream's work queue and Redis's acked commands do), and a
-lease, done record or dedup id that ended is dropped by a sweep each time their table doubles.
+lease, done record or dedup id that ended is dropped by a sweep once as many were written as were
+kept after the last one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
 from fastapi_catga.core.envelope import Envelope
 from fastapi_catga.transports.durable import DeadLetter, DurableDelivery, Queue, QueueKind, Stored
 
 __all__ = ["MemoryDurable", "MemoryDurableStore"]
-
-V = TypeVar("V")
 
 
 @dataclass(eq=False)
@@ -65,34 +64,6 @@ class _Log:
             self.base += read
 
 
-class _Expiring(Generic[V]):
-    """Values that each end at a time of the clock; the ended ones are swept out each time the
-    table doubles since the last sweep (O(1) a write, at most twice the live ones kept)."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._items: dict[tuple[str, str], tuple[V, float]] = {}
-        self._sweep_at = 1024
-
-    def get(self, key: tuple[str, str]) -> V | None:
-        item = self._items.get(key)
-        return item[0] if item is not None and item[1] > self._clock() else None
-
-    def set(self, key: tuple[str, str], value: V, ttl: float) -> None:
-        items = self._items
-        items[key] = (value, self._clock() + ttl)
-        if len(items) >= self._sweep_at:
-            now = self._clock()
-            self._items = {k: item for k, item in items.items() if item[1] > now}
-            self._sweep_at = max(1024, 2 * len(self._items))
-
-    def pop(self, key: tuple[str, str]) -> None:
-        self._items.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 class MemoryDurable:
     """The durable state of one `InMemoryBroker`: queues, groups, leases, done records, dead letters."""
 
@@ -101,9 +72,12 @@ class MemoryDurable:
         self._seqs = itertools.count(1)
         self._queues: dict[tuple[str, QueueKind, str], _Log] = {}
         self._groups: dict[tuple[str, Queue], _Group] = {}
-        self._dedup: _Expiring[bool] = _Expiring(clock)
-        self._leases: _Expiring[str] = _Expiring(clock)
-        self._done: _Expiring[bytes] = _Expiring(clock)
+        self._dedup: dict[tuple[str, str], float] = {}  # dedup id: until when
+        self._leases: dict[tuple[str, str], tuple[str, float]] = {}
+        self._done: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self._writes = 0  # to those three since the last sweep
+        self._sweep_after = 1024
+        self._soonest = math.inf  # the earliest end of those kept or written since the last sweep
         self._letters: dict[str, dict[str, tuple[DeadLetter, Envelope]]] = {}
         self.changed = asyncio.Event()
 
@@ -130,10 +104,12 @@ class MemoryDurable:
     def append(
         self, cluster: str, kind: QueueKind, type_name: str, envelope: Envelope, dedup_id: str, window: float
     ) -> Stored:
+        now = self.clock()
         key = (cluster, dedup_id)
-        if self._dedup.get(key):
+        if self._dedup.get(key, -1.0) > now:
             return Stored(duplicate=True)
-        self._dedup.set(key, True, window)
+        self._dedup[key] = now + window
+        self._wrote(now + window)
         self.log(cluster, kind, type_name).entries.append(_Entry(next(self._seqs), envelope))
         self._wake()
         return Stored()
@@ -173,19 +149,42 @@ class MemoryDurable:
     # -- leases and done records ---------------------------------------------------------------------
 
     def holder(self, cluster: str, key: str) -> str | None:
-        return self._leases.get((cluster, key))
+        lease = self._leases.get((cluster, key))
+        return lease[0] if lease is not None and lease[1] > self.clock() else None
 
     def set_lease(self, cluster: str, key: str, holder: str | None, ttl: float) -> None:
         if holder is None:
-            self._leases.pop((cluster, key))
+            self._leases.pop((cluster, key), None)
         else:
-            self._leases.set((cluster, key), holder, ttl)
+            until = self.clock() + ttl
+            self._leases[(cluster, key)] = (holder, until)
+            self._wrote(until)
 
     def done(self, cluster: str, key: str) -> bytes | None:
-        return self._done.get((cluster, key))
+        record = self._done.get((cluster, key))
+        return record[0] if record is not None and record[1] > self.clock() else None
 
     def set_done(self, cluster: str, key: str, result: bytes, ttl: float) -> None:
-        self._done.set((cluster, key), result, ttl)
+        until = self.clock() + ttl
+        self._done[(cluster, key)] = (result, until)
+        self._wrote(until)
+
+    def _wrote(self, until: float) -> None:
+        """Counts a write of a dedup id, lease or done record that ends at ``until``; once there were
+        as many as those kept after the last sweep, and one of them may have ended, drops the ended
+        ones (O(1) a write, about twice the live ones kept; no sweep while none can have ended)."""
+        self._writes += 1
+        if until < self._soonest:
+            self._soonest = until
+        if self._writes >= self._sweep_after and self.clock() >= self._soonest:
+            now = self.clock()
+            self._dedup = {key: end for key, end in self._dedup.items() if end > now}
+            self._leases = {key: lease for key, lease in self._leases.items() if lease[1] > now}
+            self._done = {key: record for key, record in self._done.items() if record[1] > now}
+            ends = [*self._dedup.values(), *(lease[1] for lease in self._leases.values())]
+            self._soonest = min((*ends, *(record[1] for record in self._done.values())), default=math.inf)
+            self._writes = 0
+            self._sweep_after = max(1024, len(self._dedup) + len(self._leases) + len(self._done))
 
     def sizes(self) -> dict[str, int]:
         """How many entries, leases, done records and dedup ids are kept (for tests of growth)."""
