@@ -7,8 +7,8 @@ process. One `MemoryDurable` per `InMemoryBroker`; each transport gets a view of
 
 Nothing grows with the messages that went through, as on the brokers: an entry every group of its
 queue has read leaves the queue (as JetStream's work queue and Redis's acked commands do), and a
-lease, done record or dedup id that ended is dropped by a sweep once as many were written as were
-kept after the last one.
+lease, done record or dedup id that ended is dropped by a sweep, once as many were written as were
+kept after the last one and the earliest of them has ended.
 """
 
 from __future__ import annotations
@@ -181,8 +181,11 @@ class MemoryDurable:
             self._dedup = {key: end for key, end in self._dedup.items() if end > now}
             self._leases = {key: lease for key, lease in self._leases.items() if lease[1] > now}
             self._done = {key: record for key, record in self._done.items() if record[1] > now}
-            ends = [*self._dedup.values(), *(lease[1] for lease in self._leases.values())]
-            self._soonest = min((*ends, *(record[1] for record in self._done.values())), default=math.inf)
+            self._soonest = min(
+                min(self._dedup.values(), default=math.inf),
+                min((lease[1] for lease in self._leases.values()), default=math.inf),
+                min((record[1] for record in self._done.values()), default=math.inf),
+            )
             self._writes = 0
             self._sweep_after = max(1024, len(self._dedup) + len(self._leases) + len(self._done))
 
