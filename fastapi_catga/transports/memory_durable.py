@@ -8,7 +8,8 @@ process. One `MemoryDurable` per `InMemoryBroker`; each transport gets a view of
 Nothing grows with the messages that went through, as on the brokers: an entry every group of its
 queue has read leaves the queue (as JetStream's work queue and Redis's acked commands do), and a
 lease, done record or dedup id that ended is dropped by a sweep, once as many were written as were
-kept after the last one and the earliest of them has ended.
+kept after the last one and the earliest of them has ended. Durable events and dead letters older
+than the retention go, read or not, as the brokers' max age drops them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = ["MemoryDurable", "MemoryDurableStore"]
 class _Entry:
     seq: int
     envelope: Envelope
+    added: float  # the clock's time when it was stored
 
 
 @dataclass(eq=False)
@@ -63,6 +65,21 @@ class _Log:
             del self.entries[:read]
             self.base += read
 
+    def expire(self, before: float) -> None:
+        """Drop the entries stored before ``before``, read or not (what a group held of them too)."""
+        old = 0
+        while old < len(self.entries) and self.entries[old].added < before:
+            old += 1
+        if not old:
+            return
+        last = self.entries[old - 1].seq
+        del self.entries[:old]
+        self.base += old
+        for group in self.groups:
+            group.cursor = max(group.cursor, self.base)
+            for seq in [seq for seq in group.pending if seq <= last]:
+                del group.pending[seq]
+
 
 class MemoryDurable:
     """The durable state of one `InMemoryBroker`: queues, groups, leases, done records, dead letters."""
@@ -78,7 +95,8 @@ class MemoryDurable:
         self._writes = 0  # to those three since the last sweep
         self._sweep_after = 1024
         self._soonest = math.inf  # the earliest end of those kept or written since the last sweep
-        self._letters: dict[str, dict[str, tuple[DeadLetter, Envelope]]] = {}
+        self._letters: dict[str, dict[str, tuple[DeadLetter, Envelope, float]]] = {}  # until when
+        self._retention: dict[str, float] = {}
         self.changed = asyncio.Event()
 
     def _wake(self) -> None:
@@ -110,7 +128,10 @@ class MemoryDurable:
             return Stored(duplicate=True)
         self._dedup[key] = now + window
         self._wrote(now + window)
-        self.log(cluster, kind, type_name).entries.append(_Entry(next(self._seqs), envelope))
+        log = self.log(cluster, kind, type_name)
+        log.entries.append(_Entry(next(self._seqs), envelope, now))
+        if kind == "evt":
+            log.expire(now - self.retention(cluster))
         self._wake()
         return Stored()
 
@@ -198,8 +219,27 @@ class MemoryDurable:
             "dedup": len(self._dedup),
         }
 
-    def letters(self, cluster: str) -> dict[str, tuple[DeadLetter, Envelope]]:
-        return self._letters.setdefault(cluster, {})
+    def retention(self, cluster: str) -> float:
+        """How long the cluster's durable events and dead letters are kept (`CATGA_DURABLE_RETENTION`)."""
+        return self._retention.get(cluster, 14 * 86400.0)
+
+    def retain(self, cluster: str, seconds: float) -> None:
+        self._retention[cluster] = seconds
+
+    def add_letter(self, cluster: str, letter: DeadLetter, envelope: Envelope) -> None:
+        letters = self.letters(cluster)
+        if letter.id not in letters:
+            letters[letter.id] = (letter, envelope, self.clock() + self.retention(cluster))
+
+    def letters(self, cluster: str) -> dict[str, tuple[DeadLetter, Envelope, float]]:
+        """The cluster's dead letters, oldest first, past their retention dropped."""
+        letters, now = self._letters.setdefault(cluster, {}), self.clock()
+        while letters:
+            oldest = next(iter(letters))
+            if letters[oldest][2] > now:
+                break
+            del letters[oldest]
+        return letters
 
 
 @dataclass(eq=False)
@@ -280,6 +320,7 @@ class MemoryDurableStore:
     ) -> None:
         await self._reachable()
         self._window = min(dedup_window, 120.0)  # as JetStream's default duplicate window
+        self._state.retain(self.cluster, retention)
         for queue in queues:
             self._state.group(self.cluster, queue)
 
@@ -327,15 +368,17 @@ class MemoryDurableStore:
 
     async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> None:
         await self._reachable()
-        self._state.letters(self.cluster).setdefault(letter.id, (letter, _copy(envelope)))
+        self._state.add_letter(self.cluster, letter, _copy(envelope))
 
     async def dead_letters(self, limit: int) -> list[tuple[DeadLetter, Envelope]]:
         await self._reachable()
-        return list(self._state.letters(self.cluster).values())[:limit]
+        kept = itertools.islice(self._state.letters(self.cluster).values(), limit)
+        return [(letter, envelope) for letter, envelope, _ in kept]
 
     async def dead_letter(self, letter_id: str) -> tuple[DeadLetter, Envelope] | None:
         await self._reachable()
-        return self._state.letters(self.cluster).get(letter_id)
+        kept = self._state.letters(self.cluster).get(letter_id)
+        return None if kept is None else kept[:2]
 
     async def remove_dead_letter(self, letter_id: str) -> bool:
         await self._reachable()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from fastapi_catga.core.envelope import Envelope
 from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
-from fastapi_catga.transports.durable import DurableStore, Queue
+from fastapi_catga.transports.durable import DeadLetter, DurableStore, Queue
 from tests.transports.durable_contract import CMD, LEASE, DurableContract, MakeStore
 
 EVT = Queue("evt", "orders.Placed", "mail")
@@ -96,3 +98,42 @@ async def test_a_group_that_lags_keeps_what_it_has_not_read_and_a_new_one_starts
     await store.prepare([late], lease=LEASE, dedup_window=60.0, retention=3600.0)
     later = await store.consumer(late, consumer="n2", lease=LEASE).fetch(20, 0)
     assert [delivery.envelope.headers["catga-id"] for delivery in later] == [f"c{n}" for n in range(15, 20)]
+
+
+async def test_events_and_dead_letters_older_than_the_retention_go_read_or_not() -> None:
+    """As the brokers' max age drops them: a group that stopped reading does not keep every event
+    for the life of the process, nor does a dead letter nobody looked at stay for ever."""
+    now = [0.0]
+    broker = InMemoryBroker(lambda: now[0])
+    transport = InMemoryTransport(broker, cluster="aged")
+    await transport.connect()
+    store = transport.durable
+    stopped = Queue("evt", EVT.type_name, "stopped")
+    await store.prepare([EVT, stopped, CMD], lease=LEASE, dedup_window=60.0, retention=100.0)
+    for n in range(3):
+        await store.append("evt", EVT.type_name, envelope(f"old{n}"), dedup_id=f"old{n}")
+        await store.append("cmd", CMD.type_name, envelope(f"cmd{n}"), dedup_id=f"cmd{n}")
+    reading = store.consumer(EVT, consumer="n1", lease=LEASE)
+    held = await reading.fetch(1, 0)  # taken, not settled when it expires
+    assert [delivery.envelope.headers["catga-id"] for delivery in held] == ["old0"]
+    letter = DeadLetter(
+        id="workers:m1", queue_kind="cmd", message_type=CMD.type_name, message_id="m1", group="workers",
+        reason="attempts", error_type="ValueError", error="boom", attempts=3, node_id="n1",
+        at=datetime(2026, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+    await store.add_dead_letter(letter, envelope("m1"))
+
+    now[0] = 99.0
+    await store.append("evt", EVT.type_name, envelope("new"), dedup_id="new")
+    assert [found.id for found, _ in await store.dead_letters(10)] == ["workers:m1"]
+    now[0] = 101.0  # the first three events and the dead letter are past the retention
+    await store.append("evt", EVT.type_name, envelope("newer"), dedup_id="newer")
+    assert await store.dead_letters(10) == []
+    assert await store.dead_letter("workers:m1") is None
+    assert broker.durable.sizes()["entries"] == 5  # 3 commands (kept until run) and 2 events
+    for queue, expected in ((EVT, ["new", "newer"]), (stopped, ["new", "newer"])):
+        later = await store.consumer(queue, consumer="n2", lease=LEASE).fetch(10, 0)
+        assert [delivery.envelope.headers["catga-id"] for delivery in later] == expected
+    await held[0].ack()  # settling what is gone is no error
+    commands = await store.consumer(CMD, consumer="n1", lease=LEASE).fetch(10, 0)
+    assert [delivery.envelope.headers["catga-id"] for delivery in commands] == ["cmd0", "cmd1", "cmd2"]
