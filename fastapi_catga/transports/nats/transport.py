@@ -304,6 +304,8 @@ class NatsTransport:
             raise
         finally:
             self._pending.discard(token)
+            if reply.done() and not reply.cancelled():
+                reply.exception()  # retrieved: its deadline may have passed while the publish waited
         if answer is None:
             raise NoResponderError(f"nobody listens on {subject}")
         try:
