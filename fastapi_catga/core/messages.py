@@ -33,6 +33,11 @@ _ids: deque[str] = deque()  # ids read ahead from os.urandom; popleft and extend
 os.register_at_fork(after_in_child=_ids.clear)  # a forked child must not hand out its parent's
 
 
+#: What a message id may hold: 1-200 characters, none of them a control character (a newline would
+#: forge a log line, an escape sequence would reach an operator's terminal).
+MESSAGE_ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
+
 def new_message_id() -> str:
     """A fresh message id: 32 hex characters (128 random bits), safe in any subject or key.
 
@@ -116,7 +121,10 @@ class Message(BaseModel):
     #: node's ``CATGA_MAX_IN_FLIGHT`` still applies. Beyond it a node answers "busy" (`BusyError`).
     max_in_flight: ClassVar[int | None] = None
 
-    message_id: str = Field(default_factory=new_message_id, min_length=1, max_length=200)
+    #: No control characters: an id a client gave goes into logs, terminals and URLs as it is.
+    message_id: str = Field(
+        default_factory=new_message_id, min_length=1, max_length=200, pattern=MESSAGE_ID_PATTERN
+    )
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

@@ -139,7 +139,7 @@ def reads_back_as_is(message_type: type[Message]) -> bool:
     """Whether a (validated) message of ``message_type`` reads back from its JSON as an equal one
     its handler cannot tell from it: fields of str, int and bool, or None, only (a float may be NaN, which
     JSON writes as null; a container may be the caller's to change), no aliases, no excluded
-    field, constraints only of `annotated_types` (no transforming ones), and no validator,
+    field, constraints only of `annotated_types` or a pattern (none that transform), and no validator,
     serializer, post-init hook, private attribute or extra field of its own. Others are decoded
     for each run here (about one validation)."""
     decorators = message_type.__pydantic_decorators__  # pydantic's own: read with care
@@ -157,8 +157,15 @@ def reads_back_as_is(message_type: type[Message]) -> bool:
         and field.alias is field.validation_alias is field.serialization_alias is None
         and not field.exclude
         and getattr(field, "exclude_if", None) is None
-        and all(type(rule).__module__ == "annotated_types" for rule in field.metadata)
+        and all(_keeps_the_value(rule) for rule in field.metadata)
         for field in message_type.model_fields.values()
+    )
+
+
+def _keeps_the_value(rule: object) -> bool:
+    """Whether a field's constraint only checks its value: `annotated_types`' or a ``pattern``."""
+    return type(rule).__module__ == "annotated_types" or (
+        type(rule).__name__ == "_PydanticGeneralMetadata" and vars(rule).keys() == {"pattern"}
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -123,6 +124,16 @@ def test_message_id_is_kept_when_given_and_survives_the_wire() -> None:
 def test_empty_message_id_is_rejected() -> None:
     with pytest.raises(ValidationError, match="message_id"):
         PlaceOrder(sku="a", message_id="")
+
+
+@pytest.mark.parametrize("given", ["a\nFAKE LOG LINE", "\x1b[31mred", "tab\there", "nul\x00", "del\x7f"])
+def test_a_message_id_with_a_control_character_is_rejected(given: str) -> None:
+    """A client's id goes into log lines, terminals (the CLI) and URLs (the admin routes) as it is."""
+    with pytest.raises(ValidationError, match="message_id"):
+        PlaceOrder(sku="a", message_id=given)
+    with pytest.raises(ValidationError, match="message_id"):
+        PlaceOrder.model_validate_json(f'{{"sku":"a","message_id":{json.dumps(given)}}}')
+    assert PlaceOrder(sku="a", message_id="ünïcode / 200 % ok").message_id == "ünïcode / 200 % ok"
 
 
 async def test_message_id_is_the_idempotency_key() -> None:
