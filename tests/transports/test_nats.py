@@ -175,6 +175,8 @@ def test_bad_settings_fail_at_construction(servers: str, cluster: str, complaint
         ("http://127.0.0.1:4222", "scheme is not one of"),
         ("nats://app:se/cret@127.0.0.1:4222", "port is no number"),  # a / not percent-encoded
         ("nats://app:se,cret@127.0.0.1:4222", "port is no number"),  # the , splits the list
+        ("nats://app:secret@[::1", "is no IPv6 address"),  # urllib's ValueError
+        ("nats://app:secret@[zz]:4222", "is no IPv6 address"),
     ],
 )
 def test_a_malformed_url_is_a_configuration_error_that_shows_no_password(

@@ -80,6 +80,8 @@ def test_rediss_ha_urls_keep_tls_for_the_servers_located() -> None:
         ("redis://user:secret#x@a:6379/0", "invalid CATGA_REDIS_URL"),  # the parser quotes it
         ("redis+sentinel://user:secret/x@a:26379/m", "bad host:port"),
         ("redis+cluster://user:se,cret@a:7000,b:7000?max_connections=-1", "invalid CATGA_REDIS_URL"),
+        ("redis://:secret@[::1", "is no IPv6 address"),  # urllib's ValueError
+        ("redis://:secret@[zz]:6379/0", "is no IPv6 address"),
     ],
 )
 def test_a_bad_ha_url_is_a_clear_error_without_the_password(url: str, says: str) -> None:

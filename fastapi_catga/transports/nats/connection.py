@@ -205,12 +205,16 @@ _SCHEMES = ("nats", "tls", "ws", "wss")
 def _url_problem(url: str) -> str | None:
     """What nats-py would choke on in one server URL (no scheme means nats://), or None; it names
     no part of the URL, which may hold a password."""
-    parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+        hostname = parts.hostname
+    except ValueError:  # an unclosed [ or no IP address between [ and ]
+        return "a URL's host in [brackets] is no IPv6 address"
     if parts.scheme not in _SCHEMES:
         return f"a URL's scheme is not one of {', '.join(_SCHEMES)}"
-    if not parts.hostname:
+    if not hostname:
         return "a URL names no host"
-    if any(char.isspace() or not char.isprintable() for char in parts.hostname):
+    if any(char.isspace() or not char.isprintable() for char in hostname):
         return "a URL's host holds a space or a control character"
     try:
         parts.port  # noqa: B018 (it parses, and raises for a port out of range)

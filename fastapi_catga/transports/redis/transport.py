@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 from redis.asyncio import Redis
@@ -122,6 +123,12 @@ class RedisTransport:
         if not _NAME.fullmatch(cluster):
             raise ConfigurationError(f"cluster name {cluster!r} must match [A-Za-z0-9_-]{{1,64}}")
         self._where = where = redact_url(url)
+        try:
+            urlsplit(url).hostname  # noqa: B018 (it raises for an unclosed [ or no IP address in [ ])
+        except ValueError:
+            raise ConfigurationError(
+                f"CATGA_REDIS_URL {where}: its host in [brackets] is no IPv6 address"
+            ) from None
         self._timeout = connect_timeout
         self._idle = health_check_interval
         security = security_options(url, username=username, password=password, tls=tls)
