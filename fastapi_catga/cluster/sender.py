@@ -22,7 +22,7 @@ from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.cluster.routing import RoutingStrategy, choose_node
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.dispatch import LocalDispatcher
-from fastapi_catga.core.envelope import MAX_TIMEOUT
+from fastapi_catga.core.envelope import budget_of
 from fastapi_catga.core.messages import Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer
@@ -95,14 +95,11 @@ class Sender:
 
         Raises:
             NodeUnavailableError: this node was stopped.
-            ValueError: ``timeout`` is not positive, or over `MAX_TIMEOUT` (infinite included).
+            MessageValidationError: ``timeout`` is no positive number of seconds up to `MAX_TIMEOUT`.
         """
         if self.closed:
             raise NodeUnavailableError(f"node {self.node_id} is stopped; it sends nothing more")
-        budget = self.request_timeout if timeout is None else timeout
-        if not 0 < budget <= MAX_TIMEOUT:
-            raise ValueError(f"timeout must be positive seconds, at most {MAX_TIMEOUT:g}; got {budget}")
-        return budget
+        return self.request_timeout if timeout is None else budget_of(timeout)
 
     def send(
         self, message: Request[Any], *, node_id: str | None = None, timeout: float | None = None

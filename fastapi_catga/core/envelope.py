@@ -98,6 +98,20 @@ class Envelope:
         return len(to_json(self.headers)) + 1 + len(self.body)
 
 
+def budget_of(timeout: object) -> float:
+    """A call's ``timeout`` argument as its budget, in seconds.
+
+    Raises:
+        MessageValidationError: it is no number of seconds above 0 and at most `MAX_TIMEOUT` (a
+            str, a bool, NaN or infinity included): no deadline header could carry it.
+    """
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout <= MAX_TIMEOUT:
+        return float(timeout)
+    raise MessageValidationError(
+        f"timeout must be positive seconds, at most {MAX_TIMEOUT:g}; got {timeout!r}"
+    )
+
+
 def pack(envelope: Envelope) -> bytes:
     """Frame an envelope as brokers carry it: its headers as one JSON line, then the body.
 

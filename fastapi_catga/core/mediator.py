@@ -8,7 +8,7 @@ from typing import Any, Protocol, TypeVar
 
 from fastapi_catga.core.dead_letter import DeadLetter
 from fastapi_catga.core.dispatch import LocalDispatcher
-from fastapi_catga.core.envelope import MAX_TIMEOUT
+from fastapi_catga.core.envelope import budget_of
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.pipeline import Pipeline
@@ -131,7 +131,8 @@ class Mediator:
                 stays in the handling node's log), or returned a result of the wrong type.
             MessageTooLargeError: over the payload limit; nothing was sent.
             MessageValidationError: the message does not read back from its JSON as its type (a
-                NaN in a float field); nothing ran, here or elsewhere.
+                NaN in a float field), or ``timeout`` is no positive number of seconds up to 1e9;
+                nothing ran, here or elsewhere.
             ConfigurationError: the type's ``type_name`` is none a handler could register.
             CatgaError: any `CatgaError` the handler raised, as its own class.
         """
@@ -142,9 +143,7 @@ class Mediator:
         # The hot path of an in-process send, written inline (each call or attribute costs on
         # every send): the pipeline awaited in the caller's task, its deadline kept by
         # `Deadlines` (no timer per call), a slot of the node's limit taken as a remote run takes it.
-        budget = self._timeout if timeout is None else timeout
-        if not 0 < budget <= MAX_TIMEOUT:
-            raise ValueError(f"timeout must be positive seconds, at most {MAX_TIMEOUT:g}; got {budget}")
+        budget = self._timeout if timeout is None else budget_of(timeout)
         slots, deadlines = self._slots, self._deadlines
         if slots.in_flight >= slots.limit:
             raise slots.refused(route[1])
