@@ -77,6 +77,7 @@ def test_example_app_catga_routes(client: TestClient) -> None:
         "node_id": node["node_id"],
         "members": 1,
         "view_stale": False,
+        "replaced_by": None,
         "stats": {},
     }
 

@@ -15,7 +15,10 @@ The protocol, over any `MembershipStore`:
   resync succeeds, and nobody is evicted for the outage;
 - connection lost: freeze the view, evict nobody; back: recreate the bucket, re-register, new
   watch, full resync, every member given a full TTL to show up;
-- stop: delete this node's record first, so peers drop it at once.
+- stop: delete this node's record first, so peers drop it at once;
+- replaced: a process that finds its id held by a newer incarnation (started later: it claimed the
+  id once this one's record lapsed, while this process was frozen or cut off for a TTL) steps down
+  at once, writing nothing more (`Membership.replaced_by`); the newer one re-asserts its record.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from fastapi_catga.cluster.identity import claim_node_id, read_record
 from fastapi_catga.cluster.supervised import supervised
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.logs import LogLimiter
+from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.tasks import cancel_and_wait
 from fastapi_catga.exceptions import TransportError
@@ -53,6 +57,7 @@ class Membership:
         heartbeat_interval: seconds between heartbeats.
         clock: monotonic seconds (injectable for tests).
         wall_clock: UNIX seconds, for the ``last_seen`` a record shows.
+        on_replaced: called once when a newer process took this node's id (see `replaced_by`).
     """
 
     def __init__(
@@ -64,8 +69,12 @@ class Membership:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         observer: Observer | None = None,
+        on_replaced: Callable[[NodeInfo], None] | None = None,
     ) -> None:
         self._observer = observer
+        self._on_replaced = on_replaced
+        #: The newer process's record that took this node's id; this one writes nothing more.
+        self.replaced_by: NodeInfo | None = None
         self._transport = transport
         self._store = transport.members
         self.view = view
@@ -133,6 +142,8 @@ class Membership:
             await self.claim(join_timeout)
         await self._until_ready(self._sync, join_timeout)
         self._joined = True
+        if self.replaced_by is not None:  # a newer process took the id as this one started
+            return
         self._loops = [
             asyncio.create_task(self._supervised("heartbeat", self._heartbeat), name="catga-heartbeat"),
             asyncio.create_task(self._supervised("sweep", self._sweep), name="catga-sweep"),
@@ -177,8 +188,11 @@ class Membership:
         await self._store.prepare(self.view.ttl)
         watch = await self._store.watch()
         self._watch = watch
-        await self._register()
         records = await self._store.list()
+        held = records.get(self.node_id)
+        if held is not None and self._lost_to(held):
+            return
+        await self._register()
         now = self._clock()
         if after_outage:  # nobody could heartbeat through the outage: give everyone a full TTL
             self.view.refresh_all(now)
@@ -195,6 +209,8 @@ class Membership:
         self._watch_task = asyncio.create_task(self._follow(watch), name="catga-membership-watch")
 
     async def _register(self) -> None:
+        if self.replaced_by is not None:
+            return  # the record is the newer process's
         self.view.self_info.last_seen = datetime.fromtimestamp(self._wall_clock(), UTC)
         await self._store.put(self.node_id, self.view.self_info.model_dump_json().encode(), self.view.ttl)
 
@@ -247,10 +263,50 @@ class Membership:
                 self._observer.member_joined(info.node_id, len(self.view.nodes()))
         elif info.incarnation == self.view.self_info.incarnation:
             self._proven_at = now  # our heartbeat made it through the store and back
-        else:
+        elif not self._lost_to(event.value):
             self._warn(
-                "twin", "another process writes records as node %s: node ids must be unique", self.node_id
-            )
+                "twin",
+                "an older process (started %s) writes records as node %s: it steps down once it sees "
+                "this one's; node ids must be unique",
+                info.started_at.isoformat(), self.node_id,
+            )  # fmt: skip
+            self._schedule_resync()  # our record again, now: peers and the older one read it
+
+    def _lost_to(self, record: bytes | None) -> bool:
+        """Whether ``record``, under this node's id, is a newer process's: then step down."""
+        try:
+            other = read_record(self.node_id, record)
+        except ValueError:
+            return False
+        me = self.view.self_info
+        if other.incarnation == me.incarnation or (other.started_at, other.incarnation) < (
+            me.started_at,
+            me.incarnation,
+        ):
+            return False
+        if self.replaced_by is None:
+            self._step_down(other)
+        return True
+
+    def _step_down(self, newer: NodeInfo) -> None:
+        """A newer process holds this node's id: write nothing more (its record is not ours to
+        refresh or delete), stop the loops and tell the node, which stops serving."""
+        logger.error(
+            "node %s: a newer process (started %s) took this node id while this one was frozen or cut "
+            "off for a TTL; this one steps down and serves nothing more (/catga/health answers 503): "
+            "restart it, with another CATGA_NODE_ID if both should run",
+            self.node_id,
+            newer.started_at.isoformat(),
+        )
+        self.replaced_by = newer
+        self._claimed = False  # the record is the newer one's: stop() must not delete it
+        self._stopping = True  # no heartbeat, resync or re-registration from here on
+        self.view.stale = True
+        for task in (*self._loops, self._resync_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        if self._on_replaced is not None:
+            self._on_replaced(newer)
 
     def _warn(self, kind: str, text: str, *args: object) -> None:
         self._log_limit.log(logger, logging.WARNING, kind, text, *args)
@@ -294,6 +350,8 @@ class Membership:
             try:
                 async with asyncio.timeout(self._store_timeout):
                     await self._sync(after_outage=self._after_outage)
+                if self.replaced_by is not None:
+                    return
                 if self._resync_again:
                     self.view.stale = True  # what asked for it came after this sync began
                     continue

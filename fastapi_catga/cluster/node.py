@@ -76,6 +76,8 @@ class ClusterNode:
         self.settings = settings
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._leaving: asyncio.Future[None] | None = None  # set once stop() begins
+        self._stepping_down: asyncio.Task[None] | None = None  # the stop a newer twin caused
         types = [*dispatcher.requests, *dispatcher.registry.events]
         info = NodeInfo(
             node_id=settings.node_id,
@@ -96,6 +98,7 @@ class ClusterNode:
             clock=clock,
             wall_clock=wall_clock,
             observer=observer,
+            on_replaced=self._replaced,
         )
         #: Handler slots: every request run here and every event received takes one (not this
         #: node's handlers of an event it publishes, which run in the publisher's task, nor durable
@@ -178,9 +181,32 @@ class ClusterNode:
             await self.transport.aclose()
             raise
 
+    def _replaced(self, newer: NodeInfo) -> None:
+        """A newer process took this node's id (`Membership.replaced_by`): stop serving now, as a
+        stop would (its requests answered, its callers moving on), leaving the record alone."""
+        self._stepping_down = asyncio.get_running_loop().create_task(
+            self._step_down(), name="catga-step-down"
+        )
+
+    async def _step_down(self) -> None:
+        try:
+            await self.stop()
+        except Exception:
+            logger.exception("node %s: stepping down failed", self.node_id)
+
     async def stop(self) -> None:
         """Leave gracefully: deregister, drain work in flight (its handlers may still send), then
-        refuse further calls and close the connection."""
+        refuse further calls and close the connection. Once only: a second call waits for the first."""
+        if self._leaving is not None:
+            await asyncio.shield(self._leaving)
+            return
+        self._leaving = asyncio.get_running_loop().create_future()
+        try:
+            await self._stop()
+        finally:
+            self._leaving.set_result(None)
+
+    async def _stop(self) -> None:
         await self.membership.stop()
         await cancel_and_wait(self._tasks, what="node", logger=logger)
         drain = self.settings.drain_timeout
@@ -363,14 +389,19 @@ class ClusterNode:
 
     def health(self) -> dict[str, Any]:
         """Transport and membership state, for ``/catga/health``."""
-        healthy = self.transport.connected and not self.view.stale
+        healthy = self.transport.connected and not self.view.stale and not self._stopped
+        newer = self.membership.replaced_by
         return {
-            "status": "ok" if healthy else "unavailable",
+            "status": "ok" if healthy else "replaced" if newer is not None else "unavailable",
             "transport": self.transport.name,
             "connected": self.transport.connected,
             "node_id": self.node_id,
             "members": len(self.view.nodes()),
             "view_stale": self.view.stale,
+            # A newer process with this node id took over: this one serves nothing more.
+            "replaced_by": None
+            if newer is None
+            else {"incarnation": newer.incarnation, "started_at": newer.started_at.isoformat()},
             "stats": {
                 **self.responder.stats,
                 **self.limits.stats,

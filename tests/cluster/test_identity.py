@@ -7,14 +7,16 @@ from typing import Any
 
 import pytest
 
-from fastapi_catga import Catga, ConfigurationError, TransportError
+from fastapi_catga import Catga, CatgaSettings, Command, ConfigurationError, TransportError, build, handler
+from fastapi_catga.cluster.identity import read_record
 from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.testing import InMemoryBroker
 from fastapi_catga.transports.base import MemberEvent
 from tests.cluster import workload
 from tests.cluster.process_transport import ProcessTransport
-from tests.virtual_time import run_virtual, virtual_node
+from tests.polling import eventually
+from tests.virtual_time import EPOCH, run_virtual, virtual_node
 
 TIMING: dict[str, Any] = {"heartbeat_interval": 1.0, "node_ttl": 3.0}
 
@@ -152,3 +154,62 @@ def test_the_view_evicts_only_after_the_store_proved_it_carries_heartbeats() -> 
     assert view.get("peer") is not None
     # Our heartbeats kept coming back after the peer fell silent: the peer is dead.
     assert view.sweep(20.0, proven_at=12.0, margin=1.0) == ["peer"]
+
+
+class Count(Command[int]):
+    type_name = "identity.Count"
+
+
+runs: list[int] = []
+
+
+@handler
+async def count(message: Count) -> int:
+    runs.append(1)
+    return len(runs)
+
+
+def test_a_process_that_resumes_after_a_newer_one_took_its_id_steps_down() -> None:
+    """SIGSTOP past the TTL, a replacement claims the id, SIGCONT: both would run every request sent
+    to that id. The older one stops serving instead, leaves the newer one's record alone, and says
+    so on /catga/health; the newer one and its peers go on."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        peer = node(broker, "peer")
+        await peer.start()
+        process = ProcessTransport(broker)
+        old = build(
+            CatgaSettings(node_id="pod-0", **TIMING),
+            handlers=[count],
+            transport=process,
+            clock=process.clock,
+            wall_clock=lambda: EPOCH + loop.time(),
+        )
+        await old.start()
+        process.freeze()
+        await asyncio.sleep(TIMING["node_ttl"] + 2 * TIMING["heartbeat_interval"])
+        new = virtual_node(broker, "pod-0", handlers=[count], **TIMING)
+        await new.start()  # the old record lapsed: the id is free
+        incarnation = new.node.view.self_info.incarnation
+        process.thaw(backlog_after=0.05)
+        await eventually(lambda: old.node.stopped, within=2 * TIMING["heartbeat_interval"] + 1)
+        assert old.node.membership.replaced_by is not None
+        assert old.node.membership.replaced_by.incarnation == incarnation
+        health = old.node.health()
+        assert health["status"] == "replaced" and health["replaced_by"]["incarnation"] == incarnation
+        runs.clear()
+        for _ in range(5):
+            await peer.mediator.send_to_node(Count(), "pod-0")
+        assert len(runs) == 5, "a request sent to the id ran on both processes"
+        await asyncio.sleep(2 * TIMING["node_ttl"])  # the old one's stop deleted nothing
+        held = read_record("pod-0", (await peer.node.transport.members.list())["pod-0"])
+        assert held.incarnation == incarnation
+        assert {n.node_id: n.incarnation for n in peer.node.nodes()}["pod-0"] == incarnation
+        assert new.node.health()["status"] == "ok" and new.node.membership.replaced_by is None
+        await old.stop()  # the lifespan's own stop, later: waits for the step-down, does nothing more
+        for catga in (new, peer):
+            await catga.stop()
+
+    run_virtual(scenario())

@@ -48,6 +48,7 @@ def test_health_is_503_while_the_broker_is_down() -> None:
             "node_id": "web-node",
             "members": 1,
             "view_stale": False,
+            "replaced_by": None,
             "stats": {},
         }
         assert client.portal is not None
