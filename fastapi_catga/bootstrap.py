@@ -82,9 +82,6 @@ def build(
         registry, behaviors, settings.node_id, expose_errors=settings.expose_errors, clock=clock
     )
     transport = transport or create_transport(settings)
-    for behavior in behaviors:
-        if isinstance(behavior, IdempotencyBehavior):
-            behavior.share(transport.durable, settings.node_id)
     observers = tuple(observers)
     node = ClusterNode(
         transport,
@@ -95,4 +92,7 @@ def build(
         wall_clock=wall_clock,
         observer=combine(observers),
     )
+    for behavior in behaviors:
+        if isinstance(behavior, IdempotencyBehavior):
+            behavior.share(node.durable.records, settings.node_id)
     return Catga(settings, node, Mediator(dispatcher, node), observers)

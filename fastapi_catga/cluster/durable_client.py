@@ -74,6 +74,8 @@ class DurableClient:
         self._subscription: Subscription | None = None
         self._store = PreparedStore(transport, prepare)
         self.dead_letters = DeadLetters(self._store)
+        #: Done records and leases for `IdempotencyBehavior`, made on the broker before first use.
+        self.records = PreparedRecords(self._store)
 
     async def start(self) -> None:
         """Listen for the outcomes of the commands this node waits for."""
@@ -237,6 +239,27 @@ class PreparedStore:
                     await self._prepare()
                     self._made = True
         return self._transport.durable
+
+
+class PreparedRecords:
+    """The cluster's done records and leases (`IdempotencyBehavior`'s `DoneRecords`) on a
+    `PreparedStore`: made on the broker before the first use, on a node with no durable type too
+    (JetStream has no done-record bucket until someone makes it)."""
+
+    def __init__(self, store: PreparedStore) -> None:
+        self._store = store
+
+    async def done(self, key: str) -> bytes | None:
+        return await (await self._store.ready()).done(key)
+
+    async def claim(self, key: str, holder: str, ttl: float) -> bool:
+        return await (await self._store.ready()).claim(key, holder, ttl)
+
+    async def release(self, key: str, holder: str) -> None:
+        await (await self._store.ready()).release(key, holder)
+
+    async def commit(self, key: str, holder: str, result: bytes, ttl: float) -> bool:
+        return await (await self._store.ready()).commit(key, holder, result, ttl)
 
 
 class DeadLetters:

@@ -16,7 +16,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
-from fastapi_catga import Catga, CatgaSettings, Command, Durable, Reject, build, handler
+from fastapi_catga import Catga, CatgaSettings, Command, Durable, IdempotencyBehavior, Reject, build, handler
 from fastapi_catga.core.envelope import Envelope
 from fastapi_catga.exceptions import MessageTooLargeError, NoResponderError, TransportError
 from fastapi_catga.transports.durable import DeadLetter, DurableConsumer, DurableDelivery, Queue
@@ -421,3 +421,43 @@ async def test_a_durable_message_near_the_limit_is_dead_lettered_whole_or_refuse
         assert json.loads(kept.body)["blob"] == command.blob
     finally:
         await catga.stop()
+
+
+class Charge(Command[str]):  # not durable: the node has no durable type at all
+    card: str
+
+
+charged: list[str] = []
+
+
+@handler
+async def charge(command: Charge) -> str:
+    charged.append(command.message_id)
+    await asyncio.sleep(0.2)
+    return f"charged {command.card}"
+
+
+async def test_the_idempotency_behavior_works_on_a_cluster_with_no_durable_type(
+    nats_server: NatsServer, cluster: str
+) -> None:
+    """Its done records live in the bucket durable delivery uses: the first node to need it makes
+    it (every send failed with "JetStream did not answer" where no durable type made it first)."""
+
+    def node(node_id: str) -> Catga:
+        settings = CatgaSettings(transport="nats", nats_url=nats_server.url, cluster=cluster, node_id=node_id)
+        return build(settings, handlers=[charge], behaviors=[IdempotencyBehavior(window=60)])
+
+    charged.clear()
+    nodes = [node("a"), node("b")]
+    for catga in nodes:
+        await catga.start()
+    try:
+        command = Charge(card="4242")
+        answers = await asyncio.gather(
+            *(catga.mediator.send_to_node(command, catga.node.node_id, timeout=10) for catga in nodes)
+        )
+        assert answers == ["charged 4242"] * 2
+        assert charged == [command.message_id], "each node ran it: the done record was not shared"
+    finally:
+        for catga in nodes:
+            await catga.stop()
