@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from pydantic_core import from_json, to_json
+from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from fastapi_catga.core.messages import MAX_TIMEOUT, Message
 from fastapi_catga.exceptions import (
@@ -153,6 +153,7 @@ def encode_message(
 
     Raises:
         MessageTooLargeError: the encoded message is over ``max_payload`` bytes.
+        MessageValidationError: JSON cannot carry it (`unencodable`).
     """
     headers = {
         MESSAGE_ID: message.message_id,
@@ -162,13 +163,25 @@ def encode_message(
     }
     if deadline is not None:
         headers[DEADLINE] = deadline_header(deadline)
-    envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message, by_alias=True))
+    try:
+        envelope = Envelope(headers, message.__pydantic_serializer__.to_json(message, by_alias=True))
+    except PydanticSerializationError as exc:
+        raise unencodable(message, exc) from exc
     # Counting header bytes costs: only near the limit.
     room = message_room(type(message), source, max_payload) - reserve
     if len(envelope.body) + 6 * len(message.message_id) > room:
         what = f"{message.type_name} {message.message_id[:200]}"
         check_size(envelope, max_payload, what, PER_ATTEMPT + reserve)
     return envelope
+
+
+def unencodable(message: Message, exc: PydanticSerializationError) -> MessageValidationError:
+    """The error of a message that JSON cannot carry (a lone surrogate in a str, an object in an
+    ``Any`` field): nothing was sent or run, on any path."""
+    return MessageValidationError(
+        f"{message.type_name} {message.message_id}: no JSON can carry it ({exc})",
+        details=[{"type": "unencodable", "msg": str(exc)}],
+    )
 
 
 def message_room(message_type: type[Message], source: str, max_payload: int) -> int:

@@ -6,9 +6,11 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Sized
 from typing import Any, Protocol, TypeVar
 
+from pydantic_core import PydanticSerializationError
+
 from fastapi_catga.core.dead_letter import DeadLetter
 from fastapi_catga.core.dispatch import LocalDispatcher
-from fastapi_catga.core.envelope import budget_of
+from fastapi_catga.core.envelope import budget_of, unencodable
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.pipeline import Pipeline
@@ -147,7 +149,10 @@ class Mediator:
         slots, deadlines = self._slots, self._deadlines
         if slots.in_flight >= slots.limit:
             raise slots.refused(route[1])
-        body = route[4](message)  # near the payload limit, or of a type that JSON may change:
+        try:
+            body = route[4](message)  # near the payload limit, or of a type that JSON may change:
+        except PydanticSerializationError as exc:
+            raise unencodable(message, exc) from exc
         if route[8] or len(body) + 6 * len(message.message_id) > route[5]:
             message = route[6](message, body)  # as another node would read it, if it fits
         coro = route[0](message)  # an async def's call: it only makes the coroutine

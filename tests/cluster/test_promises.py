@@ -661,6 +661,33 @@ async def test_an_event_reaches_every_node_as_it_reads_here_or_is_refused_before
     assert noticed == []
 
 
+async def test_a_message_no_json_can_carry_is_a_validation_error_on_every_path(
+    start_node: StartNode,
+) -> None:
+    """A lone surrogate from a client's JSON (``"\\ud800"``), an object in an `Any` field: nothing
+    runs anywhere, and the caller gets `MessageValidationError` (422), not pydantic's own error (500)."""
+    a, _, _ = await cluster(start_node)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+    described.clear()
+    noticed.clear()
+    for message in (Described(what="\ud800"), Described(what="shape", anything=object())):
+        calls = [
+            alone.mediator.send(message),
+            a.mediator.send(message),
+            *(a.mediator.send_to_node(message, n) for n in "ab"),
+        ]
+        for call in calls:
+            with pytest.raises(MessageValidationError, match="no JSON can carry it"):
+                await call
+        answers = await a.mediator.broadcast(message)  # as with a NaN: an entry per node
+        assert sorted(answers) == ["a", "b", "c"]
+        assert all(isinstance(answer, MessageValidationError) for answer in answers.values())
+    for catga in (a, alone):
+        with pytest.raises(MessageValidationError, match="no JSON can carry it"):
+            await catga.mediator.publish(Noticed(userId=8, note="\udfff"))
+    assert described == [] and noticed == []
+
+
 class Stalls(Command[str]):
     """Its handler holds the event loop (a blocking call) for ``seconds``."""
 
