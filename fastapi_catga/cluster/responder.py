@@ -192,10 +192,23 @@ class Responder:
                         reply = await self._observed_request(envelope, message, remaining)
                     else:
                         reply = await self._run_handler(envelope, message, remaining)
-                except asyncio.CancelledError:  # the node stops (`Runs.stop`): its caller moves on now
-                    if delivery.reply is not None:
-                        await self._send_reply(delivery.reply, self._stopped(message), describe(envelope))
-                    raise
+                except asyncio.CancelledError as exc:
+                    if self._runs.stopping:  # the node stops (`Runs.stop`): its caller moves on now
+                        if delivery.reply is not None:
+                            await self._send_reply(delivery.reply, self._stopped(message), describe(envelope))
+                        raise
+                    # Nobody here cancelled it (a deadline ends a run as `TimeoutError`): its handler
+                    # cancelled its own task. That is its error, answered once, as a raised one is;
+                    # answered "stopped", its caller would run it again elsewhere.
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    self.stats["handler_errors"] += 1
+                    reply = encode_error(
+                        self._dispatcher.handler_error(exc, message),
+                        node_id=self.node_id,
+                        max_payload=self._max_payload,
+                    )
         if reply is not None and delivery.reply is not None:
             try:
                 try:

@@ -327,6 +327,11 @@ class Runs:
         finally:
             self.busy_replies -= 1
 
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop` is cancelling the runs still going (a run's cancellation is then the node's)."""
+        return self._stopping
+
     def _name(self, task: asyncio.Task[None]) -> str:
         what = self._tasks.get(task, (None, task.get_name()))[1]
         return what if isinstance(what, str) else describe(what)

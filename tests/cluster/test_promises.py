@@ -802,3 +802,39 @@ async def test_a_run_here_past_the_whole_deadline_times_out_as_it_would_elsewher
             RequestTimeoutError, match=f"Cancels .*: no answer within 0.1 s from node {target}$"
         ):
             await a.mediator.send_to_node(Cancels(own=False), target, timeout=0.1)
+
+
+class CancelsItself(Command[str]):
+    """Its handler cancels the task it runs in, then suspends."""
+
+
+cancelled_itself: list[str] = []
+
+
+@handler
+async def cancels_itself(command: CancelsItself) -> str:
+    cancelled_itself.append(workload.current_node.get())
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    await asyncio.sleep(0)
+    return "not reached"
+
+
+async def test_a_handler_that_cancels_its_own_run_on_another_node_is_its_error_and_runs_once(
+    start_node: StartNode,
+) -> None:
+    """The node did not stop: answered "stopped", the caller would fail over and run it again."""
+    a, _, _ = await cluster(start_node)
+    for target in "bc":
+        cancelled_itself.clear()
+        with pytest.raises(RemoteHandlerError) as raised:
+            await a.mediator.send_to_node(CancelsItself(), target)
+        assert raised.value.error_type == "CancelledError" and raised.value.node_id == target
+        assert cancelled_itself == [target]
+    caller = await start_node("d", handlers=[])
+    await eventually(lambda: len(caller.node.nodes()) == 4, within=2)
+    cancelled_itself.clear()
+    with pytest.raises(RemoteHandlerError, match="CancelledError"):
+        await caller.mediator.send(CancelsItself())
+    assert len(cancelled_itself) == 1, f"retried on another node: ran on {cancelled_itself}"
