@@ -33,11 +33,11 @@ from fastapi_catga.cluster.durable_policy import (
     COMMANDS,
     DurablePolicy,
     dead_letter_for,
-    encode_result,
     event_runner,
     message_id_of,
     observed_run,
     policy_for,
+    result_encoder,
     result_subject,
 )
 from fastapi_catga.core.dispatch import LocalDispatcher
@@ -117,11 +117,12 @@ class DurableRunner:
 
     def _plan(self) -> list[_Work]:
         works: list[_Work] = []
+        encode = result_encoder(self._settings.node_id, self._transport.max_payload)
         for message_type in self._dispatcher.requests:
             policy = policy_for(message_type, self._settings)
             if policy is not None:
                 queue = Queue("cmd", message_type.type_name, COMMANDS)
-                works.append(_Work(queue, policy, self._run_request, encode_result))
+                works.append(_Work(queue, policy, self._run_request, encode))
         for message_type, handlers in self._dispatcher.event_pipelines().items():
             policy = policy_for(message_type, self._settings)
             if policy is None:
@@ -309,7 +310,7 @@ class DurableRunner:
         await self.store.release(key, holder)
         if isinstance(exc, Reject):
             await self._dead_letter(work, delivery, "rejected", exc, message.message_id)
-        elif isinstance(exc, MessageValidationError):
+        elif isinstance(exc, MessageValidationError | MessageTooLargeError):  # so on every run
             await self._dead_letter(work, delivery, "invalid", exc, message.message_id)
         elif delivery.deliveries >= work.policy.attempts:
             await self._dead_letter(work, delivery, "attempts", exc, message.message_id)

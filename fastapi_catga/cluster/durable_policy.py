@@ -12,7 +12,17 @@ from typing import Any
 
 from fastapi_catga.cluster.responder import node_subject
 from fastapi_catga.core.dispatch import LocalDispatcher
-from fastapi_catga.core.envelope import MESSAGE_ID, REPLAYS, Envelope, refuse_non_finite
+from fastapi_catga.core.envelope import (
+    HEADROOM,
+    MESSAGE_ID,
+    NODE,
+    PER_REPLY,
+    REPLAYS,
+    STATUS,
+    Envelope,
+    check_size,
+    refuse_non_finite,
+)
 from fastapi_catga.core.messages import Durable, Message, Request
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.pipeline import Pipeline
@@ -25,12 +35,12 @@ __all__ = [
     "COMMANDS",
     "DurablePolicy",
     "dead_letter_for",
-    "encode_result",
     "event_runner",
     "message_id_of",
     "observed_run",
     "policy_for",
     "replays_of",
+    "result_encoder",
     "result_subject",
 ]
 
@@ -100,10 +110,23 @@ def _text(error: CatgaError) -> str:
         return type(error).__name__
 
 
-def encode_result(message: Message, result: Any) -> bytes:
-    assert isinstance(message, Request)
-    refuse_non_finite(result)
-    return type(message).result_adapter().dump_json(result, by_alias=True)  # as a reply is written
+def result_encoder(node_id: str, max_payload: int) -> Callable[[Message, Any], bytes]:
+    """How a durable command's result is written, as a reply is (`envelope.encode_result`).
+
+    Raises (the encoder):
+        MessageTooLargeError: its reply would be over ``max_payload``, as a plain send's would.
+        ValueError: it is no JSON.
+    """
+
+    def encode(message: Message, result: Any) -> bytes:
+        assert isinstance(message, Request)
+        refuse_non_finite(result)
+        body = type(message).result_adapter().dump_json(result, by_alias=True)
+        if len(body) + HEADROOM > max_payload:
+            check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result", PER_REPLY)
+        return body
+
+    return encode
 
 
 def event_runner(dispatcher: LocalDispatcher, pipeline: Pipeline) -> Callable[[Message], Awaitable[Any]]:

@@ -23,7 +23,8 @@ class DeadLetter(BaseModel):
     group: str = Field(description="workers (commands) or the event handler")
     reason: Literal["attempts", "rejected", "invalid"] = Field(
         description="attempts: it failed (or its node died) on every allowed delivery; rejected: the "
-        "handler raised Reject; invalid: it could not be decoded or validated"
+        "handler raised Reject; invalid: it could not be decoded or validated, or its result could not "
+        "be (over the payload limit, or no JSON)"
     )
     error_type: str = ""
     error: str = Field("", description="the last error's text, at most 1 KiB")

@@ -21,6 +21,7 @@ from fastapi_catga import (
     ConfigurationError,
     Durable,
     Event,
+    MessageTooLargeError,
     MessageValidationError,
     Reject,
     RemoteHandlerError,
@@ -69,6 +70,8 @@ async def charge(command: Charge) -> str:
     if command.message_id in broken:
         raise ValueError("card declined")
     effects[command.message_id] += 1
+    if command.mode == "huge":  # a reply over the payload limit
+        return "x" * 2 * 1024 * 1024
     return f"charged {command.amount}"
 
 
@@ -581,3 +584,26 @@ def test_a_fetch_that_turns_the_stops_cancellation_into_an_error_still_ends(
     with caplog.at_level("WARNING"):
         run_virtual(scenario())
     assert "did not end" not in caplog.text and "fetching failed" not in caplog.text
+
+
+def test_a_durable_result_over_the_payload_limit_is_refused_as_a_plain_sends_is_and_run_once() -> None:
+    """The same call, durable or not, ends the same way: `MessageTooLargeError` for its caller.
+    Running it again would give the same result: it is dead-lettered at once, no done record kept."""
+
+    async def scenario() -> None:
+        _, (a, b) = await cluster("a", "b")
+        command = Charge(amount=1, mode="huge")
+        with pytest.raises(MessageTooLargeError, match="the result"):
+            await a.mediator.send(command, timeout=10)
+        assert runs[command.message_id] == 1
+        (letter,) = await a.mediator.dead_letters.list()
+        assert (letter.message_id, letter.reason, letter.error_type) == (
+            command.message_id,
+            "invalid",
+            "MessageTooLargeError",
+        )
+        assert await a.node.transport.durable.done(f"workers:{command.message_id}") is None
+        for catga in (a, b):
+            await catga.stop()
+
+    run_virtual(scenario())
