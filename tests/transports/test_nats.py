@@ -725,3 +725,31 @@ async def test_bucket_made_by_2_9_keeps_working_after_an_upgrade(
             assert await new.members.list() == {"node-old": b"1", "node-new": b"2"}
         finally:
             await new.aclose()
+
+
+async def test_close_ends_a_reconnect_task_that_survived_its_cancellation(
+    nats_server: NatsServer, cluster: str
+) -> None:
+    """nats-py cancels its reconnect task once; on 3.11 ``asyncio.wait_for`` may swallow that when a
+    connect attempt fails at the same moment, and the task then retries a dead server for ever:
+    ``asyncio.run`` (uvicorn's, the CLI's) waited for it as the process exited, and hung."""
+    transport = NatsTransport(nats_server.url, cluster=cluster)
+    await transport.connect()
+    nc = transport._connection.nc
+    assert nc is not None
+    swallowed: list[bool] = []
+
+    async def reconnecting() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(True)  # the race: this cancellation is lost
+
+    task = asyncio.get_running_loop().create_task(reconnecting())
+    nc._reconnection_task = task
+    await asyncio.sleep(0)
+    await transport.aclose()
+    assert swallowed and task.done()

@@ -164,6 +164,7 @@ class NatsConnection:
             with contextlib.suppress(TimeoutError, AssertionError):
                 async with asyncio.timeout(_CLOSE_TIMEOUT):
                     await self.nc.close()
+            await end_reconnecting(self.nc)
 
     # -- nats-py's callbacks (it wants them async) ---------------------------------------------------
 
@@ -200,6 +201,22 @@ class NatsConnection:
 
 
 _SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+async def end_reconnecting(nc: Client, within: float = 2.0) -> None:
+    """Make sure a closed client's reconnect task has ended. nats-py cancels it once, and on 3.11
+    ``asyncio.wait_for`` can swallow that cancellation when a connect attempt fails at the same
+    moment; the task then retries a dead server for ever, and the process hangs as it exits
+    (``asyncio.run`` waits for every task it cancels). Cancelled again until it ends."""
+    task: asyncio.Task[None] | None = getattr(nc, "_reconnection_task", None)
+    if task is None:
+        return
+    deadline = asyncio.get_running_loop().time() + within
+    while not task.done() and asyncio.get_running_loop().time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+    if not task.done():
+        logger.warning("nats-py's reconnect task did not end when cancelled; leaving it")
 
 
 def _url_problem(url: str) -> str | None:

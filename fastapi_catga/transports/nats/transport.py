@@ -35,7 +35,7 @@ from fastapi_catga.exceptions import (
 from fastapi_catga.transports._shared import BadFrames, PendingReplies, deliver, frame
 from fastapi_catga.transports.base import ConnectionListener, Delivery, DeliveryCallback, Reply
 from fastapi_catga.transports.nats.auth import NatsAuth
-from fastapi_catga.transports.nats.connection import NatsConnection
+from fastapi_catga.transports.nats.connection import NatsConnection, end_reconnecting
 from fastapi_catga.transports.nats.durable import NatsDurable
 from fastapi_catga.transports.nats.errors import NatsErrors, raise_ours
 from fastapi_catga.transports.nats.membership import NatsMembers
@@ -197,7 +197,10 @@ class NatsTransport:
                     await _sync(nc)
         # Not nc.drain(): against a paused server it waits out its timeout plus a 10 s flush, then
         # logs a never-retrieved error. close() still writes what was published.
-        await nc.close()
+        try:
+            await nc.close()
+        finally:
+            await end_reconnecting(nc)
 
     async def _on_lost(self) -> None:
         # Replies to requests in flight would go to an inbox nobody holds now: fail them at once.
