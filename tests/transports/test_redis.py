@@ -322,3 +322,43 @@ def test_missing_redis_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ImportError, match=r'pip install "fastapi-catga\[redis\]"'):
         importlib.import_module("fastapi_catga.transports.redis")
+
+
+async def test_one_cluster_name_on_two_databases_is_two_clusters(
+    redis_server: RedisServer, cluster: str
+) -> None:
+    """Keys live in a database; pub/sub channels do not. On database 1 a cluster names its channels
+    apart: a request or event for node b of database 0 never reaches node b of database 1."""
+    url = redis_server.url.rsplit("/", 1)[0]
+    received: dict[str, list[bytes]] = {"0": [], "1": []}
+
+    def on(db: str) -> Callable[[Delivery], None]:
+        def record(delivery: Delivery) -> None:
+            received[db].append(delivery.envelope.body)
+            if delivery.reply is not None:
+                asyncio.ensure_future(delivery.reply(Envelope({}, f"db{db}".encode())))
+
+        return record
+
+    transports = {db: RedisTransport(f"{url}/{db}", cluster=cluster) for db in ("0", "1")}
+    try:
+        for db, transport in transports.items():
+            await transport.connect()
+            await transport.subscribe("node.b", on(db))
+            await transport.members.prepare(10)
+        watch = await transports["1"].members.watch()
+        reply = await transports["0"].request("node.b", Envelope({}, b"ping"), timeout=2)
+        assert reply.body == b"db0"
+        await transports["0"].members.put("b", b'{"node_id":"b"}', 10)
+        await transports["0"].publish("node.b", Envelope({}, b"event"))
+        await eventually(lambda: received["0"] == [b"ping", b"event"], within=2)
+        await asyncio.sleep(0.2)  # what would have crossed has arrived by now
+        assert received["1"] == []
+        assert await transports["1"].members.list() == {}
+        await transports["1"].members.put("c", b'{"node_id":"c"}', 10)
+        event = await asyncio.wait_for(anext(aiter(watch)), 2)
+        assert (event.kind, event.node_id) == ("put", "c"), "database 0's put reached database 1's watch"
+        await watch.stop()
+    finally:
+        for transport in transports.values():
+            await transport.aclose()

@@ -39,6 +39,13 @@ class _Watch(WatchQueue):
         self.end()
 
 
+def channel_prefix(cluster: str, db: int) -> str:
+    """The start of a cluster's pub/sub channel names. Keys live in a database, channels do not
+    (Redis's pub/sub ignores the database number): a cluster on database 1 names its channels
+    apart from the same cluster on database 0, which keeps the names it always had."""
+    return f"catga:{{{cluster}}}:" if db == 0 else f"catga:{{{cluster}}}:db{db}:"
+
+
 class RedisMembers:
     """The membership store of one cluster: see the module docstring.
 
@@ -47,10 +54,16 @@ class RedisMembers:
         cluster: the cluster name, which namespaces the keys and the events channel.
         command: the transport's guard around each command.
         commands: plain or sharded pub/sub, for the scripts' announcements.
+        channels: the namespace of pub/sub channels (`channel_prefix`; the cluster's by default).
     """
 
     def __init__(
-        self, redis: Redis, cluster: str, command: Command, commands: PubSubCommands | None = None
+        self,
+        redis: Redis,
+        cluster: str,
+        command: Command,
+        commands: PubSubCommands | None = None,
+        channels: str | None = None,
     ) -> None:
         self._redis = redis
         self._command = command
@@ -58,7 +71,7 @@ class RedisMembers:
         self._prefix = f"catga:{{{cluster}}}:node:"
         self._index = f"catga:{{{cluster}}}:members"
         #: The channel the scripts announce every put and delete on.
-        self.events = f"catga:{{{cluster}}}:members:events"
+        self.events = f"{channels or channel_prefix(cluster, 0)}members:events"
         self._put = redis.register_script(scripts.PUT)
         self._delete = redis.register_script(scripts.DELETE)
         self._list = redis.register_script(scripts.LIST)

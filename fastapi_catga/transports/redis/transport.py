@@ -49,7 +49,7 @@ from fastapi_catga.transports.redis.connections import (
 from fastapi_catga.transports.redis.durable import RedisDurable
 from fastapi_catga.transports.redis.errors import BROKER_ERRORS, connect_failure, redis_errors
 from fastapi_catga.transports.redis.locate import LocatedConnection, PubSubCommands, follow
-from fastapi_catga.transports.redis.membership import RedisMembers
+from fastapi_catga.transports.redis.membership import RedisMembers, channel_prefix
 from fastapi_catga.transports.redis.reader import ChannelReader
 from fastapi_catga.transports.redis.routes import end_with, take_route, with_route
 from fastapi_catga.transports.redis.urls import target
@@ -145,7 +145,12 @@ class RedisTransport:
             locator=found.locator,
         )
         self._state = ConnectionState()
-        self._members = RedisMembers(Redis(connection_pool=self._pool), cluster, self._command, commands)
+        # Pub/sub ignores the database: a cluster on another database names its channels apart.
+        db = int(getattr(self._pool, "connection_kwargs", {}).get("db") or 0)
+        channels = channel_prefix(cluster, db)
+        self._members = RedisMembers(
+            Redis(connection_pool=self._pool), cluster, self._command, commands, channels=channels
+        )
         self._durable = RedisDurable(
             self._pool,
             cluster,
@@ -154,7 +159,7 @@ class RedisTransport:
             max_connections=max_connections,
             timeout=connect_timeout,
         )
-        self._prefix = f"catga:{{{cluster}}}:"
+        self._prefix = channels
         self._inbox = f"{self._prefix}reply.{uuid.uuid4().hex}"
         self._internal: dict[bytes, Callable[[Envelope], None]] = {
             self._inbox.encode(): self._on_reply,
