@@ -34,7 +34,7 @@ from fastapi_catga.core.envelope import (
 )
 from fastapi_catga.core.messages import Accepted, Event, Message, Request, new_message_id
 from fastapi_catga.core.observe import Observer
-from fastapi_catga.exceptions import NodeUnavailableError, RequestTimeoutError
+from fastapi_catga.exceptions import CatgaError, NodeUnavailableError, RequestTimeoutError, TransportError
 from fastapi_catga.transports.base import Delivery, Subscription, Transport
 from fastapi_catga.transports.durable import DeadLetter, DurableStore, Queue, QueueKind
 
@@ -65,8 +65,10 @@ class DurableClient:
         *,
         observer: Observer | None = None,
         prepare: Callable[[], Awaitable[None]],
+        budget: float = 30.0,
     ) -> None:
         self._transport = transport
+        self._budget = budget  # seconds an enqueue or durable publish may wait for the broker
         self._node_id = node_id
         self._clock = clock
         self._observer = observer
@@ -145,12 +147,38 @@ class DurableClient:
         return None
 
     async def enqueue(self, message: Request[Any]) -> Accepted:
-        """Store a durable command; return once the broker has it."""
-        return await self._observed(message, "enqueue", lambda: self._append(message, wait=False))
+        """Store a durable command; return once the broker has it.
+
+        Raises:
+            TransportError: the broker did not confirm it within the node's request timeout, or
+                failed; ``details["accepted"]`` is None: it may or may not be stored.
+        """
+        return await self._observed(message, "enqueue", lambda: self._stored(message))
 
     async def publish(self, event: Event) -> None:
-        """Store a durable event; return once the broker has it."""
-        await self._observed(event, "publish", lambda: self._append(event, wait=False))
+        """Store a durable event; return once the broker has it (raises as `enqueue`)."""
+        await self._observed(event, "publish", lambda: self._stored(event))
+
+    async def _stored(self, message: Message) -> Accepted:
+        """`_append` without a wait for the outcome, within the node's request timeout: a frozen
+        broker (or one that keeps failing to make the streams) must not hold the caller."""
+        unsure = {"accepted": None, "message_id": message.message_id}
+        try:
+            async with asyncio.timeout(self._budget):
+                return await self._append(message, wait=False)
+        except TimeoutError as exc:
+            if isinstance(exc, CatgaError):  # a store's own RequestTimeoutError
+                raise
+            raise TransportError(
+                f"{message.type_name} {message.message_id}: the broker did not confirm it within "
+                f"{self._budget:g} s; it may or may not be stored (again with the same message_id "
+                "stores it once)",
+                details=unsure,
+            ) from None
+        except TransportError as exc:
+            if exc.details is None:
+                exc.details = unsure
+            raise
 
     async def send(self, message: Request[Any], budget: float) -> Any:
         """Store a durable command and wait up to ``budget`` seconds for its outcome.

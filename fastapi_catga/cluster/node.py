@@ -135,7 +135,12 @@ class ClusterNode:
         )
         self.durable_runner = DurableRunner(transport, dispatcher, settings, observer=observer)
         self.durable = DurableClient(
-            transport, settings.node_id, clock, observer=observer, prepare=self.durable_runner.prepare
+            transport,
+            settings.node_id,
+            clock,
+            observer=observer,
+            prepare=self.durable_runner.prepare,
+            budget=settings.request_timeout,
         )
         #: Request types only this node can run now: the mediator runs their pipeline in the
         #: caller's task, with the same deadline, validation and errors as any other path.

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import sys
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any, ClassVar
 
 import pytest
@@ -605,5 +606,33 @@ def test_a_durable_result_over_the_payload_limit_is_refused_as_a_plain_sends_is_
         assert await a.node.transport.durable.done(f"workers:{command.message_id}") is None
         for catga in (a, b):
             await catga.stop()
+
+    run_virtual(scenario())
+
+
+def test_an_enqueue_or_durable_publish_to_a_frozen_broker_ends_by_the_request_timeout() -> None:
+    """The broker takes it or not within ``CATGA_REQUEST_TIMEOUT``: `TransportError`, "accepted"
+    unknown (enqueueing it again with its id stores it once). It queued up behind each other's
+    stream-making for several times the store's own timeout."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        gateway = node(broker, "gateway", handlers=[], request_timeout=5)  # makes its streams on first use
+        await gateway.start()
+        broker.freeze()
+        started = loop.time()
+        calls: list[Awaitable[object]] = [gateway.mediator.enqueue(Charge(amount=n)) for n in range(3)]
+        calls.append(gateway.mediator.publish(Shipped(order="o-1")))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert loop.time() - started <= 5.01
+        for outcome in outcomes:
+            assert isinstance(outcome, TransportError), outcome
+            assert "did not confirm it within 5 s" in str(outcome)
+            assert outcome.details is not None and outcome.details["accepted"] is None
+        broker.thaw()
+        accepted = await gateway.mediator.enqueue(Charge(amount=9))
+        assert not accepted.duplicate
+        await gateway.stop()
 
     run_virtual(scenario())
