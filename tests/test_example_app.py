@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from example_app import orders
 from example_app.main import app as example_app
+from fastapi_catga.web.dependencies import STATE_KEY
 
 
 @pytest.fixture
@@ -91,3 +92,17 @@ def test_the_example_refuses_an_order_id_that_could_not_be_read_back(
     assert client.get("/orders/a%20b").status_code == 422
     placed = client.post("/orders", json={"order_id": "o-1", "sku": "apple", "quantity": 1})
     assert client.get(f"/orders/{placed.json()['order_id']}").json()["order_id"] == "o-1"
+
+
+def test_an_order_placed_while_its_event_cannot_go_out_is_still_placed(client: TestClient) -> None:
+    """The broker goes down between the send (run here, in-process) and the publish: the client is
+    told the order is placed, as it is; a 503 would make it retry, and place it twice."""
+    catga = getattr(client.app.state, STATE_KEY)  # type: ignore[attr-defined]
+    assert client.portal is not None
+    client.portal.call(catga.node.transport.broker.outage)
+    try:
+        response = client.post("/orders", json={"sku": "fig", "quantity": 1})
+        assert response.status_code == 201
+        assert client.get(f"/orders/{response.json()['order_id']}").status_code == 200
+    finally:
+        client.portal.call(catga.node.transport.broker.restore)
