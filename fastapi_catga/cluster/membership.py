@@ -179,7 +179,9 @@ class Membership:
                     await self._store.delete(self.node_id)
             except (TransportError, TimeoutError) as exc:
                 logger.warning(
-                    "node %s could not deregister (%s); peers evict it after the TTL", self.node_id, exc
+                    "node %s could not deregister (%s); peers evict it after the TTL",
+                    self.node_id,
+                    str(exc) or "the store did not answer",
                 )
         await cancel_and_wait(tasks, what="membership", logger=logger, grace=timeout)
 

@@ -15,7 +15,7 @@ from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.pipeline import Pipeline
 from fastapi_catga.core.raised import is_handler_error
-from fastapi_catga.exceptions import BusyError, CatgaError, RequestTimeoutError
+from fastapi_catga.exceptions import BusyError, CatgaError, MessageValidationError, RequestTimeoutError
 
 __all__ = ["ClusterPort", "DeadLetterStore", "HandlerSlots", "LocalRoute", "Mediator"]
 
@@ -223,7 +223,10 @@ class Mediator:
         Raises:
             NodeUnavailableError: the node is unknown, dead, or not listening.
             HandlerNotFoundError: the node has no handler for this type.
+            MessageValidationError: ``node_id`` is no node id (not a non-empty str); nothing was sent.
         """
+        if type(node_id) is not str or not node_id:  # None would mean "any node" further down
+            raise MessageValidationError(f"send_to_node() takes a node id (a non-empty str), not {node_id!r}")
         result: R = await self._cluster.send(message, node_id=node_id, timeout=timeout)
         return result
 

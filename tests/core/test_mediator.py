@@ -257,6 +257,9 @@ async def test_broadcast_on_one_node(catga: Catga) -> None:
 
 async def test_send_to_node(catga: Catga) -> None:
     assert await catga.mediator.send_to_node(MAdd(a=1, b=1), NODE_ID) == 2
+    for no_id in (None, "", 7):  # None meant "any node" further down: a bug would send it anywhere
+        with pytest.raises(MessageValidationError, match="takes a node id"):
+            await catga.mediator.send_to_node(MAdd(a=1, b=1), no_id)  # type: ignore[arg-type]
     with pytest.raises(NodeUnavailableError, match="'elsewhere' is unknown or dead"):
         await catga.mediator.send_to_node(MAdd(a=1, b=1), "elsewhere")
     with pytest.raises(HandlerNotFoundError):
