@@ -31,7 +31,7 @@ from fastapi_catga.core.observe import Observer, observed_events
 from fastapi_catga.core.schemas import advertised
 from fastapi_catga.core.tasks import CANCEL_GRACE, cancel_and_wait
 from fastapi_catga.core.travels import as_received, body_of, message_travels, reads_back_as_is, result_check
-from fastapi_catga.exceptions import MessageValidationError, TransportError
+from fastapi_catga.exceptions import ConfigurationError, MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
 
@@ -166,8 +166,16 @@ class ClusterNode:
 
         Raises:
             TransportError: the broker is unreachable.
-            ConfigurationError: a live node already has this node's id.
+            ConfigurationError: a live node already has this node's id, or this node's record
+                (its metadata) is more than the broker carries.
         """
+        record = len(self.view.self_info.model_dump_json())
+        if record + 1024 > self.transport.max_payload:  # room for the store's own headers
+            raise ConfigurationError(
+                f"node {self.node_id}: its membership record is {record} bytes, over what the broker "
+                f"carries ({self.transport.max_payload} bytes): shorten CATGA_METADATA (or "
+                "CATGA_ENDPOINT, or register fewer message types on one node)"
+            )
         try:
             await self.transport.connect()
             self._on_connection(self.transport.connected)

@@ -213,3 +213,14 @@ def test_a_process_that_resumes_after_a_newer_one_took_its_id_steps_down() -> No
             await catga.stop()
 
     run_virtual(scenario())
+
+
+def test_a_node_whose_record_the_broker_cannot_carry_says_which_setting_at_start() -> None:
+    async def scenario() -> None:
+        broker = InMemoryBroker(clock=asyncio.get_running_loop().time)
+        big = virtual_node(broker, "pod-0", handlers=[workload], metadata={"blob": "x" * 2_000_000}, **TIMING)
+        with pytest.raises(ConfigurationError, match="shorten CATGA_METADATA"):
+            await big.start()
+        assert broker.members.list("catga") == {}, "nothing was written"
+
+    run_virtual(scenario())
