@@ -73,6 +73,7 @@ class ClusterNode:
         if observer is not None:
             observer.bind(settings.node_id)
         self.dispatcher = dispatcher
+        dispatcher.payload_limit = lambda: transport.max_payload  # the server's, once connected
         self.settings = settings
         self._stopped = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -170,7 +171,7 @@ class ClusterNode:
                 (its metadata) is more than the broker carries.
         """
         record = len(self.view.self_info.model_dump_json())
-        if record + 1024 > self.transport.max_payload:  # room for the store's own headers
+        if record >= self.transport.max_payload:
             raise ConfigurationError(
                 f"node {self.node_id}: its membership record is {record} bytes, over what the broker "
                 f"carries ({self.transport.max_payload} bytes): shorten CATGA_METADATA (or "

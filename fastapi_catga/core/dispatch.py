@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from fastapi_catga.core.deadlines import DeadlinePassed, Deadlines
-from fastapi_catga.core.envelope import validation_details
+from fastapi_catga.core.envelope import encode_error, error_from_reply, validation_details
 from fastapi_catga.core.handlers import HandlerRegistry
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Message, Request
@@ -66,6 +66,8 @@ class LocalDispatcher:
             message_type.type_name: message_type for message_type in [*self.requests, *self._events]
         }
         self._log_limit = LogLimiter()
+        #: The payload limit of the node's broker (its node sets it): what an error reply may hold.
+        self.payload_limit: Callable[[], int | None] = lambda: None
         #: The node's runs awaited in their caller's task, under one timer: this dispatcher's,
         #: the in-process `send`'s and the node's publishes.
         self.deadlines = Deadlines(clock)
@@ -147,13 +149,14 @@ class LocalDispatcher:
         return checks
 
     def handler_error(self, exc: BaseException, message: Message) -> CatgaError:
-        """What the caller gets when a handler raised ``exc`` (`is_handler_error`): `CatgaError`s as
-        they are (they are meant for the caller), anything else as a `RemoteHandlerError` naming its
-        type; the text stays in this node's log unless ``expose_errors``."""
+        """What the caller gets when a handler raised ``exc`` (`is_handler_error`): a `CatgaError`
+        as its class (it is meant for the caller), anything else as a `RemoteHandlerError` naming
+        its type; the text stays in this node's log unless ``expose_errors``. Either way as a caller
+        on another node reads it from the error reply (`as_sent`): the same call ends the same way
+        wherever it ran (details that are no JSON, a text over the payload limit, a subclass that
+        skipped ``CatgaError.__init__``)."""
         if isinstance(exc, CatgaError):
-            if getattr(exc, "node_id", None) is None:  # a subclass may skip CatgaError.__init__
-                exc.node_id = self.node_id
-            return exc
+            return self.as_sent(exc)
         error_type = type(exc).__name__
         self._log_limit.log(
             logger, logging.ERROR, (message.type_name, error_type), "%s handler raised %s on %s (message %s)",
@@ -166,9 +169,15 @@ class LocalDispatcher:
                 text += f": {exc}"
             except Exception as broken:  # its __str__ raises: the error still gets its answer
                 text += f" (its text could not be read: {type(broken).__name__})"
-        return RemoteHandlerError(
-            text, error_type=error_type, node_id=self.node_id, retryable=_retryable(exc)
+        return self.as_sent(
+            RemoteHandlerError(text, error_type=error_type, node_id=self.node_id, retryable=_retryable(exc))
         )
+
+    def as_sent(self, error: CatgaError) -> CatgaError:
+        """``error`` as this node's error reply carries it to a caller elsewhere: a new instance of
+        its class (or its nearest known base) with its message, details and retryable flag."""
+        reply = encode_error(error, node_id=self.node_id, max_payload=self.payload_limit())
+        return error_from_reply(reply)
 
     async def handle_event(self, event: Event) -> int:
         """Run every handler of the event here, one after another; returns how many failed.

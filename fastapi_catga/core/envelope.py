@@ -21,6 +21,7 @@ from fastapi_catga.exceptions import (
     MessageTooLargeError,
     MessageValidationError,
     RemoteHandlerError,
+    RetryLater,
     error_class_for,
     error_lineage,
     rebuild_error,
@@ -362,7 +363,7 @@ def _error_fields(exc: CatgaError, fallback: str | None = None) -> dict[str, Any
             "details": None,
             "lineage": error_lineage(exc),
         }
-    return {
+    fields = {
         "code": exc.code,
         "message": exc.message,
         "error_type": getattr(exc, "error_type", type(exc).__name__),
@@ -370,6 +371,9 @@ def _error_fields(exc: CatgaError, fallback: str | None = None) -> dict[str, Any
         "details": exc.details,
         "lineage": error_lineage(exc),
     }
+    if isinstance(exc, RetryLater):  # its delay is what its caller waits (and Retry-After says)
+        fields["delay"] = float(exc.delay)
+    return fields
 
 
 def decode_reply(envelope: Envelope, adapter: TypeAdapter[Any]) -> Any:
@@ -411,6 +415,9 @@ def error_from_reply(envelope: Envelope) -> CatgaError:
     error = rebuild_error(cls, message, node_id=node_id, details=body.get("details"), retryable=retryable)
     if isinstance(error, RemoteHandlerError):
         error.error_type = str(body.get("error_type", "Exception"))
+    elif isinstance(error, RetryLater):
+        delay = body.get("delay")
+        error.delay = float(delay) if type(delay) in (int, float) and 0 <= delay <= MAX_TIMEOUT else 0.0
     return error
 
 

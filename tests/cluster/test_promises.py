@@ -25,6 +25,7 @@ from fastapi_catga import (
     Request,
     RequestTimeoutError,
     RetryableError,
+    RetryLater,
     TransportError,
     handler,
 )
@@ -838,3 +839,46 @@ async def test_a_handler_that_cancels_its_own_run_on_another_node_is_its_error_a
     with pytest.raises(RemoteHandlerError, match="CancelledError"):
         await caller.mediator.send(CancelsItself())
     assert len(cancelled_itself) == 1, f"retried on another node: ran on {cancelled_itself}"
+
+
+class RaisesOurs(Command[str]):
+    """Its handler raises one of ours, of the shape ``kind`` names."""
+
+    kind: str
+
+
+@handler
+async def raises_ours(command: RaisesOurs) -> str:
+    if command.kind == "huge":
+        raise CatgaError("y" * 3_000_000, details={"d": "z" * 2_000_000})
+    if command.kind == "odd-details":
+        raise CatgaError("bad", details={"s": {1, 2}, "raw": b"\x00"})
+    if command.kind == "no-init":
+        raise NoInit()
+    raise RetryLater("the bank is busy", delay=2.5)
+
+
+async def test_an_error_of_ours_reaches_the_caller_the_same_wherever_the_handler_ran(
+    start_node: StartNode,
+) -> None:
+    """In-process as across nodes: the error as its reply carries it (a text cut to the payload
+    limit, details as JSON, a class whose ``__init__`` skipped ours readable, a delay kept)."""
+    a, _, _ = await cluster(start_node)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+
+    def shape(error: BaseException) -> tuple[Any, ...]:
+        assert isinstance(error, CatgaError)
+        return (type(error), str(error), error.details, error.retryable, getattr(error, "delay", None))
+
+    for kind in ("huge", "odd-details", "no-init", "later"):
+        message = RaisesOurs(kind=kind)
+        outcomes = []
+        for send in (alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")):
+            with pytest.raises(CatgaError) as raised:
+                await send
+            outcomes.append(shape(raised.value))
+        assert outcomes[0] == outcomes[1] == outcomes[2], kind
+        if kind == "later":
+            assert outcomes[0][4] == 2.5
+        if kind == "huge":
+            assert len(outcomes[0][1]) < 2000

@@ -126,7 +126,9 @@ def test_empty_message_id_is_rejected() -> None:
         PlaceOrder(sku="a", message_id="")
 
 
-@pytest.mark.parametrize("given", ["a\nFAKE LOG LINE", "\x1b[31mred", "tab\there", "nul\x00", "del\x7f"])
+@pytest.mark.parametrize(
+    "given", ["a\nFAKE LOG LINE", "\x1b[31mred", "tab\there", "nul\x00", "del\x7f", "lone \ud800"]
+)
 def test_a_message_id_with_a_control_character_is_rejected(given: str) -> None:
     """A client's id goes into log lines, terminals (the CLI) and URLs (the admin routes) as it is."""
     with pytest.raises(ValidationError, match="message_id"):

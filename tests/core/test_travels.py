@@ -14,8 +14,9 @@ from fastapi_catga import Command, MessageTooLargeError
 from fastapi_catga.core.envelope import PER_ATTEMPT, decode_body, encode_message, message_room, pack
 from fastapi_catga.core.travels import body_of, reads_back_as_is
 
-# What a message id may hold: anything but a control character (`MESSAGE_ID_PATTERN`).
-ID_CHARACTERS = st.characters(exclude_characters=[*map(chr, range(32)), "\x7f"])
+# What a message id may hold: anything but a control character (`MESSAGE_ID_PATTERN`) or a lone
+# surrogate (a pattern is matched on UTF-8, which holds none).
+ID_CHARACTERS = st.characters(exclude_characters=[*map(chr, range(32)), "\x7f"], exclude_categories=["Cs"])
 
 
 class Mixed(Command[None]):
