@@ -13,6 +13,7 @@ from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.cluster.runs import EAGER_TASKS, Runs, describe
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
+    MESSAGE_ID,
     MESSAGE_TYPE,
     SOURCE,
     STATUS,
@@ -120,7 +121,13 @@ class Responder:
             elif isinstance(outcome, BaseException):  # a bug here or in the client: the stop goes on
                 logger.error("unsubscribe failed unexpectedly", exc_info=outcome)
         self._subscriptions.clear()
-        await self._runs.stop(drain_timeout)
+        for run in await self._runs.stop(drain_timeout):
+            # Its handler ignores the cancellation: answer its caller now, as a run that ended
+            # cancelled does, or it waits out its whole deadline.
+            if isinstance(run, Delivery) and run.reply is not None:
+                headers = run.envelope.headers
+                what = f"{headers.get(MESSAGE_TYPE, '?')} {headers.get(MESSAGE_ID, '?')}"[:200]
+                await self._send_reply(run.reply, self._stopped(what), describe(run))
 
     def _type_of(self, envelope: Envelope) -> str:
         """The message type's name, when this node knows it ("?" otherwise: a bounded label)."""
@@ -137,7 +144,7 @@ class Responder:
         if remaining is None or remaining > 0:
             type_name = self._type_of(delivery.envelope)
             if self._limits.enter(type_name):  # the slot is given back when the task ends
-                self._runs.spawn(self._answer(delivery, remaining), delivery.envelope, type_name, eager=True)
+                self._runs.spawn(self._answer(delivery, remaining), delivery, type_name, eager=True)
             else:
                 self._busy(delivery.reply, type_name, describe(delivery.envelope))
         else:
@@ -195,7 +202,8 @@ class Responder:
                 except asyncio.CancelledError as exc:
                     if self._runs.stopping:  # the node stops (`Runs.stop`): its caller moves on now
                         if delivery.reply is not None:
-                            await self._send_reply(delivery.reply, self._stopped(message), describe(envelope))
+                            what = f"{message.type_name} {message.message_id}"
+                            await self._send_reply(delivery.reply, self._stopped(what), describe(envelope))
                         raise
                     # Nobody here cancelled it (a deadline ends a run as `TimeoutError`): its handler
                     # cancelled its own task. That is its error, answered once, as a raised one is;
@@ -226,12 +234,12 @@ class Responder:
         except CatgaError as exc:
             self._log_limit.log(logger, logging.WARNING, "reply", "could not answer %s: %s", what, exc)
 
-    def _stopped(self, message: Request[Any]) -> Envelope:
-        """The answer to a request whose run this stopping node cancelled: the node's own, so that
-        its caller tries another node at once rather than waiting out its deadline."""
+    def _stopped(self, what: str) -> Envelope:
+        """The answer to a request whose run this stopping node cancelled (``what``: its type and
+        id): the node's own, so that its caller tries another node at once rather than waiting
+        out its deadline."""
         error = NodeUnavailableError(
-            f"node {self.node_id} stopped while running {message.type_name} {message.message_id}",
-            node_id=self.node_id,
+            f"node {self.node_id} stopped while running {what}", node_id=self.node_id
         )
         return encode_error(error, node_id=self.node_id, by_node=True)
 

@@ -28,9 +28,9 @@ from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.core.envelope import MESSAGE_ID, MESSAGE_TYPE, SOURCE, Envelope, encode_error
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.exceptions import BusyError, CatgaError
-from fastapi_catga.transports.base import Reply
+from fastapi_catga.transports.base import Delivery, Reply
 
-__all__ = ["EAGER_TASKS", "MAX_BUSY_REPLIES", "Runs", "describe"]
+__all__ = ["EAGER_TASKS", "MAX_BUSY_REPLIES", "Run", "Runs", "describe"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,14 @@ _PLAIN_TASKS = 64  # eager runs started as plain tasks after one suspended in th
 _CANCEL_GRACE = 1.0  # s a stopping node waits for cancelled handler runs to end before abandoning them
 
 
-def describe(envelope: Envelope) -> str:
+#: What a run is of, as `Runs.spawn` is told: a name, the message it runs, or the request (whose
+#: caller a stopping node answers when the run will not end: `Runs.stop`).
+Run = str | Envelope | Delivery
+
+
+def describe(what: Envelope | Delivery) -> str:
     """A message as the log names it: type, id and sender, each cut short."""
-    headers = envelope.headers
+    headers = (what.envelope if isinstance(what, Delivery) else what).headers
     parts = (headers.get(MESSAGE_TYPE, "?"), headers.get(MESSAGE_ID, "?"), headers.get(SOURCE, "?"))
     type_name, message_id, source = (str(part)[:80] for part in parts)
     return f"{type_name} {message_id} from {source}"
@@ -75,7 +80,7 @@ else:
         return loop.create_task(work, context=context)
 
 
-def _log_failure(what: str | Envelope, error: BaseException | None) -> None:
+def _log_failure(what: Run, error: BaseException | None) -> None:
     """A run that raised (its own errors are answers: this is a bug, in catga or a behavior)."""
     logger.error("a run of %s failed", what if isinstance(what, str) else describe(what), exc_info=error)
 
@@ -139,13 +144,11 @@ class Runs:
         self._node_id = node_id
         self._log_limit = log_limit
         #: Each task going on, with the type whose slot it holds and what it runs (for the log).
-        self._tasks: dict[asyncio.Task[None], tuple[str | None, str | Envelope]] = {}
+        self._tasks: dict[asyncio.Task[None], tuple[str | None, Run]] = {}
         #: "busy" answers not yet handed to the broker.
         self.busy_replies = 0
         #: 3.11: eager runs whose first step the intake has not taken yet, and the intake's task.
-        self._queue: deque[
-            tuple[Coroutine[Any, Any, None], str | Envelope, str | None, contextvars.Context]
-        ] = deque()
+        self._queue: deque[tuple[Coroutine[Any, Any, None], Run, str | None, contextvars.Context]] = deque()
         self._intake: asyncio.Task[None] | None = None
         self._stopping = False
         #: Eager runs still to start as plain tasks because a run lately suspended in the intake.
@@ -154,7 +157,7 @@ class Runs:
     def spawn(
         self,
         work: Coroutine[Any, Any, None],
-        what: str | Envelope,
+        what: Run,
         slot: str | None = None,
         *,
         eager: bool = False,
@@ -336,10 +339,11 @@ class Runs:
         what = self._tasks.get(task, (None, task.get_name()))[1]
         return what if isinstance(what, str) else describe(what)
 
-    async def stop(self, drain_timeout: float) -> None:
+    async def stop(self, drain_timeout: float) -> list[Run]:
         """Wait up to ``drain_timeout`` for the tasks (events still waiting for a slot are then
         dropped and counted); cancel what is left and wait at most one second more for it to end.
-        A run that ignores its cancellation is abandoned, and named in the log."""
+        A run that ignores its cancellation is abandoned, named in the log, and returned (what it
+        was spawned with): its caller is still to be answered."""
         loop = asyncio.get_running_loop()
         ends = loop.time() + drain_timeout
         while self._tasks and (left := ends - loop.time()) > 0:  # runs that free a slot start events
@@ -347,7 +351,7 @@ class Runs:
         if dropped := self._limits.drop_waiting():
             logger.warning("dropped %d received event(s) still waiting for a handler slot", dropped)
         if not self._tasks:
-            return
+            return []
         self._stopping = True
         pending = set(self._tasks)
         for task in pending:
@@ -360,3 +364,4 @@ class Runs:
                 "abandoned %d handler run(s) that did not end when cancelled: %s%s",
                 len(stuck), ", ".join(names[:10]), " ..." if len(names) > 10 else "",
             )  # fmt: skip
+        return [self._tasks[task][1] for task in stuck if task in self._tasks]

@@ -315,23 +315,34 @@ def test_a_stopping_node_unsubscribes_everything_at_once(monkeypatch: pytest.Mon
 
 
 class Cancels(Command[str]):
-    """Its handler raises a CancelledError of its own when ``own``, else waits to be cancelled."""
+    """Its handler raises a CancelledError of its own when ``own``, else waits to be cancelled;
+    ``stubborn``: it ignores each cancellation, for 60 s."""
 
     own: bool
+    stubborn: bool = False
 
 
 @handler
 async def cancels(command: Cancels) -> str:
     if command.own:
         raise asyncio.CancelledError
+    if command.stubborn:
+        until = asyncio.get_running_loop().time() + 60
+        while asyncio.get_running_loop().time() < until:
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                pass
+        return "late"
     await asyncio.sleep(10)
     return "never"
 
 
-@pytest.mark.parametrize("capable", [1, 2])
-def test_a_run_cut_by_its_nodes_stop_is_answered_at_once(capable: int) -> None:
+@pytest.mark.parametrize(("capable", "stubborn"), [(1, False), (2, False), (1, True)])
+def test_a_run_cut_by_its_nodes_stop_is_answered_at_once(capable: int, stubborn: bool) -> None:
     """A stopping node that cancels a run at the end of its drain says so: its caller tries
-    another node, or gives up, at once rather than at its deadline (20 s here)."""
+    another node, or gives up, at once rather than at its deadline (20 s here). A run whose
+    handler ignores the cancellation is abandoned a second later, and answered then."""
 
     async def scenario() -> tuple[float, str]:
         loop = asyncio.get_running_loop()
@@ -343,7 +354,7 @@ def test_a_run_cut_by_its_nodes_stop_is_answered_at_once(capable: int) -> None:
             await node.start()
         await eventually(lambda: len(caller.node.nodes()) == capable + 1, within=5)
         began = loop.time()
-        sending = asyncio.create_task(caller.mediator.send(Cancels(own=False), timeout=20))
+        sending = asyncio.create_task(caller.mediator.send(Cancels(own=False, stubborn=stubborn), timeout=20))
         await asyncio.sleep(0.1)
         running = [w for w in workers if w.node.limits.in_flight]
         await running[0].stop()
@@ -360,7 +371,7 @@ def test_a_run_cut_by_its_nodes_stop_is_answered_at_once(capable: int) -> None:
     took, outcome = run_virtual(scenario())
     if capable == 1:
         assert outcome.startswith("NodeUnavailableError: node w0 stopped while running Cancels"), outcome
-        assert took < 1.5, f"answered after {took:.1f} s"
+        assert took < (2.5 if stubborn else 1.5), f"answered after {took:.1f} s"
     else:  # the other node ran it (its handler waits 10 s before it would answer)
         assert took < 12, f"answered after {took:.1f} s: {outcome}"
 
