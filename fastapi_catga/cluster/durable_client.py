@@ -43,6 +43,7 @@ __all__ = ["DeadLetters", "DurableClient", "PreparedStore", "is_durable"]
 logger = logging.getLogger(__name__)
 
 _DONE_POLL = 1.0  # s: how often a waiting send also reads the done record (an answer can be lost)
+_REPLAY_LEASE = 30.0  # s a replay holds its letter against another replay of it
 _T = TypeVar("_T")
 
 
@@ -312,20 +313,30 @@ class DeadLetters:
         there is none. For an event, every handler group gets it again: those that ran it already
         skip it while their done record lasts."""
         store = await self._store.ready()
-        found = await store.dead_letter(letter_id)
-        if found is None:
-            return False
-        letter, envelope = found
-        queue = Queue(letter.queue_kind, letter.message_type, letter.group)
-        replays = letter.replays + 1
-        # Counted on the message itself, so that its next dead letter counts on from there, and its
-        # next replay gets a dedup id of its own: the broker's duplicate window must not swallow it.
-        replayed = Envelope({**envelope.headers, REPLAYS: str(replays)}, envelope.body)
-        dedup_id = f"{letter.message_id}.replay{replays}"
-        stored = await store.append(queue.kind, queue.type_name, replayed, dedup_id=dedup_id)
-        if stored.duplicate:  # a replay of the same letter at the same time: it is queued once
-            logger.info("dead letter %s was being replayed already (replay %d)", letter_id, replays)
-        await store.remove_dead_letter(letter_id)
+        # One replay of a letter at a time, cluster-wide (Redis streams have no duplicate window to
+        # fold two at once into one): the others find it being replayed, or gone.
+        key, holder = f"replay:{letter_id}", new_message_id()
+        if not await store.claim(key, holder, _REPLAY_LEASE):
+            logger.info("dead letter %s is being replayed already", letter_id)
+            return await store.dead_letter(letter_id) is not None
+        try:
+            found = await store.dead_letter(letter_id)
+            if found is None:
+                return False
+            letter, envelope = found
+            queue = Queue(letter.queue_kind, letter.message_type, letter.group)
+            replays = letter.replays + 1
+            # Counted on the message itself, so that its next dead letter counts on from there, and
+            # its next replay gets a dedup id of its own: the broker's duplicate window must not
+            # swallow it.
+            replayed = Envelope({**envelope.headers, REPLAYS: str(replays)}, envelope.body)
+            dedup_id = f"{letter.message_id}.replay{replays}"
+            stored = await store.append(queue.kind, queue.type_name, replayed, dedup_id=dedup_id)
+            if stored.duplicate:  # a replay whose removal failed, again: it is queued once
+                logger.info("dead letter %s was replayed already (replay %d)", letter_id, replays)
+            await store.remove_dead_letter(letter_id)
+        finally:
+            await store.release(key, holder)
         logger.info("dead letter %s replayed (replay %d)", letter_id, replays)
         return True
 

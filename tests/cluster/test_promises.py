@@ -4,6 +4,7 @@ decision, one outcome on every node, user errors crossing as themselves, a stopp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections import Counter
@@ -329,10 +330,8 @@ async def cancels(command: Cancels) -> str:
     if command.stubborn:
         until = asyncio.get_running_loop().time() + 60
         while asyncio.get_running_loop().time() < until:
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(1)
-            except asyncio.CancelledError:
-                pass
         return "late"
     await asyncio.sleep(10)
     return "never"

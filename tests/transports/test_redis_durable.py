@@ -9,10 +9,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
+from fastapi_catga import CatgaSettings, Command, Durable, build, handler
 from fastapi_catga.core.envelope import Envelope
 from fastapi_catga.exceptions import MessageTooLargeError, TransportError
 from fastapi_catga.transports.durable import DurableConsumer, DurableDelivery, DurableStore, Queue
@@ -229,3 +230,44 @@ async def test_a_group_lost_in_a_restart_comes_back_without_a_hot_loop(
     assert delivery.deliveries == 1
     await delivery.ack()
     await consumer.close()
+
+
+class Declined(Command[str]):
+    durable: ClassVar[Durable | bool] = Durable(attempts=1)
+
+
+declined_runs: list[str] = []
+
+
+@handler
+async def declined(command: Declined) -> str:
+    declined_runs.append(command.message_id)
+    raise ValueError("card declined")
+
+
+async def test_a_dead_letter_replayed_by_several_callers_at_once_is_queued_once(server: RedisServer) -> None:
+    """Redis streams have no duplicate window to fold replays into one: each queued it again, and
+    the message ran once per caller (six admins clicking "replay", six charges)."""
+    settings = CatgaSettings(transport="redis", redis_url=server.url, cluster=f"t{uuid.uuid4().hex[:10]}")
+    nodes = [build(settings.model_copy(update={"node_id": name}), handlers=[declined]) for name in "ab"]
+    for catga in nodes:
+        await catga.start()
+    try:
+        declined_runs.clear()
+        accepted = await nodes[0].mediator.enqueue(Declined())
+        letters, letter_id = nodes[0].mediator.dead_letters, f"workers:{accepted.message_id}"
+
+        async def lettered() -> bool:
+            return await letters.get(letter_id) is not None
+
+        await eventually(lettered, within=10)
+        answers = await asyncio.gather(
+            *(catga.mediator.dead_letters.replay(letter_id) for catga in nodes * 3)
+        )
+        assert any(answers)
+        await eventually(lettered, within=10)  # its one replay failed too
+        await asyncio.sleep(2)  # what a second copy would take to run
+        assert declined_runs == [accepted.message_id] * 2, "replayed more than once"
+    finally:
+        for catga in nodes:
+            await catga.stop()
