@@ -77,6 +77,11 @@ def build(
     settings = settings or load_settings()
     if handlers is None and settings.handler_modules:
         handlers = settings.handler_modules
+    elif settings.handler_modules:
+        logger.warning(
+            "CATGA_HANDLER_MODULES (%s) is ignored: the app passes handlers= itself",
+            ",".join(settings.handler_modules),
+        )
     registry = HandlerRegistry.from_declared() if handlers is None else HandlerRegistry.from_sources(handlers)
     dispatcher = LocalDispatcher(
         registry, behaviors, settings.node_id, expose_errors=settings.expose_errors, clock=clock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -217,3 +218,14 @@ def test_a_bad_secret_is_named_but_never_shown() -> None:
     shown = f"{settings!r} {settings} {settings.model_dump()} {settings.model_dump_json()}"
     assert "t0k3n" not in shown and "pw-0f-redis" not in shown
     assert settings.nats_token.get_secret_value() == "t0k3n"
+
+
+def test_handler_modules_beside_handlers_given_in_code_says_it_is_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fastapi_catga import build
+    from fastapi_catga.testing import InMemoryTransport
+
+    with caplog.at_level(logging.WARNING, logger="fastapi_catga.bootstrap"):
+        build(CatgaSettings(handler_modules=["no.such.module"]), handlers=[], transport=InMemoryTransport())
+    assert "CATGA_HANDLER_MODULES (no.such.module) is ignored" in caplog.text

@@ -41,6 +41,7 @@ def test_health_is_503_while_the_broker_is_down() -> None:
     with TestClient(catga_app(transport=InMemoryTransport(broker))) as client:
         ok = client.get("/catga/health")
         assert ok.status_code == 200
+        assert client.head("/catga/health").status_code == 200  # a load balancer's probe
         assert ok.json() | {"stats": {}} == {
             "status": "ok",
             "transport": "memory",
@@ -55,6 +56,7 @@ def test_health_is_503_while_the_broker_is_down() -> None:
         client.portal.call(broker.outage)
         down = client.get("/catga/health")
         assert down.status_code == 503
+        assert client.head("/catga/health").status_code == 503
         assert down.json()["connected"] is False
         assert down.json()["status"] == "unavailable"
         assert down.json()["view_stale"] is True
