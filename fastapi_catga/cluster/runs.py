@@ -80,6 +80,14 @@ else:
         return loop.create_task(work, context=context)
 
 
+def _retrieve(task: asyncio.Task[None], what: Run) -> None:
+    """What an ended run's task raised, said in the log now (not "Task exception was never
+    retrieved" whenever it is collected): a run answers its handler's errors, so only what is no
+    answer (a handler's ``GeneratorExit``) or a bug gets here."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        _log_failure(what, error)
+
+
 def _log_failure(what: Run, error: BaseException | None) -> None:
     """A run that raised (its own errors are answers: this is a bug, in catga or a behavior)."""
     logger.error("a run of %s failed", what if isinstance(what, str) else describe(what), exc_info=error)
@@ -196,9 +204,10 @@ class Runs:
         task.add_done_callback(self._ended)  # one callback: slot and bookkeeping together
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        slot, _ = self._tasks.pop(task)
+        slot, what = self._tasks.pop(task)
         if slot is not None:
             self._limits.leave(slot)
+        _retrieve(task, what)
 
     # -- 3.11: the intake, in place of eager tasks ------------------------------------------------
 
@@ -293,7 +302,8 @@ class Runs:
             self.spawn(work, what, slot, context=context)
 
     def _intake_ended(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
+        _, what = self._tasks.pop(task, (None, "the intake of requests"))
+        _retrieve(task, what)
         if self._intake is not task:
             return  # it took the whole queue, or went on to run one that suspended
         self._intake = None  # cancelled (a stop), or ended by an error that was no Exception

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import inspect
 import logging
 
@@ -135,6 +136,30 @@ async def test_a_run_that_fails_in_its_first_step_is_logged_and_the_next_runs(
         await asyncio.sleep(0.01)
     assert done == ["fine"] and limits.in_flight == 0
     assert "boom" in caplog.text
+
+
+@pytest.mark.parametrize("eager", [True, False])
+async def test_a_run_that_ends_with_what_is_no_answer_is_logged_as_it_ends(
+    eager: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler's ``GeneratorExit`` after it suspended: the run's task ends with it. Said in the
+    log at once, naming the run, and not as "Task exception was never retrieved" at some later
+    garbage collection (on 3.11 the task is the intake's when the run started in it)."""
+    limits, runs = make_runs()
+
+    async def exits() -> None:
+        await asyncio.sleep(0)
+        raise GeneratorExit
+
+    with caplog.at_level(logging.ERROR):
+        assert limits.enter("Exits")
+        runs.spawn(exits(), "Exits", "Exits", eager=eager)
+        await eventually(lambda: limits.in_flight == 0, within=5)
+        gc.collect()
+        await asyncio.sleep(0)
+    messages = [record.getMessage() for record in caplog.records]
+    assert "a run of Exits failed" in messages
+    assert not [message for message in messages if "never retrieved" in message]
 
 
 @pytest.mark.parametrize("ends", ["returns", "raises", "uncancels"])
