@@ -9,12 +9,15 @@ shows no secret, in the error or in the logs.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from fastapi_catga.exceptions import ConfigurationError
@@ -22,6 +25,7 @@ from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports import create_transport
 from fastapi_catga.transports.redis.connections import security_options
 from fastapi_catga.transports.tls import TlsFiles
+from tests.polling import eventually
 from tests.secure import LockedRedisServer, Pki, TlsRedisServer, make_pki
 from tests.servers import RedisServer
 from tests.transports.security import join_and_round_trip, refused_at_start
@@ -221,3 +225,28 @@ def test_the_security_options_reach_redis_py() -> None:
     verify = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
     assert security_options("rediss://h/0") == verify
     assert security_options("rediss://h/0?ssl_check_hostname=true&ssl_cert_reqs=required") == verify
+
+
+async def test_a_password_changed_under_a_running_node_is_named_while_it_reconnects(
+    cluster: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its connections dropped, the node reconnects with the old password: the log says the
+    credentials were refused (and which settings to check) once, not only "reconnecting"."""
+    with LockedRedisServer(extra_args=["--requirepass", PASSWORD]) as server:
+        url = f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
+        transport = create_transport(CatgaSettings(transport="redis", redis_url=url, cluster=cluster))
+        await transport.connect()
+        admin = aioredis.Redis(port=server.port, password=PASSWORD)
+        try:
+            with caplog.at_level(logging.WARNING, logger="fastapi_catga.transports.redis.reader"):
+                await admin.config_set("requirepass", WRONG)
+                await admin.client_kill_filter(_type="pubsub")
+                await eventually(lambda: "refused the credentials" in caplog.text, within=10)
+                await asyncio.sleep(1.5)  # more attempts: the same reason again is no new warning
+            refused = [r for r in caplog.records if "refused the credentials" in r.getMessage()]
+            assert len(refused) == 1 and refused[0].levelno == logging.WARNING
+            assert "CATGA_REDIS_PASSWORD" in refused[0].getMessage()
+            assert PASSWORD not in caplog.text
+        finally:
+            await admin.aclose()
+            await transport.aclose()

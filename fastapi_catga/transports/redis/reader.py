@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports._shared import fail
 from fastapi_catga.transports.redis.connections import reopen
-from fastapi_catga.transports.redis.errors import BROKER_ERRORS, reason
+from fastapi_catga.transports.redis.errors import BROKER_ERRORS, connect_failure, reason
 from fastapi_catga.transports.redis.locate import LocatedConnection, PubSubCommands, located
 
 __all__ = ["RECONNECT_DELAYS", "ChannelReader"]
@@ -185,6 +185,8 @@ class ChannelReader:
                 pinged = True
 
     async def _reconnect(self) -> None:
+        said = ""  # the last reason a reconnect failed for: a new one (refused credentials after a
+        # password change, say) is a warning, the same one again only a debug line
         for attempt in itertools.count():
             await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
             try:
@@ -193,7 +195,10 @@ class ChannelReader:
                     # The pooled sockets most likely died with the server: make the next command reconnect.
                     await self._pool.disconnect(inuse_connections=False)
             except BROKER_ERRORS as exc:
-                logger.debug("reconnecting to Redis at %s failed: %s", self._where, reason(exc))
+                why = connect_failure(exc, tls=False)  # refused credentials say what to check
+                level = logging.DEBUG if why == said else logging.WARNING
+                logger.log(level, "reconnecting to Redis at %s failed: %s", self._where, why)
+                said = why
             else:
                 logger.info(
                     "reconnected to Redis at %s%s after %d attempt(s)",
