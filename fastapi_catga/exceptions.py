@@ -274,8 +274,17 @@ def rebuild_error(
     cls: type[CatgaError], message: str, *, node_id: str | None, details: Any, retryable: bool
 ) -> CatgaError:
     """An instance of ``cls`` carrying what crossed the wire, without calling its own ``__init__``
-    (a subclass of yours may take other arguments); attributes it would set there are absent."""
-    error = cls.__new__(cls)
-    CatgaError.__init__(error, message, node_id=node_id, details=details)
-    error.retryable = retryable
-    return error
+    (a subclass of yours may take other arguments); attributes it would set there are absent. A
+    class that refuses them (a read-only ``retryable`` or ``message`` property) gives way to its
+    nearest base that takes them, `CatgaError` at the last: every error reply reads as an error."""
+    for base in cls.__mro__:
+        if not (isinstance(base, type) and issubclass(base, CatgaError)):
+            continue
+        try:
+            error = base.__new__(base)
+            CatgaError.__init__(error, message, node_id=node_id, details=details)
+            error.retryable = retryable
+        except Exception:  # the next base, down to CatgaError, which takes them
+            continue
+        return error
+    return CatgaError(message, node_id=node_id, details=details)  # pragma: no cover - CatgaError takes them

@@ -17,8 +17,9 @@ The protocol, over any `MembershipStore`:
   watch, full resync, every member given a full TTL to show up;
 - stop: delete this node's record first, so peers drop it at once;
 - replaced: a process that finds its id held by a newer incarnation (started later: it claimed the
-  id once this one's record lapsed, while this process was frozen or cut off for a TTL) steps down
-  at once, writing nothing more (`Membership.replaced_by`); the newer one re-asserts its record.
+  id once this one's record lapsed, while this process was frozen or cut off for a TTL), and sees
+  that record refreshed, steps down, writing nothing more (`Membership.replaced_by`); the newer
+  one re-asserts its record whenever the older one writes over it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Membership:
         self._on_replaced = on_replaced
         #: The newer process's record that took this node's id; this one writes nothing more.
         self.replaced_by: NodeInfo | None = None
+        self._twins: dict[str, datetime] = {}  # newer incarnations seen under this id: last_seen
         self._transport = transport
         self._store = transport.members
         self.view = view
@@ -191,10 +193,10 @@ class Membership:
         watch = await self._store.watch()
         self._watch = watch
         records = await self._store.list()
-        held = records.get(self.node_id)
-        if held is not None and self._lost_to(held):
+        newer = self._newer_twin(records.get(self.node_id))
+        if newer is not None and self._replaced(newer):
             return
-        await self._register()
+        await self._register()  # over a newer record not seen refreshed yet: a live one re-asserts
         now = self._clock()
         if after_outage:  # nobody could heartbeat through the outage: give everyone a full TTL
             self.view.refresh_all(now)
@@ -265,7 +267,9 @@ class Membership:
                 self._observer.member_joined(info.node_id, len(self.view.nodes()))
         elif info.incarnation == self.view.self_info.incarnation:
             self._proven_at = now  # our heartbeat made it through the store and back
-        elif not self._lost_to(event.value):
+        elif (newer := self._newer_twin(event.value)) is not None:
+            self._replaced(newer)
+        else:
             self._warn(
                 "twin",
                 "an older process (started %s) writes records as node %s: it steps down once it sees "
@@ -274,29 +278,45 @@ class Membership:
             )  # fmt: skip
             self._schedule_resync()  # our record again, now: peers and the older one read it
 
-    def _lost_to(self, record: bytes | None) -> bool:
-        """Whether ``record``, under this node's id, is a newer process's: then step down."""
+    def _newer_twin(self, record: bytes | None) -> NodeInfo | None:
+        """The record under this node's id, when a process that started after this one wrote it
+        (by ``started_at``, then incarnation: of two processes, exactly one is the newer)."""
+        if record is None:
+            return None
         try:
             other = read_record(self.node_id, record)
-        except ValueError:
-            return False
-        me = self.view.self_info
-        if other.incarnation == me.incarnation or (other.started_at, other.incarnation) < (
-            me.started_at,
-            me.incarnation,
-        ):
+            me = self.view.self_info
+            if other.incarnation == me.incarnation:
+                return None
+            newer = (other.started_at.timestamp(), other.incarnation) > (
+                me.started_at.timestamp(),
+                me.incarnation,
+            )
+        except (ValueError, OverflowError, OSError):  # unreadable, or a time no clock can hold
+            return None
+        return other if newer else None
+
+    def _replaced(self, newer: NodeInfo) -> bool:
+        """Step down once a newer process's record under this id is seen refreshed (its
+        ``last_seen`` moved): that process is alive. A record written once and never again (a twin
+        refused at start-up after its create went through) replaces nobody."""
+        seen = self._twins.get(newer.incarnation)
+        if len(self._twins) >= 16:  # records of many incarnations: keep only the latest sightings
+            self._twins.clear()
+        self._twins[newer.incarnation] = newer.last_seen
+        if seen is None or seen == newer.last_seen:
             return False
         if self.replaced_by is None:
-            self._step_down(other)
+            self._step_down(newer)
         return True
 
     def _step_down(self, newer: NodeInfo) -> None:
         """A newer process holds this node's id: write nothing more (its record is not ours to
         refresh or delete), stop the loops and tell the node, which stops serving."""
         logger.error(
-            "node %s: a newer process (started %s) took this node id while this one was frozen or cut "
-            "off for a TTL; this one steps down and serves nothing more (/catga/health answers 503): "
-            "restart it, with another CATGA_NODE_ID if both should run",
+            "node %s: a newer process (started %s) holds this node id and refreshes it (this one was "
+            "likely frozen or cut off for a TTL); this one steps down and serves nothing more "
+            "(/catga/health answers 503): restart it, with another CATGA_NODE_ID if both should run",
             self.node_id,
             newer.started_at.isoformat(),
         )

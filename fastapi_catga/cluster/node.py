@@ -39,6 +39,8 @@ __all__ = ["ClusterNode"]
 
 logger = logging.getLogger(__name__)
 
+_RECORD_HEADROOM = 256  # bytes of a membership write that are not the record (KV headers, a key)
+
 
 class ClusterNode:
     """This process as a member of the cluster.
@@ -170,15 +172,9 @@ class ClusterNode:
             ConfigurationError: a live node already has this node's id, or this node's record
                 (its metadata) is more than the broker carries.
         """
-        record = len(self.view.self_info.model_dump_json())
-        if record >= self.transport.max_payload:
-            raise ConfigurationError(
-                f"node {self.node_id}: its membership record is {record} bytes, over what the broker "
-                f"carries ({self.transport.max_payload} bytes): shorten CATGA_METADATA (or "
-                "CATGA_ENDPOINT, or register fewer message types on one node)"
-            )
         try:
             await self.transport.connect()
+            self._check_record()  # against the server's own limit, known once connected
             self._on_connection(self.transport.connected)
             await self.membership.claim()  # before any traffic: a twin of a live node serves nothing
             await self.responder.start()
@@ -194,6 +190,17 @@ class ClusterNode:
             await self.responder.stop(drain_timeout=0)
             await self.transport.aclose()
             raise
+
+    def _check_record(self) -> None:
+        """Refuse to start with a membership record the broker cannot carry (with room for the
+        store's own headers), naming the settings that make it large."""
+        record = len(self.view.self_info.model_dump_json().encode())
+        if record + _RECORD_HEADROOM > self.transport.max_payload:
+            raise ConfigurationError(
+                f"node {self.node_id}: its membership record is {record} bytes, more than the broker "
+                f"carries ({self.transport.max_payload} bytes): shorten CATGA_METADATA (or "
+                "CATGA_ENDPOINT, or register fewer message types on one node)"
+            )
 
     def _replaced(self, newer: NodeInfo) -> None:
         """A newer process took this node's id (`Membership.replaced_by`): stop serving now, as a

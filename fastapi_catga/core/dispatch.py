@@ -121,10 +121,7 @@ class LocalDispatcher:
         except BaseException as exc:
             if not is_handler_error(exc):
                 raise
-            error = self.handler_error(exc, message)
-            if error is exc:
-                raise  # a CatgaError, as it is: its own cause kept
-            raise error from exc
+            raise self.handler_error(exc, message) from exc
         check = self.result_checks.get(type(message))  # `check_of`, inline: it runs on every request
         return result if check is None else check(message, result)
 
@@ -177,7 +174,7 @@ class LocalDispatcher:
         """``error`` as this node's error reply carries it to a caller elsewhere: a new instance of
         its class (or its nearest known base) with its message, details and retryable flag."""
         reply = encode_error(error, node_id=self.node_id, max_payload=self.payload_limit())
-        return error_from_reply(reply)
+        return error_from_reply(reply)  # total: an error reply always reads as some CatgaError
 
     async def handle_event(self, event: Event) -> int:
         """Run every handler of the event here, one after another; returns how many failed.

@@ -355,11 +355,12 @@ def _error_fields(exc: CatgaError, fallback: str | None = None) -> dict[str, Any
     """What an error reply carries; with ``fallback`` as its message, only what the class says."""
     if fallback is not None:
         code = getattr(type(exc), "code", "remote_handler_error")
+        retryable = getattr(type(exc), "retryable", False)  # the class's word: a property is none
         return {
             "code": code if isinstance(code, str) else "remote_handler_error",
             "message": fallback,
             "error_type": type(exc).__name__,
-            "retryable": False,
+            "retryable": retryable if isinstance(retryable, bool) else False,
             "details": None,
             "lineage": error_lineage(exc),
         }
@@ -372,7 +373,8 @@ def _error_fields(exc: CatgaError, fallback: str | None = None) -> dict[str, Any
         "lineage": error_lineage(exc),
     }
     if isinstance(exc, RetryLater):  # its delay is what its caller waits (and Retry-After says)
-        fields["delay"] = float(exc.delay)
+        delay = getattr(exc, "delay", 0.0)  # a subclass may skip RetryLater.__init__
+        fields["delay"] = float(delay) if type(delay) in (int, float) else 0.0
     return fields
 
 

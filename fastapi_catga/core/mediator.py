@@ -196,8 +196,7 @@ class Mediator:
         if not is_handler_error(exc):
             return exc
         error = self._dispatcher.handler_error(exc, message)
-        if error is not exc:  # a CatgaError is raised as it is, its own cause kept
-            error.__cause__ = exc
+        error.__cause__ = exc
         return error
 
     async def enqueue(self, message: Request[Any]) -> Accepted:

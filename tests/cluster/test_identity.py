@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -222,5 +223,33 @@ def test_a_node_whose_record_the_broker_cannot_carry_says_which_setting_at_start
         with pytest.raises(ConfigurationError, match="shorten CATGA_METADATA"):
             await big.start()
         assert broker.members.list("catga") == {}, "nothing was written"
+
+    run_virtual(scenario())
+
+
+def test_a_newer_record_under_the_id_that_is_never_refreshed_replaces_nobody() -> None:
+    """A twin refused at start-up whose create went through leaves one record, never refreshed;
+    a record from a clock no datetime holds is unreadable. The live node serves on, and its next
+    heartbeat takes the record back."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        live = node(broker, "pod-0")
+        await live.start()
+        store = live.node.transport.members
+        me = live.node.view.self_info
+        later = me.started_at + timedelta(seconds=30)
+        stray = me.model_copy(update={"incarnation": "f" * 16, "started_at": later, "last_seen": later})
+        await store.put("pod-0", stray.model_dump_json().encode(), TIMING["node_ttl"])
+        naive = stray.model_copy(update={"incarnation": "e" * 16}).model_dump_json()
+        naive = naive.replace("Z", "").replace("+00:00", "")  # a record of no time zone
+        await store.put("pod-0", naive.encode(), TIMING["node_ttl"])
+        await asyncio.sleep(3 * TIMING["heartbeat_interval"])
+        assert live.node.membership.replaced_by is None and live.node.health()["status"] == "ok"
+        held = read_record("pod-0", (await store.list())["pod-0"])
+        assert held.incarnation == me.incarnation, "the live node's heartbeat took its record back"
+        assert await live.mediator.send(workload.Work()) == "?"
+        await live.stop()
 
     run_virtual(scenario())

@@ -851,6 +851,16 @@ async def test_a_handler_that_cancels_its_own_run_on_another_node_is_its_error_a
     assert len(cancelled_itself) == 1, f"retried on another node: ran on {cancelled_itself}"
 
 
+class Computed(CatgaError):
+    """A user's error class whose ``retryable`` is a read-only property: no copy can set it."""
+
+    code = "computed"
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        return True
+
+
 class RaisesOurs(Command[str]):
     """Its handler raises one of ours, of the shape ``kind`` names."""
 
@@ -865,6 +875,8 @@ async def raises_ours(command: RaisesOurs) -> str:
         raise CatgaError("bad", details={"s": {1, 2}, "raw": b"\x00"})
     if command.kind == "no-init":
         raise NoInit()
+    if command.kind == "property":
+        raise Computed("computed")
     raise RetryLater("the bank is busy", delay=2.5)
 
 
@@ -880,7 +892,7 @@ async def test_an_error_of_ours_reaches_the_caller_the_same_wherever_the_handler
         assert isinstance(error, CatgaError)
         return (type(error), str(error), error.details, error.retryable, getattr(error, "delay", None))
 
-    for kind in ("huge", "odd-details", "no-init", "later"):
+    for kind in ("huge", "odd-details", "no-init", "property", "later"):
         message = RaisesOurs(kind=kind)
         outcomes = []
         for send in (alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")):
@@ -892,3 +904,5 @@ async def test_an_error_of_ours_reaches_the_caller_the_same_wherever_the_handler
             assert outcomes[0][4] == 2.5
         if kind == "huge":
             assert len(outcomes[0][1]) < 2000
+        if kind == "property":  # its nearest base that takes what crossed: answered, not timed out
+            assert outcomes[0][:2] == (CatgaError, "computed")

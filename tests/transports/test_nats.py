@@ -20,6 +20,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from fastapi_catga import CatgaSettings, build
 from fastapi_catga.core.envelope import Envelope, pack
 from fastapi_catga.exceptions import (
     ConfigurationError,
@@ -105,6 +106,21 @@ async def test_comma_separated_servers_form_one_pool(nats_server: NatsServer, op
     await transport.subscribe("node.a", echo("a"))
     reply = await transport.request("node.a", Envelope({}, b"hi"), timeout=2)
     assert reply.body == b"hi"
+
+
+async def test_a_node_record_over_the_servers_limit_names_the_setting_at_start(
+    tmp_path: Path, cluster: str
+) -> None:
+    """The server's max_payload, known once connected, is what the record must fit (not
+    CATGA_MAX_PAYLOAD's 1 MiB): a clear start-up error, not the store's own."""
+    config = tmp_path / "nats.conf"
+    config.write_text("max_payload: 4096\n")
+    with NatsServer(extra_args=["-c", str(config)]) as server:
+        settings = CatgaSettings(
+            transport="nats", nats_url=server.url, cluster=cluster, node_id="n", metadata={"note": "é" * 2500}
+        )
+        with pytest.raises(ConfigurationError, match="shorten CATGA_METADATA"):
+            await build(settings, handlers=[]).start()
 
 
 async def test_max_payload_is_the_servers_limit_headers_included(tmp_path: Path, cluster: str) -> None:

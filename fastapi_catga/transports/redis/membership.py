@@ -1,7 +1,8 @@
 """The Redis membership store: a TTL key per node, a sorted set to index them, Lua to keep both.
 
 The scripts (`scripts`) change record and index together and announce each change on
-``catga:{<cluster>}:members:events``; the transport hands those notices to `RedisMembers.on_notice`,
+``catga:{<cluster>}:members:events`` (with ``db<N>:`` before ``members`` on a database other than
+0); the transport hands those notices to `RedisMembers.on_notice`,
 which feeds the watches. Keyspace notifications are not used: they can come tens of seconds late.
 """
 

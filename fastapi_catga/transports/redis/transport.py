@@ -1,10 +1,12 @@
 """`RedisTransport`: messaging over Redis pub/sub, and the membership store on the same server.
 
-Subjects map to channels ``catga:{<cluster>}:<subject>``: the hash tag puts every key and channel
-of a cluster in one Redis Cluster slot (`urls` says how the URL picks the server). Pub/sub has no
-headers: a message is the envelope as `core.envelope.pack` frames it, one JSON line of headers, a
-newline, the body; a request also carries the requester's reply channel and a correlation id in
-those headers. ``PUBLISH`` answering 0 means nobody listens: `NoResponderError` at once.
+Subjects map to channels ``catga:{<cluster>}:<subject>`` (``catga:{<cluster>}:db<N>:<subject>`` on
+a database N other than 0: pub/sub ignores databases, `channel_prefix`): the hash tag puts every
+key and channel of a cluster in one Redis Cluster slot (`urls` says how the URL picks the
+server). Pub/sub has no headers: a message is the envelope as `core.envelope.pack` frames it, one
+JSON line of headers, a newline, the body; a request also carries the requester's reply channel
+and a correlation id in those headers. ``PUBLISH`` answering 0 means nobody listens:
+`NoResponderError` at once.
 
 Two private connections carry the messaging, each owned by one task: the `ChannelReader` holds
 every subscription, the `PublishWriter` sends every ``PUBLISH``. Membership commands
