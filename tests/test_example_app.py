@@ -106,3 +106,12 @@ def test_an_order_placed_while_its_event_cannot_go_out_is_still_placed(client: T
         assert client.get(f"/orders/{response.json()['order_id']}").status_code == 200
     finally:
         client.portal.call(catga.node.transport.broker.restore)
+
+
+def test_a_lone_surrogate_in_a_clients_json_is_a_422_not_a_500(client: TestClient) -> None:
+    """FastAPI's own 422 echoes the input, and failed to write one holding a lone surrogate: the
+    lifespan puts the same answer, written so that it cannot fail, in place of FastAPI's handler."""
+    body = b'{"sku": "\\ud800", "quantity": 1}'
+    response = client.post("/orders", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "sku"]

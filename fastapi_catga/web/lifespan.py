@@ -8,6 +8,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, overload
 
 from fastapi import FastAPI
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from starlette.applications import Starlette
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.routing import BaseRoute, Host, Mount
@@ -20,7 +22,7 @@ from fastapi_catga.exceptions import CatgaError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
 from fastapi_catga.web.dependencies import STATE_KEY
-from fastapi_catga.web.errors import problem_response
+from fastapi_catga.web.errors import problem_response, validation_response
 
 __all__ = ["catga_lifespan"]
 
@@ -143,17 +145,24 @@ def _install_error_handler(app: Starlette) -> None:
     would make the app's middleware anew."""
     for mounted in _apps_within(app.routes):
         _install_error_handler(mounted)
-    if CatgaError in app.exception_handlers:
+    handlers: dict[Any, Any] = {}
+    if CatgaError not in app.exception_handlers:
+        handlers[CatgaError] = problem_response
+    if app.exception_handlers.get(RequestValidationError) is request_validation_exception_handler:
+        handlers[RequestValidationError] = validation_response  # FastAPI's, made unable to fail
+    if not handlers:
         return
-    app.add_exception_handler(CatgaError, problem_response)
+    for kind, handler in handlers.items():
+        app.add_exception_handler(kind, handler)
     layer: Any = app.middleware_stack
     for _ in range(1000):  # down the chain of middleware, each holding the next as ``app``
         if layer is None or isinstance(layer, ExceptionMiddleware):
             break
         layer = getattr(layer, "app", None)
     if isinstance(layer, ExceptionMiddleware):
-        layer.add_exception_handler(CatgaError, problem_response)
-    elif app.middleware_stack is not None:
+        for kind, handler in handlers.items():
+            layer.add_exception_handler(kind, handler)
+    elif app.middleware_stack is not None and CatgaError in handlers:
         logger.warning(
             "could not reach the app's exception middleware past its own middleware: CatgaErrors "
             "escaping routes are 500s; add app.add_exception_handler(CatgaError, problem_response) "

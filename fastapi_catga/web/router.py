@@ -55,9 +55,9 @@ async def current_node(catga: CatgaDep) -> NodeStatus:
     return NodeStatus(**(await catga.mediator.get_current_node()).model_dump())
 
 
-@catga_health_router.api_route(
+@catga_health_router.head("/health", include_in_schema=False)  # load balancers' probes send HEAD too
+@catga_health_router.get(
     "/health",
-    methods=["GET", "HEAD"],  # load balancers' probes send HEAD too
     summary="Transport and membership state",
     responses={503: {"description": "The broker, or the membership store on it, is unreachable"}},
 )
