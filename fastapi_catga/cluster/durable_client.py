@@ -16,6 +16,7 @@ continues the trace (see `DurableRunner`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,13 @@ from fastapi_catga.core.envelope import (
 )
 from fastapi_catga.core.messages import Accepted, Event, Message, Request, new_message_id
 from fastapi_catga.core.observe import Observer
-from fastapi_catga.exceptions import CatgaError, NodeUnavailableError, RequestTimeoutError, TransportError
+from fastapi_catga.exceptions import (
+    BusyError,
+    CatgaError,
+    NodeUnavailableError,
+    RequestTimeoutError,
+    TransportError,
+)
 from fastapi_catga.transports.base import Delivery, Subscription, Transport
 from fastapi_catga.transports.durable import DeadLetter, DurableStore, Queue, QueueKind
 
@@ -44,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 _DONE_POLL = 1.0  # s: how often a waiting send also reads the done record (an answer can be lost)
 _REPLAY_LEASE = 30.0  # s a replay holds its letter against another replay of it
+_REPLAY_WAIT = 5.0  # s a replay waits for another one of the same letter before it says "busy"
 _T = TypeVar("_T")
 
 
@@ -313,16 +321,24 @@ class DeadLetters:
         there is none. For an event, every handler group gets it again: those that ran it already
         skip it while their done record lasts."""
         store = await self._store.ready()
-        # One replay of a letter at a time, cluster-wide (Redis streams have no duplicate window to
-        # fold two at once into one): the others find it being replayed, or gone.
+        seen = await store.dead_letter(letter_id)
+        if seen is None:
+            return False
+        # One replay of the letter this caller saw, cluster-wide (Redis streams have no duplicate
+        # window to fold two into one): a caller that finds it replayed meanwhile (gone, or back
+        # with more replays) is answered that it was, and queues nothing more.
         key, holder = f"replay:{letter_id}", new_message_id()
-        if not await store.claim(key, holder, _REPLAY_LEASE):
-            logger.info("dead letter %s is being replayed already", letter_id)
-            return await store.dead_letter(letter_id) is not None
+        deadline = asyncio.get_running_loop().time() + _REPLAY_WAIT
+        while not await store.claim(key, holder, _REPLAY_LEASE):
+            if _replayed_since(seen[0], await store.dead_letter(letter_id)):
+                return True
+            if asyncio.get_running_loop().time() > deadline:
+                raise BusyError(f"dead letter {letter_id} is being replayed by another caller; try again")
+            await asyncio.sleep(0.05)
         try:
             found = await store.dead_letter(letter_id)
-            if found is None:
-                return False
+            if found is None or _replayed_since(seen[0], found):
+                return True
             letter, envelope = found
             queue = Queue(letter.queue_kind, letter.message_type, letter.group)
             replays = letter.replays + 1
@@ -336,13 +352,19 @@ class DeadLetters:
                 logger.info("dead letter %s was replayed already (replay %d)", letter_id, replays)
             await store.remove_dead_letter(letter_id)
         finally:
-            await store.release(key, holder)
+            with contextlib.suppress(CatgaError):  # the lease ends by itself
+                await store.release(key, holder)
         logger.info("dead letter %s replayed (replay %d)", letter_id, replays)
         return True
 
     async def discard(self, letter_id: str) -> bool:
         """Drop a dead letter for good; False when there is none."""
         return await (await self._store.ready()).remove_dead_letter(letter_id)
+
+
+def _replayed_since(seen: DeadLetter, now: tuple[DeadLetter, Envelope] | None) -> bool:
+    """Whether the letter a caller saw was replayed since: it is gone, or back after more replays."""
+    return now is None or now[0].replays != seen.replays
 
 
 def is_durable(message_type: type[Message]) -> bool:
