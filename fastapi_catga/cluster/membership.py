@@ -59,6 +59,9 @@ class Membership:
         clock: monotonic seconds (injectable for tests).
         wall_clock: UNIX seconds, for the ``last_seen`` a record shows.
         on_replaced: called once when a newer process took this node's id (see `replaced_by`).
+        on_hold: called with True when this process was frozen for longer than the TTL (what it
+            reads now may have gone to a replacement too: run none of it), with False once its
+            record is its own again.
     """
 
     def __init__(
@@ -71,12 +74,17 @@ class Membership:
         wall_clock: Callable[[], float] = time.time,
         observer: Observer | None = None,
         on_replaced: Callable[[NodeInfo], None] | None = None,
+        on_hold: Callable[[bool], None] | None = None,
     ) -> None:
         self._observer = observer
         self._on_replaced = on_replaced
         #: The newer process's record that took this node's id; this one writes nothing more.
         self.replaced_by: NodeInfo | None = None
-        self._twins: dict[str, datetime] = {}  # newer incarnations seen under this id: last_seen
+        # Newer incarnations seen under this id: the last_seen of their record, when first seen.
+        self._twins: dict[str, tuple[datetime, float]] = {}
+        self._on_hold = on_hold
+        #: Frozen past the TTL, this process runs nothing until it knows its id is still its own.
+        self.held = False
         self._transport = transport
         self._store = transport.members
         self.view = view
@@ -196,7 +204,14 @@ class Membership:
         newer = self._newer_twin(records.get(self.node_id))
         if newer is not None and self._replaced(newer):
             return
-        await self._register()  # over a newer record not seen refreshed yet: a live one re-asserts
+        # Held after a pause, a newer record is left alone for a TTL: a live replacement's next
+        # heartbeat shows it refreshed (this one then steps down); one that stays still was no
+        # live process's, and is written over.
+        waiting = self.held and newer is not None and not self._stale_twin(newer)
+        if waiting:
+            asyncio.get_running_loop().call_later(self.view.ttl, self._schedule_resync)
+        else:
+            await self._register()
         now = self._clock()
         if after_outage:  # nobody could heartbeat through the outage: give everyone a full TTL
             self.view.refresh_all(now)
@@ -211,6 +226,14 @@ class Membership:
         # Still stale if the connection dropped meanwhile: the reconnect brings another resync.
         self.view.stale = not self._transport.connected
         self._watch_task = asyncio.create_task(self._follow(watch), name="catga-membership-watch")
+        if self.held and not waiting:
+            logger.info("node %s: its node id is its own again; it runs what it receives", self.node_id)
+            self._hold(False)
+
+    def _hold(self, held: bool) -> None:
+        self.held = held
+        if self._on_hold is not None:
+            self._on_hold(held)
 
     async def _register(self) -> None:
         if self.replaced_by is not None:
@@ -301,14 +324,21 @@ class Membership:
         ``last_seen`` moved): that process is alive. A record written once and never again (a twin
         refused at start-up after its create went through) replaces nobody."""
         seen = self._twins.get(newer.incarnation)
-        if len(self._twins) >= 16:  # records of many incarnations: keep only the latest sightings
-            self._twins.clear()
-        self._twins[newer.incarnation] = newer.last_seen
-        if seen is None or seen == newer.last_seen:
+        if seen is None:
+            if len(self._twins) >= 16:  # records of many incarnations: keep the latest sightings
+                self._twins.clear()
+            self._twins[newer.incarnation] = (newer.last_seen, self._clock())
+            return False
+        if seen[0] == newer.last_seen:
             return False
         if self.replaced_by is None:
             self._step_down(newer)
         return True
+
+    def _stale_twin(self, newer: NodeInfo) -> bool:
+        """Whether a newer record under this id was first seen a TTL ago, and not refreshed since."""
+        seen = self._twins.get(newer.incarnation)
+        return seen is not None and self._clock() - seen[1] >= self.view.ttl
 
     def _step_down(self, newer: NodeInfo) -> None:
         """A newer process holds this node's id: write nothing more (its record is not ours to
@@ -403,7 +433,7 @@ class Membership:
 
     async def _heartbeat(self) -> None:
         await asyncio.sleep(self.heartbeat_interval)
-        if not self._transport.connected:
+        if not self._transport.connected or self.held:  # held: the resync writes the record, or not
             return
         try:
             async with asyncio.timeout(self._store_timeout):
@@ -418,6 +448,17 @@ class Membership:
         before = self._clock()
         await asyncio.sleep(self.sweep_interval)
         now = self._clock()
+        if now - before > self.view.ttl and not self.held:
+            # Long enough for a replacement to have taken this node id: what this process reads
+            # now (sent to the id while it stood still) may have gone to that one too. Timers
+            # overdue run before what a socket brought is read: nothing of it runs first.
+            logger.warning(
+                "node %s was frozen for %.1f s, past the TTL: it runs nothing it receives until it "
+                "has checked that its node id is still its own",
+                self.node_id,
+                now - before,
+            )
+            self._hold(True)
         # A gap far beyond the interval means this process was frozen (SIGSTOP, a long GC, a blocked
         # loop) for longer than a heartbeat: the silence is ours, not the peers'. Resync instead.
         if now - before > max(self.heartbeat_interval, 4 * self.sweep_interval):

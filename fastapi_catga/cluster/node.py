@@ -102,6 +102,7 @@ class ClusterNode:
             wall_clock=wall_clock,
             observer=observer,
             on_replaced=self._replaced,
+            on_hold=self._hold,
         )
         #: Handler slots: every request run here and every event received takes one (not this
         #: node's handlers of an event it publishes, which run in the publisher's task, nor durable
@@ -201,6 +202,11 @@ class ClusterNode:
                 f"carries ({self.transport.max_payload} bytes): shorten CATGA_METADATA (or "
                 "CATGA_ENDPOINT, or register fewer message types on one node)"
             )
+
+    def _hold(self, held: bool) -> None:
+        """Frozen past the TTL, or its node id checked again (`Membership.held`): the responder
+        runs nothing it receives meanwhile."""
+        self.responder.held = held
 
     def _replaced(self, newer: NodeInfo) -> None:
         """A newer process took this node's id (`Membership.replaced_by`): stop serving now, as a

@@ -97,6 +97,9 @@ class Responder:
         self._runs = Runs(limits, dispatcher.node_id, self._log_limit)
         self.stats: Counter[str] = Counter()
         self.node_id = dispatcher.node_id
+        #: Set while this process, frozen past the TTL, checks that its node id is still its own:
+        #: what arrives meanwhile is not run (a replacement may have run it).
+        self.held = False
 
     async def start(self) -> None:
         """Subscribe the node's direct subject, its request types' queue groups and its events."""
@@ -135,6 +138,9 @@ class Responder:
         return name if type(name) is str and name in self._dispatcher.types else "?"
 
     def _on_request(self, delivery: Delivery) -> None:
+        if self.held:
+            self._hold_back(delivery)
+            return
         try:
             deadline = deadline_of(delivery.envelope)
         except CatgaError as exc:
@@ -154,6 +160,9 @@ class Responder:
             self._log("expired", "dropped %s: its caller's deadline passed before it ran", delivery.envelope)
 
     def _on_event(self, delivery: Delivery) -> None:
+        if self.held:  # a replacement with this node id has it too, if there is one
+            self.stats["events_held_back"] += 1
+            return
         envelope = delivery.envelope
         if envelope.headers.get(SOURCE) == self.node_id:  # local handlers ran at publish
             return
@@ -168,6 +177,18 @@ class Responder:
 
         self._limits.run_event(type_name, start)
         now = False
+
+    def _hold_back(self, delivery: Delivery) -> None:
+        """Not run: this process is checking that its node id is still its own (`held`). Its
+        caller may try another node; it has its answer already if a replacement ran it."""
+        self.stats["requests_held_back"] += 1
+        if delivery.reply is not None:
+            error = NodeUnavailableError(
+                f"node {self.node_id} is checking that its node id is still its own, after a pause",
+                node_id=self.node_id,
+            )
+            reply = encode_error(error, node_id=self.node_id, by_node=True)
+            self._runs.spawn(self._send_reply(delivery.reply, reply, describe(delivery)), "refusal")
 
     def _busy(self, reply: Reply | None, type_name: str, what: str) -> None:
         """No slot: say "busy" at once (the handler never ran: the caller may go elsewhere)."""

@@ -260,7 +260,10 @@ class InMemoryTransport:
                 receivers = [sub for sub in self.broker._receivers(subject) if not sub.transport.crashed]
                 if not receivers:
                     raise NoResponderError(f"nobody listens on {subject}")
-                receivers[0].transport._deliver(receivers[0], Delivery(_copy(envelope), answer))
+                # Each receiver gets it, the first answer is the reply, as on NATS and Redis (two
+                # processes subscribed as one node id both run it: what a replacement must prevent).
+                for receiver in receivers:
+                    receiver.transport._deliver(receiver, Delivery(_copy(envelope), answer))
                 return await reply
         except TimeoutError:
             raise RequestTimeoutError(f"no reply on {subject} within {timeout:.3f} s") from None

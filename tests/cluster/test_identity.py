@@ -194,8 +194,18 @@ def test_a_process_that_resumes_after_a_newer_one_took_its_id_steps_down() -> No
         new = virtual_node(broker, "pod-0", handlers=[count], **TIMING)
         await new.start()  # the old record lapsed: the id is free
         incarnation = new.node.view.self_info.incarnation
-        process.thaw(backlog_after=0.05)
+        await eventually(
+            lambda: {n.node_id: n.incarnation for n in peer.node.nodes()}.get("pod-0") == incarnation,
+            within=2,
+        )
+        runs.clear()
+        for _ in range(3):  # reach both processes subscribed as pod-0: the old one reads them later
+            await peer.mediator.send_to_node(Count(), "pod-0")
+        # SIGCONT: the old process's overdue timers run before it reads what waited in its socket.
+        process.thaw(backlog_after=0.5)
         await eventually(lambda: old.node.stopped, within=2 * TIMING["heartbeat_interval"] + 1)
+        assert len(runs) == 3, "the old process ran what was sent to the id while it stood still"
+        assert old.node.responder.stats["requests_held_back"] == 3
         assert old.node.membership.replaced_by is not None
         assert old.node.membership.replaced_by.incarnation == incarnation
         health = old.node.health()
@@ -251,5 +261,44 @@ def test_a_newer_record_under_the_id_that_is_never_refreshed_replaces_nobody() -
         assert held.incarnation == me.incarnation, "the live node's heartbeat took its record back"
         assert await live.mediator.send(workload.Work()) == "?"
         await live.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_process_frozen_past_the_ttl_holds_what_it_reads_until_its_id_is_its_own_again() -> None:
+    """No replacement came, but a stray newer record did (a twin refused at start-up): held for
+    a TTL while that record stays still, then the id is taken back and requests run again."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        peer = node(broker, "peer")
+        await peer.start()
+        process = ProcessTransport(broker)
+        old = build(
+            CatgaSettings(node_id="pod-0", **TIMING),
+            handlers=[count],
+            transport=process,
+            clock=process.clock,
+            wall_clock=lambda: EPOCH + loop.time(),
+        )
+        await old.start()
+        me = old.node.view.self_info
+        process.freeze()
+        await asyncio.sleep(TIMING["node_ttl"] + 2 * TIMING["heartbeat_interval"])
+        later = me.started_at + timedelta(seconds=30)
+        stray = me.model_copy(update={"incarnation": "f" * 16, "started_at": later, "last_seen": later})
+        await peer.node.transport.members.put("pod-0", stray.model_dump_json().encode(), 60)
+        process.thaw(backlog_after=0.5)
+        await eventually(lambda: old.node.membership.held, within=1)
+        await eventually(lambda: not old.node.membership.held, within=TIMING["node_ttl"] + 2)
+        assert old.node.membership.replaced_by is None
+        held = read_record("pod-0", (await peer.node.transport.members.list())["pod-0"])
+        assert held.incarnation == me.incarnation, "the stray record was taken back"
+        await eventually(lambda: "pod-0" in {n.node_id for n in peer.node.nodes()}, within=2)
+        runs.clear()
+        assert await peer.mediator.send_to_node(Count(), "pod-0") == 1
+        for catga in (old, peer):
+            await catga.stop()
 
     run_virtual(scenario())
