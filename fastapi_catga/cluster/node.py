@@ -205,8 +205,8 @@ class ClusterNode:
 
     def _hold(self, held: bool) -> None:
         """Frozen past the TTL, or its node id checked again (`Membership.held`): the responder
-        runs nothing it receives meanwhile."""
-        self.responder.held = held
+        holds what it receives meanwhile."""
+        self.responder.hold(held)
 
     def _replaced(self, newer: NodeInfo) -> None:
         """A newer process took this node's id (`Membership.replaced_by`): stop serving now, as a

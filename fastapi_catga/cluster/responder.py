@@ -41,6 +41,8 @@ __all__ = ["Responder", "event_subject", "node_subject", "type_subject"]
 
 logger = logging.getLogger(__name__)
 
+_MAX_HELD = 10_000  # deliveries kept while held: what a frozen process's socket could have brought
+
 QUEUE_GROUP = "catga"
 
 
@@ -98,8 +100,9 @@ class Responder:
         self.stats: Counter[str] = Counter()
         self.node_id = dispatcher.node_id
         #: Set while this process, frozen past the TTL, checks that its node id is still its own:
-        #: what arrives meanwhile is not run (a replacement may have run it).
+        #: what arrives meanwhile waits (`hold`), run once the id proves its own, else dropped.
         self.held = False
+        self._waiting: list[tuple[Callable[[Delivery], None], Delivery]] = []
 
     async def start(self) -> None:
         """Subscribe the node's direct subject, its request types' queue groups and its events."""
@@ -137,9 +140,29 @@ class Responder:
         name = envelope.headers.get(MESSAGE_TYPE)
         return name if type(name) is str and name in self._dispatcher.types else "?"
 
+    def hold(self, held: bool) -> None:
+        """Hold what arrives (``held``), or let it go: what waited runs now, each request still
+        within its deadline (a replacement has the rest). A node that steps down never lets go:
+        its stop drops what waited, unanswered, as the replacement answered it."""
+        self.held = held
+        if held:
+            return
+        waiting, self._waiting = self._waiting, []
+        for deliver, delivery in waiting:
+            deliver(delivery)
+
+    def _hold_back(self, deliver: Callable[[Delivery], None], delivery: Delivery) -> None:
+        """Keep a delivery for `hold` to decide on (at most `_MAX_HELD`: past that it is dropped,
+        as a frozen process's socket would have held no more). Unanswered meanwhile: a
+        replacement subscribed as this node answers it first."""
+        if len(self._waiting) < _MAX_HELD:
+            self._waiting.append((deliver, delivery))
+        else:
+            self.stats["held_dropped"] += 1
+
     def _on_request(self, delivery: Delivery) -> None:
         if self.held:
-            self._hold_back(delivery)
+            self._hold_back(self._on_request, delivery)
             return
         try:
             deadline = deadline_of(delivery.envelope)
@@ -161,7 +184,7 @@ class Responder:
 
     def _on_event(self, delivery: Delivery) -> None:
         if self.held:  # a replacement with this node id has it too, if there is one
-            self.stats["events_held_back"] += 1
+            self._hold_back(self._on_event, delivery)
             return
         envelope = delivery.envelope
         if envelope.headers.get(SOURCE) == self.node_id:  # local handlers ran at publish
@@ -177,18 +200,6 @@ class Responder:
 
         self._limits.run_event(type_name, start)
         now = False
-
-    def _hold_back(self, delivery: Delivery) -> None:
-        """Not run: this process is checking that its node id is still its own (`held`). Its
-        caller may try another node; it has its answer already if a replacement ran it."""
-        self.stats["requests_held_back"] += 1
-        if delivery.reply is not None:
-            error = NodeUnavailableError(
-                f"node {self.node_id} is checking that its node id is still its own, after a pause",
-                node_id=self.node_id,
-            )
-            reply = encode_error(error, node_id=self.node_id, by_node=True)
-            self._runs.spawn(self._send_reply(delivery.reply, reply, describe(delivery)), "refusal")
 
     def _busy(self, reply: Reply | None, type_name: str, what: str) -> None:
         """No slot: say "busy" at once (the handler never ran: the caller may go elsewhere)."""
