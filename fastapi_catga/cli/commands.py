@@ -141,11 +141,13 @@ async def nodes(ctx: Context) -> int:
 
 async def health(ctx: Context) -> int:
     """``catga health``: connect and ask the membership store; 0 when it answers, 3 otherwise."""
-    report: dict[str, Any] = {
+    report: dict[str, Any] = {  # the same keys either way: null where there is nothing to say
         "healthy": False,
         "transport": ctx.settings.transport,
         "broker": ctx.url,
         "cluster": ctx.settings.cluster,
+        "members": None,
+        "error": None,
     }
     try:
         async with connected(ctx) as transport:
@@ -161,7 +163,7 @@ async def health(ctx: Context) -> int:
     if ctx.as_json:
         emit(dumps(report))
     else:
-        emit(fields([(name, str(value)) for name, value in report.items()]))
+        emit(fields([(name, str(value)) for name, value in report.items() if value is not None]))
     return OK if report["healthy"] else UNREACHABLE
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi_catga._version import __version__
 from fastapi_catga.cli.commands import Context, dead_letters, health, nodes
 from fastapi_catga.cli.exits import FAILED, INTERRUPTED, OK, UNREACHABLE, USAGE, Exit, exit_for
+from fastapi_catga.cli.render import dumps
 from fastapi_catga.cli.send import send
 from fastapi_catga.cli.watch import watch
 from fastapi_catga.exceptions import CatgaError, ConfigurationError
@@ -179,17 +180,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else USAGE
     _configure_logging(getattr(args, "verbose", False))
     overrides = {name: getattr(args, name) for name in _BROKER_OPTIONS if hasattr(args, name)}
+    as_json = getattr(args, "json", False)
     try:
         settings = load_settings(**overrides)
     except ConfigurationError as exc:
-        return _fail(Exit(UNREACHABLE, str(exc)))
-    ctx = Context(settings, getattr(args, "json", False), getattr(args, "broker_timeout", 5.0))
+        return _fail(Exit(UNREACHABLE, str(exc)), as_json)
+    ctx = Context(settings, as_json, getattr(args, "broker_timeout", 5.0))
     try:
         return asyncio.run(_run(ctx, args))
     except Exit as exc:
-        return _fail(exc)
+        return _fail(exc, as_json)
     except CatgaError as exc:
-        return _fail(exit_for(exc))
+        return _fail(exit_for(exc), as_json)
     except KeyboardInterrupt:
         return OK if args.command == "watch" else INTERRUPTED
     except BrokenPipeError:  # the reader went away (`catga watch | grep -m1 join`)
@@ -197,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return OK if args.command == "watch" else FAILED
 
 
-def _fail(exc: Exit) -> int:
+def _fail(exc: Exit, as_json: bool) -> int:
+    """Say why on stderr; with ``--json``, on stdout too, as JSON (a script reads one stream)."""
     if exc.message:
         print(f"catga: {exc.message}", file=sys.stderr, flush=True)
+        if as_json:
+            print(dumps({"ok": False, "exit": exc.code, "error": exc.message}, indent=None), flush=True)
     return exc.code

@@ -176,6 +176,7 @@ async def test_health(broker: Broker, nodes: Nodes) -> None:
         "broker": broker.server.url,
         "cluster": "clitest",
         "members": 1,
+        "error": None,
     }
 
     await nodes.stop("alpha")
@@ -185,7 +186,11 @@ async def test_health(broker: Broker, nodes: Nodes) -> None:
     down_json = await catga("health", "--json", "--broker-timeout", "1", env=broker.env)
     assert down_json.code == 3
     assert down_json.json()["healthy"] is False and down_json.json()["error"]
+    assert down_json.json()["members"] is None  # the same keys as a healthy report's
     assert (await catga("nodes", "--broker-timeout", "1", env=broker.env)).code == 3
+    unreachable = await catga("nodes", "--json", "--broker-timeout", "1", env=broker.env)
+    assert unreachable.code == 3 and unreachable.json()["ok"] is False  # on stdout, as JSON
+    assert unreachable.json()["exit"] == 3 and unreachable.err.startswith("catga: ")
 
 
 async def test_dead_letters_list_get_replay_and_discard(broker: Broker, nodes: Nodes) -> None:
@@ -277,8 +282,11 @@ async def test_help_documents_the_exit_codes() -> None:
 )
 async def test_the_memory_transport_exits_3(args: list[str]) -> None:
     result = await catga(*args, env={})
-    assert result.code == 3 and result.out == ""
-    assert MEMORY_SAYS in result.err
+    assert result.code == 3 and MEMORY_SAYS in result.err
+    if "--json" in args:  # why, on stdout too, for a script that reads one stream
+        assert result.json() == {"ok": False, "exit": 3, "error": result.err.removeprefix("catga: ").strip()}
+    else:
+        assert result.out == ""
 
 
 async def test_health_json_on_the_memory_transport() -> None:
