@@ -185,9 +185,10 @@ class DurableClient:
                 details=unsure,
             ) from None
         except TransportError as exc:
-            if exc.details is None:
-                exc.details = unsure
-            raise
+            if exc.details is not None:
+                raise
+            # Its own, not the store's instance: one error may end several callers' calls.
+            raise type(exc)(exc.message, node_id=exc.node_id, details=unsure) from exc
 
     async def send(self, message: Request[Any], budget: float) -> Any:
         """Store a durable command and wait up to ``budget`` seconds for its outcome.

@@ -633,6 +633,11 @@ def test_an_enqueue_or_durable_publish_to_a_frozen_broker_ends_by_the_request_ti
         broker.thaw()
         accepted = await gateway.mediator.enqueue(Charge(amount=9))
         assert not accepted.duplicate
+        broker.outage()  # down, not frozen: the store's own error, with the same word on it
+        with pytest.raises(TransportError) as down:
+            await gateway.mediator.enqueue(Charge(amount=10))
+        assert down.value.details is not None and down.value.details["accepted"] is None
+        broker.restore()
         await gateway.stop()
 
     run_virtual(scenario())
