@@ -83,7 +83,7 @@ class DurableClient:
         self._observer = observer
         self._waiting: dict[str, list[asyncio.Future[Envelope]]] = {}  # message id -> its waiting sends
         self._subscription: Subscription | None = None
-        self._store = PreparedStore(transport, prepare)
+        self._store = PreparedStore(transport, prepare, budget)
         self.dead_letters = DeadLetters(self._store)
         #: Done records and leases for `IdempotencyBehavior`, made on the broker before first use.
         self.records = PreparedRecords(self._store)
@@ -257,11 +257,15 @@ class PreparedStore:
     Args:
         prepare: makes it, with this node's own settings (`DurableRunner.prepare`: its types' own
             leases and windows, or the ``CATGA_DURABLE_*`` ones where it runs none).
+        budget: seconds a caller waits for it to be made (its own attempt, or the one before it).
     """
 
-    def __init__(self, transport: Transport, prepare: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, transport: Transport, prepare: Callable[[], Awaitable[None]], budget: float = 30.0
+    ) -> None:
         self._transport = transport
         self._prepare = prepare
+        self._budget = budget
         self._made = False
         self._lock = asyncio.Lock()
         transport.add_connection_listener(self._on_connection)
@@ -271,11 +275,25 @@ class PreparedStore:
             self._made = False
 
     async def ready(self) -> DurableStore:
+        """The store, made first if need be.
+
+        Raises:
+            TransportError: the broker did not make it within ``budget`` (frozen, or failing), or
+                failed: callers queued on one another's attempts no longer wait for them all.
+        """
         if not self._made:
-            async with self._lock:
-                if not self._made:
-                    await self._prepare()
-                    self._made = True
+            try:
+                async with asyncio.timeout(self._budget):
+                    async with self._lock:
+                        if not self._made:
+                            await self._prepare()
+                            self._made = True
+            except TimeoutError as exc:
+                if isinstance(exc, CatgaError):
+                    raise
+                raise TransportError(
+                    f"the broker did not make the durable streams within {self._budget:g} s"
+                ) from None
         return self._transport.durable
 
 

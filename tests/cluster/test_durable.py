@@ -630,6 +630,10 @@ def test_an_enqueue_or_durable_publish_to_a_frozen_broker_ends_by_the_request_ti
             assert isinstance(outcome, TransportError), outcome
             assert "did not confirm it within 5 s" in str(outcome)
             assert outcome.details is not None and outcome.details["accepted"] is None
+        started = loop.time()  # the dead letters wait for the streams too, as long at most
+        with pytest.raises(TransportError, match="did not make the durable streams within 5 s"):
+            await gateway.mediator.dead_letters.list()
+        assert loop.time() - started <= 5.01
         broker.thaw()
         accepted = await gateway.mediator.enqueue(Charge(amount=9))
         assert not accepted.duplicate
