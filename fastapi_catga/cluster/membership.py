@@ -201,7 +201,7 @@ class Membership:
         watch = await self._store.watch()
         self._watch = watch
         records = await self._store.list()
-        newer = self._newer_twin(records.get(self.node_id))
+        newer = self._newer_twin(_record_of(self.node_id, records.get(self.node_id)))
         if newer is not None and self._replaced(newer):
             return
         # Held after a pause, a newer record is left alone for a TTL: a live replacement's next
@@ -290,7 +290,7 @@ class Membership:
                 self._observer.member_joined(info.node_id, len(self.view.nodes()))
         elif info.incarnation == self.view.self_info.incarnation:
             self._proven_at = now  # our heartbeat made it through the store and back
-        elif (newer := self._newer_twin(event.value)) is not None:
+        elif (newer := self._newer_twin(info)) is not None:
             self._replaced(newer)
         else:
             self._warn(
@@ -301,23 +301,17 @@ class Membership:
             )  # fmt: skip
             self._schedule_resync()  # our record again, now: peers and the older one read it
 
-    def _newer_twin(self, record: bytes | None) -> NodeInfo | None:
-        """The record under this node's id, when a process that started after this one wrote it
-        (by ``started_at``, then incarnation: of two processes, exactly one is the newer)."""
-        if record is None:
+    def _newer_twin(self, other: NodeInfo | None) -> NodeInfo | None:
+        """``other``, the record under this node's id, when a process that started after this one
+        wrote it (by ``started_at``, then incarnation: of two processes, exactly one is the newer)."""
+        me = self.view.self_info
+        if other is None or other.incarnation == me.incarnation:
             return None
         try:
-            other = read_record(self.node_id, record)
-            me = self.view.self_info
-            if other.incarnation == me.incarnation:
-                return None
-            newer = (other.started_at.timestamp(), other.incarnation) > (
-                me.started_at.timestamp(),
-                me.incarnation,
-            )
-        except (ValueError, OverflowError, OSError):  # unreadable, or a time no clock can hold
+            mine, theirs = me.started_at.timestamp(), other.started_at.timestamp()
+        except (ValueError, OverflowError, OSError):  # a time no clock can hold
             return None
-        return other if newer else None
+        return other if (theirs, other.incarnation) > (mine, me.incarnation) else None
 
     def _replaced(self, newer: NodeInfo) -> bool:
         """Step down once a newer process's record under this id is seen refreshed (its
@@ -469,3 +463,11 @@ class Membership:
             logger.warning("node %s evicted: no heartbeat for %.1f s", node_id, self.view.ttl)
             if self._observer is not None:
                 self._observer.member_left(node_id, len(self.view.nodes()), evicted=True)
+
+
+def _record_of(node_id: str, value: bytes | None) -> NodeInfo | None:
+    """The record listed under ``node_id``, or None where there is none that can be read."""
+    try:
+        return None if value is None else read_record(node_id, value)
+    except ValueError:
+        return None

@@ -13,7 +13,6 @@ from fastapi_catga.cluster.limits import HandlerLimits
 from fastapi_catga.cluster.runs import EAGER_TASKS, Runs, describe
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import (
-    MESSAGE_ID,
     MESSAGE_TYPE,
     SOURCE,
     STATUS,
@@ -131,9 +130,8 @@ class Responder:
             # Its handler ignores the cancellation: answer its caller now, as a run that ended
             # cancelled does, or it waits out its whole deadline.
             if isinstance(run, Delivery) and run.reply is not None:
-                headers = run.envelope.headers
-                what = f"{headers.get(MESSAGE_TYPE, '?')} {headers.get(MESSAGE_ID, '?')}"[:200]
-                await self._send_reply(run.reply, self._stopped(what), describe(run))
+                what = describe(run)
+                await self._send_reply(run.reply, self._stopped(what), what)
 
     def _type_of(self, envelope: Envelope) -> str:
         """The message type's name, when this node knows it ("?" otherwise: a bounded label)."""
@@ -234,8 +232,8 @@ class Responder:
                 except asyncio.CancelledError as exc:
                     if self._runs.stopping:  # the node stops (`Runs.stop`): its caller moves on now
                         if delivery.reply is not None:
-                            what = f"{message.type_name} {message.message_id}"
-                            await self._send_reply(delivery.reply, self._stopped(what), describe(envelope))
+                            what = describe(envelope)
+                            await self._send_reply(delivery.reply, self._stopped(what), what)
                         raise
                     # Nobody here cancelled it (a deadline ends a run as `TimeoutError`): its handler
                     # cancelled its own task. That is its error, answered once, as a raised one is;
@@ -267,8 +265,8 @@ class Responder:
             self._log_limit.log(logger, logging.WARNING, "reply", "could not answer %s: %s", what, exc)
 
     def _stopped(self, what: str) -> Envelope:
-        """The answer to a request whose run this stopping node cancelled (``what``: its type and
-        id): the node's own, so that its caller tries another node at once rather than waiting
+        """The answer to a request whose run this stopping node cancelled (``what``: `describe`'s
+        words for it): the node's own, so that its caller tries another node at once rather than waiting
         out its deadline."""
         error = NodeUnavailableError(
             f"node {self.node_id} stopped while running {what}", node_id=self.node_id
