@@ -170,6 +170,21 @@ async def count(message: Count) -> int:
     return len(runs)
 
 
+async def pausable_node(broker: InMemoryBroker) -> tuple[ProcessTransport, Catga]:
+    """A started node "pod-0" whose process can be SIGSTOPped (`ProcessTransport.freeze`)."""
+    loop = asyncio.get_running_loop()
+    process = ProcessTransport(broker)
+    catga = build(
+        CatgaSettings(node_id="pod-0", **TIMING),
+        handlers=[count],
+        transport=process,
+        clock=process.clock,
+        wall_clock=lambda: EPOCH + loop.time(),
+    )
+    await catga.start()
+    return process, catga
+
+
 def test_a_process_that_resumes_after_a_newer_one_took_its_id_steps_down() -> None:
     """SIGSTOP past the TTL, a replacement claims the id, SIGCONT: both would run every request sent
     to that id. The older one stops serving instead, leaves the newer one's record alone, and says
@@ -180,15 +195,7 @@ def test_a_process_that_resumes_after_a_newer_one_took_its_id_steps_down() -> No
         broker = InMemoryBroker(clock=loop.time)
         peer = node(broker, "peer")
         await peer.start()
-        process = ProcessTransport(broker)
-        old = build(
-            CatgaSettings(node_id="pod-0", **TIMING),
-            handlers=[count],
-            transport=process,
-            clock=process.clock,
-            wall_clock=lambda: EPOCH + loop.time(),
-        )
-        await old.start()
+        process, old = await pausable_node(broker)
         process.freeze()
         await asyncio.sleep(TIMING["node_ttl"] + 2 * TIMING["heartbeat_interval"])
         new = virtual_node(broker, "pod-0", handlers=[count], **TIMING)
@@ -273,15 +280,7 @@ def test_a_process_frozen_past_the_ttl_holds_what_it_reads_until_its_id_is_its_o
         broker = InMemoryBroker(clock=loop.time)
         peer = node(broker, "peer")
         await peer.start()
-        process = ProcessTransport(broker)
-        old = build(
-            CatgaSettings(node_id="pod-0", **TIMING),
-            handlers=[count],
-            transport=process,
-            clock=process.clock,
-            wall_clock=lambda: EPOCH + loop.time(),
-        )
-        await old.start()
+        process, old = await pausable_node(broker)
         me = old.node.view.self_info
         process.freeze()
         await asyncio.sleep(TIMING["node_ttl"] + 2 * TIMING["heartbeat_interval"])
