@@ -352,8 +352,11 @@ async def test_one_cluster_name_on_two_databases_is_two_clusters(
         await transports["0"].members.put("b", b'{"node_id":"b"}', 10)
         await transports["0"].publish("node.b", Envelope({}, b"event"))
         await eventually(lambda: received["0"] == [b"ping", b"event"], within=2)
-        await asyncio.sleep(0.2)  # what would have crossed has arrived by now
-        assert received["1"] == []
+        # A marker published on database 1 after those: the server delivers in order, so what
+        # would have crossed reaches database 1's node before it.
+        await transports["1"].publish("node.b", Envelope({}, b"marker"))
+        await eventually(lambda: b"marker" in received["1"], within=2)
+        assert received["1"] == [b"marker"]
         assert await transports["1"].members.list() == {}
         await transports["1"].members.put("c", b'{"node_id":"c"}', 10)
         event = await asyncio.wait_for(anext(aiter(watch)), 2)
