@@ -167,15 +167,39 @@ def _result_adapter(cls: type[Request[Any]]) -> TypeAdapter[Any]:
 
 
 def _result_type(cls: type) -> Any:
+    """The ``R`` of ``cls``'s `Request` base, with the type arguments its subclasses gave filled
+    in: ``class Paged(Query[Page[T]], Generic[T])`` then ``class ListOrders(Paged[Order])`` returns
+    ``Page[Order]``. `Any` where no base says."""
+    given: dict[Any, Any] = {}  # a generic base's type variable -> what a subclass set it to
     for base in cls.__mro__:
         metadata = getattr(base, "__pydantic_generic_metadata__", None)
         if not metadata or not metadata["args"]:
             continue
         origin = metadata["origin"]
-        if (
-            isinstance(origin, type)
-            and issubclass(origin, Request)
-            and not isinstance(metadata["args"][0], TypeVar)
-        ):
-            return metadata["args"][0]
+        args = tuple(_filled(arg, given) for arg in metadata["args"])
+        if origin in _REQUEST_BASES:
+            return Any if _open(args[0]) else args[0]
+        parameters = getattr(origin, "__pydantic_generic_metadata__", {}).get("parameters", ())
+        given.update(zip(parameters, args, strict=False))
     return Any
+
+
+def _filled(tp: Any, given: dict[Any, Any]) -> Any:
+    """``tp`` with the type variables that ``given`` knows replaced."""
+    if isinstance(tp, TypeVar):
+        return given.get(tp, tp)
+    parameters = getattr(tp, "__parameters__", None)
+    if not parameters or not isinstance(parameters, tuple):
+        return tp
+    try:
+        return tp[tuple(given.get(parameter, parameter) for parameter in parameters)]
+    except TypeError:  # a type that takes no arguments after all
+        return tp
+
+
+def _open(tp: Any) -> bool:
+    """Whether ``tp`` still holds a type variable."""
+    return isinstance(tp, TypeVar) or bool(getattr(tp, "__parameters__", None))
+
+
+_REQUEST_BASES = (Request, Command, Query)

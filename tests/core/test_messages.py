@@ -7,7 +7,7 @@ import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import pytest
 from pydantic import BaseModel, ValidationError
@@ -194,6 +194,53 @@ def test_result_adapter_validates_a_none_result() -> None:
     assert adapter.validate_json(b"null") is None
     with pytest.raises(ValidationError):
         adapter.validate_python(1)
+
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+
+
+class Paged(Query[Page[T]], Generic[T]):
+    """A generic base that puts its own type argument inside the result type."""
+
+
+class ListOrders(Paged[Order]):
+    pass
+
+
+class Batch(Command[list[T]], Generic[T]):
+    pass
+
+
+class Relayed(Batch[U], Generic[U]):
+    """A type variable handed on through a second generic base."""
+
+
+class RelayedInts(Relayed[int]):
+    pass
+
+
+class Unbound(Batch[U], Generic[U]):
+    pass
+
+
+def test_result_adapter_fills_a_generic_base_in() -> None:
+    page = ListOrders.result_adapter().validate_python({"items": [{"order_id": "o1", "quantity": "2"}]})
+    assert page == Page[Order](items=[Order(order_id="o1", quantity=2)])
+    with pytest.raises(ValidationError):  # not the bare type argument
+        ListOrders.result_adapter().validate_python({"order_id": "o1", "quantity": 2})
+    assert RelayedInts.result_adapter().validate_python(["1", 2]) == [1, 2]
+    with pytest.raises(ValidationError):
+        RelayedInts.result_adapter().validate_python(1)
+
+
+def test_result_adapter_of_a_base_left_open_takes_anything() -> None:
+    anything: Any = object()
+    assert Unbound.result_adapter().validate_python(anything) is anything
 
 
 def test_events_carry_no_result() -> None:
