@@ -30,7 +30,7 @@ from fastapi_catga.core.nodes import NodeInfo
 from fastapi_catga.core.observe import Observer, observed_events
 from fastapi_catga.core.schemas import advertised
 from fastapi_catga.core.tasks import CANCEL_GRACE, cancel_and_wait
-from fastapi_catga.core.travels import as_received, body_of, message_travels, reads_back_as_is, result_check
+from fastapi_catga.core.travels import as_received, body_of, message_travels, needs_reading, result_check
 from fastapi_catga.exceptions import ConfigurationError, MessageValidationError, TransportError
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
@@ -295,7 +295,7 @@ class ClusterNode:
             message_room(message_type, node_id, max_payload),
             message_travels(message_type, source=node_id, max_payload=max_payload),
             result_check(adapter, node_id=node_id, max_payload=max_payload),
-            not reads_back_as_is(message_type),
+            needs_reading(message_type),
         )
 
     # -- the mediator's port ----------------------------------------------------------------------

@@ -57,8 +57,8 @@ class HandlerSlots(Protocol):
 #: type's JSON serializer, the body size under which a message surely fits
 #: (`envelope.message_room`), the message as another node reads it when it is larger or of a type
 #: JSON may change (`travels.message_travels`), the check of a (checked) result, which returns it
-#: as it would arrive from there (`travels.result_check`), and whether the type is such a type
-#: (not `travels.reads_back_as_is`).
+#: as it would arrive from there (`travels.result_check`), and whether a message must be read
+#: back so (`travels.needs_reading`: of such a type, or holding what validation would refuse).
 LocalRoute = tuple[
     Pipeline,
     str,
@@ -68,7 +68,7 @@ LocalRoute = tuple[
     int,
     Callable[[Request[Any], bytes], Any],
     Callable[[Request[Any], Any], Any],
-    bool,
+    Callable[[Request[Any]], bool],
 ]
 
 
@@ -153,7 +153,7 @@ class Mediator:
             body = route[4](message)  # near the payload limit, or of a type that JSON may change:
         except PydanticSerializationError as exc:
             raise unencodable(message, exc) from exc
-        if route[8] or len(body) + 6 * len(message.message_id) > route[5]:
+        if route[8](message) or len(body) + 6 * len(message.message_id) > route[5]:
             message = route[6](message, body)  # as another node would read it, if it fits
         coro = route[0](message)  # an async def's call: it only makes the coroutine
         deadline = deadlines.clock() + budget

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -51,8 +52,20 @@ def build_pipeline(
         applies_to: Callable[[type[Message]], bool] | None = getattr(behavior, "applies_to", None)
         if applies_to is None or applies_to(message_type):
             compose: Callable[[Pipeline], Pipeline] | None = getattr(behavior, "compose", None)
-            step = _wrap(behavior, step) if compose is None else compose(step)
+            step = _wrap(behavior, step) if compose is None else _awaited(compose(step))
     return step
+
+
+def _awaited(step: Pipeline) -> Pipeline:
+    """``step`` as a coroutine function: a composed step written as a plain def, by mistake, then
+    raises in the run (a handler error, on every path), not in the caller's call that makes it."""
+    if inspect.iscoroutinefunction(step):
+        return step
+
+    async def awaited(message: Any) -> Any:
+        return await step(message)
+
+    return awaited
 
 
 def _wrap(behavior: PipelineBehavior, inner: Pipeline) -> Pipeline:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable
 from typing import Annotated, Any
 
 import pytest
-from pydantic import BaseModel, Field, PlainSerializer, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_serializer
 
 from fastapi_catga import (
     CatgaError,
@@ -31,7 +31,7 @@ from fastapi_catga import (
     handler,
 )
 from fastapi_catga.core.envelope import NODE, STATUS, Envelope, encode_error, encode_message, error_from_reply
-from fastapi_catga.testing import InMemoryBroker
+from fastapi_catga.testing import InMemoryBroker, memory_node
 from tests.cluster import workload
 from tests.cluster.conftest import StartNode
 from tests.polling import eventually
@@ -620,6 +620,71 @@ async def test_a_message_reads_as_its_json_reads_on_every_path(start_node: Start
     assert len(described) == 3, "a message another node cannot read ran here"
 
 
+class Charge(Command[str]):
+    """Plain fields, one constrained: a message a run here may hand over as it is."""
+
+    cents: Annotated[int, Field(ge=0)]
+    note: str | None = None
+
+
+class Rename(Command[str]):
+    """Not frozen: a handler can set its fields."""
+
+    model_config = ConfigDict(frozen=False)
+
+    name: str
+
+
+@handler
+async def charge(command: Charge) -> str:
+    return f"{type(command.cents).__name__} {command.cents}"
+
+
+@handler
+async def rename(command: Rename) -> str:
+    command.name = command.name.upper()
+    return command.name
+
+
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")  # pydantic's own, on every path
+async def test_a_message_pydantic_never_validated_reads_as_another_node_reads_it(
+    start_node: StartNode,
+) -> None:
+    """``model_copy(update=...)`` and ``model_construct`` skip validation: a run here must not take
+    what another node's validation refuses, nor hand over what it would change."""
+    a, _, _ = await cluster(start_node)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+
+    def every_path(message: Request[Any]) -> list[Awaitable[Any]]:
+        return [alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")]
+
+    valid = Charge(cents=5)
+    refused = [
+        valid.model_copy(update={"cents": "100; DROP TABLE"}),
+        valid.model_copy(update={"cents": -1}),  # breaks the constraint
+        valid.model_copy(update={"note": 5}),
+        valid.model_copy(update={"message_id": "a\nb"}),
+        Charge.model_construct(cents=[1, 2]),  # type: ignore[arg-type]
+        Charge.model_construct(note="no cents"),  # type: ignore[call-arg]
+    ]
+    for message in refused:
+        for send in every_path(message):
+            with pytest.raises(MessageValidationError):
+                await send
+    assert [await send for send in every_path(valid.model_copy(update={"cents": "7"}))] == ["int 7"] * 3
+    assert [await send for send in every_path(valid.model_copy(update={"cents": True}))] == ["int 1"] * 3
+    assert [await send for send in every_path(valid)] == ["int 5"] * 3
+
+
+async def test_a_handler_that_changes_its_message_never_changes_the_callers(start_node: StartNode) -> None:
+    a, _, _ = await cluster(start_node)
+    alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
+    message = Rename(name="alice")
+    sends = [alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")]
+    assert [await send for send in sends] == ["ALICE"] * 3
+    assert message.name == "alice"
+
+
 class PlaceCopy(Command[str]):
     """A second class of the wire name `Aliased` has: a client's own copy of the message."""
 
@@ -906,3 +971,37 @@ async def test_an_error_of_ours_reaches_the_caller_the_same_wherever_the_handler
             assert len(outcomes[0][1]) < 2000
         if kind == "property":  # its nearest base that takes what crossed: answered, not timed out
             assert outcomes[0][:2] == (CatgaError, "computed")
+
+
+class StrictGuard:
+    """A behavior whose composed step is, by mistake, a plain def: it raises before any coroutine."""
+
+    async def __call__(self, message: Any, call_next: Any) -> Any:
+        return await call_next()
+
+    def compose(self, inner: Any) -> Any:
+        def step(message: Any) -> Any:
+            if isinstance(message, Charge) and message.cents == 0:
+                raise ValueError("nothing to charge")
+            return inner(message)
+
+        return step
+
+
+async def test_a_behavior_step_that_raises_before_the_handler_is_its_error_on_every_path() -> None:
+    broker = InMemoryBroker()
+    module = sys.modules[__name__]
+    alone = memory_node(broker, handlers=[module], behaviors=[StrictGuard()], node_id="alone", cluster="solo")
+    worker = memory_node(broker, handlers=[module], behaviors=[StrictGuard()], node_id="worker")
+    caller = memory_node(broker, handlers=[], node_id="caller")
+    for node in (alone, worker, caller):
+        await node.start()
+    try:
+        await eventually(lambda: len(caller.node.nodes()) == 2, within=2)
+        for send in (alone.mediator.send(Charge(cents=0)), caller.mediator.send(Charge(cents=0))):
+            with pytest.raises(RemoteHandlerError) as raised:
+                await send
+            assert raised.value.error_type == "ValueError"
+    finally:
+        for node in (alone, worker, caller):
+            await node.stop()
