@@ -15,6 +15,7 @@ from fastapi_catga.core.handlers import HandlerRegistry, HandlerSource
 from fastapi_catga.core.mediator import Mediator
 from fastapi_catga.core.observe import Observer, combine
 from fastapi_catga.core.pipeline import PipelineBehavior
+from fastapi_catga.exceptions import ConfigurationError
 from fastapi_catga.settings import CatgaSettings, load_settings
 from fastapi_catga.transports import Transport, create_transport
 
@@ -73,6 +74,10 @@ def build(
             none by default, at no cost.
         clock: monotonic seconds for membership and deadlines (a virtual clock, in simulations).
         wall_clock: UNIX seconds for the deadlines that travel between nodes.
+
+    Raises:
+        ConfigurationError: ``IdempotencyBehavior`` listed more than once (a second one would
+            wait for the first one's run, and every send would hang).
     """
     settings = settings or load_settings()
     if handlers is None and settings.handler_modules:
@@ -82,6 +87,9 @@ def build(
             "CATGA_HANDLER_MODULES (%s) is ignored: the app passes handlers= itself",
             ",".join(settings.handler_modules),
         )
+    idempotent = sum(isinstance(behavior, IdempotencyBehavior) for behavior in behaviors)
+    if idempotent > 1:  # the inner one would wait for the outer one's run: every send would hang
+        raise ConfigurationError(f"IdempotencyBehavior is listed {idempotent} times in behaviors=; list it once")
     registry = HandlerRegistry.from_declared() if handlers is None else HandlerRegistry.from_sources(handlers)
     dispatcher = LocalDispatcher(
         registry, behaviors, settings.node_id, expose_errors=settings.expose_errors, clock=clock

@@ -10,6 +10,7 @@ import pytest
 
 from fastapi_catga import (
     CallNext,
+    ConfigurationError,
     Event,
     IdempotencyBehavior,
     LoggingBehavior,
@@ -22,6 +23,7 @@ from fastapi_catga import (
     TransportError,
 )
 from fastapi_catga.core.pipeline import build_pipeline
+from fastapi_catga.testing import InMemoryBroker, memory_node
 from tests.core.pipeline_sample import Counter, POther, PPing, echo
 from tests.polling import eventually
 
@@ -356,3 +358,12 @@ async def test_timeout_behavior_counts_the_first_step_in_the_budget(monkeypatch:
 
     with pytest.raises(RequestTimeoutError):
         await build_pipeline(slow_start, [TimeoutBehavior(1.0, clock=lambda: loop.time())], PPing)(PPing())
+
+
+@pytest.mark.parametrize("twice", ["one instance", "two instances"])
+def test_idempotency_listed_twice_is_refused_at_build(twice: str) -> None:
+    """The inner one would wait for the outer one's run to finish: every send would hang."""
+    once = IdempotencyBehavior()
+    behaviors = [once, once] if twice == "one instance" else [once, IdempotencyBehavior()]
+    with pytest.raises(ConfigurationError, match="IdempotencyBehavior is listed 2 times"):
+        memory_node(InMemoryBroker(), handlers=[echo], behaviors=behaviors)
