@@ -65,6 +65,20 @@ class TransportContract:
             await client.request("node.mute", Envelope({}, b"{}"), timeout=0.3)
         assert 0.25 < time.perf_counter() - started < 2.0
 
+    async def test_a_reply_sent_right_before_close_reaches_its_requester(self, connect: Connect) -> None:
+        """A stopping node answers its last runs ("stopped while running"), then closes: those
+        answers go out, or its callers wait out their deadlines (30 s here)."""
+        server, client = await connect(), await connect()
+        held: list[Delivery] = []
+        await server.subscribe("node.last", held.append)
+        asking = asyncio.create_task(client.request("node.last", Envelope({"n": "1"}, b"{}"), timeout=30))
+        await eventually(lambda: len(held) == 1, within=2)
+        assert held[0].reply is not None
+        await held[0].reply(Envelope({"answer": "last"}, b"{}"))
+        await server.aclose()
+        reply = await asyncio.wait_for(asking, 5)
+        assert reply.headers["answer"] == "last"
+
     async def test_queue_group_gives_each_request_to_one_member(self, connect: Connect) -> None:
         a, b, client = await connect(), await connect(), await connect()
         if not a.supports_queue_groups:

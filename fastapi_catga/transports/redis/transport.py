@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, unpack
 from fastapi_catga.core.logs import LogLimiter, redact_url
-from fastapi_catga.core.tasks import cancel_and_wait
+from fastapi_catga.core.tasks import CANCEL_GRACE, cancel_and_wait
 from fastapi_catga.exceptions import (
     ConfigurationError,
     MessageValidationError,
@@ -250,10 +250,14 @@ class RedisTransport:
         self._state.tell(True)
 
     async def aclose(self) -> None:
-        """Stop both tasks, fail what is in flight with `TransportError`, close every connection."""
+        """Send what is queued (for up to a second), stop both tasks, fail what is left in flight
+        with `TransportError`, close every connection."""
         if self._state.closed:
             return
+        up = self._state.up
         self._state.close()
+        if up:  # the replies a stopping node queued last ("stopped while running") go out first
+            await self._writer.drain(CANCEL_GRACE / 2)
         await cancel_and_wait(self._tasks, what="Redis transport", logger=logger)
         error = TransportError(f"the Redis transport for {self._where} was closed")
         self._lost(error)

@@ -87,6 +87,13 @@ class PublishWriter:
                 await self._write(self._sending)
                 self._sending = []  # answered: `queued` counts it no more
 
+    async def drain(self, timeout: float) -> None:
+        """Wait until what is queued or in flight now is sent and counted, or failed, for at most
+        ``timeout`` seconds (a frozen server holds it that long)."""
+        pending = [future for _, _, future in (*self._sending, *self._outbox)]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
     async def aclose(self, error: TransportError) -> None:
         """Fail what is queued or in flight with ``error`` and close the connection (after `run` ended)."""
         for _, _, future in [*self._sending, *self._outbox]:
