@@ -89,7 +89,9 @@ def build(
         )
     idempotent = sum(isinstance(behavior, IdempotencyBehavior) for behavior in behaviors)
     if idempotent > 1:  # the inner one would wait for the outer one's run: every send would hang
-        raise ConfigurationError(f"IdempotencyBehavior is listed {idempotent} times in behaviors=; list it once")
+        raise ConfigurationError(
+            f"IdempotencyBehavior is listed {idempotent} times in behaviors=; list it once"
+        )
     registry = HandlerRegistry.from_declared() if handlers is None else HandlerRegistry.from_sources(handlers)
     dispatcher = LocalDispatcher(
         registry, behaviors, settings.node_id, expose_errors=settings.expose_errors, clock=clock
