@@ -17,6 +17,7 @@ and `InMemoryBroker.freeze` / `thaw` (a SIGSTOPped broker: connected, but silent
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import time
 from collections.abc import Callable
@@ -156,6 +157,9 @@ class InMemoryTransport:
         self._members = MemoryMembers(self.broker.members, cluster, self._reachable)
         self._durable = MemoryDurableStore(self.broker.durable, cluster, self._reachable)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # What deliveries run in: the context of the transport's connect(), as a NATS or Redis
+        # reader task's is; never the sender's (a caller's context variables reach no other node).
+        self._context = contextvars.copy_context()
 
     #: Envelopes are handed over as objects here: there are no frames to be unreadable.
     bad_frames = 0
@@ -197,6 +201,7 @@ class InMemoryTransport:
         if not self.broker.up:
             raise TransportError("in-memory broker is down")
         self.closed = False
+        self._context = contextvars.copy_context()
         self.broker._transports[self] = None
         self._set_connected(True)
 
@@ -275,9 +280,11 @@ class InMemoryTransport:
 
     def _deliver(self, sub: _Sub, delivery: Delivery) -> None:
         if self._paused is None:
-            sub.callback(delivery)
+            self._context.copy().run(sub.callback, delivery)
             return
-        task = asyncio.get_running_loop().create_task(self._deliver_later(self._paused, sub, delivery))
+        task = asyncio.get_running_loop().create_task(
+            self._deliver_later(self._paused, sub, delivery), context=self._context.copy()
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,8 @@ from fastapi_catga.transports.base import Delivery, MemberEvent, Transport
 from tests.polling import eventually
 
 #: Makes a connected transport; every transport one test makes shares one broker and cluster name.
+SENDERS_OWN: contextvars.ContextVar[str] = contextvars.ContextVar("senders_own", default="unset")
+
 Connect = Callable[[], Awaitable[Transport]]
 
 
@@ -78,6 +81,24 @@ class TransportContract:
         await server.aclose()
         reply = await asyncio.wait_for(asking, 5)
         assert reply.headers["answer"] == "last"
+
+    async def test_a_delivery_never_runs_in_the_senders_context(self, connect: Connect) -> None:
+        """A caller's context variables (its user, its tenant) do not reach a handler on another
+        node over NATS or Redis: not in memory either, or code that leans on them passes its tests."""
+        server, client = await connect(), await connect()
+        seen: list[str] = []
+
+        def callback(delivery: Delivery) -> None:
+            seen.append(SENDERS_OWN.get())
+            if delivery.reply is not None:
+                asyncio.ensure_future(delivery.reply(Envelope({}, b"{}")))
+
+        await server.subscribe("node.ctx", callback)
+        SENDERS_OWN.set("the caller's")
+        await client.request("node.ctx", Envelope({}, b"{}"), timeout=2)
+        await client.publish("node.ctx", Envelope({}, b"{}"))
+        await eventually(lambda: len(seen) == 2, within=2)
+        assert seen == ["unset", "unset"]
 
     async def test_queue_group_gives_each_request_to_one_member(self, connect: Connect) -> None:
         a, b, client = await connect(), await connect(), await connect()
