@@ -272,9 +272,8 @@ class Membership:
                     "node %s: its record lapsed with the outage; it has a TTL to show up", event.node_id
                 )
             elif event.node_id != self.node_id and self.view.remove(event.node_id):
-                logger.info("node %s left the cluster", event.node_id)
-                if self._observer is not None:
-                    self._observer.member_left(event.node_id, len(self.view.nodes()), evicted=False)
+                # Expired in the store: no heartbeat for a TTL, an eviction as the sweep's are.
+                self._gone(event.node_id, evicted=event.expired)
             return
         try:
             info = read_record(event.node_id, event.value)
@@ -460,9 +459,16 @@ class Membership:
         elif now - self._proven_at > self.view.ttl:
             self._distrust_view("its own heartbeat has not come back through the store for a TTL")
         for node_id in self.view.sweep(now, proven_at=self._proven_at, margin=self.heartbeat_interval):
+            self._gone(node_id, evicted=True)
+
+    def _gone(self, node_id: str, *, evicted: bool) -> None:
+        """Tell the log and the observer that ``node_id`` left the view (a leave, or an eviction)."""
+        if evicted:
             logger.warning("node %s evicted: no heartbeat for %.1f s", node_id, self.view.ttl)
-            if self._observer is not None:
-                self._observer.member_left(node_id, len(self.view.nodes()), evicted=True)
+        else:
+            logger.info("node %s left the cluster", node_id)
+        if self._observer is not None:
+            self._observer.member_left(node_id, len(self.view.nodes()), evicted=evicted)
 
 
 def _record_of(node_id: str, value: bytes | None) -> NodeInfo | None:

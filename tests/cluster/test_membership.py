@@ -15,9 +15,12 @@ from contextlib import asynccontextmanager
 import pytest
 
 from fastapi_catga import Catga, CatgaSettings, build
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
+from fastapi_catga.transports.base import MemberEvent
 from tests.cluster import workload
 from tests.cluster.process_transport import ProcessTransport
+from tests.polling import eventually
 from tests.virtual_time import EPOCH, run_virtual
 
 HEARTBEAT = 1.0
@@ -278,3 +281,41 @@ def test_joining_over_a_network_opens_one_watch_and_stopping_closes_it() -> None
             assert "c" not in nodes.view("b")  # a stopped node follows the cluster no more
 
     run_virtual(scenario())
+
+
+class Departures(Observer):
+    def __init__(self) -> None:
+        self.left: list[tuple[str, bool]] = []
+
+    def member_left(self, node_id: str, size: int, *, evicted: bool) -> None:
+        self.left.append((node_id, evicted))
+
+
+async def test_a_record_the_store_expired_is_an_eviction_and_a_removed_one_a_leave(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NATS 2.11+ tells of a record that expired (a node that died): that is an eviction, in the
+    log and the metrics, as the sweep's are; a record deleted is a graceful leave."""
+    caplog.set_level(logging.INFO, logger="fastapi_catga.cluster.membership")
+    broker, departures = InMemoryBroker(), Departures()
+    nodes = [
+        build(
+            CatgaSettings(node_id=name),
+            handlers=[workload],
+            transport=InMemoryTransport(broker),
+            observers=[departures] if name == "a" else [],
+        )
+        for name in "abc"
+    ]
+    for node in nodes:
+        await node.start()
+    try:
+        membership = nodes[0].node.membership
+        await eventually(lambda: len(nodes[0].node.nodes()) == 3, within=2)
+        membership._apply(MemberEvent("delete", "b", expired=True), membership._clock())
+        membership._apply(MemberEvent("delete", "c"), membership._clock())
+        assert departures.left == [("b", True), ("c", False)]
+        assert "node b evicted" in caplog.text and "node c left the cluster" in caplog.text
+    finally:
+        for node in nodes:
+            await node.stop()
