@@ -81,7 +81,7 @@ def final_error(call: Call, now: float) -> CatgaError:
             return RequestTimeoutError(f"{what}: no answer within {call.budget:g} s")
         return HandlerNotFoundError(f"no live node handles {call.message.type_name}")
     if isinstance(last, NoResponderError) and not last.node_id and len(call.errors) == 1:
-        return HandlerNotFoundError(f"no node in the cluster handles {call.message.type_name}")
+        return HandlerNotFoundError(f"no live node handles {call.message.type_name}")  # as without a try
     if type(last) is TransportError:
         return last  # the broker stayed unreachable until the deadline
     if isinstance(last, RequestTimeoutError) or now >= call.deadline:
@@ -175,9 +175,8 @@ class Attempts:
             limits.leave(message.type_name)
         # Past its share, its caller (this task) still waits: kept. Past the whole deadline, a caller
         # on another node has given up: the same here.
-        if self._clock() > call.deadline:
-            what = f"{message.type_name} {message.message_id}"
-            raise RequestTimeoutError(f"{what}: no answer within {call.budget:g} s")
+        if self._clock() > call.deadline:  # an attempt that ran out of time, as one elsewhere does
+            raise AttemptFailed(RequestTimeoutError(f"{message.type_name} ran past its deadline here"))
         return result
 
     async def _observed_here(self, observer: Observer, message: Request[Any], timeout: float) -> Any:

@@ -260,4 +260,6 @@ class Mediator:
 
 
 def _timed_out(message: Request[Any], budget: float) -> RequestTimeoutError:
-    return RequestTimeoutError(f"{message.type_name} {message.message_id}: no answer within {budget:g} s")
+    # In the words of a send through the cluster (`attempts.final_error`): a run here is one attempt.
+    what = f"{message.type_name} {message.message_id}"
+    return RequestTimeoutError(f"{what}: no answer within {budget:g} s (1 attempt(s))")
