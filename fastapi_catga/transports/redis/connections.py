@@ -141,7 +141,7 @@ def command_pool(
     except ValueError as exc:
         raise ConfigurationError(
             f"invalid CATGA_REDIS_URL {redact_url(url)}: {redact_text(str(exc), url)}"
-        ) from exc
+        ) from None  # redis-py's own error may quote the password
     if locator is not None:
         located = LocatedSSLConnection if uses_tls(url) else LocatedConnection
         options.update(connection_class=located, locator=locator)
@@ -162,7 +162,7 @@ def command_pool(
     except ValueError as exc:  # an option of the URL's query out of range
         raise ConfigurationError(
             f"invalid CATGA_REDIS_URL {redact_url(url)}: {redact_text(str(exc), url)}"
-        ) from exc
+        ) from None  # redis-py's own error may quote the password
 
 
 def once_pool(

@@ -35,7 +35,8 @@ def target(url: str, *, cluster: str, timeout: float, sentinel: dict[str, str] |
         sentinel: the Sentinels' own credentials (`connections.sentinel_credentials`).
 
     Raises:
-        ConfigurationError: a ``redis+sentinel://`` or ``redis+cluster://`` URL without its parts.
+        ConfigurationError: a ``redis+sentinel://`` or ``redis+cluster://`` URL without its parts;
+            a ``redis://`` one with several hosts, or a path that is no database number.
     """
     scheme = url.partition("://")[0].lower().replace("rediss+", "redis+")
     tls = uses_tls(url)
@@ -48,7 +49,25 @@ def target(url: str, *, cluster: str, timeout: float, sentinel: dict[str, str] |
         slot = key_slot(f"{{{cluster}}}".encode())
         plain = _plain(tls, userinfo, hosts[0], "0", query)
         return Target(plain, ShardLocator(hosts, slot, timeout=timeout))
+    if scheme in ("redis", "rediss"):
+        _check_plain(url)
     return Target(url, None)
+
+
+def _check_plain(url: str) -> None:
+    """Refuse what redis-py would read as something else: several hosts (it takes the first) and
+    a path that is no database number (``/abc`` is db 0 to it, ``/1/2`` db 12)."""
+    parts = urlsplit(url)
+    if "," in parts.netloc.rpartition("@")[2]:
+        raise ConfigurationError(
+            "a redis:// URL names one server; for several, redis+sentinel://host,host/<master-name> "
+            f"or redis+cluster://host,host: {redact_url(url)}"
+        )
+    db = parts.path.removeprefix("/")
+    if db and not db.isdigit():
+        raise ConfigurationError(
+            f"the path of a redis:// URL is a database number (/0, /1...): {redact_url(url)}"
+        )
 
 
 def _sentinel_target(url: str, timeout: float, tls: bool, credentials: dict[str, str]) -> Target:
