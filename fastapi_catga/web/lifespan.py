@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -85,13 +86,18 @@ def catga_lifespan(
 
     Raises:
         TypeError: given something else than the app as its one positional argument (the app's
-            own lifespan goes in ``lifespan=``).
+            own lifespan goes in ``lifespan=``), a ``lifespan=`` that is no function, or one that
+            yields something else than a mapping or None.
     """
     if app is not None and not isinstance(app, Starlette):
         raise TypeError(
             f"catga_lifespan takes the app as its only positional argument, got {app!r}; "
             "pass your own lifespan as catga_lifespan(lifespan=...)"
         )
+    if lifespan is not None and not callable(lifespan):
+        raise TypeError(f"lifespan= takes the app's lifespan function, got {lifespan!r}")
+    if inspect.isasyncgenfunction(lifespan):  # a bare async generator, as Starlette takes one too
+        lifespan = asynccontextmanager(lifespan)
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -105,8 +111,13 @@ def catga_lifespan(
             return
         # The app's own resources (a database pool) outlive the node: its handlers, here or for
         # other nodes, never run before they are open or after they are closed.
-        async with lifespan(app) as state, _serving(app, catga):
-            yield {**(state or {}), STATE_KEY: catga}
+        async with lifespan(app) as state:
+            if state is not None and not isinstance(state, Mapping):
+                raise TypeError(
+                    f"the app's lifespan yielded {state!r}: a lifespan yields a mapping (its state) or None"
+                )
+            async with _serving(app, catga):
+                yield {**(state or {}), STATE_KEY: catga}
 
     return run if app is None else run(app)
 

@@ -117,6 +117,43 @@ def test_user_lifespan_yielding_nothing() -> None:
     assert started == [True]
 
 
+def test_a_bare_async_generator_lifespan_runs_as_starlette_runs_one() -> None:
+    log: list[str] = []
+
+    async def user_lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:  # no @asynccontextmanager
+        log.append("user:start")
+        yield {"db": "connected"}
+        log.append("user:stop")
+
+    app = catga_app(lifespan=user_lifespan)
+
+    @app.get("/db")
+    async def db(request: Request) -> str:
+        return str(request.state.db)
+
+    with TestClient(app) as client:
+        assert client.get("/db").json() == "connected"
+        assert client.get("/double/5").json() == 10
+    assert log == ["user:start", "user:stop"]
+
+
+def test_a_lifespan_that_is_no_function_is_refused_at_once() -> None:
+    with pytest.raises(TypeError, match="lifespan= takes the app's lifespan function, got 42"):
+        catga_lifespan(lifespan=42, handlers=[])  # type: ignore[call-overload]
+
+
+def test_a_lifespan_that_yields_no_mapping_is_a_clear_error() -> None:
+    @asynccontextmanager
+    async def user_lifespan(app: FastAPI) -> AsyncIterator[Any]:
+        yield ["not", "a", "mapping"]
+
+    with (
+        pytest.raises(TypeError, match="a lifespan yields a mapping"),
+        TestClient(catga_app(lifespan=user_lifespan)),
+    ):
+        pass
+
+
 def test_the_apps_own_catga_error_handler_is_kept() -> None:
     app = catga_app()
 
