@@ -112,12 +112,12 @@ class CatgaSettings(BaseSettings):
     )
     durable_dedup_window: float = Field(
         86400.0,
-        gt=0,
+        ge=1,  # JetStream refuses a duplicate window under 100 ms
         le=MAX_TIMEOUT,
         description="Seconds a durable message id that succeeded is not run again",
     )
     durable_retention: float = Field(
-        14 * 86400.0, gt=0, le=MAX_TIMEOUT, description="Seconds dead letters and durable events are kept"
+        14 * 86400.0, ge=1, le=MAX_TIMEOUT, description="Seconds dead letters and durable events are kept"
     )
     durable_concurrency: int = Field(
         8, ge=1, le=10_000, description="Durable handlers of one type running at once per node"

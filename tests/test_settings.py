@@ -106,6 +106,8 @@ def test_unknown_transport_names_the_variable_and_the_choices(monkeypatch: pytes
         ("CATGA_DRAIN_TIMEOUT", "nan"),
         ("CATGA_NODE_TTL", "1e10"),  # a TTL no broker takes
         ("CATGA_DURABLE_RETENTION", "1e300"),
+        ("CATGA_DURABLE_RETENTION", "0.001"),  # JetStream refuses it at start-up
+        ("CATGA_DURABLE_DEDUP_WINDOW", "0.001"),
         ("CATGA_DURABLE_BACKOFF", "1,1e300"),
         ("CATGA_NODE_ID", "a/b"),
     ],
