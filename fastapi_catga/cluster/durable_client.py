@@ -42,7 +42,7 @@ from fastapi_catga.exceptions import (
     RequestTimeoutError,
     TransportError,
 )
-from fastapi_catga.transports.base import Delivery, Subscription, Transport
+from fastapi_catga.transports.base import Delivery, Subscription, Transport, unsubscribe_all
 from fastapi_catga.transports.durable import DeadLetter, DurableStore, Queue, QueueKind
 
 __all__ = ["DeadLetters", "DurableClient", "PreparedStore", "is_durable"]
@@ -94,7 +94,7 @@ class DurableClient:
 
     async def stop(self) -> None:
         if self._subscription is not None:
-            await self._subscription.unsubscribe()
+            await unsubscribe_all([self._subscription])
         for message_id, futures in self._waiting.items():
             for future in futures:
                 if not future.done():

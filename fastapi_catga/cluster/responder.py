@@ -34,7 +34,7 @@ from fastapi_catga.exceptions import (
     NodeUnavailableError,
     RemoteHandlerError,
 )
-from fastapi_catga.transports.base import Delivery, Reply, Subscription, Transport
+from fastapi_catga.transports.base import Delivery, Reply, Subscription, Transport, unsubscribe_all
 
 __all__ = ["Responder", "event_subject", "node_subject", "type_subject"]
 
@@ -118,13 +118,7 @@ class Responder:
         """Unsubscribe, then wait up to ``drain_timeout`` for work in flight (events still waiting
         for a slot are dropped and counted); cancel what is left and wait at most one second more
         for it to end. A run that ignores its cancellation is abandoned, and named in the log."""
-        # All at once: each may wait for the broker's confirmation, up to its command timeout.
-        ended = await asyncio.gather(*(s.unsubscribe() for s in self._subscriptions), return_exceptions=True)
-        for outcome in ended:
-            if isinstance(outcome, CatgaError):
-                logger.debug("unsubscribe failed: %s", outcome)
-            elif isinstance(outcome, BaseException):  # a bug here or in the client: the stop goes on
-                logger.error("unsubscribe failed unexpectedly", exc_info=outcome)
+        await unsubscribe_all(self._subscriptions)  # all at once, a frozen broker for a second at most
         self._subscriptions.clear()
         for run in await self._runs.stop(drain_timeout):
             # Its handler ignores the cancellation: answer its caller now, as a run that ended

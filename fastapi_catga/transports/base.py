@@ -12,12 +12,14 @@ broker's payload limit, `TransportError` for anything the broker or the connecti
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from fastapi_catga.core.envelope import Envelope
+from fastapi_catga.exceptions import CatgaError
 from fastapi_catga.transports.durable import DurableStore
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "MemberWatch",
     "MembershipStore",
     "Subscription",
+    "UNSUBSCRIBE_WAIT",
     "Transport",
 ]
 
@@ -87,6 +90,34 @@ class Subscription(Protocol):
     async def unsubscribe(self) -> None:
         """Stop deliveries; deliveries already handed to the callback are not recalled."""
         ...
+
+
+#: How long a stopping node waits for the broker to confirm its unsubscribes. Deliveries stop at
+#: once either way; the wait only lets peers see "nobody listens" sooner, and a frozen broker must
+#: not hold the stop past what docs/deployment.md says.
+UNSUBSCRIBE_WAIT = 1.0
+
+
+async def unsubscribe_all(subscriptions: Iterable[Subscription], *, within: float = UNSUBSCRIBE_WAIT) -> None:
+    """Unsubscribe each at once, waiting at most ``within`` seconds for the broker's confirmations
+    (those still waiting are cancelled); a failure is logged, never raised."""
+    tasks = [asyncio.ensure_future(subscription.unsubscribe()) for subscription in subscriptions]
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=within)
+    if pending:
+        logger.warning(
+            "the broker did not confirm %d unsubscribe(s) within %g s; stopping without", len(pending), within
+        )
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=within)
+    for task in done:
+        error = task.exception()
+        if isinstance(error, CatgaError):
+            logger.debug("unsubscribe failed: %s", error)
+        elif error is not None:  # a bug here or in the client: the stop goes on
+            logger.error("unsubscribe failed unexpectedly", exc_info=error)
 
 
 @dataclass(frozen=True, slots=True)
