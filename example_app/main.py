@@ -33,7 +33,9 @@ async def place_order(command: PlaceOrder, mediator: Mediator = Depends(get_medi
         # retry under a new id would place it twice. (A durable event would be stored, or refused,
         # before the order: see "Durable delivery" in the README.)
         logger.warning(
-            "order %s placed; its OrderPlaced event was not published", order.order_id, exc_info=True
+            "order %s placed; its OrderPlaced event may not have been published",
+            order.order_id,
+            exc_info=True,
         )
     return order
 

@@ -388,9 +388,11 @@ class ClusterNode:
             except TransportError as exc:
                 failure = exc
             except (TimeoutError, DeadlinePassed):
+                # Sent or not, nobody can tell: a frozen server may still deliver it when it resumes.
                 failure = TransportError(
-                    f"the broker did not take {event.type_name} {event.message_id} "
-                    f"within {self.settings.request_timeout:g} s"
+                    f"the broker did not confirm {event.type_name} {event.message_id} within "
+                    f"{self.settings.request_timeout:g} s; it may still be delivered (publishing it "
+                    "again may deliver it twice)"
                 )
         if self.dispatcher.handles(type(received)):
             if self.observer is None:
