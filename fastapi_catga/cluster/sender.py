@@ -39,6 +39,23 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports.base import Transport
 
+#: How long past its deadline a broadcast waits for an entry that has not ended (a handler here
+#: that ignores its cancellation); the entry is then a timeout, as a silent node's is.
+_BROADCAST_GRACE = 1.0
+
+
+def _discard(entry: asyncio.Future[Any]) -> None:
+    if not entry.cancelled():
+        entry.exception()  # retrieved: nobody waits for it any more
+
+
+def _late(call: Call, node_id: str) -> RequestTimeoutError:
+    what = f"{call.message.type_name} {call.message.message_id}"
+    return RequestTimeoutError(
+        f"{what}: no answer within {call.budget:g} s from node {node_id}", node_id=node_id
+    )
+
+
 __all__ = ["Sender"]
 
 
@@ -293,8 +310,25 @@ class Sender:
             except CatgaError as exc:
                 return exc
 
-        results = await asyncio.gather(*(one(node) for node in nodes), return_exceptions=True)
-        for result in results:  # every node's ended: nothing is left running behind a raise
-            if isinstance(result, BaseException) and not isinstance(result, CatgaError):
-                raise result  # no answer of a node's: a process exit, a bug
-        return {node.node_id: result for node, result in zip(nodes, results, strict=True)}
+        entries = [asyncio.ensure_future(one(node)) for node in nodes]
+        try:  # every entry ends by the deadline: a remote one by its attempt's, a run here cancelled
+            # at it; a handler here that ignores its cancellation does not hold the others' answers
+            await asyncio.wait(entries, timeout=max(0.0, call.deadline - self._clock()) + _BROADCAST_GRACE)
+        except BaseException:  # its caller was cancelled: so is every entry, as gather() does
+            for entry in entries:
+                entry.cancel()
+            raise
+        finally:
+            late = [entry for entry in entries if not entry.done()]
+            for entry in late:
+                entry.add_done_callback(_discard)  # its answer has nobody to go to now
+        results: dict[str, Any] = {}
+        for node, entry in zip(nodes, entries, strict=True):
+            if entry in late:
+                results[node.node_id] = _late(call, node.node_id)
+                continue
+            error = entry.exception()  # a node's error is its entry; anything else: an exit, a bug
+            if error is not None:
+                raise error
+            results[node.node_id] = entry.result()
+        return results

@@ -18,6 +18,7 @@ from fastapi_catga import (
     CatgaError,
     Command,
     Event,
+    HandlerNotFoundError,
     MessageTooLargeError,
     MessageValidationError,
     NodeUnavailableError,
@@ -374,6 +375,32 @@ def test_a_run_cut_by_its_nodes_stop_is_answered_at_once(capable: int, stubborn:
         assert took < (2.5 if stubborn else 1.5), f"answered after {took:.1f} s"
     else:  # the other node ran it (its handler waits 10 s before it would answer)
         assert took < 12, f"answered after {took:.1f} s: {outcome}"
+
+
+def test_a_broadcast_is_not_held_past_its_deadline_by_a_handler_here_that_ignores_cancellation() -> None:
+    """Under one deadline: the entry of this node's run that will not end is a timeout, as a
+    silent node's is, a second after the deadline; the other nodes' entries come back with it."""
+
+    async def scenario() -> tuple[float, dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        broker = InMemoryBroker(clock=loop.time)
+        module = [sys.modules[__name__]]
+        a = virtual_node(broker, "a", handlers=module, drain_timeout=0)
+        b = virtual_node(broker, "b", handlers=[workload], drain_timeout=0)
+        for node in (a, b):
+            await node.start()
+        await eventually(lambda: len(a.node.nodes()) == 2, within=5)
+        began = loop.time()
+        results = await a.mediator.broadcast(Cancels(own=False, stubborn=True), timeout=2)
+        took = loop.time() - began
+        for node in (a, b):
+            await node.stop()
+        return took, results
+
+    took, results = run_virtual(scenario())
+    assert took <= 3.5, f"the broadcast returned after {took:.1f} s"
+    assert isinstance(results["a"], RequestTimeoutError) and results["a"].node_id == "a", results
+    assert isinstance(results["b"], HandlerNotFoundError), results
 
 
 async def test_a_cancelled_error_is_the_handlers_only_when_its_task_is_not_being_cancelled(
