@@ -49,6 +49,7 @@ from fastapi_catga.core.envelope import (
     Envelope,
     decode_message,
     encode_error,
+    retry_delay,
 )
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Message, Request
@@ -315,7 +316,9 @@ class DurableRunner:
         elif delivery.deliveries >= work.policy.attempts:
             await self._dead_letter(work, delivery, "attempts", exc, message.message_id)
         else:
-            delay = exc.delay if isinstance(exc, RetryLater) else work.policy.delay(delivery.deliveries)
+            delay = (
+                retry_delay(exc) if isinstance(exc, RetryLater) else work.policy.delay(delivery.deliveries)
+            )
             self._warn(
                 f"retry:{work.queue}", "durable %s %s failed on delivery %d (%s); again in %.2f s",
                 message.type_name, message.message_id, delivery.deliveries, type(exc).__name__, delay,
@@ -329,19 +332,21 @@ class DurableRunner:
     ) -> None:
         queue = work.queue
         letter = dead_letter_for(queue, delivery, reason, exc, message_id, self._settings.node_id)
-        stored = "dead-lettered"
+        stored, level = "dead-lettered", logging.WARNING
         try:
-            await self.store.add_dead_letter(letter, delivery.envelope)
+            if not await self.store.add_dead_letter(letter, delivery.envelope):
+                # One letter a message id: the one kept tells of this message (enqueued twice).
+                stored = f"not dead-lettered again: dead letter {letter.id} is kept already"
         except MessageTooLargeError as too_large:  # NATS: its letter does not fit beside it, which
             # `dead_letter_room` prevents for what this version enqueued
-            stored = f"dropped, as it cannot be dead-lettered ({too_large})"
+            stored, level = f"dropped, as it cannot be dead-lettered ({too_large})", logging.ERROR
         await delivery.drop()
         if self._observer is not None:
             self._observer.dead_lettered(
-                queue.type_name, str(reason) if stored == "dead-lettered" else "dropped"
+                queue.type_name, "dropped" if level == logging.ERROR else str(reason)
             )
         logger.log(
-            logging.WARNING if stored == "dead-lettered" else logging.ERROR,
+            level,
             "durable %s %s %s (%s after %d deliveries): %s",
             queue.type_name, message_id, stored, reason, delivery.deliveries, letter.error,
         )  # fmt: skip

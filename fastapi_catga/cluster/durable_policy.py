@@ -23,7 +23,7 @@ from fastapi_catga.core.envelope import (
     check_size,
     refuse_non_finite,
 )
-from fastapi_catga.core.messages import Durable, Message, Request
+from fastapi_catga.core.messages import Durable, Message, Request, new_message_id
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.pipeline import Pipeline
 from fastapi_catga.core.raised import is_handler_error
@@ -169,5 +169,7 @@ def replays_of(envelope: Envelope) -> int:
 
 
 def message_id_of(envelope: Envelope) -> str:
+    """The id a delivery's envelope names; one of its own for an envelope that names none (each
+    unreadable message gets a dead letter, not the first one alone)."""
     value = envelope.headers.get(MESSAGE_ID)
-    return value[:200] if type(value) is str and value else "unknown"
+    return value[:200] if type(value) is str and value else f"unknown-{new_message_id()}"

@@ -373,9 +373,17 @@ def _error_fields(exc: CatgaError, fallback: str | None = None) -> dict[str, Any
         "lineage": error_lineage(exc),
     }
     if isinstance(exc, RetryLater):  # its delay is what its caller waits (and Retry-After says)
-        delay = getattr(exc, "delay", 0.0)  # a subclass may skip RetryLater.__init__
-        fields["delay"] = float(delay) if type(delay) in (int, float) else 0.0
+        fields["delay"] = retry_delay(exc)
     return fields
+
+
+def retry_delay(exc: RetryLater) -> float:
+    """The seconds ``exc`` asks to wait: 0 for none, a NaN or a negative number; at most
+    `MAX_TIMEOUT` (a longer wait is the longest one, not none)."""
+    delay = getattr(exc, "delay", 0.0)  # a subclass may skip RetryLater.__init__
+    if type(delay) not in (int, float) or not delay > 0:  # (not > 0: NaN too)
+        return 0.0
+    return float(min(delay, MAX_TIMEOUT))
 
 
 def decode_reply(envelope: Envelope, adapter: TypeAdapter[Any]) -> Any:
@@ -419,7 +427,8 @@ def error_from_reply(envelope: Envelope) -> CatgaError:
         error.error_type = str(body.get("error_type", "Exception"))
     elif isinstance(error, RetryLater):
         delay = body.get("delay")
-        error.delay = float(delay) if type(delay) in (int, float) and 0 <= delay <= MAX_TIMEOUT else 0.0
+        error.delay = delay if type(delay) in (int, float) else 0.0
+        error.delay = retry_delay(error)
     return error
 
 

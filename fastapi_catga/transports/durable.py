@@ -146,8 +146,8 @@ class DurableStore(Protocol):
         (a paused node resuming after its lease went to another)."""
         ...
 
-    async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> None:
-        """Keep a dead letter; adding one with an id already kept changes nothing."""
+    async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> bool:
+        """Keep a dead letter; adding one with an id already kept changes nothing and returns False."""
         ...
 
     async def dead_letters(self, limit: int) -> list[tuple[DeadLetter, Envelope]]:

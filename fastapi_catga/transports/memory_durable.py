@@ -226,10 +226,12 @@ class MemoryDurable:
     def retain(self, cluster: str, seconds: float) -> None:
         self._retention[cluster] = seconds
 
-    def add_letter(self, cluster: str, letter: DeadLetter, envelope: Envelope) -> None:
+    def add_letter(self, cluster: str, letter: DeadLetter, envelope: Envelope) -> bool:
         letters = self.letters(cluster)
-        if letter.id not in letters:
-            letters[letter.id] = (letter, envelope, self.clock() + self.retention(cluster))
+        if letter.id in letters:
+            return False
+        letters[letter.id] = (letter, envelope, self.clock() + self.retention(cluster))
+        return True
 
     def letters(self, cluster: str) -> dict[str, tuple[DeadLetter, Envelope, float]]:
         """The cluster's dead letters, oldest first, past their retention dropped."""
@@ -366,9 +368,9 @@ class MemoryDurableStore:
         self._state.set_lease(self.cluster, key, None, 0)
         return True
 
-    async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> None:
+    async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> bool:
         await self._reachable()
-        self._state.add_letter(self.cluster, letter, _copy(envelope))
+        return self._state.add_letter(self.cluster, letter, _copy(envelope))
 
     async def dead_letters(self, limit: int) -> list[tuple[DeadLetter, Envelope]]:
         await self._reachable()

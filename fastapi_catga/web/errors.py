@@ -12,6 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from fastapi_catga.core.envelope import retry_delay
 from fastapi_catga.exceptions import (
     BusyError,
     CatgaError,
@@ -99,10 +100,8 @@ def _retry_after(exc: CatgaError) -> int | None:
     """Seconds after which trying again makes sense (RFC 9110), for an error that says so."""
     if isinstance(exc, BusyError):
         return exc.retry_after
-    delay = getattr(exc, "delay", None) if isinstance(exc, RetryLater) else None
-    if isinstance(delay, int | float) and 0 < delay < 1e9:  # a subclass may skip its __init__
-        return max(1, math.ceil(delay))
-    return None
+    delay = retry_delay(exc) if isinstance(exc, RetryLater) else 0.0
+    return max(1, math.ceil(delay)) if delay > 0 else None
 
 
 async def validation_response(request: Request, exc: Exception) -> Response:

@@ -451,9 +451,13 @@ def test_an_undecodable_durable_message_is_dead_lettered_as_invalid_without_runn
             Envelope({MESSAGE_TYPE: "Shipped", MESSAGE_ID: "bad-2"}, b'{"order": "x"}'),
             dedup_id="bad-2",
         )
+        for n in range(2):  # no id at all: each is a letter of its own, not the first one alone
+            await store.append("cmd", "Charge", Envelope({}, b"garbage"), dedup_id=f"nameless-{n}")
         await asyncio.sleep(2)
         letters = {letter.message_id: letter for letter in await a.mediator.dead_letters.list()}
         assert {letters["bad-1"].reason, letters["bad-2"].reason} == {"invalid"}
+        nameless = [letter for message_id, letter in letters.items() if message_id.startswith("unknown-")]
+        assert len(nameless) == 2 and {letter.reason for letter in nameless} == {"invalid"}
         assert letters["bad-1"].error_type == "MessageValidationError"
         assert runs == Counter()
         await a.stop()

@@ -18,6 +18,7 @@ from fastapi_catga import (
     MessageValidationError,
     Query,
     RemoteHandlerError,
+    RetryLater,
     exceptions,
 )
 from fastapi_catga.core.envelope import (
@@ -36,6 +37,7 @@ from fastapi_catga.core.envelope import (
     encode_error,
     encode_message,
     encode_result,
+    error_from_reply,
     pack,
     unpack,
 )
@@ -314,3 +316,17 @@ def test_a_cut_error_reply_fits_whatever_its_characters(limit: int, char: str) -
     assert reply.size() <= limit
     with pytest.raises(CatgaError, match="cut: 50000 characters in all"):
         decode_reply(reply, TypeAdapter(int))
+
+
+@pytest.mark.parametrize(
+    ("asked", "waits"),
+    [(7.5, 7.5), (0, 0.0), (-5, 0.0), (float("nan"), 0.0), (1e12, 1e9), (float("inf"), 1e9), ("soon", 0.0)],
+)
+def test_a_retry_later_delay_crosses_as_the_wait_it_asks_for_at_most_the_longest(
+    asked: Any, waits: float
+) -> None:
+    """A delay past the longest wait is the longest wait, not none: 1e12 s once meant "at once",
+    and a durable message used up its attempts in seconds."""
+    error = RetryLater("busy", delay=asked)
+    back = error_from_reply(encode_error(error, node_id="n1"))
+    assert isinstance(back, RetryLater) and back.delay == waits

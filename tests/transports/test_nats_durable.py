@@ -328,7 +328,7 @@ async def test_dead_letters_are_readable_with_raw_nats(
     durable = await prepared(await open_nats(nats_server.url))
     await durable.add_dead_letter(letter(1), envelope(1))
     nc, js = await raw_js(nats_server)
-    msg = await js.get_last_msg(f"CATGA_{cluster}_DLQ", f"catga.{cluster}.dur.dlq.{safe_name('workers:m1')}")
+    msg = await js.get_last_msg(f"CATGA_{cluster}_DLQ", f"catga.{cluster}.dur.dlq.{kv_key('workers:m1')}")
     assert msg.headers is not None
     assert DeadLetter.model_validate_json(msg.headers["Catga-Dead-Letter"]) == letter(1)
     assert msg.data == b'{"catga-id":"m1","catga-type":"orders.Place"}\n{"n": 1}'

@@ -1,6 +1,6 @@
 """`NatsDeadLetters`: the stream ``CATGA_<cluster>_DLQ``, one subject per dead letter.
 
-A letter with id ``i`` is the one message on ``catga.<cluster>.dur.dlq.<safe i>`` (Limits,
+A letter with id ``i`` is the one message on ``catga.<cluster>.dur.dlq.<kv_key(i)>`` (Limits,
 ``max_msgs_per_subject`` 1, max age = retention): its body is the original envelope framed as on
 every other subject, its header ``Catga-Dead-Letter`` the `DeadLetter` as ASCII JSON, so
 ``nats stream view CATGA_<cluster>_DLQ`` shows both.
@@ -26,6 +26,7 @@ from fastapi_catga.transports._shared import frame
 from fastapi_catga.transports.durable import DeadLetter
 from fastapi_catga.transports.nats.connection import NatsConnection
 from fastapi_catga.transports.nats.errors import NatsErrors
+from fastapi_catga.transports.nats.leases import kv_key
 from fastapi_catga.transports.nats.streams import header_room, safe_name
 
 __all__ = ["NatsDeadLetters"]
@@ -59,9 +60,15 @@ class NatsDeadLetters:
         )
 
     def _subject(self, letter_id: str) -> str:
-        return self._prefix + safe_name(letter_id)
+        return self._prefix + kv_key(letter_id)  # one subject token, one to one
 
-    async def add(self, letter: DeadLetter, envelope: Envelope) -> None:
+    def _subjects(self, letter_id: str) -> list[str]:
+        """Where a letter may be: its subject, then where versions before 0.2 put it (a shortened
+        name and a 32-bit hash, which two ids could share)."""
+        legacy = self._prefix + safe_name(letter_id)
+        return [self._subject(letter_id), *([legacy] if legacy != self._subject(letter_id) else [])]
+
+    async def add(self, letter: DeadLetter, envelope: Envelope) -> bool:
         """Store the letter beside its message, its error text cut as far as the two must fit in
         one NATS message (a message near the payload limit leaves little room for the letter).
 
@@ -78,17 +85,23 @@ class NatsDeadLetters:
             except nats.js.errors.APIError as exc:
                 if exc.err_code not in _WRONG_LAST:
                     raise
+                return False  # a letter of this id is kept already
+        return True
 
     async def get(self, letter_id: str) -> tuple[DeadLetter, Envelope] | None:
         js = self._connection.live()[1]
         with NatsErrors(f"dead letter {letter_id}"):
-            try:
-                msg = await js.get_last_msg(self.stream, self._subject(letter_id))
-            except nats.js.errors.NotFoundError as exc:
-                if exc.err_code != _NO_MESSAGE:
-                    raise
-                return None
-        return _letter(msg)
+            for subject in self._subjects(letter_id):
+                try:
+                    msg = await js.get_last_msg(self.stream, subject)
+                except nats.js.errors.NotFoundError as exc:
+                    if exc.err_code != _NO_MESSAGE:
+                        raise
+                    continue
+                found = _letter(msg)
+                if found is not None and found[0].id == letter_id:
+                    return found
+        return None
 
     async def list(self, limit: int) -> list[tuple[DeadLetter, Envelope]]:
         """Oldest first: the next message on ``dlq.>`` from a sequence on, one request each."""
@@ -109,16 +122,23 @@ class NatsDeadLetters:
 
     async def remove(self, letter_id: str) -> bool:
         """Purge the letter's subject; True if it held one (the server counts what it purged)."""
+        if await self.get(letter_id) is None:  # (a legacy subject may hold another id's letter)
+            return False
         nc = self._connection.live()[0]
-        request = json.dumps({"filter": self._subject(letter_id)}).encode()
+        purged = 0
         with NatsErrors(f"discarding dead letter {letter_id}"):
-            reply = await nc.request(
-                f"$JS.API.STREAM.PURGE.{self.stream}", request, timeout=self._connection.connect_timeout
-            )
-            answer = json.loads(reply.data)
-            if "error" in answer:
-                raise nats.js.errors.APIError.from_error(answer["error"])
-        return bool(answer.get("purged"))
+            for subject in self._subjects(letter_id):
+                request = json.dumps({"filter": subject}).encode()
+                reply = await nc.request(
+                    f"$JS.API.STREAM.PURGE.{self.stream}", request, timeout=self._connection.connect_timeout
+                )
+                answer = json.loads(reply.data)
+                if "error" in answer:
+                    raise nats.js.errors.APIError.from_error(answer["error"])
+                purged += int(answer.get("purged") or 0)
+                if purged:
+                    break
+        return bool(purged)
 
 
 def _headers(letter: DeadLetter, room: int) -> dict[str, str]:

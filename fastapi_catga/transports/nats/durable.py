@@ -222,8 +222,8 @@ class NatsDurable:
 
     # -- dead letters -------------------------------------------------------------------------------
 
-    async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> None:
-        await self._letters.add(letter, envelope)
+    async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> bool:
+        return await self._letters.add(letter, envelope)
 
     async def dead_letters(self, limit: int) -> list[tuple[DeadLetter, Envelope]]:
         return await self._letters.list(limit)

@@ -245,10 +245,13 @@ class RedisDurable:
 
     # -- dead letters ---------------------------------------------------------------------------------
 
-    async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> None:
+    async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> bool:
         record = letter.model_dump_json().encode() + b"\n" + pack(envelope)
         async with self.command("dead letter add"):
-            await self._keep_letter(keys=self._letter_keys(), args=[_ms(self._retention), letter.id, record])
+            kept = await self._keep_letter(
+                keys=self._letter_keys(), args=[_ms(self._retention), letter.id, record]
+            )
+        return bool(kept)
 
     async def dead_letters(self, limit: int) -> list[tuple[DeadLetter, Envelope]]:
         if limit < 1:
