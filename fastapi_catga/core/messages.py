@@ -163,25 +163,32 @@ class Event(Message):
 
 @cache
 def _result_adapter(cls: type[Request[Any]]) -> TypeAdapter[Any]:
-    return TypeAdapter(_result_type(cls))
+    found = _result_type(cls)
+    return TypeAdapter(Any if found is _UNSAID else found)
 
 
-def _result_type(cls: type) -> Any:
+def _result_type(cls: type, given: dict[Any, Any] | None = None) -> Any:
     """The ``R`` of ``cls``'s `Request` base, with the type arguments its subclasses gave filled
     in: ``class Paged(Query[Page[T]], Generic[T])`` then ``class ListOrders(Paged[Order])`` returns
-    ``Page[Order]``. `Any` where no base says."""
-    given: dict[Any, Any] = {}  # a generic base's type variable -> what a subclass set it to
-    for base in cls.__mro__:
-        metadata = getattr(base, "__pydantic_generic_metadata__", None)
-        if not metadata or not metadata["args"]:
-            continue
+    ``Page[Order]``. ``given`` maps the type variables of ``cls`` to what a subclass set them to;
+    each base gets its own map, so two bases may use one name. `_UNSAID` where no base says."""
+    given = given or {}
+    metadata = getattr(cls, "__pydantic_generic_metadata__", None)
+    if not metadata:
+        return _UNSAID
+    if metadata["origin"] is not None:  # a parametrized class, ``Paged[Order]``: its origin's map
         origin = metadata["origin"]
-        args = tuple(_filled(arg, given) for arg in metadata["args"])
-        if origin in _REQUEST_BASES:
-            return Any if _open(args[0]) else args[0]
-        parameters = getattr(origin, "__pydantic_generic_metadata__", {}).get("parameters", ())
-        given.update(zip(parameters, args, strict=False))
-    return Any
+        parameters = origin.__pydantic_generic_metadata__["parameters"]
+        args = (_filled(arg, given) for arg in metadata["args"])
+        return _result_type(origin, dict(zip(parameters, args, strict=False)))
+    if cls in _REQUEST_BASES:
+        found = given.get(R, Any)
+        return Any if _open(found) else found
+    for base in cls.__bases__:
+        found = _result_type(base, given)
+        if found is not _UNSAID:
+            return found
+    return _UNSAID
 
 
 def _filled(tp: Any, given: dict[Any, Any]) -> Any:
@@ -203,3 +210,4 @@ def _open(tp: Any) -> bool:
 
 
 _REQUEST_BASES = (Request, Command, Query)
+_UNSAID: Any = object()  # no base of a class says what its result is

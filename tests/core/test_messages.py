@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from fastapi_catga import Command, Event, IdempotencyBehavior, Message, Query, new_message_id
 from fastapi_catga.core.envelope import MESSAGE_ID, decode_message, encode_message
+from fastapi_catga.core.messages import R
 
 
 class Order(BaseModel):
@@ -236,6 +237,34 @@ def test_result_adapter_fills_a_generic_base_in() -> None:
     assert RelayedInts.result_adapter().validate_python(["1", 2]) == [1, 2]
     with pytest.raises(ValidationError):
         RelayedInts.result_adapter().validate_python(1)
+
+
+class Tagged(BaseModel, Generic[T]):
+    tag: T | None = None
+
+
+class MyQuery(Query[R], Generic[R]):
+    """A generic base written with the library's own type variable."""
+
+
+class GetCount(MyQuery[int]):
+    pass
+
+
+class Mixed(Tagged[str], Query[list[T]], Generic[T]):
+    """A mixin that uses the same type variable name for another thing."""
+
+
+class MixedOrders(Mixed[Order]):
+    pass
+
+
+def test_result_adapter_fills_in_each_base_with_its_own_arguments() -> None:
+    assert GetCount.result_adapter().validate_python("3") == 3
+    with pytest.raises(ValidationError):
+        GetCount.result_adapter().validate_python("three")
+    orders = MixedOrders.result_adapter().validate_python([{"order_id": "o1", "quantity": 1}])
+    assert orders == [Order(order_id="o1", quantity=1)]
 
 
 def test_result_adapter_of_a_base_left_open_takes_anything() -> None:
