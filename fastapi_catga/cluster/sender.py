@@ -39,6 +39,8 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.transports.base import Transport
 
+__all__ = ["Sender"]
+
 #: How long past its deadline a broadcast waits for an entry that has not ended (a handler here
 #: that ignores its cancellation); the entry is then a timeout, as a silent node's is.
 _BROADCAST_GRACE = 1.0
@@ -54,9 +56,6 @@ def _late(call: Call, node_id: str) -> RequestTimeoutError:
     return RequestTimeoutError(
         f"{what}: no answer within {call.budget:g} s from node {node_id}", node_id=node_id
     )
-
-
-__all__ = ["Sender"]
 
 
 class Sender:
@@ -314,17 +313,19 @@ class Sender:
         try:  # every entry ends by the deadline: a remote one by its attempt's, a run here cancelled
             # at it; a handler here that ignores its cancellation does not hold the others' answers
             await asyncio.wait(entries, timeout=max(0.0, call.deadline - self._clock()) + _BROADCAST_GRACE)
-        except BaseException:  # its caller was cancelled: so is every entry, as gather() does
+        except BaseException:  # its caller was cancelled: so is every entry, waited for, as gather()'s
             for entry in entries:
                 entry.cancel()
+            await asyncio.wait(entries, timeout=_BROADCAST_GRACE)
             raise
         finally:
-            late = [entry for entry in entries if not entry.done()]
-            for entry in late:
-                entry.add_done_callback(_discard)  # its answer has nobody to go to now
+            for entry in entries:
+                if not entry.done():
+                    entry.cancel()  # once more: its run here ignored the first
+                    entry.add_done_callback(_discard)  # its answer has nobody to go to now
         results: dict[str, Any] = {}
         for node, entry in zip(nodes, entries, strict=True):
-            if entry in late:
+            if not entry.done():
                 results[node.node_id] = _late(call, node.node_id)
                 continue
             error = entry.exception()  # a node's error is its entry; anything else: an exit, a bug

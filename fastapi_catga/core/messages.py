@@ -161,6 +161,10 @@ class Event(Message):
     """A fact that happened: every handler of it, on every live node, runs once."""
 
 
+_REQUEST_BASES = (Request, Command, Query)
+_UNSAID: Any = object()  # no base of a class says what its result is
+
+
 @cache
 def _result_adapter(cls: type[Request[Any]]) -> TypeAdapter[Any]:
     found = _result_type(cls)
@@ -207,7 +211,3 @@ def _filled(tp: Any, given: dict[Any, Any]) -> Any:
 def _open(tp: Any) -> bool:
     """Whether ``tp`` still holds a type variable."""
     return isinstance(tp, TypeVar) or bool(getattr(tp, "__parameters__", None))
-
-
-_REQUEST_BASES = (Request, Command, Query)
-_UNSAID: Any = object()  # no base of a class says what its result is

@@ -23,6 +23,7 @@ from fastapi_catga.exceptions import CatgaError
 from fastapi_catga.transports.durable import DurableStore
 
 __all__ = [
+    "UNSUBSCRIBE_WAIT",
     "ConnectionListener",
     "ConnectionState",
     "Delivery",
@@ -31,8 +32,8 @@ __all__ = [
     "MemberWatch",
     "MembershipStore",
     "Subscription",
-    "UNSUBSCRIBE_WAIT",
     "Transport",
+    "unsubscribe_all",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,25 +100,31 @@ UNSUBSCRIBE_WAIT = 1.0
 
 
 async def unsubscribe_all(subscriptions: Iterable[Subscription], *, within: float = UNSUBSCRIBE_WAIT) -> None:
-    """Unsubscribe each at once, waiting at most ``within`` seconds for the broker's confirmations
-    (those still waiting are cancelled); a failure is logged, never raised."""
+    """Unsubscribe each at once, waiting at most ``within`` seconds in all for the broker's
+    confirmations; those still waiting then are cancelled and left to end on their own (their
+    errors retrieved). A failure is logged, never raised; a cancelled caller cancels them all."""
     tasks = [asyncio.ensure_future(subscription.unsubscribe()) for subscription in subscriptions]
     if not tasks:
         return
-    done, pending = await asyncio.wait(tasks, timeout=within)
+    try:
+        _, pending = await asyncio.wait(tasks, timeout=within)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+            task.add_done_callback(_unsubscribed)
     if pending:
         logger.warning(
             "the broker did not confirm %d unsubscribe(s) within %g s; stopping without", len(pending), within
         )
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=within)
-    for task in done:
-        error = task.exception()
-        if isinstance(error, CatgaError):
-            logger.debug("unsubscribe failed: %s", error)
-        elif error is not None:  # a bug here or in the client: the stop goes on
-            logger.error("unsubscribe failed unexpectedly", exc_info=error)
+
+
+def _unsubscribed(task: asyncio.Future[None]) -> None:
+    error = None if task.cancelled() else task.exception()
+    if isinstance(error, CatgaError):
+        logger.debug("unsubscribe failed: %s", error)
+    elif error is not None:  # a bug here or in the client: the stop goes on
+        logger.error("unsubscribe failed unexpectedly", exc_info=error)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,10 @@ __all__ = ["catga_lifespan"]
 
 logger = logging.getLogger(__name__)
 
-Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any] | None]]
+Lifespan = (
+    Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any] | None]]
+    | Callable[[FastAPI], AsyncIterator[Mapping[str, Any] | None]]  # a bare async generator
+)
 
 
 @overload
@@ -77,7 +80,8 @@ def catga_lifespan(
         settings: defaults to `CatgaSettings` from the environment.
         lifespan: the app's own lifespan: the node runs inside it (it enters before the node
             starts and exits after the node stopped, so its start-up and shutdown code cannot use
-            the mediator); state it yields is kept.
+            the mediator); state it yields is kept. An ``@asynccontextmanager`` function, or a bare
+            async generator function as Starlette takes.
         handlers: modules, dotted module names or functions whose ``@handler``s to run.
         behaviors: pipeline behaviors, outermost first.
         transport: a ready transport instance (tests: an `InMemoryTransport` on a shared broker).
@@ -96,8 +100,10 @@ def catga_lifespan(
         )
     if lifespan is not None and not callable(lifespan):
         raise TypeError(f"lifespan= takes the app's lifespan function, got {lifespan!r}")
-    if inspect.isasyncgenfunction(lifespan):  # a bare async generator, as Starlette takes one too
-        lifespan = asynccontextmanager(lifespan)
+    # A bare async generator is taken as Starlette takes one.
+    user: Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any] | None]] | None = (
+        asynccontextmanager(lifespan) if inspect.isasyncgenfunction(lifespan) else lifespan  # type: ignore[assignment]
+    )
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -105,13 +111,13 @@ def catga_lifespan(
             settings, handlers=handlers, behaviors=behaviors, transport=transport, observers=observers
         )
         _install_error_handler(app)
-        if lifespan is None:
+        if user is None:
             async with _serving(app, catga):
                 yield {STATE_KEY: catga}
             return
         # The app's own resources (a database pool) outlive the node: its handlers, here or for
         # other nodes, never run before they are open or after they are closed.
-        async with lifespan(app) as state:
+        async with user(app) as state:
             if state is not None and not isinstance(state, Mapping):
                 raise TypeError(
                     f"the app's lifespan yielded {state!r}: a lifespan yields a mapping (its state) or None"

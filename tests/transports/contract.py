@@ -21,9 +21,10 @@ from fastapi_catga.transports.base import Delivery, MemberEvent, Transport
 from tests.polling import eventually
 
 #: Makes a connected transport; every transport one test makes shares one broker and cluster name.
-SENDERS_OWN: contextvars.ContextVar[str] = contextvars.ContextVar("senders_own", default="unset")
-
 Connect = Callable[[], Awaitable[Transport]]
+
+#: Set by a test's sender: a handler on another node must never see it.
+SENDERS_OWN: contextvars.ContextVar[str] = contextvars.ContextVar("senders_own", default="unset")
 
 
 def echo(transport_name: str) -> Callable[[Delivery], None]:
@@ -87,11 +88,14 @@ class TransportContract:
         node over NATS or Redis: not in memory either, or code that leans on them passes its tests."""
         server, client = await connect(), await connect()
         seen: list[str] = []
+        replies: set[asyncio.Future[None]] = set()  # held until done
 
         def callback(delivery: Delivery) -> None:
             seen.append(SENDERS_OWN.get())
             if delivery.reply is not None:
-                asyncio.ensure_future(delivery.reply(Envelope({}, b"{}")))
+                reply = asyncio.ensure_future(delivery.reply(Envelope({}, b"{}")))
+                replies.add(reply)
+                reply.add_done_callback(replies.discard)
 
         await server.subscribe("node.ctx", callback)
         SENDERS_OWN.set("the caller's")

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from fastapi_catga.core.envelope import Envelope
 from fastapi_catga.exceptions import RequestTimeoutError, TransportError
-from fastapi_catga.transports.base import Delivery, MemberEvent, Transport
+from fastapi_catga.transports.base import Delivery, MemberEvent, Transport, unsubscribe_all
 from fastapi_catga.transports.memory import InMemoryBroker, InMemoryTransport
+from tests.polling import eventually
 from tests.transports.contract import Connect, TransportContract
 from tests.virtual_time import run_virtual
 
@@ -89,3 +92,23 @@ async def _outage_while_frozen() -> None:
     with pytest.raises(TransportError):
         await put
     assert not broker.frozen
+
+
+class _Stubborn:
+    """A subscription whose unsubscribe ignores its cancellation for a while, then fails."""
+
+    async def unsubscribe(self) -> None:
+        until = asyncio.get_running_loop().time() + 0.6
+        while asyncio.get_running_loop().time() < until:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+        raise RuntimeError("the client broke")
+
+
+async def test_unsubscribing_waits_once_for_the_broker_and_leaves_a_stubborn_one_behind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started = time.monotonic()
+    await unsubscribe_all([_Stubborn()], within=0.2)
+    assert time.monotonic() - started < 0.4, "waited more than its bound"
+    await eventually(lambda: "unsubscribe failed unexpectedly" in caplog.text, within=2)  # retrieved, logged

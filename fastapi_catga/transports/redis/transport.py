@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, Envelope, unpack
 from fastapi_catga.core.logs import LogLimiter, redact_url
-from fastapi_catga.core.tasks import CANCEL_GRACE, cancel_and_wait
+from fastapi_catga.core.tasks import cancel_and_wait
 from fastapi_catga.exceptions import (
     ConfigurationError,
     MessageValidationError,
@@ -62,6 +62,9 @@ __all__ = ["RedisTransport"]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_UNSENT = 10_000  # PUBLISHes queued for the writer before a reply waits for its own
+#: What a closing transport gives its queued PUBLISHes (a stopping node's last replies) to go
+#: out, within the node's bound on the close (`ClusterNode._stop`: 2 * CANCEL_GRACE).
+_LAST_REPLIES_WAIT = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +260,7 @@ class RedisTransport:
         up = self._state.up
         self._state.close()
         if up:  # the replies a stopping node queued last ("stopped while running") go out first
-            await self._writer.drain(CANCEL_GRACE / 2)
+            await self._writer.drain(_LAST_REPLIES_WAIT)
         await cancel_and_wait(self._tasks, what="Redis transport", logger=logger)
         error = TransportError(f"the Redis transport for {self._where} was closed")
         self._lost(error)

@@ -64,9 +64,10 @@ def _check_plain(url: str) -> None:
             f"or redis+cluster://host,host: {redact_url(url)}"
         )
     db = parts.path.removeprefix("/")
-    if db and not db.isdigit():
+    if db and not (db.isascii() and db.isdigit()):
         raise ConfigurationError(
-            f"the path of a redis:// URL is a database number (/0, /1...): {redact_url(url)}"
+            f"the path of a redis:// URL is a database number (/0, /1...), and a / or # in a "
+            f"password is written %2F or %23: {redact_url(url)}"
         )
 
 
