@@ -35,6 +35,7 @@ from fastapi_catga.exceptions import (
     CatgaError,
     HandlerNotFoundError,
     MessageTooLargeError,
+    MessageValidationError,
     NodeUnavailableError,
     NoResponderError,
     RequestTimeoutError,
@@ -157,7 +158,11 @@ class Attempts:
         here works on another node, and the other way round)."""
         limits = self._limits
         envelope = call.envelope(self._node_id, self._transport.max_payload)  # the payload limit, once
-        message = as_received(call.message, envelope.body, self._dispatcher.types)
+        try:
+            message = as_received(call.message, envelope.body, self._dispatcher.types)
+        except MessageValidationError as exc:
+            exc.node_id = self._node_id  # the node that could not read it, as another node names itself
+            raise
         if not limits.enter(message.type_name):
             raise AttemptFailed(limits.refused(message.type_name))  # like another node's "busy"
         try:  # at once: whatever raises from here on (an observer's hook too) gives the slot back

@@ -31,7 +31,7 @@ from fastapi_catga.core.envelope import (
     result_mismatch,
 )
 from fastapi_catga.core.messages import Message
-from fastapi_catga.exceptions import RemoteHandlerError
+from fastapi_catga.exceptions import MessageTooLargeError, MessageValidationError, RemoteHandlerError
 
 M = TypeVar("M", bound=Message)
 
@@ -78,7 +78,13 @@ def result_check(
         except Exception as exc:
             raise result_not_json(message, node_id, exc) from exc
         if len(body) + HEADROOM > max_payload:
-            check_size(Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result", PER_REPLY)
+            try:
+                check_size(
+                    Envelope({STATUS: "ok", NODE: node_id}, body), max_payload, "the result", PER_REPLY
+                )
+            except MessageTooLargeError as exc:
+                exc.node_id = node_id  # the node that ran it, as on any other node
+                raise
         if as_is and (kind is str or kind is int or kind is float):
             return result  # what its JSON reads back as
         try:
@@ -121,7 +127,13 @@ def message_travels(
     def travels(message: Message, body: bytes) -> Message:
         if len(body) + 6 * len(message.message_id) > room:
             encode_message(message, source=source, max_payload=max_payload)
-        return decode_body(message_type, body) if unchecked(message) else message
+        if not unchecked(message):
+            return message
+        try:
+            return decode_body(message_type, body)
+        except MessageValidationError as exc:
+            exc.node_id = source  # the node that could not read it, as another node names itself
+            raise
 
     return travels
 

@@ -467,15 +467,18 @@ async def test_a_message_or_result_over_the_limit_is_refused_on_every_path(start
     big_message, big_result = Big(blob="x" * 100_000), Echoed(size=100_000)
     with pytest.raises(MessageTooLargeError, match="payload limit"):  # in-process: only this node
         await alone.mediator.send(big_message)
-    with pytest.raises(MessageTooLargeError, match="the result is"):
+    with pytest.raises(MessageTooLargeError, match="the result is") as refused:
         await alone.mediator.send(big_result)
+    assert refused.value.node_id == "alone", "the node that ran it, on every path"
     for target in ("a", "b"):  # here, and on another node
         with pytest.raises(MessageTooLargeError, match="payload limit"):
             await a.mediator.send_to_node(big_message, target)
-        with pytest.raises(MessageTooLargeError, match="the result is"):
+        with pytest.raises(MessageTooLargeError, match="the result is") as refused:
             await a.mediator.send_to_node(big_result, target)
+        assert refused.value.node_id == target
     results = await a.mediator.broadcast(big_result)
     assert all(isinstance(error, MessageTooLargeError) for error in results.values()), results
+    assert {node: error.node_id for node, error in results.items()} == {n: n for n in "abc"}
     assert await alone.mediator.send(Echoed(size=5)) == "xxxxx"
 
 
@@ -642,9 +645,10 @@ async def test_a_message_reads_as_its_json_reads_on_every_path(start_node: Start
     message = Described(what="shape", anything=(1, "a"), counts=[1])
     assert [(await send).user_id for send in every_path(message)] == [2] * 3
     assert described == [(1.0, [1, "a"], [2])] * 3 and message.counts == [1]
-    for send in every_path(Described(what="nan", weight=float("nan"))):  # JSON writes null
-        with pytest.raises(MessageValidationError, match="invalid Described"):
+    for send, node in zip(every_path(Described(what="nan", weight=float("nan"))), ["alone", "a", "b"]):
+        with pytest.raises(MessageValidationError, match="invalid Described") as refused:  # JSON writes null
             await send
+        assert refused.value.node_id == node, "the node that could not read it, on every path"
     assert len(described) == 3, "a message another node cannot read ran here"
 
 
