@@ -645,7 +645,9 @@ async def test_a_message_reads_as_its_json_reads_on_every_path(start_node: Start
     message = Described(what="shape", anything=(1, "a"), counts=[1])
     assert [(await send).user_id for send in every_path(message)] == [2] * 3
     assert described == [(1.0, [1, "a"], [2])] * 3 and message.counts == [1]
-    for send, node in zip(every_path(Described(what="nan", weight=float("nan"))), ["alone", "a", "b"]):
+    for send, node in zip(
+        every_path(Described(what="nan", weight=float("nan"))), ["alone", "a", "b"], strict=True
+    ):
         with pytest.raises(MessageValidationError, match="invalid Described") as refused:  # JSON writes null
             await send
         assert refused.value.node_id == node, "the node that could not read it, on every path"
