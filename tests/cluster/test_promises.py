@@ -132,6 +132,11 @@ async def wrong_result(command: WrongResult) -> int:
     return "not a number"  # type: ignore[return-value]
 
 
+def every_path(alone: Any, a: Any, message: Request[Any]) -> list[Awaitable[Any]]:
+    """The one send run three ways: in-process on a node alone, and from ``a`` to itself and to b."""
+    return [alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")]
+
+
 async def cluster(start_node: StartNode, size: int = 3, **settings: Any) -> list[Any]:
     module = sys.modules[__name__]
     nodes = [await start_node(name, handlers=[module], **settings) for name in "abc"[:size]]
@@ -566,16 +571,13 @@ async def test_a_result_reads_back_from_its_json_on_every_path(start_node: Start
     a, _, _ = await cluster(start_node)
     alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
 
-    def every_path(message: Request[Any]) -> list[Awaitable[Any]]:
-        return [alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")]
-
     for what, expected in (("set", [1, 3]), ("tuple", [1, "a"])):
-        assert [await send for send in every_path(Reshaped(what=what))] == [expected] * 3
-    assert [await send for send in every_path(Shouted())] == ["ALICE"] * 3
-    for send in every_path(GetShelf()):
+        assert [await send for send in every_path(alone, a, Reshaped(what=what))] == [expected] * 3
+    assert [await send for send in every_path(alone, a, Shouted())] == ["ALICE"] * 3
+    for send in every_path(alone, a, GetShelf()):
         shelf = await send
         assert shelf == Shelf(weight=1.0, counts=[2, 4]) and shelf is not SHARED_SHELF
-    for send in every_path(GetShelf(nan=True)):
+    for send in every_path(alone, a, GetShelf(nan=True)):
         with pytest.raises(MessageValidationError, match="does not match the result type"):
             await send
     assert SHARED_SHELF.counts == [1, 2]
@@ -636,17 +638,16 @@ async def test_a_message_reads_as_its_json_reads_on_every_path(start_node: Start
     a, _, _ = await cluster(start_node)
     alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
 
-    def every_path(message: Request[Any]) -> list[Awaitable[Any]]:
-        return [alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")]
-
-    assert [await send for send in every_path(Aliased(userId=7))] == ["user 7"] * 3
-    assert [await send for send in every_path(OpenAccount(account=Account(userId=8)))] == ["account 8"] * 3
+    assert [await send for send in every_path(alone, a, Aliased(userId=7))] == ["user 7"] * 3
+    assert [await send for send in every_path(alone, a, OpenAccount(account=Account(userId=8)))] == [
+        "account 8"
+    ] * 3
     described.clear()
     message = Described(what="shape", anything=(1, "a"), counts=[1])
-    assert [(await send).user_id for send in every_path(message)] == [2] * 3
+    assert [(await send).user_id for send in every_path(alone, a, message)] == [2] * 3
     assert described == [(1.0, [1, "a"], [2])] * 3 and message.counts == [1]
     for send, node in zip(
-        every_path(Described(what="nan", weight=float("nan"))), ["alone", "a", "b"], strict=True
+        every_path(alone, a, Described(what="nan", weight=float("nan"))), ["alone", "a", "b"], strict=True
     ):
         with pytest.raises(MessageValidationError, match="invalid Described") as refused:  # JSON writes null
             await send
@@ -689,9 +690,6 @@ async def test_a_message_pydantic_never_validated_reads_as_another_node_reads_it
     a, _, _ = await cluster(start_node)
     alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
 
-    def every_path(message: Request[Any]) -> list[Awaitable[Any]]:
-        return [alone.mediator.send(message), *(a.mediator.send_to_node(message, n) for n in "ab")]
-
     valid = Charge(cents=5)
     refused = [
         valid.model_copy(update={"cents": "100; DROP TABLE"}),
@@ -702,12 +700,16 @@ async def test_a_message_pydantic_never_validated_reads_as_another_node_reads_it
         Charge.model_construct(note="no cents"),  # type: ignore[call-arg]
     ]
     for message in refused:
-        for send in every_path(message):
+        for send in every_path(alone, a, message):
             with pytest.raises(MessageValidationError):
                 await send
-    assert [await send for send in every_path(valid.model_copy(update={"cents": "7"}))] == ["int 7"] * 3
-    assert [await send for send in every_path(valid.model_copy(update={"cents": True}))] == ["int 1"] * 3
-    assert [await send for send in every_path(valid)] == ["int 5"] * 3
+    assert [await send for send in every_path(alone, a, valid.model_copy(update={"cents": "7"}))] == [
+        "int 7"
+    ] * 3
+    assert [await send for send in every_path(alone, a, valid.model_copy(update={"cents": True}))] == [
+        "int 1"
+    ] * 3
+    assert [await send for send in every_path(alone, a, valid)] == ["int 5"] * 3
 
 
 async def test_a_handler_that_changes_its_message_never_changes_the_callers(start_node: StartNode) -> None:
