@@ -378,10 +378,14 @@ def _error_fields(exc: CatgaError, fallback: str | None = None) -> dict[str, Any
 
 
 def retry_delay(exc: RetryLater) -> float:
-    """The seconds ``exc`` asks to wait: 0 for none, a NaN or a negative number; at most
-    `MAX_TIMEOUT` (a longer wait is the longest one, not none)."""
-    delay = getattr(exc, "delay", 0.0)  # a subclass may skip RetryLater.__init__
-    if type(delay) not in (int, float) or not delay > 0:  # (not > 0: NaN too)
+    """The seconds ``exc`` asks to wait (`wait_of` its ``delay``)."""
+    return wait_of(getattr(exc, "delay", 0.0))  # a subclass may skip RetryLater.__init__
+
+
+def wait_of(delay: object) -> float:
+    """A `RetryLater` delay as seconds to wait: 0 for none, a NaN, a negative number or no number;
+    at most `MAX_TIMEOUT` (a longer wait is the longest one, not none)."""
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay > 0:  # (NaN too)
         return 0.0
     return float(min(delay, MAX_TIMEOUT))
 
@@ -426,9 +430,7 @@ def error_from_reply(envelope: Envelope) -> CatgaError:
     if isinstance(error, RemoteHandlerError):
         error.error_type = str(body.get("error_type", "Exception"))
     elif isinstance(error, RetryLater):
-        delay = body.get("delay")
-        error.delay = delay if type(delay) in (int, float) else 0.0
-        error.delay = retry_delay(error)
+        error.delay = wait_of(body.get("delay"))
     return error
 
 

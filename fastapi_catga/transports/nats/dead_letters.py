@@ -65,8 +65,8 @@ class NatsDeadLetters:
     def _subjects(self, letter_id: str) -> list[str]:
         """Where a letter may be: its subject, then where versions before 0.2 put it (a shortened
         name and a 32-bit hash, which two ids could share)."""
-        legacy = self._prefix + safe_name(letter_id)
-        return [self._subject(letter_id), *([legacy] if legacy != self._subject(letter_id) else [])]
+        subject, legacy = self._subject(letter_id), self._prefix + safe_name(letter_id)
+        return [subject] if legacy == subject else [subject, legacy]
 
     async def add(self, letter: DeadLetter, envelope: Envelope) -> bool:
         """Store the letter beside its message, its error text cut as far as the two must fit in
