@@ -98,7 +98,7 @@ class _Stubborn:
     """A subscription whose unsubscribe ignores its cancellation for a while, then fails."""
 
     async def unsubscribe(self) -> None:
-        until = asyncio.get_running_loop().time() + 0.6
+        until = asyncio.get_running_loop().time() + 2.0
         while asyncio.get_running_loop().time() < until:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(0.05)
@@ -109,6 +109,6 @@ async def test_unsubscribing_waits_once_for_the_broker_and_leaves_a_stubborn_one
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     started = time.monotonic()
-    await unsubscribe_all([_Stubborn()], within=0.2)
-    assert time.monotonic() - started < 0.4, "waited more than its bound"
-    await eventually(lambda: "unsubscribe failed unexpectedly" in caplog.text, within=2)  # retrieved, logged
+    await unsubscribe_all([_Stubborn()], within=0.5)
+    assert time.monotonic() - started < 0.9, "waited more than its bound (twice it, before)"
+    await eventually(lambda: "unsubscribe failed unexpectedly" in caplog.text, within=4)  # retrieved, logged
