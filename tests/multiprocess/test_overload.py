@@ -26,9 +26,9 @@ pytestmark = pytest.mark.multiprocess
 
 APP = "tests.multiprocess.overload_app:app"
 LIMIT = 20  # CATGA_MAX_IN_FLIGHT of every node
-RATE = 2000  # requests per second sent to the flooded node, without waiting for answers
+RATE = 500  # requests per second sent to the flooded node, without waiting for answers
 HOLD = 1.0  # seconds each of them would hold a handler: an unlimited node would run RATE * HOLD at once
-PAD = "x" * 8192  # bytes each request carries
+PAD = "x" * 32768  # bytes each request carries
 TRAFFIC = 12  # concurrent callers of the cluster as a whole
 SECONDS = 4.0  # how long the flood lasts
 
