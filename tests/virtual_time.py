@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from fastapi_catga import Catga, CatgaSettings, PipelineBehavior, build
 from fastapi_catga.core.handlers import HandlerSource
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from fastapi_catga.transports.base import Transport
 
@@ -77,6 +78,7 @@ def virtual_node(
     handlers: Iterable[HandlerSource],
     behaviors: Sequence[PipelineBehavior] = (),
     transport: Transport | None = None,
+    observers: Sequence[Observer] = (),
     **settings: Any,
 ) -> Catga:
     """A node (not started) on ``broker`` (through ``transport`` if given) whose clocks are the
@@ -87,6 +89,7 @@ def virtual_node(
         handlers=handlers,
         behaviors=behaviors,
         transport=transport or InMemoryTransport(broker),
+        observers=observers,
         clock=loop.time,
         wall_clock=lambda: EPOCH + loop.time(),
     )

@@ -332,19 +332,19 @@ class DurableRunner:
     ) -> None:
         queue = work.queue
         letter = dead_letter_for(queue, delivery, reason, exc, message_id, self._settings.node_id)
-        stored, level = "dead-lettered", logging.WARNING
+        stored, level, counted = "dead-lettered", logging.WARNING, str(reason)
         try:
             if not await self.store.add_dead_letter(letter, delivery.envelope):
-                # One letter a message id: the one kept tells of this message (enqueued twice).
-                stored = f"not dead-lettered again: dead letter {letter.id} is kept already"
+                # One letter a message id: the one kept tells of this message (enqueued twice),
+                # and was counted when it was stored.
+                stored, counted = f"not dead-lettered again: dead letter {letter.id} is kept already", ""
         except MessageTooLargeError as too_large:  # NATS: its letter does not fit beside it, which
             # `dead_letter_room` prevents for what this version enqueued
             stored, level = f"dropped, as it cannot be dead-lettered ({too_large})", logging.ERROR
+            counted = "dropped"
         await delivery.drop()
-        if self._observer is not None:
-            self._observer.dead_lettered(
-                queue.type_name, "dropped" if level == logging.ERROR else str(reason)
-            )
+        if self._observer is not None and counted:
+            self._observer.dead_lettered(queue.type_name, counted)
         logger.log(
             level,
             "durable %s %s %s (%s after %d deliveries): %s",

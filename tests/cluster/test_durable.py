@@ -32,6 +32,7 @@ from fastapi_catga import (
     build,
     handler,
 )
+from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.tasks import CANCEL_GRACE
 from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from tests.virtual_time import EPOCH, run_virtual, virtual_node
@@ -297,6 +298,34 @@ def test_reject_dead_letters_at_once_and_retry_later_waits_its_delay() -> None:
         await a.stop()
 
     run_virtual(scenario())
+
+
+def test_a_message_rejected_again_after_its_dedup_window_keeps_one_letter_and_counts_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Letters(Observer):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def dead_lettered(self, type_name: str, reason: str) -> None:
+            self.seen.append(reason)
+
+    async def scenario() -> None:
+        letters = Letters()
+        a = node(InMemoryBroker(clock=asyncio.get_running_loop().time), "a", observers=[letters])
+        await a.start()
+        rejected = Charge(amount=1, mode="reject")
+        for _ in range(2):
+            with pytest.raises(Reject):
+                await a.mediator.send(rejected)
+            await asyncio.sleep(200)  # past the dedup window: the same id is enqueued again
+        assert runs[rejected.message_id] == 2
+        assert len(await a.mediator.dead_letters.list()) == 1
+        assert letters.seen == ["rejected"], "the metric counts the letters stored"
+        await a.stop()
+
+    run_virtual(scenario())
+    assert "not dead-lettered again" in caplog.text
 
 
 def test_a_node_that_dies_mid_handler_is_taken_over_after_the_lease_and_nothing_succeeds_twice() -> None:
