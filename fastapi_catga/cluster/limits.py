@@ -80,7 +80,7 @@ class HandlerLimits:
         #: Handler runs going on now.
         self.in_flight = 0
         #: ``busy``: requests refused; ``events_dropped``: events the full queue could not take.
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter({"busy": 0, "events_dropped": 0})
         self._running: dict[str, int] = {}
         # Events waiting, per type and first in first out within it; ``ready`` holds, in turn, the
         # types among them with room under their own cap (only the node's limit holds them back).

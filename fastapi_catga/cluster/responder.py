@@ -43,6 +43,11 @@ logger = logging.getLogger(__name__)
 _MAX_HELD = 10_000  # deliveries kept while held: what a frozen process's socket could have brought
 
 QUEUE_GROUP = "catga"
+#: The counters ``/catga/health`` shows, each from zero, so that a dashboard finds every key.
+STATS = (
+    "requests_handled", "handler_errors", "bad_requests", "expired_dropped", "deadline_cancelled",
+    "busy_unanswered", "events_handled", "event_handler_errors", "bad_events", "held_dropped",
+)  # fmt: skip
 
 
 def node_subject(node_id: str) -> str:
@@ -96,7 +101,7 @@ class Responder:
         self._limits = limits
         self._log_limit = LogLimiter()
         self._runs = Runs(limits, dispatcher.node_id, self._log_limit)
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter(dict.fromkeys(STATS, 0))  # every key, zero or not
         self.node_id = dispatcher.node_id
         #: Set while this process, frozen past the TTL, checks that its node id is still its own:
         #: what arrives meanwhile waits (`hold`), run once the id proves its own, else dropped.

@@ -9,6 +9,13 @@ from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
 from tests.core import handlers_sample
 from tests.web.apps import catga_app
 
+# As docs/observability.md lists them: a dashboard reads each key before it is ever counted.
+HEALTH_STATS = (
+    "requests_handled", "handler_errors", "bad_requests", "expired_dropped", "deadline_cancelled",
+    "busy_unanswered", "events_handled", "event_handler_errors", "bad_events", "held_dropped", "busy",
+    "events_dropped", "in_flight", "events_waiting", "bad_frames",
+)  # fmt: skip
+
 
 def test_nodes_lists_every_live_node_this_one_first() -> None:
     broker = InMemoryBroker()
@@ -42,6 +49,7 @@ def test_health_is_503_while_the_broker_is_down() -> None:
         ok = client.get("/catga/health")
         assert ok.status_code == 200
         assert client.head("/catga/health").status_code == 200  # a load balancer's probe
+        assert ok.json()["stats"] == dict.fromkeys(HEALTH_STATS, 0), "every counter, from zero"
         assert ok.json() | {"stats": {}} == {
             "status": "ok",
             "transport": "memory",
