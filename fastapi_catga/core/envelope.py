@@ -172,7 +172,8 @@ def encode_message(
     room = message_room(type(message), source, max_payload) - reserve
     if len(envelope.body) + 6 * len(message.message_id) > room:
         what = f"{message.type_name} {message.message_id[:200]}"
-        check_size(envelope, max_payload, what, PER_ATTEMPT + reserve)
+        kept = "headers added on the way and its dead letter" if reserve else "headers added on the way"
+        check_size(envelope, max_payload, what, PER_ATTEMPT + reserve, kept)
     return envelope
 
 
@@ -220,13 +221,18 @@ def dead_letter_room(message: Message) -> int:
     return DEAD_LETTER_ROOM + 2 * len(json.dumps(message.message_id)) + len(json.dumps(message.type_name))
 
 
-def check_size(envelope: Envelope, max_payload: int, what: str, reserve: int = 0) -> None:
-    """Raise `MessageTooLargeError` when ``envelope``, with ``reserve`` bytes more, is over the limit."""
+def check_size(envelope: Envelope, max_payload: int, what: str, reserve: int = 0, kept: str = "") -> None:
+    """Raise `MessageTooLargeError` when ``envelope``, with ``reserve`` bytes more (for ``kept``), is
+    over the limit."""
     size = envelope.size() + reserve
     if size > max_payload:
+        # What is kept beside it is said apart: under a low CATGA_MAX_PAYLOAD a small durable
+        # message is refused by its dead letter's room alone.
+        beside = f" with {reserve} kept for {kept or 'what travels with it'}" if reserve else ""
         raise MessageTooLargeError(
-            f"{what} is {size} bytes encoded, over the {max_payload}-byte payload limit; "
-            "send a reference to the data instead, or raise CATGA_MAX_PAYLOAD (and the broker's limit)",
+            f"{what} is {envelope.size()} bytes encoded{beside}, over the {max_payload}-byte "
+            "payload limit; send a reference to the data instead, or raise CATGA_MAX_PAYLOAD (and the "
+            "broker's limit)",
             details={"size": size, "limit": max_payload},
         )
 

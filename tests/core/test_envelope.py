@@ -330,3 +330,14 @@ def test_a_retry_later_delay_crosses_as_the_wait_it_asks_for_at_most_the_longest
     error = RetryLater("busy", delay=asked)
     back = error_from_reply(encode_error(error, node_id="n1"))
     assert isinstance(back, RetryLater) and back.delay == waits
+
+
+def test_a_small_message_refused_for_the_room_kept_beside_it_says_so() -> None:
+    """Under CATGA_MAX_PAYLOAD=1024 a durable message's dead-letter room alone is over the limit:
+    the error tells the message's own size from what is kept, not one sum of both."""
+    with pytest.raises(MessageTooLargeError) as info:
+        encode_message(EUploaded(blob="x"), source="n", max_payload=1024, reserve=1100)
+    own = int(str(info.value).split(" is ")[1].split(" bytes")[0])
+    assert own < 200, str(info.value)
+    assert "kept for headers added on the way and its dead letter" in str(info.value)
+    assert info.value.details["size"] > 1024
