@@ -82,8 +82,8 @@ else:
 
 def _retrieve(task: asyncio.Task[None], what: Run) -> None:
     """What an ended run's task raised, said in the log now (not "Task exception was never
-    retrieved" whenever it is collected): a run answers its handler's errors, so only what is no
-    answer (a handler's ``GeneratorExit``) or a bug gets here."""
+    retrieved" whenever it is collected): a run answers its handler's errors, so only a bug (in
+    catga or a behavior) gets here."""
     if not task.cancelled() and (error := task.exception()) is not None:
         _log_failure(what, error)
 

@@ -345,10 +345,20 @@ def encode_error(
     return Envelope(headers, data)
 
 
+#: Characters of an error's code and type name an error reply over the payload limit keeps; class
+#: names longer than this are left out of its lineage (no class of the caller's has one).
+_NAME_ROOM = 200
+
+
 def _cut(body: dict[str, Any], room: int) -> bytes:
-    """An error reply's body in ``room`` bytes: its details dropped, its message cut short."""
+    """An error reply's body in ``room`` bytes: its details dropped, its message cut short, and
+    its code and type name too (a generated class named with megabytes)."""
     text = str(body["message"])
     body["details"] = None
+    for name in ("code", "error_type"):
+        if len(value := str(body[name])) > _NAME_ROOM:
+            body[name] = f"{value[:_NAME_ROOM]}..."
+    body["lineage"] = [name for name in body["lineage"] if len(name) <= _NAME_ROOM]
     for keep in (1000, 100, 0):  # characters of the message kept
         body["message"] = f"{text[:keep]}... (cut: {len(text)} characters in all, over the payload limit)"
         data = json.dumps(body, default=str, ensure_ascii=False).encode()

@@ -50,6 +50,10 @@ class Charge(Command[str]):
     mode: str = "ok"
 
 
+#: What a handler may raise that ends no process here: its own errors, retried and dead-lettered.
+EXITS: dict[str, type[BaseException]] = {"exit": SystemExit, "generator-exit": GeneratorExit}
+
+
 class Shipped(Event):
     durable: ClassVar[Durable | bool] = True
     order: str
@@ -71,6 +75,8 @@ async def charge(command: Charge) -> str:
         raise RetryLater("the bank is busy", delay=7.0)
     if command.message_id in broken:
         raise ValueError("card declined")
+    if command.mode in EXITS:
+        raise EXITS[command.mode]()
     effects[command.message_id] += 1
     if command.mode == "huge":  # a reply over the payload limit
         return "x" * 2 * 1024 * 1024
@@ -204,6 +210,22 @@ def test_a_poison_message_is_dead_lettered_after_exactly_its_attempts_with_the_b
         assert effects[command.message_id] == 1
         assert await a.mediator.dead_letters.list() == []
         assert not await a.mediator.dead_letters.replay(letter.id)
+        for catga in (a, b):
+            await catga.stop()
+
+    run_virtual(scenario())
+
+
+@pytest.mark.parametrize("mode", sorted(EXITS))
+def test_a_handler_raising_an_exit_is_retried_and_dead_lettered_like_any_error(mode: str) -> None:
+    async def scenario() -> None:
+        _, (a, b) = await cluster("a", "b")
+        command = Charge(amount=9, mode=mode)
+        with pytest.raises(RemoteHandlerError, match=EXITS[mode].__name__):
+            await a.mediator.send(command)
+        assert runs[command.message_id] == 3, "each delivery answered, none left to its lease"
+        (letter,) = await b.mediator.dead_letters.list()
+        assert (letter.reason, letter.error_type) == ("attempts", EXITS[mode].__name__)
         for catga in (a, b):
             await catga.stop()
 

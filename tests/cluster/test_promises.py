@@ -107,6 +107,15 @@ ERRORS: dict[str, Any] = {
     "plain": lambda: ValueError("secret detail"),
     "unreadable": lambda: Unreadable(),
     "retryable": lambda: RetryableError("try elsewhere"),
+    # A process exit or a generator's end raised by the handler itself (``sys.exit()`` in a library
+    # it calls): its error, as uvicorn answers a route's. Raised on, it would end the node's loop,
+    # and the caller, hearing nothing, would try (and end) the next node.
+    "exit": lambda: SystemExit(3),
+    "interrupt": lambda: KeyboardInterrupt(),
+    "generator-exit": lambda: GeneratorExit(),
+    # Class names of megabytes (generated): cut to fit a reply, on every path.
+    "long-name": lambda: type("E" * 2_000_000, (Exception,), {})(),
+    "long-catga-name": lambda: type("C" * 2_000_000, (CatgaError,), {})("generated"),
 }
 
 
@@ -156,24 +165,33 @@ async def cluster(start_node: StartNode, size: int = 3, **settings: Any) -> list
         ("base-exception", RemoteHandlerError),
         ("no-init", NoInit),
         ("circular-details", CatgaError),
+        ("exit", RemoteHandlerError),
+        ("interrupt", RemoteHandlerError),
+        ("generator-exit", RemoteHandlerError),
+        ("long-name", RemoteHandlerError),
+        ("long-catga-name", CatgaError),
     ],
 )
 async def test_a_handlers_own_error_runs_it_once_on_every_path(
     start_node: StartNode, kind: str, error: type[CatgaError]
 ) -> None:
     a, b, _ = await cluster(start_node)
+    shapes = set()
     for _ in range(6):  # round robin lands on each node, this one included
         command = Fail(kind=kind)
         with pytest.raises(error) as info:
             await a.mediator.send(command)
         assert type(info.value) is error
         assert runs[command.message_id] == 1, f"{kind}: ran {runs[command.message_id]} times"
+        shapes.add((info.value.code, getattr(info.value, "error_type", None)))
     assert not any(a.node.view.is_suspect(n.node_id) for n in a.node.nodes()), "no node is to blame"
     alone = await start_node("alone", handlers=[sys.modules[__name__]], cluster="solo")
     command = Fail(kind=kind)
-    with pytest.raises(error):  # the in-process fast path: the same rule
+    with pytest.raises(error) as info:  # the in-process fast path: the same rule
         await alone.mediator.send(command)
     assert runs[command.message_id] == 1
+    shapes.add((info.value.code, getattr(info.value, "error_type", None)))
+    assert len(shapes) == 1, shapes
 
 
 async def test_a_retryable_error_is_tried_on_each_node(start_node: StartNode) -> None:
@@ -442,7 +460,9 @@ async def noted_second(event: Noted) -> None:
     noted.append(f"second {event.kind}")
 
 
-@pytest.mark.parametrize("kind", ["cancelled", "base-exception", "plain"])
+@pytest.mark.parametrize(
+    "kind", ["cancelled", "base-exception", "plain", "exit", "interrupt", "generator-exit"]
+)
 async def test_an_event_handler_that_raises_anything_stops_no_other_and_never_reaches_the_publisher(
     start_node: StartNode, kind: str
 ) -> None:

@@ -142,9 +142,10 @@ async def test_a_run_that_fails_in_its_first_step_is_logged_and_the_next_runs(
 async def test_a_run_that_ends_with_what_is_no_answer_is_logged_as_it_ends(
     eager: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A handler's ``GeneratorExit`` after it suspended: the run's task ends with it. Said in the
-    log at once, naming the run, and not as "Task exception was never retrieved" at some later
-    garbage collection (on 3.11 the task is the intake's when the run started in it)."""
+    """A run that raises after it suspended (a bug: a dispatcher answers what a handler raises,
+    ``GeneratorExit`` too): the run's task ends with it. Said in the log at once, naming the run,
+    and not as "Task exception was never retrieved" at some later garbage collection (on 3.11 the
+    task is the intake's when the run started in it)."""
     limits, runs = make_runs()
 
     async def exits() -> None:

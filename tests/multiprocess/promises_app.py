@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections import Counter
 
@@ -55,6 +56,12 @@ async def fail(command: Fail) -> str:
         raise asyncio.CancelledError
     if command.kind == "huge":  # over the broker's limit as it is: its reply is cut to fit
         raise CatgaError("x" * 2_000_000, details={"rows": list(range(100_000))})
+    if command.kind == "long-name":  # a generated class: its name too is cut to fit
+        raise type("E" * 2_000_000, (Exception,), {})()
+    if command.kind == "exit":  # sys.exit() in a library the handler calls: the node serves on
+        sys.exit(3)
+    if command.kind == "interrupt":
+        raise KeyboardInterrupt
     raise OutOfStock("apple")
 
 

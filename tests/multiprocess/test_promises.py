@@ -50,11 +50,17 @@ def test_one_outcome_on_every_node(start_nodes: StartNodes) -> None:
     for key in [f"order-{i}" for i in range(8)]:
         ran_on = {node.post(f"/keyed/{key}").json() for node in nodes for _ in range(2)}
         assert len(ran_on) == 1, f"{key} ran on {ran_on} under local_first"
-    for kind, expected in [("cancelled", "RemoteHandlerError"), ("huge", "CatgaError")]:
+    for kind, expected in [
+        ("cancelled", "RemoteHandlerError"), ("huge", "CatgaError"), ("long-name", "RemoteHandlerError"),
+        ("exit", "RemoteHandlerError"), ("interrupt", "RemoteHandlerError"),
+    ]:  # fmt: skip
         for name in ("a", "b"):  # here, and across the broker: answered once, at once
             answer = a.post(f"/fail/{kind}", params={"node": name}).json()
             assert answer["caught"] == expected, (kind, name, answer)
             assert runs(nodes)[answer["id"]] == 1 and answer["elapsed"] < 1.0, (kind, name, answer)
+    for node in nodes:  # a handler's sys.exit() ended no process: each serves on
+        assert node.process is not None and node.process.poll() is None, node.node_id
+        assert node.get("/catga/health")["status"] == "ok", node.node_id
     limit = 1024 * 1024  # a result just under the limit, before the broker's correlation id: refused
     for name in ("a", "b"):  # alike here and across the broker, answered, never a timeout and a rerun
         assert a.post(f"/sized/{limit - 60}", params={"node": name}).status_code == 413, name
