@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi_catga._version import __version__
 from fastapi_catga.cli.commands import Context, dead_letters, health, nodes
@@ -17,6 +17,7 @@ from fastapi_catga.cli.exits import FAILED, INTERRUPTED, OK, UNREACHABLE, USAGE,
 from fastapi_catga.cli.render import dumps
 from fastapi_catga.cli.send import send
 from fastapi_catga.cli.watch import watch
+from fastapi_catga.core.envelope import MAX_TIMEOUT
 from fastapi_catga.exceptions import CatgaError, ConfigurationError
 from fastapi_catga.settings import load_settings
 
@@ -28,6 +29,7 @@ exit codes:
   1  the operation failed: an error reply, no such node, type or dead letter, no answer in time
   2  usage error
   3  the broker is unreachable or misconfigured (CATGA_TRANSPORT=memory too: no broker to ask)
+  130  interrupted (Ctrl-C; watch ends with 0)
 
 The broker and cluster come from the CATGA_* variables the app reads (CATGA_TRANSPORT,
 CATGA_NATS_URL, CATGA_REDIS_URL, CATGA_CLUSTER, ...); the broker options override them.
@@ -46,9 +48,21 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    if not 0 < value <= MAX_TIMEOUT:  # as CATGA_REQUEST_TIMEOUT: a deadline a header can carry
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_TIMEOUT:.0e} seconds: {text!r}"
+        )
     return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, keeping the text of a usage error for ``--json`` (its subcommands' too)."""
+
+    usage_error = ""
+
+    def error(self, message: str) -> NoReturn:
+        _Parser.usage_error = message
+        super().error(message)
 
 
 def _matching(pattern: str, what: str) -> Callable[[str], str]:
@@ -100,7 +114,7 @@ def _common() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     """The ``catga`` parser: one subcommand per operation."""
     common = [_common()]
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="catga",
         description="Look at and operate a fastapi-catga cluster through its broker; no app needed.",
         epilog=EPILOG,
@@ -174,10 +188,14 @@ def _configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``catga`` with ``argv`` (default: the process's arguments); returns the exit code."""
     parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help and --version (0), usage errors (2)
-        return exc.code if isinstance(exc.code, int) else USAGE
+        args = parser.parse_args(words)
+    except SystemExit as exc:  # --help and --version (0), usage errors (2: said on stderr already)
+        code = exc.code if isinstance(exc.code, int) else USAGE
+        if code == USAGE and "--json" in words:  # and on stdout, as every other failure is
+            print(dumps({"ok": False, "exit": USAGE, "error": _Parser.usage_error}, indent=None), flush=True)
+        return code
     _configure_logging(getattr(args, "verbose", False))
     overrides = {name: getattr(args, name) for name in _BROKER_OPTIONS if hasattr(args, name)}
     as_json = getattr(args, "json", False)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from unittest.mock import ANY
 
 import pytest
 
@@ -263,12 +264,17 @@ async def _count(node: object) -> bool:
         ["dead-letters"],
         ["dead-letters", "get"],
         ["dead-letters", "list", "--limit", "0"],
+        ["send", "Greet", "{}", "--timeout", "inf"],  # no deadline a header can carry
+        ["send", "Greet", "{}", "--timeout", "1e20"],
+        ["nodes", "--broker-timeout", "nan"],
     ],
 )
 async def test_usage_errors_exit_2(args: list[str]) -> None:
     result = await catga(*args, env={})
     assert result.code == 2, (result.out, result.err)
-    assert result.err
+    assert result.err and "Traceback" not in result.err
+    result = await catga(*args, "--json", env={})  # and on stdout, for a script that reads one stream
+    assert result.code == 2 and result.json() == {"ok": False, "exit": 2, "error": ANY}, result.out
 
 
 async def test_help_documents_the_exit_codes() -> None:
