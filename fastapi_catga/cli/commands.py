@@ -83,16 +83,18 @@ async def connected(ctx: Context) -> AsyncIterator[Transport]:
             UNREACHABLE, f"the {extra} transport needs {exc.name}: pip install 'fastapi-catga[{extra}]'"
         ) from exc
     try:
-        await within(ctx, transport.connect(), f"connecting to {ctx.url}")
+        # A second more than the transport's own bound (5 s), so that its error, which says why
+        # (connection refused, bad credentials), is the one shown.
+        await within(ctx, transport.connect(), f"connecting to {ctx.url}", grace=1.0)
         yield transport
     finally:
         await transport.aclose()
 
 
-async def within(ctx: Context, call: Awaitable[T], what: str) -> T:
+async def within(ctx: Context, call: Awaitable[T], what: str, grace: float = 0.0) -> T:
     """``await call``, which the broker must answer within ``ctx.broker_timeout`` (else exit 3)."""
     try:
-        async with asyncio.timeout(ctx.broker_timeout):
+        async with asyncio.timeout(ctx.broker_timeout + grace):
             return await call
     except TimeoutError as exc:
         if isinstance(exc, CatgaError):

@@ -319,3 +319,13 @@ async def test_a_broker_password_never_shows(transport: str, url: str) -> None:
                              "--broker-timeout", "1", env={})  # fmt: skip
         assert result.code == 3, result.err
         assert "S3cret-pw" not in result.out + result.err and "***" in result.out + result.err
+
+
+@pytest.mark.parametrize("transport", ["nats", "redis"])
+async def test_a_refused_connection_says_so(transport: str) -> None:
+    """The transport's own error, which says why, and not the CLI's "did not answer in time"."""
+    from tests.servers import free_port
+
+    url = f"{transport}://127.0.0.1:{free_port()}"
+    result = await catga("nodes", "--transport", transport, f"--{transport}-url", url, env={})
+    assert result.code == 3 and ("refused" in result.err or "111" in result.err), result.err
