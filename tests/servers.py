@@ -258,6 +258,12 @@ class ServerProcess(abc.ABC):
         self._signal_and_wait(signal.SIGCONT, "RSDI")
         self._paused = False
 
+    def reload(self) -> None:
+        """SIGHUP: nats-server reads its configuration file again (a credential rotated there)."""
+        if self._proc is None or not self.running:
+            raise RuntimeError(f"{self!r} is not running")
+        self._proc.send_signal(signal.SIGHUP)
+
     def _signal_and_wait(self, sig: signal.Signals, states: str) -> None:
         if self._proc is None or not self.running:
             raise RuntimeError(f"{self!r} is not running")

@@ -340,3 +340,22 @@ async def test_a_stalled_tls_server_fails_publishes_in_time(tmp_path: Path, pki:
         finally:
             server.resume()
             await transport.aclose()
+
+
+async def test_credentials_revoked_while_running_are_logged_with_the_settings_to_check(
+    tmp_path: Path, pki: Pki, cluster: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server reloads its configuration with another password (rotated there first): the node,
+    reconnecting with the old one, says what to check, as it does at start-up."""
+    made = _secured("password", tmp_path, pki)
+    transport = create_transport(CatgaSettings(transport="nats", cluster=cluster, **made.right))
+    try:
+        await transport.connect()
+        (tmp_path / "nats.conf").write_text('authorization { user: catga, password: "R0tated-pw-1" }\n')
+        made.server.reload()
+        await eventually(lambda: "CATGA_NATS_PASSWORD" in caplog.text, within=10, message="the hint")
+        assert "refused the credentials" in caplog.text
+        assert PASSWORD not in caplog.text
+    finally:
+        await transport.aclose()
+        made.server.close()

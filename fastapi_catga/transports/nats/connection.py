@@ -177,7 +177,9 @@ class NatsConnection:
             # (once: closing the client may report the same error again).
             self._opening = False
             raise _Refused(refused) from exc
-        text = f"{type(exc).__name__}: {exc}"
+        # A refusal says which settings to check, while running as at start-up (credentials
+        # rotated or revoked on a running server).
+        text = refused if refused is not None else f"{type(exc).__name__}: {exc}"
         # The same error again (each reconnect attempt while the server is down) is only DEBUG.
         level = logging.DEBUG if text == self._last_error else logging.WARNING
         self._last_error = text
