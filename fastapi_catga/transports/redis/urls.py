@@ -39,6 +39,10 @@ def target(url: str, *, cluster: str, timeout: float, sentinel: dict[str, str] |
             a ``redis://`` one with several hosts, or a path that is no database number.
     """
     scheme = url.partition("://")[0].lower().replace("rediss+", "redis+")
+    if _password_cut(url):
+        raise ConfigurationError(
+            f"a / ? or # in a Redis URL's password is written %2F, %3F or %23: {redact_url(url)}"
+        )
     tls = uses_tls(url)
     if scheme == "redis+sentinel":
         return _sentinel_target(url, timeout, tls, sentinel or {})
@@ -54,6 +58,14 @@ def target(url: str, *, cluster: str, timeout: float, sentinel: dict[str, str] |
     return Target(url, None)
 
 
+def _password_cut(url: str) -> bool:
+    """Whether the host part ended inside a password: at a / ? or # in it, the rest read as a path,
+    a query or a fragment, and ``user:pass`` as the host and a port that is no number."""
+    netloc = urlsplit(url).netloc
+    port = netloc.rpartition(":")[2] if ":" in netloc and not netloc.endswith("]") else ""
+    return "@" not in netloc and "@" in url.partition("://")[2] and not port.isdigit() and port != ""
+
+
 def _check_plain(url: str) -> None:
     """Refuse what redis-py would read as something else: several hosts (it takes the first) and
     a path that is no database number (``/abc`` is db 0 to it, ``/1/2`` db 12)."""
@@ -66,8 +78,8 @@ def _check_plain(url: str) -> None:
     db = parts.path.removeprefix("/")
     if db and not (db.isascii() and db.isdigit()):
         raise ConfigurationError(
-            f"the path of a redis:// URL is a database number (/0, /1...), and a / or # in a "
-            f"password is written %2F or %23: {redact_url(url)}"
+            f"the path of a redis:// URL is a database number (/0, /1...), and a / ? or # in a "
+            f"password is written %2F, %3F or %23: {redact_url(url)}"
         )
 
 
