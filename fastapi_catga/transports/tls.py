@@ -1,8 +1,8 @@
 """`TlsFiles`: the PEM files a broker client verifies its server with, and proves itself with.
 
 One shape for both brokers: NATS gets an `ssl.SSLContext` made of them, redis-py gets the paths.
-The files are checked when the transport is made, so a wrong path fails at start-up, by name,
-rather than in a reconnect loop.
+The files are loaded when the transport is made, so a wrong path or a file that is not what it
+should be fails at start-up, by name, rather than in a reconnect loop.
 """
 
 from __future__ import annotations
@@ -56,13 +56,19 @@ class TlsFiles:
             ConfigurationError: a file is missing or is no PEM certificate or key of the right kind.
         """
         self.check()
+        # Each step names its files; the reason names the problem (e.g. "PEM lib"), never a key's bytes.
         try:
             context = ssl.create_default_context(cafile=self.ca or None)
-            if self.cert:
-                context.load_cert_chain(self.cert, self.key)
         except (ssl.SSLError, OSError) as exc:
-            # The reason names the file's problem (e.g. "PEM lib"), never the key's bytes.
             raise ConfigurationError(
-                f"{self.setting}_CA/_CERT/_KEY: cannot load the TLS files ({exc})"
+                f"{self.setting}_CA: cannot load {self.ca} as PEM CA certificates ({exc})"
             ) from exc
+        if self.cert:
+            try:
+                context.load_cert_chain(self.cert, self.key)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigurationError(
+                    f"{self.setting}_CERT/_KEY: cannot load {self.cert} and {self.key} as a PEM "
+                    f"certificate and its unencrypted key ({exc})"
+                ) from exc
         return context

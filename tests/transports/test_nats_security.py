@@ -231,8 +231,11 @@ def test_files_that_are_not_what_they_should_be(tmp_path: Path) -> None:
     assert "SUnot" not in str(raised.value)
     with pytest.raises(ConfigurationError, match="is no .creds file"):
         _transport(nats_creds_file=str(garbage))
-    with pytest.raises(ConfigurationError, match="cannot load the TLS files"):
+    with pytest.raises(ConfigurationError, match="CATGA_NATS_TLS_CA: cannot load"):
         _transport(nats_tls_ca=str(garbage))
+    pki = make_pki(tmp_path)
+    with pytest.raises(ConfigurationError, match="CATGA_NATS_TLS_CERT/_KEY: cannot load"):
+        _transport(nats_tls_cert=pki.client_cert, nats_tls_key=pki.client_cert)  # the key is the cert
 
 
 def test_the_auth_never_shows_its_secrets() -> None:

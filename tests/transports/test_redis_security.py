@@ -208,15 +208,15 @@ def test_settings_that_cannot_work_are_refused_before_connecting(
     assert PASSWORD not in str(raised.value)
 
 
-def test_the_security_options_reach_redis_py() -> None:
-    tls = TlsFiles(ca=__file__, cert=__file__, key=__file__, setting="CATGA_REDIS_TLS")
+def test_the_security_options_reach_redis_py(pki: Pki) -> None:
+    tls = TlsFiles(ca=pki.ca, cert=pki.client_cert, key=pki.client_key, setting="CATGA_REDIS_TLS")
     options = security_options("rediss://h/0", username="catga", password=SecretStr(PASSWORD), tls=tls)
     assert options == {
         "username": "catga",
         "password": PASSWORD,
-        "ssl_ca_certs": __file__,
-        "ssl_certfile": __file__,
-        "ssl_keyfile": __file__,
+        "ssl_ca_certs": pki.ca,
+        "ssl_certfile": pki.client_cert,
+        "ssl_keyfile": pki.client_key,
         "ssl_cert_reqs": "required",
         "ssl_check_hostname": True,
     }
@@ -225,6 +225,17 @@ def test_the_security_options_reach_redis_py() -> None:
     verify = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
     assert security_options("rediss://h/0") == verify
     assert security_options("rediss://h/0?ssl_check_hostname=true&ssl_cert_reqs=required") == verify
+
+
+def test_tls_files_that_are_not_what_they_should_be_are_refused_by_name(pki: Pki) -> None:
+    """Loaded at start-up, as for NATS: not at the first handshake, as "PEM lib"."""
+    url = "rediss://h:6379/0"
+    for fields, named in [
+        ({"redis_tls_ca": pki.client_key}, "CATGA_REDIS_TLS_CA: cannot load"),  # a key, not a CA
+        ({"redis_tls_cert": pki.client_cert, "redis_tls_key": pki.client_cert}, "CATGA_REDIS_TLS_CERT/_KEY"),
+    ]:
+        with pytest.raises(ConfigurationError, match=named):
+            create_transport(CatgaSettings(transport="redis", redis_url=url, **fields))
 
 
 async def test_a_password_changed_under_a_running_node_is_named_while_it_reconnects(

@@ -66,7 +66,7 @@ def security_options(
                 f"{tls.setting}_* are set but CATGA_REDIS_URL is {parts.scheme}://: use rediss:// for TLS "
                 "(rediss+sentinel://, rediss+cluster://)"
             )
-        tls.check()
+        tls.context()  # loaded now, as NATS does: a file that is no PEM of its kind fails by name
         options.update(
             ssl_ca_certs=tls.ca or None, ssl_certfile=tls.cert or None, ssl_keyfile=tls.key or None
         )
