@@ -235,7 +235,7 @@ def test_tls_files_that_are_not_what_they_should_be_are_refused_by_name(pki: Pki
         ({"redis_tls_cert": pki.client_cert, "redis_tls_key": pki.client_cert}, "CATGA_REDIS_TLS_CERT/_KEY"),
     ]:
         with pytest.raises(ConfigurationError, match=named):
-            create_transport(CatgaSettings(transport="redis", redis_url=url, **fields))
+            create_transport(CatgaSettings.model_validate({"transport": "redis", "redis_url": url, **fields}))
 
 
 async def test_a_password_changed_under_a_running_node_is_named_while_it_reconnects(
