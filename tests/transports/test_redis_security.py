@@ -159,6 +159,25 @@ async def test_a_server_certificate_from_an_unknown_ca_is_refused(
     assert "CERTIFICATE_VERIFY_FAILED" in str(error)
 
 
+async def test_tls_on_one_side_only_names_the_scheme(
+    pki: Pki, cluster: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis:// to a TLS-only server (a reset), rediss:// to a plain one (no answer): the URL that
+    never worked may name the wrong scheme, and the error says which to try."""
+    with TlsRedisServer(pki, mutual=False) as server:
+        plain = {"transport": "redis", "redis_url": f"redis://127.0.0.1:{server.port}/0"}
+        error = await refused_at_start(cluster, plain, [], caplog, within=6)
+        assert "the URL is rediss://" in str(error), error
+    with RedisServer() as server:
+        tls = {
+            "transport": "redis",
+            "redis_url": f"rediss://127.0.0.1:{server.port}/0",
+            "redis_tls_ca": pki.ca,
+        }
+        error = await refused_at_start(cluster, tls, [], caplog, within=8)
+        assert "no answer within 5 s" in str(error) and "then redis://" in str(error), error
+
+
 async def test_tls_without_a_client_certificate_where_none_is_asked(pki: Pki, cluster: str) -> None:
     with TlsRedisServer(pki, mutual=False) as server:
         await join_and_round_trip(cluster, _tls_fields(server, cert="", key=""))

@@ -61,6 +61,19 @@ def connect_failure(exc: BaseException, *, tls: bool) -> str:
 _CHECK_TLS = "check CATGA_REDIS_TLS_CA, CATGA_REDIS_TLS_CERT and CATGA_REDIS_TLS_KEY"
 
 
+def first_connect_failure(exc: BaseException, *, tls: bool, timeout: float) -> str:
+    """`connect_failure` of a transport's first connection, where a URL that has never worked may
+    name the wrong scheme: TLS on one side only looks like a reset, or like no answer."""
+    if isinstance(exc, TimeoutError):
+        if tls:  # a server without TLS waits for the rest of a command a handshake never sends
+            return f"no answer within {timeout:g} s; is the server one without TLS (then redis://)?"
+        return f"no answer within {timeout:g} s"
+    why = connect_failure(exc, tls=tls)
+    if not tls and "reset by peer" in why:  # a TLS-only server ends a plain connection so
+        return f"{why}; if the server takes TLS only, the URL is rediss://"
+    return why
+
+
 @contextlib.asynccontextmanager
 async def redis_errors(
     what: str, where: str, timeout: float, moved: Callable[[], Awaitable[None]] | None = None

@@ -49,7 +49,7 @@ from fastapi_catga.transports.redis.connections import (
     uses_tls,
 )
 from fastapi_catga.transports.redis.durable import RedisDurable
-from fastapi_catga.transports.redis.errors import BROKER_ERRORS, connect_failure, redis_errors
+from fastapi_catga.transports.redis.errors import BROKER_ERRORS, first_connect_failure, redis_errors
 from fastapi_catga.transports.redis.locate import LocatedConnection, PubSubCommands, follow
 from fastapi_catga.transports.redis.membership import RedisMembers, channel_prefix
 from fastapi_catga.transports.redis.reader import ChannelReader
@@ -243,7 +243,7 @@ class RedisTransport:
                 await self._reader.open()
         except BROKER_ERRORS as exc:
             await self._reader.aclose()
-            why = connect_failure(exc, tls=uses_tls(self.url))
+            why = first_connect_failure(exc, tls=uses_tls(self.url), timeout=self._timeout)
             raise TransportError(f"cannot connect to Redis at {self._where}: {why}") from exc
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reader.run()), loop.create_task(self._writer.run())]
