@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 import re
 import secrets
 import socket
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -14,6 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, MAX_TIMEOUT
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CatgaSettings", "load_settings", "new_node_id"]
 
@@ -176,6 +182,8 @@ def load_settings(**overrides: Any) -> CatgaSettings:
     Raises:
         ConfigurationError: names each bad ``CATGA_*`` variable and what it should be.
     """
+    for name, meant in misspelt(os.environ):
+        logger.warning("%s is no fastapi-catga setting and is not read; did you mean %s?", name, meant)
     try:
         return CatgaSettings(**overrides)
     except ValidationError as exc:
@@ -188,6 +196,21 @@ def load_settings(**overrides: Any) -> CatgaSettings:
             f"invalid fastapi-catga settings: {name} is not valid JSON "
             "(complex values such as CATGA_METADATA are JSON objects)"
         ) from exc
+
+
+def misspelt(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``(name, the setting it is close to)`` of each ``CATGA_*`` variable that is no setting but
+    nearly one (``CATGA_NAT_URL``): a typo that would leave the default in place, unsaid. An app's
+    own ``CATGA_*`` variables, close to no setting, are left alone."""
+    known = [f"CATGA_{name.upper()}" for name in CatgaSettings.model_fields]
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith("CATGA_") and upper not in known:
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.85)
+            if close:
+                found.append((name, close[0]))
+    return found
 
 
 def _describe(error: ErrorDetails) -> str:

@@ -82,6 +82,25 @@ def test_arguments_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert CatgaSettings(handler_modules=["a", "b"]).handler_modules == ["a", "b"]
 
 
+def test_a_misspelt_variable_is_warned_of_with_the_setting_it_is_close_to(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It is not read (the default stays: a node on another broker); an app's own CATGA_* names,
+    close to no setting, are left alone."""
+    monkeypatch.setenv("CATGA_NAT_URL", "nats://elsewhere:4222")
+    monkeypatch.setenv("CATGA_REDIS_PASWORD", "s3cret-value")
+    monkeypatch.setenv("CATGA_TEST_LEDGER", "/tmp/ledger")
+    with caplog.at_level(logging.WARNING, logger="fastapi_catga.settings"):
+        settings = load_settings()
+    assert settings.nats_url == "nats://localhost:4222"
+    assert (
+        "CATGA_NAT_URL is no fastapi-catga setting and is not read; did you mean CATGA_NATS_URL?"
+        in caplog.text
+    )
+    assert "did you mean CATGA_REDIS_PASSWORD?" in caplog.text and "s3cret-value" not in caplog.text
+    assert "CATGA_TEST_LEDGER" not in caplog.text
+
+
 def test_unknown_transport_names_the_variable_and_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CATGA_TRANSPORT", "kafka")
     with pytest.raises(ConfigurationError) as info:
