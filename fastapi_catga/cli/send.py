@@ -41,14 +41,21 @@ __all__ = ["parse_body", "send"]
 def parse_body(text: str) -> dict[str, Any]:
     """The message's fields: a JSON object (exit 2 otherwise), with a ``message_id``."""
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_no_constant)
     except ValueError as exc:
         raise Exit(USAGE, f"JSON is not valid JSON ({exc}); give the message's fields, e.g. '{{}}'") from None
     if not isinstance(body, dict):
         raise Exit(USAGE, 'JSON must be an object of the message\'s fields, e.g. \'{"sku": "apple"}\'')
-    if not isinstance(body.get("message_id"), str) or not body["message_id"]:
+    if "message_id" not in body:
         body["message_id"] = new_message_id()
+    elif not isinstance(body["message_id"], str) or not body["message_id"]:  # not replaced unsaid
+        raise Exit(USAGE, f"message_id is a non-empty string, got {json.dumps(body['message_id'])}")
     return body
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity, which Python's JSON reads and no other JSON does."""
+    raise ValueError(f"{name} is no JSON number")
 
 
 def _envelope(type_name: str, body: dict[str, Any], deadline: float) -> Envelope:

@@ -259,6 +259,8 @@ async def _count(node: object) -> bool:
         ["send", "Greet"],
         ["send", "Greet", "not json"],
         ["send", "Greet", "[1]"],
+        ["send", "Greet", '{"message_id": 5}'],  # not replaced unsaid: the README says it is kept
+        ["send", "Greet", '{"name": NaN}'],  # Python's JSON reads it, no other does
         ["send", "no spaces", "{}"],
         ["send", "Greet", "{}", "--node", "a.b"],
         ["dead-letters"],
