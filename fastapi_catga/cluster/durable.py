@@ -31,12 +31,14 @@ from typing import Any
 
 from fastapi_catga.cluster.durable_policy import (
     COMMANDS,
+    REPLAY_LEASE,
     DurablePolicy,
     dead_letter_for,
     event_runner,
     message_id_of,
     observed_run,
     policy_for,
+    replay_claim,
     result_encoder,
     result_subject,
 )
@@ -52,7 +54,7 @@ from fastapi_catga.core.envelope import (
     retry_delay,
 )
 from fastapi_catga.core.logs import LogLimiter
-from fastapi_catga.core.messages import Message, Request
+from fastapi_catga.core.messages import Message, Request, new_message_id
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.tasks import cancel_and_wait
 from fastapi_catga.core.travels import result_not_json
@@ -66,11 +68,15 @@ from fastapi_catga.exceptions import (
 )
 from fastapi_catga.settings import CatgaSettings
 from fastapi_catga.transports.base import Transport
-from fastapi_catga.transports.durable import DurableDelivery, DurableStore, Queue
+from fastapi_catga.transports.durable import DeadLetter, DurableDelivery, DurableStore, Queue
 
 __all__ = ["DurableRunner"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds before a message that failed while its replay still held its letter is tried again: the
+#: replay drops the old letter within milliseconds of queueing it.
+_REPLAYING_DELAY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +340,17 @@ class DurableRunner:
         letter = dead_letter_for(queue, delivery, reason, exc, message_id, self._settings.node_id)
         stored, level, counted = "dead-lettered", logging.WARNING, str(reason)
         try:
-            if not await self.store.add_dead_letter(letter, delivery.envelope):
+            added: bool | None = await self.store.add_dead_letter(letter, delivery.envelope)
+            if not added:
+                added = await self._replace_replayed(letter, delivery.envelope)
+            if added is None:  # its replay has queued it and not yet dropped the letter: again soon
+                self._warn(
+                    f"replaying:{queue}", "durable %s %s failed again while its replay is under way; "
+                    "again in %.2f s", queue.type_name, message_id, _REPLAYING_DELAY,
+                )  # fmt: skip
+                await delivery.retry(_REPLAYING_DELAY)
+                return
+            if not added:
                 # One letter a message id: the one kept tells of this message (enqueued twice),
                 # and was counted when it was stored.
                 stored, counted = f"not dead-lettered again: dead letter {letter.id} is kept already", ""
@@ -352,6 +368,25 @@ class DurableRunner:
         )  # fmt: skip
         answer = encode_error(exc, node_id=self._settings.node_id, max_payload=self._settings.max_payload)
         await self._answer(delivery.envelope, answer)
+
+    async def _replace_replayed(self, letter: DeadLetter, envelope: Envelope) -> bool | None:
+        """The store keeps a letter of this message already: when that letter is an earlier failure
+        of a replay of it (fewer replays), this newer failure replaces it, and True. Else False (a
+        copy of the message enqueued twice: the kept letter tells of it), or None while the replay
+        that queued it holds its claim: it drops the old letter next, and would drop this one."""
+        kept = await self.store.dead_letter(letter.id)
+        if kept is not None and kept[0].replays >= letter.replays:
+            return False
+        key, holder = replay_claim(letter.id), new_message_id()
+        if not await self.store.claim(key, holder, REPLAY_LEASE):
+            return None
+        try:
+            if kept is not None:  # the replay that queued this ended without dropping it
+                await self.store.remove_dead_letter(letter.id)
+            return await self.store.add_dead_letter(letter, envelope)
+        finally:
+            with contextlib.suppress(CatgaError):  # the lease ends by itself
+                await self.store.release(key, holder)
 
     async def _answer(self, request: Envelope, reply: Envelope) -> None:
         """Tell the node waiting for this command (if any) how it ended; a lost answer loses nothing:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from fastapi_catga.cluster.durable_policy import COMMANDS, result_subject
+from fastapi_catga.cluster.durable_policy import COMMANDS, REPLAY_LEASE, replay_claim, result_subject
 from fastapi_catga.core.envelope import (
     MESSAGE_ID,
     REPLAYS,
@@ -50,7 +50,6 @@ __all__ = ["DeadLetters", "DurableClient", "PreparedStore", "is_durable"]
 logger = logging.getLogger(__name__)
 
 _DONE_POLL = 1.0  # s: how often a waiting send also reads the done record (an answer can be lost)
-_REPLAY_LEASE = 30.0  # s a replay holds its letter against another replay of it
 _REPLAY_WAIT = 5.0  # s a replay waits for another one of the same letter before it says "busy"
 _T = TypeVar("_T")
 
@@ -346,9 +345,9 @@ class DeadLetters:
         # One replay of the letter this caller saw, cluster-wide (Redis streams have no duplicate
         # window to fold two into one): a caller that finds it replayed meanwhile (gone, or back
         # with more replays) is answered that it was, and queues nothing more.
-        key, holder = f"replay:{letter_id}", new_message_id()
+        key, holder = replay_claim(letter_id), new_message_id()
         deadline = asyncio.get_running_loop().time() + _REPLAY_WAIT
-        while not await store.claim(key, holder, _REPLAY_LEASE):
+        while not await store.claim(key, holder, REPLAY_LEASE):
             if _replayed_since(seen[0], await store.dead_letter(letter_id)):
                 return True
             if asyncio.get_running_loop().time() > deadline:

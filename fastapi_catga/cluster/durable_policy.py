@@ -39,12 +39,21 @@ __all__ = [
     "message_id_of",
     "observed_run",
     "policy_for",
+    "REPLAY_LEASE",
+    "replay_claim",
     "replays_of",
     "result_encoder",
     "result_subject",
 ]
 
 COMMANDS = "workers"  # the one consumer group of a command queue
+REPLAY_LEASE = 30.0  # s a replay holds its letter, from before it queues the message to its removal
+
+
+def replay_claim(letter_id: str) -> str:
+    """The claim a replay of ``letter_id`` holds: against another replay of it, and against a node
+    replacing the letter with a newer failure before the replay has removed it."""
+    return f"replay:{letter_id}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from fastapi_catga import (
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.tasks import CANCEL_GRACE
 from fastapi_catga.testing import InMemoryBroker, InMemoryTransport
+from fastapi_catga.transports.memory_durable import MemoryDurableStore
 from tests.virtual_time import EPOCH, run_virtual, virtual_node
 
 runs: Counter[str] = Counter()  # message id -> handler runs (any node)
@@ -318,6 +319,39 @@ def test_reject_dead_letters_at_once_and_retry_later_waits_its_delay() -> None:
         first, second = starts[later.message_id]
         assert 7.0 <= second - first <= 7.2
         await a.stop()
+
+    run_virtual(scenario())
+
+
+def test_a_replay_that_fails_again_at_once_leaves_its_new_dead_letter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The replay queues the message, then drops the old letter: a node that fails it in between
+    (rejected at once, unreadable by this version) found the old letter kept, dropped the message
+    as "dead-lettered already", and the replay then dropped the letter: the message was gone.
+    A broker slow to drop it (a second here) makes the in-between certain."""
+    remove = MemoryDurableStore.remove_dead_letter
+
+    async def slow_remove(self: MemoryDurableStore, letter_id: str) -> bool:
+        await asyncio.sleep(1)
+        return await remove(self, letter_id)
+
+    monkeypatch.setattr(MemoryDurableStore, "remove_dead_letter", slow_remove)
+
+    async def scenario() -> None:
+        _, (a, b) = await cluster("a", "b")
+        rejected = Charge(amount=1, mode="reject")
+        with pytest.raises(Reject):
+            await a.mediator.send(rejected)
+        (letter,) = await a.mediator.dead_letters.list()
+        for replays in (1, 2):
+            assert await a.mediator.dead_letters.replay(letter.id)
+            await asyncio.sleep(5)
+            assert runs[rejected.message_id] > replays  # run again (twice: once while replayed)
+            (again,) = await a.mediator.dead_letters.list()
+            assert (again.id, again.replays, again.reason) == (letter.id, replays, "rejected")
+        for catga in (a, b):
+            await catga.stop()
 
     run_virtual(scenario())
 
