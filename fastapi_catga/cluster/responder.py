@@ -176,7 +176,7 @@ class Responder:
         else:
             self.stats["expired_dropped"] += 1
             if self._observer is not None:
-                self._observer.stale_dropped(str(delivery.envelope.headers.get(MESSAGE_TYPE, "?"))[:100])
+                self._observer.stale_dropped(self._type_of(delivery.envelope))  # a bounded label
             self._log("expired", "dropped %s: its caller's deadline passed before it ran", delivery.envelope)
 
     def _on_event(self, delivery: Delivery) -> None:

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from fastapi_catga import Catga, CatgaSettings, build
 from fastapi_catga.core.envelope import DEADLINE, MESSAGE_TYPE, STATUS, Envelope, pack, unpack
+from fastapi_catga.prometheus import PrometheusObserver
 from tests.cluster import workload
 from tests.cluster.workload import Work
 from tests.polling import eventually
@@ -86,6 +87,31 @@ async def test_a_flood_of_bad_requests_is_counted_and_logged_once_per_kind(
     lines = [r for r in caplog.records if r.name.startswith("fastapi_catga") and "refused" in r.getMessage()]
     assert len(lines) == 2, [r.getMessage() for r in lines]  # one per kind in the interval
     assert not any(r.exc_info for r in caplog.records), "no traceback for bad input"
+
+
+async def test_expired_requests_of_made_up_types_add_no_metric_series(nats_server: NatsServer) -> None:
+    """A peer's type names are no label values: 50 expired requests of 50 made-up types are one
+    series, as unknown types are on every other path."""
+    observer = PrometheusObserver()
+    catga = build(
+        CatgaSettings(transport="nats", nats_url=nats_server.url, cluster="bad", node_id="target"),
+        handlers=[workload],
+        observers=[observer],
+    )
+    await catga.start()
+    nc = await nats.connect(nats_server.url)
+    try:
+        for n in range(50):
+            await nc.publish(
+                "catga.bad.node.target", frame({MESSAGE_TYPE: f"Made{n}", DEADLINE: "1000"}, b"{}")
+            )
+        await nc.flush()
+        await eventually(lambda: catga.node.responder.stats["expired_dropped"] == 50, within=5)
+    finally:
+        await nc.close()
+        await catga.stop()
+    series = [s for m in observer.registry.collect() if m.name == "catga_stale_dropped" for s in m.samples]
+    assert {sample.labels["type"] for sample in series if sample.name.endswith("_total")} == {"?"}
 
 
 async def test_bad_events_are_dropped_and_the_node_keeps_serving(
