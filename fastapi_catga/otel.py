@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fastapi_catga.core.logs import TRACE_LINE, bounded_trace
 from fastapi_catga.core.messages import Event, Message
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.pipeline import CallNext
@@ -54,9 +55,17 @@ class TracingBehavior:
             "catga.message.type": message.type_name,
         }
         with self._tracer.start_as_current_span(
-            f"catga {message.type_name}", kind=trace.SpanKind.CONSUMER, attributes=attributes
-        ):
-            return await call_next()
+            f"catga {message.type_name}",
+            kind=trace.SpanKind.CONSUMER,
+            attributes=attributes,
+            record_exception=False,  # recorded bounded, below
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                return await call_next()
+            except BaseException as exc:
+                _record(span, exc)
+                raise
 
 
 _Token = tuple[trace.Span, object]
@@ -105,8 +114,7 @@ class TracingObserver(Observer):
         span: trace.Span = token[0]
         attached = token[1]
         if error is not None:
-            span.record_exception(error)
-            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            _record(span, error)
         span.end()
         context.detach(attached)
 
@@ -152,3 +160,30 @@ class TracingObserver(Observer):
         self, token: object, message: Message, seconds: float, error: BaseException | None
     ) -> None:
         self._end(token, error)
+
+
+def _record(span: trace.Span, error: BaseException) -> None:
+    """The span's exception event and error status, bounded: a handler's error text may be
+    megabytes, over what a collector takes in one batch. Without the error's cause: a handler's
+    own exception, which caused the error its caller gets here, does not travel to a caller on
+    another node either (its text stays in the node's log unless ``CATGA_EXPOSE_ERRORS``)."""
+    text = _text(error)
+    if len(text) > TRACE_LINE:
+        text = f"{text[:TRACE_LINE]}... ({len(text)} characters)"
+    span.add_event(
+        "exception",
+        {
+            "exception.type": f"{type(error).__module__}.{type(error).__qualname__}",
+            "exception.message": text,
+            "exception.stacktrace": bounded_trace(error, chain=False),
+            "exception.escaped": "False",
+        },
+    )
+    span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {text}"))
+
+
+def _text(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:  # its __str__ raises
+        return type(error).__name__

@@ -24,6 +24,8 @@ class Charge(Command[str]):
 
 
 async def charge(command: Charge) -> str:
+    if command.amount == -5:  # 5 MB of error text, with what should stay in the node's log
+        raise ValueError("card=4111 " + "E" * 5_000_000)
     if command.amount < 0:
         raise ValueError("negative amount")
     return "ok"
@@ -201,6 +203,39 @@ async def test_a_local_send_is_traced_and_tracing_behavior_still_nests() -> None
     assert attempt.parent is not None and attempt.parent.span_id == send.context.span_id
     assert process.parent is not None and process.parent.span_id == attempt.context.span_id
     assert handler.parent is not None and handler.parent.span_id == process.context.span_id
+
+
+async def test_a_handlers_huge_error_makes_bounded_spans_without_its_text(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each span of an in-process send that failed holds a bounded exception event: a 5 MB one is
+    over what a collector takes in a batch. The caller's spans have the error the caller gets, not
+    the handler's own text, as on a caller on another node; the handler's span and the node's log
+    line have it, cut."""
+    traced = Traced()
+    node = build(
+        CatgaSettings(),
+        handlers=[charge],
+        behaviors=[TracingBehavior(traced.provider)],
+        observers=[TracingObserver(traced.provider)],
+        transport=InMemoryTransport(),
+    )
+    await node.start()
+    try:
+        with pytest.raises(RemoteHandlerError):
+            await node.mediator.send(Charge(amount=-5))
+    finally:
+        await node.stop()
+    for name in ("send Charge", "send Charge attempt 1", "process Charge", "catga Charge"):
+        (span,) = traced.spans(name)
+        (event,) = [event for event in span.events if event.name == "exception"]
+        assert event.attributes is not None
+        size = sum(len(str(value)) for value in event.attributes.values())
+        assert size < 40_000, (name, size)
+        if name != "catga Charge":  # the handler's own span: its error, cut
+            assert "card=4111" not in str(dict(event.attributes)), name
+    assert max(len(record.getMessage()) + len(record.exc_text or "") for record in caplog.records) < 40_000
+    assert "card=4111" in caplog.text, "the node's log keeps the start of the text"
 
 
 async def test_the_publishers_own_event_handlers_are_a_process_span_and_a_counted_run() -> None:

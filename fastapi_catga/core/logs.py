@@ -6,10 +6,15 @@ from __future__ import annotations
 import logging
 import re
 import time
+import traceback
 import urllib.parse
 from collections.abc import Callable, Hashable
 
-__all__ = ["LogLimiter", "redact_text", "redact_url"]
+__all__ = ["LogLimiter", "bounded_trace", "redact_text", "redact_url"]
+
+#: Characters of one line of a traceback, and of a whole one, that a log line or a span keeps.
+TRACE_LINE = 1000
+TRACE_ALL = 16_000
 
 _SCHEME = re.compile(r"(?<![^,\s])[A-Za-z][A-Za-z0-9+.-]*://")  # a URL starts a list's item
 _SECRET_PARAM = re.compile(r"(?i)\b(password|pass|token|auth)=([^&\s,]*)")
@@ -97,6 +102,31 @@ class LogLimiter:
         """``logger.log(level, text, *args)`` unless a line of this kind was written within the
         interval; the line written says how many were held back since the last one."""
         held = self.allow(kind)
-        if held is not None:
-            more = f" ({held} more since the last report)" if held else ""
-            logger.log(level, text + "%s", *args, more, exc_info=exc_info)
+        if held is None:
+            return
+        more = f" ({held} more since the last report)" if held else ""
+        if exc_info is None:
+            logger.log(level, text + "%s", *args, more)
+        elif logger.isEnabledFor(level):
+            # A handler's error text may be megabytes: the line's traceback is formatted bounded
+            # (what a formatter prints), the exception itself still on the record.
+            fn, lno, func, _ = logger.findCaller(stacklevel=2)
+            raised = (type(exc_info), exc_info, exc_info.__traceback__)
+            record = logger.makeRecord(logger.name, level, fn, lno, text + "%s", (*args, more), raised, func)
+            record.exc_text = bounded_trace(exc_info)
+            logger.handle(record)
+
+
+def bounded_trace(exc: BaseException, *, chain: bool = True) -> str:
+    """``exc``'s traceback as ``logging`` formats it, each line cut to `TRACE_LINE` characters and
+    the whole to about `TRACE_ALL` (its start and its end, where the error is said)."""
+    lines = "".join(traceback.format_exception(exc, chain=chain)).rstrip("\n").split("\n")
+    cut = [
+        line if len(line) <= TRACE_LINE else f"{line[:TRACE_LINE]}... ({len(line)} characters)"
+        for line in lines
+    ]
+    text = "\n".join(cut)
+    if len(text) <= TRACE_ALL:
+        return text
+    half = TRACE_ALL // 2
+    return f"{text[:half]}\n... ({len(text) - 2 * half} characters of the traceback left out)\n{text[-half:]}"
