@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from fastapi_catga import Catga, CatgaSettings, Command, RemoteHandlerError, build
+from fastapi_catga import Catga, CatgaSettings, Command, RemoteHandlerError, RequestTimeoutError, build
 from fastapi_catga.prometheus import PrometheusObserver
 from tests.polling import eventually
 from tests.servers import NatsServer
@@ -21,6 +22,8 @@ class Charge(Command[str]):
 
 
 async def charge(command: Charge) -> str:
+    if command.amount == 999:  # slow: its caller's deadline passes first
+        await asyncio.sleep(5)
     if command.amount < 0:
         raise ValueError("negative amount")
     return "ok"
@@ -97,6 +100,12 @@ async def test_counters_move_across_a_cluster_with_a_failure_and_a_failover(
     assert value(metrics_b, "catga_messages_failed_total", type="Charge", outcome="handler_error") == 1
     assert value(metrics_a, "catga_send_duration_seconds_count", type="Charge", operation="send") == 5
     assert value(metrics_a, "catga_attempts_total", type="Charge", node="b", outcome="ok") == 2
+    with pytest.raises(RequestTimeoutError):  # the run there is cancelled at the deadline: a timeout
+        await a.mediator.send_to_node(Charge(amount=999), "b", timeout=0.3)
+    handled_timeout = {"type": "Charge", "kind": "request", "outcome": "timeout"}
+    await eventually(
+        lambda: value(metrics_b, "catga_messages_handled_total", **handled_timeout) == 1, within=3
+    )
 
     await b.node.responder.stop(drain_timeout=0)  # b still a member, no longer listening
     for _ in range(2):

@@ -27,11 +27,15 @@ __all__ = ["MetricsSource", "Observer", "combine", "observed_events", "outcome_o
 
 
 def outcome_of(error: BaseException | None) -> str:
-    """A bounded label for how something ended: ``ok``, a `CatgaError`'s code, ``cancelled`` or ``error``."""
+    """A bounded label for how something ended: ``ok``, a `CatgaError`'s code, ``cancelled`` or ``error``;
+    ``timeout`` for the builtin `TimeoutError` too: a run cancelled at its caller's deadline ends so
+    (a handler's own one is a `RemoteHandlerError` by then), as its caller's `RequestTimeoutError` is."""
     if error is None:
         return "ok"
     if isinstance(error, CatgaError):
         return error.code
+    if isinstance(error, TimeoutError):
+        return "timeout"
     return "cancelled" if isinstance(error, asyncio.CancelledError) else "error"
 
 
