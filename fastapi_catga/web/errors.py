@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from fastapi_catga.core.envelope import retry_delay
+from fastapi_catga.core.logs import TRACE_LINE, LogLimiter
 from fastapi_catga.exceptions import (
     BusyError,
     CatgaError,
@@ -68,8 +69,13 @@ async def problem_response(request: Request, exc: Exception) -> Response:
     holds (``details`` that JSON cannot carry are dropped, and the log says so)."""
     assert isinstance(exc, CatgaError)
     status, title = status_for(exc)
-    if status >= 500:
-        logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, _text(exc))
+    if status >= 500:  # at most one line per status and code an interval: an outage is many
+        text = _text(exc)
+        shown = text if len(text) <= TRACE_LINE else f"{text[:TRACE_LINE]}..."
+        _log_limit(request).log(
+            logger, logging.WARNING, (status, exc.code), "%s %s -> %d: %s",
+            request.method, request.url.path, status, shown,
+        )  # fmt: skip
     body: dict[str, object] = {
         "type": f"urn:catga:error:{exc.code}",
         "title": title,
@@ -117,6 +123,15 @@ async def validation_response(request: Request, exc: Exception) -> Response:
 def _render(body: dict[str, object]) -> bytes:
     """JSON as FastAPI writes it, but never failing on text: a lone surrogate is escaped."""
     return json.dumps(body, default=str, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _log_limit(request: Request) -> LogLimiter:
+    """The app's limiter of these lines (one per app, made on first use)."""
+    state = request.app.state
+    limiter = getattr(state, "catga_error_log_limit", None)
+    if not isinstance(limiter, LogLimiter):
+        limiter = state.catga_error_log_limit = LogLimiter()
+    return limiter
 
 
 def _text(exc: CatgaError, attribute: str | None = None) -> str:
