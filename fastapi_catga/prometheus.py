@@ -175,6 +175,11 @@ class PrometheusObserver(Observer):
     def member_left(self, node_id: str, size: int, *, evicted: bool) -> None:
         (self.evictions if evicted else self.leaves).inc()
         self.size.set(size)
+        # Its attempt series go with it: a node id is new on each process start by default, and
+        # rolling restarts would grow the series without end (Prometheus reads the drop as a reset).
+        for key in [key for key in self._children if key[0] is self.attempts and key[2] == node_id]:
+            del self._children[key]
+            self.attempts.remove(*key[1:])
 
     def connection_changed(self, connected: bool) -> None:
         self.connected.set(1 if connected else 0)

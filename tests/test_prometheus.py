@@ -117,6 +117,13 @@ async def test_counters_move_across_a_cluster_with_a_failure_and_a_failover(
     await b.stop()
     await eventually(lambda: value(metrics_a, "catga_cluster_size") == 1, within=5)
     assert value(metrics_a, "catga_leaves_total") == 1
+    nodes = {
+        s.labels["node"]
+        for m in metrics_a.registry.collect()
+        if m.name == "catga_attempts"
+        for s in m.samples
+    }
+    assert "b" not in nodes, "a node that left takes its series along (new ids on each restart)"
 
 
 def test_overload_is_counted_by_type_and_outcome() -> None:
