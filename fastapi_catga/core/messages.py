@@ -121,9 +121,15 @@ class Message(BaseModel):
     #: node's ``CATGA_MAX_IN_FLIGHT`` still applies. Beyond it a node answers "busy" (`BusyError`).
     max_in_flight: ClassVar[int | None] = None
 
-    #: No control characters: an id a client gave goes into logs, terminals and URLs as it is.
+    #: No control characters: an id a client gave goes into logs, terminals and URLs as it is. Its
+    #: wire name is pinned: an ``alias_generator`` (``to_camel``) would make it ``messageId``, which a
+    #: node of another version reads as no id, and gives the message a new one.
     message_id: str = Field(
-        default_factory=new_message_id, min_length=1, max_length=200, pattern=MESSAGE_ID_PATTERN
+        default_factory=new_message_id,
+        alias="message_id",
+        min_length=1,
+        max_length=200,
+        pattern=MESSAGE_ID_PATTERN,
     )
 
     @classmethod
@@ -131,6 +137,10 @@ class Message(BaseModel):
         super().__pydantic_init_subclass__(**kwargs)
         if "type_name" not in cls.__dict__:
             cls.type_name = cls.__name__
+        field = cls.model_fields["message_id"]
+        if {field.alias, field.validation_alias, field.serialization_alias} - {None, "message_id"}:
+            # The idempotency key: retries of one send keep it only under the name every node reads.
+            raise TypeError(f"{cls.__qualname__}.message_id must keep its wire name 'message_id' (no alias)")
 
     def routing_key(self) -> str | None:
         """The key consistent-hash routing uses (same key, same node while it lives).

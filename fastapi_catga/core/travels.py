@@ -220,7 +220,8 @@ def reads_back_as_is(message_type: type[Message]) -> bool:
     """Whether a (validated) message of ``message_type`` reads back from its JSON as an equal one
     its handler cannot tell from it: frozen (a handler that sets a field of the caller's own
     message changes the caller's), fields of str, int and bool, or None, only (a float may be NaN,
-    which JSON writes as null; a container may be the caller's to change), no aliases, no excluded
+    which JSON writes as null; a container may be the caller's to change), no aliases (but a field's
+    own name), no excluded
     field, constraints only of `annotated_types` or a pattern (none that transform), and no validator,
     serializer, post-init hook, private attribute or extra field of its own. Others are decoded
     for each run here (about one validation)."""
@@ -237,11 +238,11 @@ def reads_back_as_is(message_type: type[Message]) -> bool:
         return False
     return all(
         field.annotation in _PLAIN_FIELDS
-        and field.alias is field.validation_alias is field.serialization_alias is None
+        and {field.alias, field.validation_alias, field.serialization_alias} <= {None, name}  # its own name
         and not field.exclude
         and getattr(field, "exclude_if", None) is None
         and all(_keeps_the_value(rule) for rule in field.metadata)
-        for field in message_type.model_fields.values()
+        for name, field in message_type.model_fields.items()
     )
 
 

@@ -284,3 +284,22 @@ def test_routing_key_defaults_to_none(message: Message) -> None:
 
 def test_routing_key_can_be_overridden() -> None:
     assert Keyed(customer="c-7").routing_key() == "c-7"
+
+
+def test_message_id_keeps_its_wire_name_under_an_alias_generator() -> None:
+    """``to_camel`` would write it ``messageId``: a node of another version would read no id and
+    make a new one, and a retry would not be the same send."""
+    from pydantic import ConfigDict, Field
+    from pydantic.alias_generators import to_camel
+
+    class Camel(Command[str]):
+        model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+        order_no: int = 1
+
+    sent = Camel(order_no=2)
+    wire = json.loads(sent.model_dump_json(by_alias=True))
+    assert wire == {"message_id": sent.message_id, "orderNo": 2}
+    with pytest.raises(TypeError, match="must keep its wire name 'message_id'"):
+
+        class Renamed(Command[str]):
+            message_id: str = Field(default="x", alias="id")
