@@ -138,7 +138,10 @@ class Message(BaseModel):
         if "type_name" not in cls.__dict__:
             cls.type_name = cls.__name__
         field = cls.model_fields["message_id"]
-        if {field.alias, field.validation_alias, field.serialization_alias} - {None, "message_id"}:
+        if any(
+            alias not in (None, "message_id")
+            for alias in (field.alias, field.validation_alias, field.serialization_alias)
+        ):
             # The idempotency key: retries of one send keep it only under the name every node reads.
             raise TypeError(f"{cls.__qualname__}.message_id must keep its wire name 'message_id' (no alias)")
 

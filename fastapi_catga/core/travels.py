@@ -238,7 +238,10 @@ def reads_back_as_is(message_type: type[Message]) -> bool:
         return False
     return all(
         field.annotation in _PLAIN_FIELDS
-        and {field.alias, field.validation_alias, field.serialization_alias} <= {None, name}  # its own name
+        and all(
+            alias in (None, name)
+            for alias in (field.alias, field.validation_alias, field.serialization_alias)
+        )
         and not field.exclude
         and getattr(field, "exclude_if", None) is None
         and all(_keeps_the_value(rule) for rule in field.metadata)

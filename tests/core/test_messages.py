@@ -303,3 +303,12 @@ def test_message_id_keeps_its_wire_name_under_an_alias_generator() -> None:
 
         class Renamed(Command[str]):
             message_id: str = Field(default="x", alias="id")
+
+
+def test_a_message_whose_fields_take_alias_choices_is_a_message() -> None:
+    from pydantic import AliasChoices, Field
+
+    class Chosen(Command[str]):
+        sku: str = Field(validation_alias=AliasChoices("sku", "SKU"))
+
+    assert Chosen.model_validate({"SKU": "a"}).sku == "a"
