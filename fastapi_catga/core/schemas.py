@@ -25,6 +25,7 @@ field, removing or renaming a required field, or changing a field's type is not.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable
@@ -111,6 +112,25 @@ class Shape:
         )
         return ("!" if self.closed else "") + ",".join(parts)
 
+    def written(self, schema: dict[str, Any], *, skip: frozenset[str] = frozenset()) -> Shape | None:
+        """The fields a model of this (read) shape writes, from its serialization ``schema``: None
+        when they are the ones it reads. A field under the same name keeps its read hash (a
+        serializer that changes a value's type is not seen); one it writes under another name (a
+        ``serialization_alias``), or only writes (a ``computed_field``), gets its own, and one it
+        never writes (``exclude=True``) is absent."""
+        if self.fields is None:
+            return None
+        top = _canonical(schema, schema.get("$defs", {}))
+        properties = top.get("properties") if top.get("type") == "object" else None
+        if not isinstance(properties, dict):
+            return None
+        fields = {
+            name: self.fields.get(name) or (_digest(sub, _FIELD_HASH), True)
+            for name, sub in properties.items()
+            if name not in skip
+        }
+        return None if fields.keys() == self.fields.keys() else Shape(fields=fields)
+
     @classmethod
     def decode(cls, text: str) -> Shape:
         if text.startswith("="):
@@ -131,14 +151,30 @@ class TypeSchema:
     """One message type's fingerprint and shapes, as a membership record carries them."""
 
     fingerprint: str
+    #: The message's fields as this node reads them.
     message: Shape
     #: None for an event (it has no result).
     result: Shape | None = None
+    #: The fields this node writes, where they are not the ones it reads (`Shape.written`).
+    message_out: Shape | None = None
+    result_out: Shape | None = None
     text: str = field(default="", compare=False)
+
+    @property
+    def message_written(self) -> Shape:
+        return self.message_out or self.message
+
+    @property
+    def result_written(self) -> Shape | None:
+        return self.result_out or self.result
 
     def encode(self) -> str:
         result = "" if self.result is None else self.result.encode()
-        return f"{self.fingerprint}|{self.message.encode()}|{result}"
+        text = f"{self.fingerprint}|{self.message.encode()}|{result}"
+        if self.message_out is None and self.result_out is None:
+            return text  # as records have always been: a node of an older version reads it
+        outs = (shape.encode() if shape is not None else "" for shape in (self.message_out, self.result_out))
+        return f"{text}|{'|'.join(outs)}"
 
     @classmethod
     def decode(cls, text: str) -> TypeSchema:
@@ -148,32 +184,41 @@ class TypeSchema:
             ValueError: it is not one `encode` writes.
         """
         parts = text.split("|")
-        if len(parts) != 3 or not parts[0]:
+        if len(parts) not in (3, 5) or not parts[0]:
             raise ValueError(f"not a message schema: {text[:80]!r}")
-        result = Shape.decode(parts[2]) if parts[2] else None
-        return cls(parts[0], Shape.decode(parts[1]), result, text)
+        result, message_out, result_out = (
+            Shape.decode(part) if part else None for part in [*parts[2:], "", ""][:3]
+        )
+        return cls(parts[0], Shape.decode(parts[1]), result, message_out, result_out, text)
 
 
 @cache
 def schema_of(message_type: type[Message]) -> TypeSchema | None:
     """The schema a node advertises for a message type (computed once per class); None when
     pydantic has no JSON schema for it (an arbitrary type inside): such a type is not compared."""
+    skip = frozenset({"message_id"})
     try:
         message = message_type.model_json_schema(mode="validation")
+        message_out = message_type.model_json_schema(mode="serialization")
         result: dict[str, Any] | None = None
+        result_out: dict[str, Any] | None = None
         if issubclass(message_type, Request):
             result = message_type.result_adapter().json_schema(mode="validation")
+            result_out = message_type.result_adapter().json_schema(mode="serialization")
     except PydanticInvalidForJsonSchema:
         return None
+    read = Shape.of(message, skip=skip)
+    written = read.written(message_out, skip=skip)
+    read_result = None if result is None else Shape.of(result)
+    written_result = None if read_result is None or result_out is None else read_result.written(result_out)
     canonical = [_canonical(message, message.get("$defs", {}))]
     if result is not None:
         canonical.append(_canonical(result, result.get("$defs", {})))
-    schema = TypeSchema(
-        _digest(canonical, _FINGERPRINT),
-        Shape.of(message, skip=frozenset({"message_id"})),
-        None if result is None else Shape.of(result),
-    )
-    return TypeSchema(schema.fingerprint, schema.message, schema.result, schema.encode())
+    for shape, out in ((written, message_out), (written_result, result_out)):
+        if shape is not None and out is not None:  # only then: the fingerprints of others stay
+            canonical.append(_canonical(out, out.get("$defs", {})))
+    schema = TypeSchema(_digest(canonical, _FINGERPRINT), read, read_result, written, written_result)
+    return dataclasses.replace(schema, text=schema.encode())
 
 
 def advertised(message_types: Iterable[type[Message]]) -> dict[str, str]:
@@ -189,9 +234,11 @@ def problems(mine: TypeSchema, theirs: TypeSchema, peer: str) -> list[str]:
     """
     if mine.fingerprint == theirs.fingerprint:
         return []
-    found = [f"message {text}" for text in _unreadable(theirs.message, mine.message, peer, "this node")]
-    if mine.result is not None and theirs.result is not None:
-        found += [f"result {text}" for text in _unreadable(mine.result, theirs.result, "this node", peer)]
+    found = [
+        f"message {text}" for text in _unreadable(theirs.message, mine.message_written, peer, "this node")
+    ]
+    if mine.result is not None and (their_result := theirs.result_written) is not None:
+        found += [f"result {text}" for text in _unreadable(mine.result, their_result, "this node", peer)]
     elif (mine.result is None) != (theirs.result is None):
         found.append("is an event on one side and a command or query on the other")
     return found

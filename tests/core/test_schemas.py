@@ -6,7 +6,7 @@ import json
 from typing import ClassVar
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, computed_field
 
 from fastapi_catga import Command, Event, Message, NodeInfo, Query
 from fastapi_catga.core.schemas import Shape, TypeSchema, advertised, problems, schema_of
@@ -118,6 +118,48 @@ def test_an_added_required_field_cannot_be_sent_by_the_old_version() -> None:
         "message field 'priority': required on node b, absent on this node"
     ]
     assert between(PlaceRequired, PlaceV1) == []  # the old one ignores the field it does not know
+
+
+class PlaceWritesBuyer(Command[Receipt]):  # v2: reads both names, writes the new one only
+    type_name: ClassVar[str] = "orders.place"
+    customer: str = Field(validation_alias=AliasChoices("customer", "buyer"), serialization_alias="buyer")
+    lines: list[Line]
+
+
+class PlaceDropsLines(Command[Receipt]):  # v2: reads lines, never writes them
+    type_name: ClassVar[str] = "orders.place"
+    customer: str
+    lines: list[Line] = Field(default_factory=list, exclude=True)
+
+
+class PlaceComputes(Command[Receipt]):  # v2: writes a computed field too
+    type_name: ClassVar[str] = "orders.place"
+    customer: str
+    lines: list[Line]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def size(self) -> int:
+        return len(self.lines)
+
+
+def test_what_a_version_writes_is_checked_against_what_the_other_reads() -> None:
+    """A field written under another name, or not written, or written only: the schema it reads
+    is the same as the old version's, and the old version cannot read what it writes."""
+    assert between(PlaceWritesBuyer, PlaceV1) == [
+        "message field 'customer': required on node b, absent on this node"
+    ]
+    assert between(PlaceV1, PlaceWritesBuyer) == []  # it reads "customer" still
+    assert between(PlaceDropsLines, PlaceV1) == [
+        "message field 'lines': required on node b, absent on this node"
+    ]
+    assert between(PlaceComputes, PlaceV1) == []  # a field it does not know is ignored
+    assert between(PlaceComputes, PlaceStrict) == [
+        "message field 'size': sent by this node, forbidden on node b (extra='forbid')"
+    ]
+    for writer in (PlaceWritesBuyer, PlaceDropsLines, PlaceComputes):  # the record carries both
+        assert TypeSchema.decode(schema(writer).text) == schema(writer)
+    assert schema(PlaceV1).text.count("|") == 2, "a type that writes what it reads: the record as before"
 
 
 def test_a_renamed_required_field_is_incompatible_both_ways() -> None:
