@@ -23,7 +23,6 @@ from fastapi_catga.cluster.view import ClusterView
 from fastapi_catga.core.deadlines import DeadlinePassed
 from fastapi_catga.core.dispatch import LocalDispatcher
 from fastapi_catga.core.envelope import encode_message, message_room
-from fastapi_catga.core.handlers import check_type_name
 from fastapi_catga.core.mediator import LocalRoute
 from fastapi_catga.core.messages import Accepted, Event, Message, Request
 from fastapi_catga.core.nodes import NodeInfo
@@ -316,7 +315,7 @@ class ClusterNode:
             raise MessageValidationError(
                 f"{message.type_name} is durable: any node of its group runs it; send_to_node cannot pick one"
             )
-        check_type_name(type(message))  # as a plain send does (`ClusterView.learn`)
+        self.view.learn(type(message))  # as a plain send does: checked, and peers compared with it
         return self.durable.send(message, self.sender.budget(timeout))
 
     async def enqueue(self, message: Request[Any]) -> Accepted:
@@ -326,7 +325,7 @@ class ClusterNode:
                 f"enqueue() takes a durable Command (set durable = True on {type(message).__name__})"
             )
         self.sender.budget(None)
-        check_type_name(type(message))
+        self.view.learn(type(message))
         return await self.durable.enqueue(message)
 
     async def broadcast(self, message: Request[Any], *, timeout: float | None = None) -> dict[str, Any]:

@@ -9,7 +9,15 @@ from typing import ClassVar
 
 import pytest
 
-from fastapi_catga import Event, IncompatibleSchemaError, NodeUnavailableError, Query, handler
+from fastapi_catga import (
+    Command,
+    Durable,
+    Event,
+    IncompatibleSchemaError,
+    NodeUnavailableError,
+    Query,
+    handler,
+)
 from tests.cluster.conftest import StartNode
 from tests.polling import eventually
 
@@ -132,3 +140,38 @@ async def test_when_only_incompatible_nodes_handle_it_send_fails_clearly(start_n
     }
     # Another class of the same type name, compatible with the new node, goes there.
     assert await caller.mediator.send(AskRequired(text="hi", lang="en")) == "v2"
+
+
+class JobV1(Command[str]):
+    type_name: ClassVar[str] = "job"
+    durable: ClassVar[Durable | bool] = True
+    a: int
+
+
+class JobV2(Command[str]):  # v2, incompatible: a required field
+    type_name: ClassVar[str] = "job"
+    durable: ClassVar[Durable | bool] = True
+    a: int
+    b: int
+
+
+@handler
+async def job_v2(command: JobV2) -> str:
+    return "v2"
+
+
+async def test_a_node_that_only_enqueues_compares_the_type_too(
+    start_node: StartNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Durable messages are not filtered (the queue hands them to any node of its group), but the
+    gateway that enqueues them says, as for a plain send, that the handlers run another version."""
+    gateway = await start_node("gateway", handlers=[], app_version="1.0")
+    await start_node("h2", handlers=[job_v2], app_version="2.0")
+    await eventually(lambda: len(gateway.node.nodes()) == 2, within=1)
+    await gateway.mediator.enqueue(JobV1(a=1))
+    h2 = gateway.node.view.get("h2")
+    assert h2 is not None
+    assert gateway.node.view.schemas.incompatibilities(h2) == {
+        "job": "message field 'b': required on node h2, absent on this node"
+    }
+    assert "node h2 (app 2.0) has an incompatible job schema" in caplog.text
