@@ -56,6 +56,7 @@ from fastapi_catga.core.envelope import (
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Message, Request, new_message_id
 from fastapi_catga.core.observe import Observer
+from fastapi_catga.core.raised import owned_run
 from fastapi_catga.core.tasks import cancel_and_wait
 from fastapi_catga.core.travels import result_not_json
 from fastapi_catga.exceptions import (
@@ -221,6 +222,7 @@ class DurableRunner:
                 await consumer.close()
 
     async def _process(self, work: _Work, delivery: DurableDelivery) -> None:
+        owned_run()
         try:
             await self._handle(work, delivery)
         except (TransportError, TimeoutError) as exc:  # the broker failed us midway: the lease brings it back

@@ -26,6 +26,7 @@ from fastapi_catga.core.envelope import (
 from fastapi_catga.core.logs import LogLimiter
 from fastapi_catga.core.messages import Event, Request
 from fastapi_catga.core.observe import Observer
+from fastapi_catga.core.raised import owned_run
 from fastapi_catga.core.travels import result_not_json
 from fastapi_catga.exceptions import (
     CatgaError,
@@ -213,6 +214,7 @@ class Responder:
     async def _answer(self, delivery: Delivery, remaining: float | None) -> None:
         # One coroutine for the usual path (decode, run, reply): each level of the chain costs a
         # frame on every request.
+        owned_run()
         envelope = delivery.envelope
         try:
             message = decode_message(envelope, self._dispatcher.types)
@@ -327,6 +329,7 @@ class Responder:
             return encode_error(result_not_json(message, self.node_id, exc), node_id=self.node_id)
 
     async def _run_event(self, envelope: Envelope) -> None:
+        owned_run()
         try:
             event = decode_message(envelope, self._dispatcher.types)
         except CatgaError as exc:

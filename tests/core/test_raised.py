@@ -6,12 +6,24 @@ import asyncio
 
 import pytest
 
-from fastapi_catga.core.raised import is_handler_error
+from fastapi_catga.core.raised import is_handler_error, owned_run
 
 
-@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt(), GeneratorExit(), ValueError()])
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt(), ValueError()])
 async def test_in_a_task_whatever_the_handler_raised_is_its_error(error: BaseException) -> None:
     assert is_handler_error(error)
+
+
+async def test_generator_exit_is_an_answer_only_in_a_run_catga_owns() -> None:
+    """Elsewhere it may be a caller's coroutine closed by code in some task: a close stays one."""
+    assert not is_handler_error(GeneratorExit())
+
+    async def run() -> bool:
+        owned_run()
+        return is_handler_error(GeneratorExit())
+
+    assert await asyncio.create_task(run())
+    assert not is_handler_error(GeneratorExit()), "the mark stays in that run's own context"
 
 
 async def test_the_cancellation_of_the_running_task_is_no_answer() -> None:
@@ -30,6 +42,6 @@ async def test_the_cancellation_of_the_running_task_is_no_answer() -> None:
 
 
 def test_a_coroutine_closed_outside_any_task_is_no_answer() -> None:
-    """A leaked run collected: its close is not turned into an error reply (nothing could send it)."""
+    """A leaked coroutine collected: its close is not turned into an error reply."""
     assert not is_handler_error(GeneratorExit())
     assert is_handler_error(SystemExit(3))
