@@ -75,9 +75,9 @@ __all__ = ["DurableRunner"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds before a message that failed while its replay still held its letter is tried again: the
-#: replay drops the old letter within milliseconds of queueing it.
-_REPLAYING_DELAY = 1.0
+#: Seconds between two looks at the claim of the replay that queued a message that failed again
+#: before the replay dropped the old letter (it does within milliseconds; its claim lapses by itself).
+_REPLAYING_WAIT = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,13 +345,11 @@ class DurableRunner:
             added: bool | None = await self.store.add_dead_letter(letter, delivery.envelope)
             if not added:
                 added = await self._replace_replayed(letter, delivery.envelope)
-            if added is None:  # its replay has queued it and not yet dropped the letter: again soon
-                self._warn(
-                    f"replaying:{queue}", "durable %s %s failed again while its replay is under way; "
-                    "again in %.2f s", queue.type_name, message_id, _REPLAYING_DELAY,
-                )  # fmt: skip
-                await delivery.retry(_REPLAYING_DELAY)
-                return
+            while added is None:  # its replay has queued it and not yet dropped the old letter:
+                # hold the message (not run it again) until the replay lets go of its claim
+                await delivery.keep_alive()
+                await asyncio.sleep(_REPLAYING_WAIT)
+                added = await self._replace_replayed(letter, delivery.envelope)
             if not added:
                 # One letter a message id: the one kept tells of this message (enqueued twice),
                 # and was counted when it was stored.

@@ -368,7 +368,13 @@ class DeadLetters:
             stored = await store.append(queue.kind, queue.type_name, replayed, dedup_id=dedup_id)
             if stored.duplicate:  # a replay whose removal failed, again: it is queued once
                 logger.info("dead letter %s was replayed already (replay %d)", letter_id, replays)
-            await store.remove_dead_letter(letter_id)
+            # Dropped only while the claim is still this replay's: past it (a broker stalled for
+            # the whole lease), a node that failed the message again may have put its own letter
+            # there, which is the message's only record now.
+            if await store.renew(key, holder, REPLAY_LEASE) or not _replayed_since(
+                letter, await store.dead_letter(letter_id)
+            ):
+                await store.remove_dead_letter(letter_id)
         finally:
             with contextlib.suppress(CatgaError):  # the lease ends by itself
                 await store.release(key, holder)
