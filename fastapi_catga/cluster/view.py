@@ -162,9 +162,15 @@ class ClusterView:
         return nodes
 
     def learn(self, message_type: type[Message]) -> None:
-        """Note the class of a message this node sends, so peers are checked against its schema."""
+        """Note the class of a message this node sends, so peers are checked against its schema;
+        those that handle it are compared now, each incompatible one logged once (a durable type,
+        which is not routed, is compared nowhere else)."""
         if self.schemas.learn(message_type):
             self._forget_routes()
+            name = message_type.type_name
+            for node in self.nodes()[1:]:
+                if name in node.handles:
+                    self.schemas.problems(node, name)
 
     def incompatible(self, type_name: str, node_id: str | None = None) -> IncompatibleSchemaError | None:
         """The error for a send of the type when every peer that handles it (or the one named) runs

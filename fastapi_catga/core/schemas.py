@@ -34,14 +34,16 @@ from functools import cache
 from typing import Any
 from urllib.parse import quote, unquote
 
+from pydantic import AliasChoices, BaseModel
 from pydantic.errors import PydanticInvalidForJsonSchema
 
 from fastapi_catga.core.messages import Message, Request
 
 __all__ = ["Shape", "TypeSchema", "advertised", "problems", "schema_of"]
 
-#: Keywords that document a schema but change nothing about what validates.
-_NOTES = frozenset({"title", "description", "examples", "default", "deprecated", "$comment"})
+#: Keywords that document a schema but change nothing about what validates (``readOnly``: a
+#: computed field, which only the serialization schema has).
+_NOTES = frozenset({"title", "description", "examples", "default", "deprecated", "$comment", "readOnly"})
 _FINGERPRINT = 12
 _FIELD_HASH = 6
 
@@ -112,12 +114,14 @@ class Shape:
         )
         return ("!" if self.closed else "") + ",".join(parts)
 
-    def written(self, schema: dict[str, Any], *, skip: frozenset[str] = frozenset()) -> Shape | None:
+    def written(
+        self, schema: dict[str, Any], *, renamed: dict[str, str], skip: frozenset[str] = frozenset()
+    ) -> Shape | None:
         """The fields a model of this (read) shape writes, from its serialization ``schema``: None
-        when they are the ones it reads. A field under the same name keeps its read hash (a
-        serializer that changes a value's type is not seen); one it writes under another name (a
-        ``serialization_alias``), or only writes (a ``computed_field``), gets its own, and one it
-        never writes (``exclude=True``) is absent."""
+        when they are the ones it reads. A field keeps its read hash, under the name it is written
+        with (``renamed``: written name -> read name; a serializer that changes a value's type is
+        not seen); one it only writes (a ``computed_field``) gets its own, and one it never writes
+        (``exclude=True``) is absent."""
         if self.fields is None:
             return None
         top = _canonical(schema, schema.get("$defs", {}))
@@ -125,7 +129,7 @@ class Shape:
         if not isinstance(properties, dict):
             return None
         fields = {
-            name: self.fields.get(name) or (_digest(sub, _FIELD_HASH), True)
+            name: self.fields.get(renamed.get(name) or name) or (_digest(sub, _FIELD_HASH), True)
             for name, sub in properties.items()
             if name not in skip
         }
@@ -183,8 +187,8 @@ class TypeSchema:
         Raises:
             ValueError: it is not one `encode` writes.
         """
-        parts = text.split("|")
-        if len(parts) not in (3, 5) or not parts[0]:
+        parts = text.split("|")  # parts after the fifth: a later version's, not read here
+        if len(parts) < 3 or not parts[0]:
             raise ValueError(f"not a message schema: {text[:80]!r}")
         result, message_out, result_out = (
             Shape.decode(part) if part else None for part in [*parts[2:], "", ""][:3]
@@ -208,9 +212,17 @@ def schema_of(message_type: type[Message]) -> TypeSchema | None:
     except PydanticInvalidForJsonSchema:
         return None
     read = Shape.of(message, skip=skip)
-    written = read.written(message_out, skip=skip)
+    written = read.written(message_out, renamed=_renamed(message_type), skip=skip)
     read_result = None if result is None else Shape.of(result)
-    written_result = None if read_result is None or result_out is None else read_result.written(result_out)
+    written_result = None
+    if read_result is not None and result_out is not None and issubclass(message_type, Request):
+        result_type = message_type.result_adapter().core_schema.get("cls")
+        renamed = (
+            _renamed(result_type)
+            if isinstance(result_type, type) and issubclass(result_type, BaseModel)
+            else {}
+        )
+        written_result = read_result.written(result_out, renamed=renamed)
     canonical = [_canonical(message, message.get("$defs", {}))]
     if result is not None:
         canonical.append(_canonical(result, result.get("$defs", {})))
@@ -219,6 +231,20 @@ def schema_of(message_type: type[Message]) -> TypeSchema | None:
             canonical.append(_canonical(out, out.get("$defs", {})))
     schema = TypeSchema(_digest(canonical, _FINGERPRINT), read, read_result, written, written_result)
     return dataclasses.replace(schema, text=schema.encode())
+
+
+def _renamed(model: type[BaseModel]) -> dict[str, str]:
+    """The fields of ``model`` written under another name than they are read: written -> read."""
+    found: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        written = info.serialization_alias or info.alias or name
+        read = info.validation_alias
+        if isinstance(read, AliasChoices):  # the schema shows the first choice
+            read = read.choices[0]
+        read = read if isinstance(read, str) else info.alias or name
+        if written != read:
+            found[written] = read
+    return found
 
 
 def advertised(message_types: Iterable[type[Message]]) -> dict[str, str]:

@@ -169,9 +169,9 @@ async def test_a_node_that_only_enqueues_compares_the_type_too(
     await start_node("h2", handlers=[job_v2], app_version="2.0")
     await eventually(lambda: len(gateway.node.nodes()) == 2, within=1)
     await gateway.mediator.enqueue(JobV1(a=1))
+    assert "node h2 (app 2.0) has an incompatible job schema" in caplog.text, "said by the enqueue"
     h2 = gateway.node.view.get("h2")
     assert h2 is not None
     assert gateway.node.view.schemas.incompatibilities(h2) == {
         "job": "message field 'b': required on node h2, absent on this node"
     }
-    assert "node h2 (app 2.0) has an incompatible job schema" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import ClassVar
 
 import pytest
@@ -141,6 +142,39 @@ class PlaceComputes(Command[Receipt]):  # v2: writes a computed field too
     @property
     def size(self) -> int:
         return len(self.lines)
+
+
+class PlaceV1Sized(Command[Receipt]):  # v1 with a plain field that v2 computes
+    type_name: ClassVar[str] = "orders.place"
+    customer: str
+    lines: list[Line]
+    size: int = 0
+
+
+class PlaceV1Priced(Command[Receipt]):
+    type_name: ClassVar[str] = "orders.place"
+    customer: str
+    lines: list[Line]
+    amount: Decimal
+
+
+class PlaceRenamesPrice(Command[Receipt]):  # v2: reads "total", writes it as v1's "amount"
+    type_name: ClassVar[str] = "orders.place"
+    customer: str
+    lines: list[Line]
+    total: Decimal = Field(serialization_alias="amount")
+
+
+def test_a_field_written_under_another_name_keeps_its_type_and_a_computed_one_its_own() -> None:
+    """No false "type differs" (a rollout would refuse sends that work): a Decimal's serialization
+    schema is a string, its validation one a number or string; a computed field is read-only."""
+    assert between(PlaceRenamesPrice, PlaceV1Priced) == []
+    assert between(PlaceComputes, PlaceV1Sized) == []
+
+
+def test_a_record_of_a_later_version_with_more_parts_is_read() -> None:
+    text = schema(PlaceComputes).text
+    assert TypeSchema.decode(text + "|something-new") == schema(PlaceComputes)
 
 
 def test_what_a_version_writes_is_checked_against_what_the_other_reads() -> None:
