@@ -106,6 +106,8 @@ class PrometheusObserver(Observer):
             "catga_dead_letters", "Durable messages dead-lettered, by reason", ["type", "reason"], registry=r
         )
         self._children: dict[tuple[object, ...], Any] = {}
+        #: Nodes that left: an attempt to one that ends after it left counts as node "gone".
+        self._gone: set[str] = set()
         self._sending = self.in_flight.labels("send")
         self._handling = self.in_flight.labels("handle")
         self._lost = False
@@ -139,7 +141,8 @@ class PrometheusObserver(Observer):
     def attempt_ended(
         self, token: object, message: Message, node_id: str, attempt: int, error: BaseException | None
     ) -> None:
-        self._of(self.attempts, message.type_name, node_id or "any", outcome_of(error)).inc()
+        node = "gone" if node_id in self._gone else node_id or "any"  # ended after it left
+        self._of(self.attempts, message.type_name, node, outcome_of(error)).inc()
 
     def failover(self, message: Message, node_id: str, error: CatgaError) -> None:
         self._of(self.failovers, message.type_name).inc()
@@ -171,6 +174,7 @@ class PrometheusObserver(Observer):
     def member_joined(self, node_id: str, size: int) -> None:
         self.joins.inc()
         self.size.set(size)
+        self._gone.discard(node_id)
 
     def member_left(self, node_id: str, size: int, *, evicted: bool) -> None:
         (self.evictions if evicted else self.leaves).inc()
@@ -180,6 +184,9 @@ class PrometheusObserver(Observer):
         for key in [key for key in self._children if key[0] is self.attempts and key[2] == node_id]:
             del self._children[key]
             self.attempts.remove(*key[1:])
+        if len(self._gone) > 10_000:  # ids that never come back: keep the set bounded too
+            self._gone.clear()
+        self._gone.add(node_id)
 
     def connection_changed(self, connected: bool) -> None:
         self.connected.set(1 if connected else 0)

@@ -101,7 +101,7 @@ async def test_counters_move_across_a_cluster_with_a_failure_and_a_failover(
     assert value(metrics_a, "catga_send_duration_seconds_count", type="Charge", operation="send") == 5
     assert value(metrics_a, "catga_attempts_total", type="Charge", node="b", outcome="ok") == 2
     with pytest.raises(RequestTimeoutError):  # the run there is cancelled at the deadline: a timeout
-        await a.mediator.send_to_node(Charge(amount=999), "b", timeout=0.3)
+        await a.mediator.send_to_node(Charge(amount=999), "b", timeout=1.0)
     handled_timeout = {"type": "Charge", "kind": "request", "outcome": "timeout"}
     await eventually(
         lambda: value(metrics_b, "catga_messages_handled_total", **handled_timeout) == 1, within=3
@@ -133,3 +133,15 @@ def test_overload_is_counted_by_type_and_outcome() -> None:
     observer.overloaded("Tick", "dropped")
     assert value(observer, "catga_overloaded_total", type="Charge", outcome="busy") == 2
     assert value(observer, "catga_overloaded_total", type="Tick", outcome="dropped") == 1
+
+
+def test_an_attempt_that_ends_after_its_node_left_adds_no_series_of_it() -> None:
+    observer = PrometheusObserver()
+    observer.attempt_ended(None, Charge(amount=1), "vm-1", 1, None)
+    observer.member_left("vm-1", 1, evicted=True)
+    observer.attempt_ended(None, Charge(amount=1), "vm-1", 1, TimeoutError())  # in flight as it left
+    assert value(observer, "catga_attempts_total", type="Charge", node="vm-1", outcome="ok") == 0
+    assert value(observer, "catga_attempts_total", type="Charge", node="gone", outcome="timeout") == 1
+    observer.member_joined("vm-1", 2)  # back (a stable node id): its own series again
+    observer.attempt_ended(None, Charge(amount=1), "vm-1", 1, None)
+    assert value(observer, "catga_attempts_total", type="Charge", node="vm-1", outcome="ok") == 1
