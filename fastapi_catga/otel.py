@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi_catga.core.logs import TRACE_LINE, bounded_trace
+from fastapi_catga.core.logs import bounded_trace, cut
 from fastapi_catga.core.messages import Event, Message
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.pipeline import CallNext
@@ -63,8 +63,8 @@ class TracingBehavior:
         ) as span:
             try:
                 return await call_next()
-            except BaseException as exc:
-                _record(span, exc)
+            except Exception as exc:  # as OpenTelemetry's own: a cancellation is no error
+                _record(span, exc, chain=True)  # this node's own span: the cause may be read here
                 raise
 
 
@@ -162,20 +162,21 @@ class TracingObserver(Observer):
         self._end(token, error)
 
 
-def _record(span: trace.Span, error: BaseException) -> None:
+def _record(span: trace.Span, error: BaseException, *, chain: bool = False) -> None:
     """The span's exception event and error status, bounded: a handler's error text may be
-    megabytes, over what a collector takes in one batch. Without the error's cause: a handler's
-    own exception, which caused the error its caller gets here, does not travel to a caller on
-    another node either (its text stays in the node's log unless ``CATGA_EXPOSE_ERRORS``)."""
-    text = _text(error)
-    if len(text) > TRACE_LINE:
-        text = f"{text[:TRACE_LINE]}... ({len(text)} characters)"
+    megabytes, over what a collector takes in one batch. Without the error's cause unless
+    ``chain``: a handler's own exception, which caused the error its caller gets here, does not
+    travel to a caller on another node either (its text stays in the node's log unless
+    ``CATGA_EXPOSE_ERRORS``)."""
+    if not span.is_recording():  # no SDK: nothing to format
+        return
+    text = cut(_text(error))
     span.add_event(
         "exception",
         {
             "exception.type": f"{type(error).__module__}.{type(error).__qualname__}",
             "exception.message": text,
-            "exception.stacktrace": bounded_trace(error, chain=False),
+            "exception.stacktrace": bounded_trace(error, chain=chain),
             "exception.escaped": "False",
         },
     )

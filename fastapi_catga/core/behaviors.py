@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi_catga.core.deadlines import DeadlinePassed, Deadlines
 from fastapi_catga.core.idempotency import DoneRecords, IdempotencyBehavior
+from fastapi_catga.core.logs import log_bounded
 from fastapi_catga.core.messages import Message
 from fastapi_catga.core.pipeline import CallNext, Pipeline, as_pipeline
 from fastapi_catga.exceptions import RequestTimeoutError
@@ -51,13 +52,11 @@ class LoggingBehavior:
             started = clock()
             try:
                 result = await inner(message)
-            except Exception:
-                log.exception(
-                    "%s %s failed after %.1f ms",
-                    message.type_name,
-                    message.message_id,
-                    (clock() - started) * 1e3,
-                )
+            except Exception as exc:
+                log_bounded(
+                    log, logging.ERROR, "%s %s failed after %.1f ms",
+                    message.type_name, message.message_id, (clock() - started) * 1e3, exc=exc,
+                )  # fmt: skip
                 raise
             if log.isEnabledFor(level):  # the check `log.log` makes, without formatting the args
                 log.log(

@@ -10,7 +10,16 @@ import traceback
 import urllib.parse
 from collections.abc import Callable, Hashable
 
-__all__ = ["LogLimiter", "bounded_trace", "redact_text", "redact_url"]
+__all__ = [
+    "TRACE_ALL",
+    "TRACE_LINE",
+    "LogLimiter",
+    "bounded_trace",
+    "cut",
+    "log_bounded",
+    "redact_text",
+    "redact_url",
+]
 
 #: Characters of one line of a traceback, and of a whole one, that a log line or a span keeps.
 TRACE_LINE = 1000
@@ -106,26 +115,36 @@ class LogLimiter:
             return
         more = f" ({held} more since the last report)" if held else ""
         if exc_info is None:
-            logger.log(level, text + "%s", *args, more)
-        elif logger.isEnabledFor(level):
-            # A handler's error text may be megabytes: the line's traceback is formatted bounded
-            # (what a formatter prints), the exception itself still on the record.
-            fn, lno, func, _ = logger.findCaller(stacklevel=2)
-            raised = (type(exc_info), exc_info, exc_info.__traceback__)
-            record = logger.makeRecord(logger.name, level, fn, lno, text + "%s", (*args, more), raised, func)
-            record.exc_text = bounded_trace(exc_info)
-            logger.handle(record)
+            logger.log(level, text + "%s", *args, more, stacklevel=2)
+        else:
+            log_bounded(logger, level, text + "%s", *args, more, exc=exc_info, stacklevel=3)
+
+
+def log_bounded(
+    logger: logging.Logger, level: int, text: str, *args: object, exc: BaseException, stacklevel: int = 2
+) -> None:
+    """``logger.log(level, text, *args, exc_info=exc)`` with the traceback a formatter prints
+    bounded (`bounded_trace`): a handler's error text may be megabytes. The exception itself stays
+    on the record, for handlers that format it themselves. ``stacklevel`` as `logging.Logger.log`'s."""
+    if not logger.isEnabledFor(level):
+        return
+    fn, lno, func, _ = logger.findCaller(stacklevel=stacklevel)
+    raised = (type(exc), exc, exc.__traceback__)
+    record = logger.makeRecord(logger.name, level, fn, lno, text, args, raised, func)
+    record.exc_text = bounded_trace(exc)
+    logger.handle(record)
+
+
+def cut(text: str, limit: int = TRACE_LINE) -> str:
+    """``text``, or its first ``limit`` characters and how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def bounded_trace(exc: BaseException, *, chain: bool = True) -> str:
     """``exc``'s traceback as ``logging`` formats it, each line cut to `TRACE_LINE` characters and
     the whole to about `TRACE_ALL` (its start and its end, where the error is said)."""
     lines = "".join(traceback.format_exception(exc, chain=chain)).rstrip("\n").split("\n")
-    cut = [
-        line if len(line) <= TRACE_LINE else f"{line[:TRACE_LINE]}... ({len(line)} characters)"
-        for line in lines
-    ]
-    text = "\n".join(cut)
+    text = "\n".join(cut(line) for line in lines)
     if len(text) <= TRACE_ALL:
         return text
     half = TRACE_ALL // 2

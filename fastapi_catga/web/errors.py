@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from fastapi_catga.core.envelope import retry_delay
-from fastapi_catga.core.logs import TRACE_LINE, LogLimiter
+from fastapi_catga.core.logs import LogLimiter, cut
 from fastapi_catga.exceptions import (
     BusyError,
     CatgaError,
@@ -70,11 +70,9 @@ async def problem_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, CatgaError)
     status, title = status_for(exc)
     if status >= 500:  # at most one line per status and code an interval: an outage is many
-        text = _text(exc)
-        shown = text if len(text) <= TRACE_LINE else f"{text[:TRACE_LINE]}..."
         _log_limit(request).log(
             logger, logging.WARNING, (status, exc.code), "%s %s -> %d: %s",
-            request.method, request.url.path, status, shown,
+            request.method, request.url.path, status, cut(_text(exc)),
         )  # fmt: skip
     body: dict[str, object] = {
         "type": f"urn:catga:error:{exc.code}",

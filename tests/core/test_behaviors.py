@@ -72,6 +72,14 @@ async def test_logging_behavior_logs_failures_with_traceback(caplog: pytest.LogC
     assert record.levelno == logging.ERROR
     assert "PPing log-2 failed after" in record.getMessage()
     assert record.exc_info is not None and record.exc_info[1] is error
+    assert record.pathname.endswith("behaviors.py"), "the line that logged it, not the helper's"
+
+
+async def test_logging_behavior_bounds_a_huge_error_text(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="fastapi_catga.handlers")
+    with pytest.raises(ValueError):
+        await build_pipeline(Counter(ValueError("E" * 5_000_000)), [LoggingBehavior()], PPing)(PPing())
+    assert 1000 < len(caplog.text) < 40_000
 
 
 # -- TimeoutBehavior ----------------------------------------------------------------------------------
