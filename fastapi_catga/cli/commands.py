@@ -100,7 +100,7 @@ async def within(ctx: Context, call: Awaitable[T], what: str, grace: float = 0.0
         if isinstance(exc, CatgaError):
             raise
         raise Exit(
-            UNREACHABLE, f"{what}: the broker did not answer within {ctx.broker_timeout:g} s"
+            UNREACHABLE, f"{what}: the broker did not answer within {ctx.broker_timeout + grace:g} s"
         ) from None
 
 

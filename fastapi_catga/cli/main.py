@@ -188,6 +188,7 @@ def _configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``catga`` with ``argv`` (default: the process's arguments); returns the exit code."""
     parser = build_parser()
+    _Parser.usage_error = ""
     words = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(words)

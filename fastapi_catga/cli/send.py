@@ -9,10 +9,11 @@ such record, to the type's queue group ``type.<name>``.
 from __future__ import annotations
 
 import json
+import math
 import random
 import secrets
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi_catga.cli.commands import Context, connected, emit, members
 from fastapi_catga.cli.exits import FAILED, OK, USAGE, Exit
@@ -41,7 +42,7 @@ __all__ = ["parse_body", "send"]
 def parse_body(text: str) -> dict[str, Any]:
     """The message's fields: a JSON object (exit 2 otherwise), with a ``message_id``."""
     try:
-        body = json.loads(text, parse_constant=_no_constant)
+        body = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except ValueError as exc:
         raise Exit(USAGE, f"JSON is not valid JSON ({exc}); give the message's fields, e.g. '{{}}'") from None
     if not isinstance(body, dict):
@@ -53,9 +54,17 @@ def parse_body(text: str) -> dict[str, Any]:
     return body
 
 
-def _no_constant(name: str) -> Any:
+def _no_constant(name: str) -> NoReturn:
     """NaN and Infinity, which Python's JSON reads and no other JSON does."""
     raise ValueError(f"{name} is no JSON number")
+
+
+def _finite(text: str) -> float:
+    """A JSON number too large for a float (``1e999``) would go out as Infinity."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
 
 
 def _envelope(type_name: str, body: dict[str, Any], deadline: float) -> Envelope:

@@ -261,6 +261,7 @@ async def _count(node: object) -> bool:
         ["send", "Greet", "[1]"],
         ["send", "Greet", '{"message_id": 5}'],  # not replaced unsaid: the README says it is kept
         ["send", "Greet", '{"name": NaN}'],  # Python's JSON reads it, no other does
+        ["send", "Greet", '{"name": 1e999}'],  # a float of it is Infinity
         ["send", "no spaces", "{}"],
         ["send", "Greet", "{}", "--node", "a.b"],
         ["dead-letters"],
