@@ -19,9 +19,9 @@ from fastapi_catga.core.envelope import DEFAULT_MAX_PAYLOAD, MAX_TIMEOUT
 from fastapi_catga.core.logs import redact_url
 from fastapi_catga.exceptions import ConfigurationError
 
-logger = logging.getLogger(__name__)
-
 __all__ = ["CatgaSettings", "load_settings", "new_node_id"]
+
+logger = logging.getLogger(__name__)
 
 _NAME = r"^[A-Za-z0-9_-]{1,64}$"
 _URLS = frozenset({"nats_url", "redis_url"})  # may hold a password: never shown as they are
@@ -182,7 +182,7 @@ def load_settings(**overrides: Any) -> CatgaSettings:
     Raises:
         ConfigurationError: names each bad ``CATGA_*`` variable and what it should be.
     """
-    for name, meant in misspelt(os.environ):
+    for name, meant in _misspelt(os.environ):
         logger.warning("%s is no fastapi-catga setting and is not read; did you mean %s?", name, meant)
     try:
         return CatgaSettings(**overrides)
@@ -198,16 +198,16 @@ def load_settings(**overrides: Any) -> CatgaSettings:
         ) from exc
 
 
-def misspelt(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+def _misspelt(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     """``(name, the setting it is close to)`` of each ``CATGA_*`` variable that is no setting but
     nearly one (``CATGA_NAT_URL``): a typo that would leave the default in place, unsaid. An app's
     own ``CATGA_*`` variables, close to no setting, are left alone."""
-    known = [f"CATGA_{name.upper()}" for name in CatgaSettings.model_fields]
+    known = {f"CATGA_{name.upper()}" for name in CatgaSettings.model_fields}
     found = []
     for name in sorted(environ):
         upper = name.upper()
         if upper.startswith("CATGA_") and upper not in known:
-            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.85)
+            close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.85)
             if close:
                 found.append((name, close[0]))
     return found
