@@ -182,15 +182,20 @@ async def test_publish_and_broadcast_are_traced_to_every_node(
     }
 
 
-async def test_a_local_send_is_traced_and_tracing_behavior_still_nests() -> None:
-    traced = Traced()
-    node = build(
+def traced_alone(traced: Traced) -> Catga:
+    """A node alone (its sends run in-process), traced by both the behavior and the observer."""
+    return build(
         CatgaSettings(),
         handlers=[charge],
         behaviors=[TracingBehavior(traced.provider)],
         observers=[TracingObserver(traced.provider)],
         transport=InMemoryTransport(),
     )
+
+
+async def test_a_local_send_is_traced_and_tracing_behavior_still_nests() -> None:
+    traced = Traced()
+    node = traced_alone(traced)
     await node.start()
     try:
         assert await node.mediator.send(Charge(amount=1)) == "ok"
@@ -213,13 +218,7 @@ async def test_a_handlers_huge_error_makes_bounded_spans_without_its_text(
     the handler's own text, as on a caller on another node; the handler's span and the node's log
     line have it, cut."""
     traced = Traced()
-    node = build(
-        CatgaSettings(),
-        handlers=[charge],
-        behaviors=[TracingBehavior(traced.provider)],
-        observers=[TracingObserver(traced.provider)],
-        transport=InMemoryTransport(),
-    )
+    node = traced_alone(traced)
     await node.start()
     try:
         with pytest.raises(RemoteHandlerError):
