@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi_catga.core.logs import bounded_trace, cut
+from fastapi_catga.core.logs import bounded_trace, cut, text_of
 from fastapi_catga.core.messages import Event, Message
 from fastapi_catga.core.observe import Observer
 from fastapi_catga.core.pipeline import CallNext
@@ -170,7 +170,7 @@ def _record(span: trace.Span, error: BaseException, *, chain: bool = False) -> N
     ``CATGA_EXPOSE_ERRORS``)."""
     if not span.is_recording():  # no SDK: nothing to format
         return
-    text = cut(_text(error))
+    text = cut(text_of(error))
     span.add_event(
         "exception",
         {
@@ -181,10 +181,3 @@ def _record(span: trace.Span, error: BaseException, *, chain: bool = False) -> N
         },
     )
     span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {text}"))
-
-
-def _text(error: BaseException) -> str:
-    try:
-        return str(error)
-    except Exception:  # its __str__ raises
-        return type(error).__name__

@@ -19,6 +19,7 @@ __all__ = [
     "log_bounded",
     "redact_text",
     "redact_url",
+    "text_of",
 ]
 
 #: Characters of one line of a traceback, and of a whole one, that a log line or a span keeps.
@@ -133,6 +134,15 @@ def log_bounded(
     record = logger.makeRecord(logger.name, level, fn, lno, text, args, raised, func)
     record.exc_text = bounded_trace(exc)
     logger.handle(record)
+
+
+def text_of(exc: BaseException, attribute: str | None = None) -> str:
+    """The error's text (or its ``attribute``), or a word that it has none that can be read (a
+    ``__str__`` that raises, a subclass that skipped its base's ``__init__``)."""
+    try:
+        return str(getattr(exc, attribute) if attribute else exc)
+    except Exception as broken:
+        return f"{type(exc).__name__} (its text could not be read: {type(broken).__name__})"
 
 
 def cut(text: str, limit: int = TRACE_LINE) -> str:

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from fastapi_catga.core.envelope import retry_delay
-from fastapi_catga.core.logs import LogLimiter, cut
+from fastapi_catga.core.logs import LogLimiter, cut, text_of
 from fastapi_catga.exceptions import (
     BusyError,
     CatgaError,
@@ -72,13 +72,13 @@ async def problem_response(request: Request, exc: Exception) -> Response:
     if status >= 500:  # at most one line per status and code an interval: an outage is many
         _log_limit(request).log(
             logger, logging.WARNING, (status, exc.code), "%s %s -> %d: %s",
-            request.method, request.url.path, status, cut(_text(exc)),
+            request.method, request.url.path, status, cut(text_of(exc)),
         )  # fmt: skip
     body: dict[str, object] = {
         "type": f"urn:catga:error:{exc.code}",
         "title": title,
         "status": status,
-        "detail": _text(exc, "message"),
+        "detail": text_of(exc, "message"),
         "instance": request.url.path,
     }
     # A subclass may skip CatgaError.__init__: what it sets may be missing.
@@ -130,11 +130,3 @@ def _log_limit(request: Request) -> LogLimiter:
     if not isinstance(limiter, LogLimiter):
         limiter = state.catga_error_log_limit = LogLimiter()
     return limiter
-
-
-def _text(exc: CatgaError, attribute: str | None = None) -> str:
-    """The error's message (or text), or a word that it has none that can be read."""
-    try:
-        return str(getattr(exc, attribute) if attribute else exc)
-    except Exception as broken:
-        return f"{type(exc).__name__} (its text could not be read: {type(broken).__name__})"
