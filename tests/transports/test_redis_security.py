@@ -166,7 +166,7 @@ async def test_tls_on_one_side_only_names_the_scheme(
     never worked may name the wrong scheme, and the error says which to try."""
     with TlsRedisServer(pki, mutual=False) as server:
         plain = {"transport": "redis", "redis_url": f"redis://127.0.0.1:{server.port}/0"}
-        error = await refused_at_start(cluster, plain, [], caplog, within=6)
+        error = await refused_at_start(cluster, plain, [], caplog, within=8)
         assert "the URL is rediss://" in str(error), error
     with RedisServer() as server:
         tls = {
@@ -174,7 +174,7 @@ async def test_tls_on_one_side_only_names_the_scheme(
             "redis_url": f"rediss://127.0.0.1:{server.port}/0",
             "redis_tls_ca": pki.ca,
         }
-        error = await refused_at_start(cluster, tls, [], caplog, within=8)
+        error = await refused_at_start(cluster, tls, [], caplog, within=10)
         assert "no answer within 5 s" in str(error) and "then redis://" in str(error), error
 
 
