@@ -69,9 +69,14 @@ def first_connect_failure(exc: BaseException, *, tls: bool, timeout: float) -> s
             return f"no answer within {timeout:g} s; is the server one without TLS (then redis://)?"
         return f"no answer within {timeout:g} s"
     why = connect_failure(exc, tls=tls)
-    if not tls and "reset by peer" in why:  # a TLS-only server ends a plain connection so
+    if not tls and any(word in why for word in _ENDED_BY_SERVER):  # as a TLS-only server ends a
+        # plain connection: a reset, or a lost socket, depending on when the client writes
         return f"{why}; if the server takes TLS only, the URL is rediss://"
     return why
+
+
+#: How redis-py says the server ended a connection it had accepted.
+_ENDED_BY_SERVER = ("reset by peer", "Connection lost", "Connection closed by server")
 
 
 @contextlib.asynccontextmanager
