@@ -248,18 +248,14 @@ class DurableRunner:
         # The holder is this run, not this node: a second delivery of the same id on this node (a
         # re-send, a redelivery while the first run lives) must wait for the first like anyone else.
         holder, lease = f"{self._settings.node_id}/{os.urandom(6).hex()}", work.policy.lease
-        while not await self.store.claim(key, holder, lease):
+        while (taken := await self.store.take(key, holder, lease)) is False:
             # Another node runs this message id now (a second copy of it, or a redelivery while its
             # holder lives). Hold this delivery, without counting an attempt, until that run commits
             # (then this copy is done) or its lease lapses (then it is ours).
-            if await self._done_already(envelope, delivery, key):
-                return
             await delivery.keep_alive()
             await asyncio.sleep(min(1.0, lease / 3))
-        # Looked up once the lease is held: a commit writes the done record before it lets the lease
-        # go, so a run that ended just before this claim is seen here, never run a second time.
-        if await self._done_already(envelope, delivery, key):
-            await self.store.release(key, holder)
+        if taken is not True:  # a run of this message id succeeded already: answer with its result
+            await self._done_already(envelope, delivery, taken)
             return
         if delivery.deliveries > work.policy.attempts:  # its earlier runs crashed their nodes
             await self.store.release(key, holder)
@@ -296,15 +292,11 @@ class DurableRunner:
                 message.message_id,
             )
 
-    async def _done_already(self, envelope: Envelope, delivery: DurableDelivery, key: str) -> bool:
-        """Whether a run of this message id succeeded already (a redelivery, a re-send of the same
-        id): then this delivery is acked and its caller answered with that run's result."""
-        done = await self.store.done(key)
-        if done is None:
-            return False
+    async def _done_already(self, envelope: Envelope, delivery: DurableDelivery, done: bytes) -> None:
+        """A run of this message id succeeded already (a redelivery, a re-send of the same id): this
+        delivery is acked and its caller answered with that run's result."""
         await delivery.ack()
         await self._answer(envelope, Envelope({STATUS: "ok", NODE: self._settings.node_id}, done))
-        return True
 
     async def _keep(self, key: str, holder: str, delivery: DurableDelivery, lease: float) -> None:
         while True:

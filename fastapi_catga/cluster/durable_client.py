@@ -273,6 +273,11 @@ class PreparedStore:
         if not connected:
             self._made = False
 
+    @property
+    def made(self) -> DurableStore | None:
+        """The store if it is made already (the usual case: no wait, no coroutine), else None."""
+        return self._transport.durable if self._made else None
+
     async def ready(self) -> DurableStore:
         """The store, made first if need be.
 
@@ -305,16 +310,19 @@ class PreparedRecords:
         self._store = store
 
     async def done(self, key: str) -> bytes | None:
-        return await (await self._store.ready()).done(key)
+        return await (self._store.made or await self._store.ready()).done(key)
 
     async def claim(self, key: str, holder: str, ttl: float) -> bool:
-        return await (await self._store.ready()).claim(key, holder, ttl)
+        return await (self._store.made or await self._store.ready()).claim(key, holder, ttl)
+
+    async def take(self, key: str, holder: str, ttl: float) -> bytes | bool:
+        return await (self._store.made or await self._store.ready()).take(key, holder, ttl)
 
     async def release(self, key: str, holder: str) -> None:
-        await (await self._store.ready()).release(key, holder)
+        await (self._store.made or await self._store.ready()).release(key, holder)
 
     async def commit(self, key: str, holder: str, result: bytes, ttl: float) -> bool:
-        return await (await self._store.ready()).commit(key, holder, result, ttl)
+        return await (self._store.made or await self._store.ready()).commit(key, holder, result, ttl)
 
 
 class DeadLetters:

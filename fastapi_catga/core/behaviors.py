@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi_catga.core.deadlines import DeadlinePassed, Deadlines
-from fastapi_catga.core.idempotency import DoneRecords, IdempotencyBehavior
+from fastapi_catga.core.idempotency import DoneRecords, IdempotencyBehavior, TakesLeases
 from fastapi_catga.core.logs import log_bounded
 from fastapi_catga.core.messages import Message
 from fastapi_catga.core.pipeline import CallNext, Pipeline, as_pipeline
@@ -22,6 +22,7 @@ __all__ = [
     "IdempotencyBehavior",
     "LoggingBehavior",
     "RetryBehavior",
+    "TakesLeases",
     "TimeoutBehavior",
     "is_retryable",
 ]

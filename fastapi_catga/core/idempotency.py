@@ -8,14 +8,14 @@ import itertools
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, runtime_checkable
 
 from fastapi_catga.core.messages import Message, Request
 from fastapi_catga.core.pipeline import CallNext, Pipeline, as_pipeline
 from fastapi_catga.core.raised import is_handler_error
 
-__all__ = ["DoneRecords", "IdempotencyBehavior"]
+__all__ = ["DoneRecords", "IdempotencyBehavior", "TakesLeases"]
 
 #: A message's type name and id in one string: its hash is computed once and kept by the string
 #: (a tuple's is computed again on each of the four dict operations of a run, ~400 instructions each).
@@ -33,6 +33,35 @@ class DoneRecords(Protocol):
     async def release(self, key: str, holder: str) -> None: ...
 
     async def commit(self, key: str, holder: str, result: bytes, ttl: float) -> bool: ...
+
+
+@runtime_checkable
+class TakesLeases(DoneRecords, Protocol):
+    """Done records that look a record up and claim its lease in one call (the transports' are)."""
+
+    async def take(self, key: str, holder: str, ttl: float) -> bytes | bool:
+        """The done record under ``key`` if there is one; else whether ``holder`` has the lease now."""
+        ...
+
+
+def taker(records: DoneRecords) -> Callable[[str, str, float], Awaitable[bytes | bool]]:
+    """``records.take``, or the same made of `claim` and then `done` (a record is looked up once
+    the lease is held: a commit writes it before it lets the lease go, so a run that ended just
+    before the claim is seen, never run a second time)."""
+    if isinstance(records, TakesLeases):
+        return records.take
+
+    async def take(key: str, holder: str, ttl: float) -> bytes | bool:
+        if not await records.claim(key, holder, ttl):
+            done = await records.done(key)
+            return False if done is None else done
+        if (done := await records.done(key)) is None:
+            return True
+        with contextlib.suppress(Exception):
+            await records.release(key, holder)
+        return done
+
+    return take
 
 
 class IdempotencyBehavior:
@@ -67,6 +96,7 @@ class IdempotencyBehavior:
         self._running: dict[_Key, asyncio.Future[Any] | None] = {}
         self._sweep_at = 0.0
         self._records: DoneRecords | None = None
+        self._take: Callable[[str, str, float], Awaitable[bytes | bool]] | None = None
         self._holder = ""
         self._runs = itertools.count()
         self._adapters: dict[type[Message], Any] = {}
@@ -75,6 +105,7 @@ class IdempotencyBehavior:
         """Keep results in the cluster's done records (the node does this at start-up)."""
         # Each run claims as a holder of its own: this node, this process's incarnation, a count.
         self._records, self._holder = records, f"{holder}:{os.urandom(4).hex()}"
+        self._take = taker(records)
 
     @staticmethod
     def applies_to(message_type: type[Message]) -> bool:
@@ -166,24 +197,22 @@ class IdempotencyBehavior:
             future.exception()  # mark retrieved: waiters re-raise it, nobody else needs to
 
     async def _in_cluster(self, message: Message, inner: Pipeline) -> Any:
-        records, holder = self._records, f"{self._holder}:{next(self._runs)}"  # this run's own claim
-        assert records is not None
+        records, take, holder = (
+            self._records,
+            self._take,
+            f"{self._holder}:{next(self._runs)}",
+        )  # this run's own claim
+        assert records is not None and take is not None
         key = f"idempotency:{message.type_name}:{message.message_id}"
         adapter = self._adapters.get(type(message), _UNKNOWN)
         if adapter is _UNKNOWN:
             adapter = self._adapters[type(message)] = (
                 type(message).result_adapter() if isinstance(message, Request) else None
             )
-        while not await records.claim(key, holder, self._lease):
-            if (done := await records.done(key)) is not None:
-                return None if adapter is None else adapter.validator.validate_json(done)
+        while (taken := await take(key, holder, self._lease)) is False:  # noqa: ASYNC110 (a broker's record)
             await asyncio.sleep(0.05)  # another node runs it now: wait for its record, or its lease
-        # Looked up once the lease is held: a commit writes the record before it lets the lease go,
-        # so a run that ended just before this claim is seen here, never run a second time.
-        if (done := await records.done(key)) is not None:
-            with contextlib.suppress(Exception):
-                await records.release(key, holder)
-            return None if adapter is None else adapter.validator.validate_json(done)
+        if taken is not True:  # a run of this id ended already, here or on another node
+            return None if adapter is None else adapter.validator.validate_json(taken)
         try:
             result = await inner(message)
             encoded = b"null" if adapter is None else adapter.serializer.to_json(result, by_alias=True)

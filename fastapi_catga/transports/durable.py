@@ -132,6 +132,14 @@ class DurableStore(Protocol):
         """Take the lease on ``key`` for ``ttl`` seconds; False while another holder has it."""
         ...
 
+    async def take(self, key: str, holder: str, ttl: float) -> bytes | bool:
+        """The done record under ``key`` if there is one (no lease taken); else `claim`'s answer.
+
+        What a run asks before it starts, in one step where the broker allows (it is `claim`, then
+        `done` once the lease is held: a commit writes the record before it lets the lease go, so
+        a run that ended just before the claim is seen, never run a second time)."""
+        ...
+
     async def renew(self, key: str, holder: str, ttl: float) -> bool:
         """Extend ``holder``'s lease; False when it is no longer ``holder``'s."""
         ...

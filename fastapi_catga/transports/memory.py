@@ -190,8 +190,9 @@ class InMemoryTransport:
     async def _reachable(self) -> None:
         """`_check`, waiting first while the broker is frozen."""
         self._check()
-        await self.broker._unfrozen()
-        self._check()
+        if self.broker.frozen:
+            await self.broker._unfrozen()
+            self._check()
 
     async def connect(self) -> None:
         """Connect; again after `aclose` too (an app's lifespan that runs again, for another test

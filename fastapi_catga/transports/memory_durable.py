@@ -185,10 +185,29 @@ class MemoryDurable:
         record = self._done.get((cluster, key))
         return record[0] if record is not None and record[1] > self.clock() else None
 
-    def set_done(self, cluster: str, key: str, result: bytes, ttl: float) -> None:
-        until = self.clock() + ttl
-        self._done[(cluster, key)] = (result, until)
-        self._wrote(until)
+    def take_lease(self, cluster: str, key: str, holder: str, ttl: float) -> bytes | bool:
+        """`DurableStore.take`, in one step."""
+        name, now = (cluster, key), self.clock()
+        record = self._done.get(name)
+        if record is not None and record[1] > now:
+            return record[0]
+        lease = self._leases.get(name)
+        if lease is not None and lease[0] != holder and lease[1] > now:
+            return False
+        self._leases[name] = (holder, now + ttl)
+        self._wrote(now + ttl)
+        return True
+
+    def commit(self, cluster: str, key: str, holder: str, result: bytes, ttl: float) -> bool:
+        """`DurableStore.commit`, in one step."""
+        name, now = (cluster, key), self.clock()
+        lease, record = self._leases.get(name), self._done.get(name)
+        if lease is None or lease[0] != holder or lease[1] <= now or (record is not None and record[1] > now):
+            return False
+        self._done[name] = (result, now + ttl)
+        del self._leases[name]
+        self._wrote(now + ttl)
+        return True
 
     def _wrote(self, until: float) -> None:
         """Counts a write of a dedup id, lease or done record that ends at ``until``; once there were
@@ -348,6 +367,10 @@ class MemoryDurableStore:
         self._state.set_lease(self.cluster, key, holder, ttl)
         return True
 
+    async def take(self, key: str, holder: str, ttl: float) -> bytes | bool:
+        await self._reachable()
+        return self._state.take_lease(self.cluster, key, holder, ttl)
+
     async def renew(self, key: str, holder: str, ttl: float) -> bool:
         await self._reachable()
         if self._state.holder(self.cluster, key) != holder:
@@ -362,11 +385,7 @@ class MemoryDurableStore:
 
     async def commit(self, key: str, holder: str, result: bytes, ttl: float) -> bool:
         await self._reachable()
-        if self._state.holder(self.cluster, key) != holder or self._state.done(self.cluster, key) is not None:
-            return False
-        self._state.set_done(self.cluster, key, result, ttl)
-        self._state.set_lease(self.cluster, key, None, 0)
-        return True
+        return self._state.commit(self.cluster, key, holder, result, ttl)
 
     async def add_dead_letter(self, letter: DeadLetter, envelope: Envelope) -> bool:
         await self._reachable()

@@ -226,6 +226,16 @@ class DurableContract:
         assert not await b.commit("workers:m3", "b", b"3", 60), "done once"
         assert await a.done("workers:m3") == b"2"
 
+    async def test_take_answers_the_record_or_the_lease(self, make_store: MakeStore) -> None:
+        a, b = await prepared(make_store), await prepared(make_store)
+        assert await a.take("workers:t1", "a", 30) is True
+        assert await b.take("workers:t1", "b", 30) is False, "a holds it, and nothing is done yet"
+        assert await a.take("workers:t1", "a", 30) is True, "its holder may take it again"
+        assert await a.commit("workers:t1", "a", b'"ran"', 60)
+        assert await b.take("workers:t1", "b", 30) == b'"ran"'
+        assert await b.claim("workers:t1", "c", 30), "answering the record took no lease"
+        assert await b.take("workers:t1", "c", 30) == b'"ran"', "a record counts, whoever holds the lease"
+
     async def test_a_done_record_expires_after_its_window(self, make_store: MakeStore) -> None:
         store = await prepared(make_store, dedup_window=2)
         assert await store.claim("workers:m4", "a", 30)

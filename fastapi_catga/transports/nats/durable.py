@@ -211,6 +211,9 @@ class NatsDurable:
     async def claim(self, key: str, holder: str, ttl: float) -> bool:
         return await self._leases.claim(key, holder, ttl)
 
+    async def take(self, key: str, holder: str, ttl: float) -> bytes | bool:
+        return await self._leases.take(key, holder, ttl)
+
     async def renew(self, key: str, holder: str, ttl: float) -> bool:
         return await self._leases.renew(key, holder, ttl)
 

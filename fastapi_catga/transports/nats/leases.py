@@ -37,6 +37,7 @@ _WRONG_LAST = (10071, 10164)  # JSStreamWrongLastSequenceErr(F), JSStreamWrongLa
 _STREAM_NOT_FOUND = 10059
 _REMOVED = ("DEL", "PURGE")
 _UNTIL = "Catga-Until"  # a done record's end, UNIX seconds
+_MINE_KEPT = 10_000  # leases held by this process that are remembered with their revision
 
 
 def kv_key(key: str) -> str:
@@ -71,6 +72,10 @@ class NatsLeases:
         self._stream = f"KV_{self.bucket}"
         self._prefix = f"$KV.{self.bucket}."
         self._per_key_ttl = False
+        #: The leases this process holds, as it last wrote them: name -> (holder, record, revision,
+        #: until). A change at that revision needs no read first: if anyone wrote the key since, the
+        #: write fails, as a read would have shown the lease gone.
+        self._mine: dict[str, tuple[str, bytes, int, float]] = {}
 
     async def prepare(self, window: float) -> None:
         seconds = max(1, math.ceil(window))
@@ -88,36 +93,67 @@ class NatsLeases:
     async def done(self, key: str) -> bytes | None:
         return (await self._read(f"done.{kv_key(key)}"))[0]
 
+    async def take(self, key: str, holder: str, ttl: float) -> bytes | bool:
+        """`claim`, then `done` once the lease is held (JetStream has no read-and-write in one).
+
+        A lease created where the key had no message at all needs no look-up: a commit writes its
+        done record, then the lease's delete marker, and the bucket's max age drops the older one
+        first, so no done record outlives every message of its lease key. (A client's KV
+        ``PurgeDeletes()`` drops delete markers older than its threshold, 30 minutes by default:
+        run it on this bucket only with a threshold longer than the dedup window.)"""
+        name, (record, until) = f"lease.{kv_key(key)}", self._record(holder, ttl)
+        if await self._write_mine(name, holder, record, until, last=0) is not None:
+            return True  # a message id never run within the bucket's max age: the usual case
+        claimed = await self._take_over(name, holder, record, until)
+        done = await self.done(key)
+        if done is None:
+            return claimed
+        if claimed:
+            await self.release(key, holder)
+        return done
+
     async def claim(self, key: str, holder: str, ttl: float) -> bool:
-        name, record = f"lease.{kv_key(key)}", self._record(holder, ttl)
-        if await self._write(name, record, last=0) is not None:
+        name, (record, until) = f"lease.{kv_key(key)}", self._record(holder, ttl)
+        if await self._write_mine(name, holder, record, until, last=0) is not None:
             return True  # nobody had it: the usual case, one round trip
-        value, revision = await self._read(name)
+        return await self._take_over(name, holder, record, until)
+
+    async def _take_over(self, name: str, holder: str, record: bytes, until: float) -> bool:
+        """Take a lease key that has a message: free (deleted), expired, or ``holder``'s already."""
+        value, last = await self._read(name)
         if value is not None:
-            other, until = _lease(value)
-            if other != holder and until > self._clock():
+            other, ends = _lease(value)
+            if other != holder and ends > self._clock():
                 return False
-        return await self._write(name, record, last=revision) is not None
+        return await self._write_mine(name, holder, record, until, last=last) is not None
 
     async def renew(self, key: str, holder: str, ttl: float) -> bool:
         name = f"lease.{kv_key(key)}"
         held = await self._held(name, holder)
-        return (
-            held is not None and await self._write(name, self._record(holder, ttl), last=held[1]) is not None
-        )
+        if held is None:
+            return False
+        record, until = self._record(holder, ttl)
+        return await self._write_mine(name, holder, record, until, last=held[1]) is not None
 
     async def release(self, key: str, holder: str) -> None:
         name = f"lease.{kv_key(key)}"
-        value, revision = await self._read(name)
-        if value is not None and _lease(value)[0] == holder:
-            await self._write(name, b"", last=revision, delete=True)
+        mine = self._mine.get(name)
+        if mine is not None and mine[0] == holder:
+            del self._mine[name]
+            revision = mine[2]
+        else:
+            value, revision = await self._read(name)
+            if value is None or _lease(value)[0] != holder:
+                return
+        await self._write(name, b"", last=revision, delete=True)
 
     async def commit(self, key: str, holder: str, result: bytes, ttl: float) -> bool:
         lease, done = f"lease.{kv_key(key)}", f"done.{kv_key(key)}"
         held = await self._held(lease, holder)
+        self._forget(lease, holder)
         if held is None:
             return False
-        # Rewrite the lease at the revision just read: it succeeds only if nobody took it meanwhile.
+        # Rewrite the lease at the revision it was held at: it succeeds only if nobody took it since.
         fence = await self._write(lease, held[0], last=held[1])
         if fence is None or not await self._create(done, result, ttl):
             return False
@@ -126,16 +162,39 @@ class NatsLeases:
 
     # -- records ---------------------------------------------------------------------------------------
 
-    def _record(self, holder: str, ttl: float) -> bytes:
-        return json.dumps({"holder": holder, "until": self._clock() + ttl}).encode()
+    def _record(self, holder: str, ttl: float) -> tuple[bytes, float]:
+        until = self._clock() + ttl
+        return json.dumps({"holder": holder, "until": until}).encode(), until
 
     async def _held(self, name: str, holder: str) -> tuple[bytes, int] | None:
-        """The lease record and its revision if ``holder`` holds it now, else None."""
+        """The lease record and its revision if ``holder`` holds it now, else None: as this process
+        last wrote it (one read fewer), or as read."""
+        mine = self._mine.get(name)
+        if mine is not None and mine[0] == holder:
+            return (mine[1], mine[2]) if mine[3] > self._clock() else None
         value, revision = await self._read(name)
         if value is None:
             return None
         other, until = _lease(value)
         return (value, revision) if other == holder and until > self._clock() else None
+
+    async def _write_mine(
+        self, name: str, holder: str, record: bytes, until: float, *, last: int
+    ) -> int | None:
+        """`_write` of ``holder``'s lease record, kept in `_mine` when it is written (a write that
+        fails or ends unknown, by a timeout say, is forgotten: the next change reads first)."""
+        self._forget(name, holder)
+        revision = await self._write(name, record, last=last)
+        if revision is not None:
+            if len(self._mine) >= _MINE_KEPT:  # runs that ended without a commit or release
+                del self._mine[next(iter(self._mine))]
+            self._mine[name] = (holder, record, revision, until)
+        return revision
+
+    def _forget(self, name: str, holder: str) -> None:
+        mine = self._mine.get(name)
+        if mine is not None and mine[0] == holder:
+            del self._mine[name]
 
     async def _create(self, name: str, value: bytes, ttl: float) -> bool:
         if await self._write(name, value, last=0, ttl=ttl) is not None:

@@ -102,6 +102,7 @@ class RedisDurable:
         self.settle = redis.register_script(scripts.SETTLE)
         self.touch = redis.register_script(scripts.TOUCH)
         self._claim = redis.register_script(scripts.CLAIM)
+        self._take = redis.register_script(scripts.TAKE)
         self._renew = redis.register_script(scripts.RENEW)
         self._release = redis.register_script(scripts.RELEASE)
         self._commit = redis.register_script(scripts.COMMIT)
@@ -224,6 +225,14 @@ class RedisDurable:
     async def claim(self, key: str, holder: str, ttl: float) -> bool:
         async with self.command("lease claim"):
             return bool(await self._claim(keys=[self._lease(key)], args=[holder, _ms(ttl)]))
+
+    async def take(self, key: str, holder: str, ttl: float) -> bytes | bool:
+        keys = [self._lease(key), self._prefix + "done:" + key]
+        async with self.command("lease take"):
+            taken = await self._take(keys=keys, args=[holder, _ms(ttl)])
+        if isinstance(taken, int):
+            return bool(taken)
+        return taken.encode() if isinstance(taken, str) else taken
 
     async def renew(self, key: str, holder: str, ttl: float) -> bool:
         async with self.command("lease renew"):

@@ -104,6 +104,18 @@ redis.call('SET', lease, holder, 'PX', ttl_ms)
 return 1
 """
 
+#: The done record if there is one; else CLAIM's answer (one step: no run starts after a commit).
+TAKE = """
+local lease, done = KEYS[1], KEYS[2]
+local holder, ttl_ms = ARGV[1], ARGV[2]
+local record = redis.call('GET', done)
+if record then return record end
+local current = redis.call('GET', lease)
+if current and current ~= holder then return 0 end
+redis.call('SET', lease, holder, 'PX', ttl_ms)
+return 1
+"""
+
 #: Extend the lease if it is still ``holder``'s.
 RENEW = """
 local lease = KEYS[1]
