@@ -48,6 +48,7 @@ from benchmarks._common import (
     Responder,
     Sample,
     bench_cli,
+    echo,
     fmt_rate,
     fmt_ratio,
     loadavg,
@@ -57,7 +58,7 @@ from benchmarks._common import (
     run_sequential,
 )
 from benchmarks._responder import DurableEcho, DurableJob, DurableNoted
-from fastapi_catga import Catga, CatgaSettings, Mediator, build
+from fastapi_catga import Catga, CatgaSettings, IdempotencyBehavior, Mediator, build
 from tests.servers import NatsServer, RedisServer, ServerProcess
 
 BrokerName = Literal["nats", "redis"]
@@ -189,6 +190,50 @@ def raw_redis_setup(url: str, *, pipelined: bool) -> Setup:
     return setup
 
 
+def raw_run_once_setup(broker: BrokerName, url: str) -> Setup:
+    """A hand-rolled at-most-once run per message id on the raw client, what catga's shared
+    `IdempotencyBehavior` does: take a lease on the id (the done record is read only when that
+    fails, never here: every id is new), call the handler, write the done record and drop the
+    lease. NATS: ``kv.create`` of the lease, ``kv.create`` of the record, ``kv.delete`` of the lease
+    (3 round trips; no fencing of the record by the lease). Redis: ``SET NX PX`` of the lease, then
+    ``SET PX`` of the record and ``DEL`` of the lease in one MULTI (2 round trips)."""
+
+    async def setup(stack: AsyncExitStack) -> Call:
+        ids, run_id, body = itertools.count(), uuid.uuid4().hex, Echo(data=DATA)
+        if broker == "nats":
+            nc = await nats.connect(url)
+            stack.push_async_callback(nc.close)
+            kv = await nc.jetstream().create_key_value(bucket="BENCH_RAW_ONCE", history=1, ttl=120)
+
+            async def call() -> object:
+                key = f"{run_id}-{next(ids)}"
+                await kv.create(f"lease.{key}", b"holder")
+                result = (await echo(body)).encode()
+                await kv.create(f"done.{key}", result)
+                await kv.delete(f"lease.{key}")
+                return result
+
+        else:
+            client = _raw.redis_client(url)
+            stack.push_async_callback(client.aclose)
+
+            async def call() -> object:
+                key = f"bench:raw:once:{run_id}:{next(ids)}"
+                if not await client.set(f"{key}:lease", b"holder", nx=True, px=30_000):
+                    raise RuntimeError("a new id's lease was taken")
+                result = (await echo(body)).encode()
+                async with client.pipeline(transaction=True) as pipe:
+                    pipe.set(f"{key}:done", result, px=120_000)
+                    pipe.delete(f"{key}:lease")
+                    await pipe.execute()
+                return result
+
+        await call()
+        return call
+
+    return setup
+
+
 # -- catga ---------------------------------------------------------------------------------------
 
 
@@ -217,6 +262,31 @@ class CallerNode:
             stack.push_async_callback(catga.stop)
             self._catga = catga
         return self._catga
+
+
+def idempotent_setup(broker: BrokerName, url: str) -> Setup:
+    """``mediator.send(Echo(...))`` on a node of a cluster of its own (``bench-once``) that
+    handles `Echo` itself, behind a shared `IdempotencyBehavior`: each send takes the id's lease
+    and writes its done record on the broker, as every node of a cluster with that behavior does."""
+
+    async def setup(stack: AsyncExitStack) -> Call:
+        if broker == "nats":
+            settings = CatgaSettings(transport="nats", nats_url=url, cluster="bench-once")
+        else:
+            settings = CatgaSettings(transport="redis", redis_url=url, cluster="bench-once")
+        catga = build(settings, handlers=[echo], behaviors=[IdempotencyBehavior()])
+        await catga.start()
+        stack.push_async_callback(catga.stop)
+        mediator = catga.mediator
+
+        async def call() -> object:
+            return await mediator.send(Echo(data=DATA))
+
+        if await call() != REPLY_TEXT:
+            raise RuntimeError("catga answered something else than the handler's result")
+        return call
+
+    return setup
 
 
 def catga_setup(caller: CallerNode, key: str) -> Setup:
@@ -278,6 +348,8 @@ def rows(broker: BrokerName, url: str) -> list[Row]:
         Row("enqueue", "catga enqueue (stored)", catga_setup(caller, "enqueue"), True),
         Row("send", "catga send, plain (request/reply)", catga_setup(caller, "send"), True),
         Row("durable-send", "catga send, durable (round trip)", catga_setup(caller, "durable-send"), True),
+        Row("raw-once", "raw run-once (lease, record, release)", raw_run_once_setup(broker, url), False),
+        Row("once", "catga send, IdempotencyBehavior", idempotent_setup(broker, url), False),
     ]
 
 
@@ -396,6 +468,7 @@ def print_table(
         ("enqueue / raw store", "enqueue", "raw"),
         ("durable send / raw store", "durable-send", "raw"),
         ("durable send / plain send", "durable-send", "send"),
+        ("IdempotencyBehavior / raw run-once", "once", "raw-once"),
     ]
     if broker == "redis":
         ratios.insert(2, ("enqueue / raw auto-pipelined", "enqueue", "raw-pipelined"))

@@ -16,6 +16,7 @@ get), so a node reads the lease another node just wrote.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from collections.abc import Callable
 
 import nats.js.errors
 
+from fastapi_catga.exceptions import TransportError
 from fastapi_catga.transports.nats.connection import NatsConnection
 from fastapi_catga.transports.nats.errors import NatsErrors
 from fastapi_catga.transports.nats.streams import open_bucket
@@ -109,7 +111,8 @@ class NatsLeases:
         if done is None:
             return claimed
         if claimed:
-            await self.release(key, holder)
+            with contextlib.suppress(TransportError):  # the record is the answer; the lease ends by itself
+                await self.release(key, holder)
         return done
 
     async def claim(self, key: str, holder: str, ttl: float) -> bool:
